@@ -1,0 +1,24 @@
+"""bncore: fast, exact batch normalization and its family for NumPy on the CPU.
+
+Per-channel statistics with Welford/Chan (one pass, two-pass accuracy, exact merges),
+batch norm forward and backward in training and eval, and layer, group, instance and
+RMS norm: Cython kernels with OpenMP and runtime SIMD dispatch behind a NumPy-style API.
+Results are bitwise identical for any number of threads.
+"""
+from bncore._version import __version__
+from bncore._api import (
+    Moments, batch_norm, batch_norm_backward, batch_norm_forward, moments,
+)
+from bncore._config import show_config
+
+__all__ = [
+    "__version__", "show_config", "moments", "Moments",
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+]
+
+try:  # the row-norm family (bncore._family) is re-exported when present
+    from bncore import _family
+    from bncore._family import *  # noqa: F401,F403
+    __all__ += list(_family.__all__)
+except ImportError:  # pragma: no cover - only while the family is being built
+    pass

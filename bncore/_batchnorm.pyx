@@ -1,0 +1,295 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Batch-norm forward (training, eval) and backward kernels.
+
+Design notes
+------------
+Every call arrives as a canonical view (see bncore._kernels):
+
+- planes (outer, C, inner), inner contiguous: one channel is ``outer`` planes. In training
+  the channel's statistics are computed and the channel is normalised right away, while
+  its values are still in L2 (a channel of (32, 64, 56, 56) float32 is 400 KB), so x is
+  read from memory once and y written once: the cost of a copy. PyTorch 2.13 reads x
+  three times. Backward does the same per channel: sum(dy), sum(dy*(x-mean)), then dx.
+  Channels are the parallel unit, so each result comes from one thread: bitwise
+  identical for any thread count. A few huge channels (plane_chunks > 1) are reduced in
+  chunks instead and normalised in a second pass.
+- rows (R, C), channels contiguous (channels-last): statistics over row chunks with
+  per-chunk partial states merged in chunk order, then one normalising pass; loops run
+  across channels so they vectorise.
+
+y = (x - mean) * (weight * invstd) + bias is evaluated in double: exact at large offsets,
+and a constant channel (mean == x, exactly) gives exactly bias.
+
+# IN: x/dy (read only), mean/var/invstd when given; OUT: y/dx, statistics, dweight/dbias.
+"""
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+from bncore._kernels cimport (
+    CHUNK_ELEMS, SERIAL_ELEMS, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
+    cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks, planes_stats, rows_chunks,
+    rows_stats,
+)
+from bncore._openmp cimport work_threads
+
+cnp.import_array()
+
+
+cdef inline double *f64_or_null(object a):
+    return NULL if a is None else <double *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+# ------------------------------------------------------------------ forward
+
+cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t nch,
+                        Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
+                        Py_ssize_t ysc, double *mean, double *var, double *invstd,
+                        const double *w, const double *b, bint training, double eps,
+                        int n_threads) noexcept nogil:
+    cdef Py_ssize_t c, n, t, nb = plane_nblocks(outer, inner)
+    cdef double m = <double>outer * <double>inner
+    cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
+    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    if training and not fused:
+        if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads) != 0:
+            return -1
+        for c in range(nch):
+            var[c] = var[c] / m
+    if not fused:
+        for c in range(nch):
+            invstd[c] = 1.0 / sqrt(var[c] + eps)
+        nt = work_threads(n_threads, outer * nch, outer * nch * inner, SERIAL_ELEMS)
+        for t in prange(outer * nch, schedule='static', num_threads=nt):
+            n = t // nch
+            c = t - n * nch
+            affine(x + n * so + c * sc, y + n * yso + c * ysc, inner, mean[c],
+                   (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
+        return 0
+    for c in prange(nch, schedule='static', num_threads=nt):
+        forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
+                        &var[c], &invstd[c], w[c] if w != NULL else 1.0,
+                        b[c] if b != NULL else 0.0, eps)
+    return 0
+
+
+cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
+                                 Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso,
+                                 Py_ssize_t nb, double *mean, double *var, double *invstd,
+                                 double w, double b, double eps) noexcept nogil:
+    """Statistics of one channel, then normalise it while it is still in L2."""
+    cdef bn_moments st
+    cdef Py_ssize_t n
+    st.n = 0
+    st.mean = 0
+    st.m2 = 0
+    plane_block_stats(x, outer, inner, so, 0, nb, &st)
+    mean[0] = st.mean
+    var[0] = st.m2 / (<double>outer * <double>inner)
+    invstd[0] = 1.0 / sqrt(var[0] + eps)
+    for n in range(outer):
+        affine(x + n * so, y + n * yso, inner, st.mean, w * invstd[0], b)
+
+
+cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,
+                      Py_ssize_t ld, Py_ssize_t ldy, double *mean, double *var,
+                      double *invstd, const double *w, const double *b, bint training,
+                      double eps, int n_threads) noexcept nogil:
+    cdef Py_ssize_t c, s, nchunks, r0, r1
+    cdef double *scale
+    cdef double *shift
+    cdef int nt
+    if training:
+        if rows_stats(x, nrows, nch, ld, mean, var, n_threads) != 0:
+            return -1
+        for c in range(nch):
+            var[c] = var[c] / <double>nrows
+    scale = <double *>malloc(2 * nch * sizeof(double))
+    if scale == NULL:
+        return -1
+    shift = scale + nch
+    for c in range(nch):
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
+        shift[c] = b[c] if b != NULL else 0.0
+    nchunks = rows_chunks(nrows, nch)
+    nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        r0 = s * nrows // nchunks
+        r1 = (s + 1) * nrows // nchunks
+        cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
+    free(scale)
+    return 0
+
+
+def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,
+            Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso, Py_ssize_t ysc,
+            cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd, weight, bias,
+            bint training, double eps, int n_threads):
+    """Batch-norm forward on a canonical view (element strides; see module notes).
+
+    training: writes mean, var (biased) and invstd (float64, (nch,)); eval: reads mean and
+    var, writes invstd. weight/bias: float64 (nch,) or None. y may be x (in place).
+    """
+    cdef void *px = cnp.PyArray_DATA(x)
+    cdef void *py = cnp.PyArray_DATA(y)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    cdef double *pi = <double *>cnp.PyArray_DATA(invstd)
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pb = f64_or_null(bias)
+    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint rows = inner == 1 and sc == 1 and ysc == 1
+    cdef int rc
+    with nogil:
+        if rows and is_f32:
+            rc = forward_rows(<const float *>px, <float *>py, outer, nch, so, yso, pm, pv, pi,
+                              pw, pb, training, eps, n_threads)
+        elif rows:
+            rc = forward_rows(<const double *>px, <double *>py, outer, nch, so, yso, pm, pv,
+                              pi, pw, pb, training, eps, n_threads)
+        elif is_f32:
+            rc = forward_planes(<const float *>px, <float *>py, outer, nch, inner, so, sc, yso,
+                                ysc, pm, pv, pi, pw, pb, training, eps, n_threads)
+        else:
+            rc = forward_planes(<const double *>px, <double *>py, outer, nch, inner, so, sc,
+                                yso, ysc, pm, pv, pi, pw, pb, training, eps, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+
+
+# ------------------------------------------------------------------ backward
+
+cdef inline void dx_coefficients(double sum_dy, double sum_dy_xmu, double invstd, double w,
+                                 double m, bint training, double *k, double *q,
+                                 double *r) noexcept nogil:
+    """dx = k*dy + q*(x - mean) + r, from the two per-channel sums (see DESIGN.md)."""
+    k[0] = w * invstd
+    if training:
+        q[0] = -k[0] * invstd * invstd * sum_dy_xmu / m
+        r[0] = -k[0] * sum_dy / m
+    else:
+        q[0] = 0.0
+        r[0] = 0.0
+
+
+cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
+                         Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t gso,
+                         Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso,
+                         Py_ssize_t dsc, const double *mean, const double *invstd,
+                         const double *w, bint training, double *dweight, double *dbias,
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    for c in prange(nch, schedule='static', num_threads=nt):
+        backward_channel(dy + c * gsc, x + c * sc, dx + c * dsc if dx != NULL else NULL,
+                         outer, inner, gso, so, dso, mean[c], invstd[c],
+                         w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c])
+    return 0
+
+
+cdef inline void backward_channel(const floating *dy, const floating *x, floating *dx,
+                                  Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t gso,
+                                  Py_ssize_t so, Py_ssize_t dso, double mean, double invstd,
+                                  double w, bint training, double *dweight,
+                                  double *dbias) noexcept nogil:
+    """The two sums of one channel, then its dx while dy and x are still in L2."""
+    cdef Py_ssize_t n
+    cdef double sdy = 0, sdyx = 0, k, q, r
+    for n in range(outer):
+        bwd_sums(dy + n * gso, x + n * so, inner, mean, &sdy, &sdyx)
+    dbias[0] = sdy
+    dweight[0] = sdyx * invstd
+    if dx == NULL:
+        return
+    dx_coefficients(sdy, sdyx, invstd, w, <double>outer * <double>inner, training, &k, &q, &r)
+    for n in range(outer):
+        if training:
+            bwd_dx(dy + n * gso, x + n * so, dx + n * dso, inner, mean, k, q, r)
+        else:
+            affine(dy + n * gso, dx + n * dso, inner, 0.0, k, 0.0)
+
+
+cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
+                       Py_ssize_t nch, Py_ssize_t lddy, Py_ssize_t ldx, Py_ssize_t lddx,
+                       const double *mean, const double *invstd, const double *w,
+                       bint training, double *dweight, double *dbias,
+                       int n_threads) noexcept nogil:
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, r0, r1
+    cdef double *buf
+    cdef double *k
+    cdef double *q
+    cdef double *r
+    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
+    if buf == NULL:
+        return -1
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        r0 = s * nrows // nchunks
+        r1 = (s + 1) * nrows // nchunks
+        for c in range(2 * nch):
+            buf[2 * nch * s + c] = 0
+        cl_bwd_sums(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, r1 - r0, nch, mean,
+                    buf + 2 * nch * s, buf + 2 * nch * s + nch)
+    for c in range(nch):
+        dbias[c] = 0
+        dweight[c] = 0
+    for s in range(nchunks):
+        for c in range(nch):
+            dbias[c] += buf[2 * nch * s + c]
+            dweight[c] += buf[2 * nch * s + nch + c]
+    k = buf + 2 * nch * nchunks
+    q = k + nch
+    r = q + nch
+    for c in range(nch):
+        dx_coefficients(dbias[c], dweight[c], invstd[c], w[c] if w != NULL else 1.0,
+                        <double>nrows, training, &k[c], &q[c], &r[c])
+        dweight[c] = dweight[c] * invstd[c]
+    if dx != NULL:
+        for s in prange(nchunks, schedule='static', num_threads=nt):
+            r0 = s * nrows // nchunks
+            r1 = (s + 1) * nrows // nchunks
+            cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,
+                      nch, mean, k, q, r)
+    free(buf)
+    return 0
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, dx, Py_ssize_t outer, Py_ssize_t nch,
+             Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc,
+             Py_ssize_t dso, Py_ssize_t dsc, cnp.ndarray mean, cnp.ndarray invstd, weight,
+             bint training, cnp.ndarray dweight, cnp.ndarray dbias, int n_threads):
+    """Batch-norm backward on canonical views of dy, x and dx (dx None: sums only).
+
+    mean, invstd, weight (or None), dweight, dbias: float64 (nch,). dx may be dy.
+    """
+    cdef void *pg = cnp.PyArray_DATA(dy)
+    cdef void *px = cnp.PyArray_DATA(x)
+    cdef void *pd = NULL if dx is None else cnp.PyArray_DATA(<cnp.ndarray>dx)
+    cdef const double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef const double *pi = <double *>cnp.PyArray_DATA(invstd)
+    cdef const double *pw = f64_or_null(weight)
+    cdef double *pdw = <double *>cnp.PyArray_DATA(dweight)
+    cdef double *pdb = <double *>cnp.PyArray_DATA(dbias)
+    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint rows = inner == 1 and sc == 1 and gsc == 1 and (dx is None or dsc == 1)
+    cdef int rc
+    with nogil:
+        if rows and is_f32:
+            rc = backward_rows(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
+                               gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads)
+        elif rows:
+            rc = backward_rows(<const double *>pg, <const double *>px, <double *>pd, outer,
+                               nch, gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads)
+        elif is_f32:
+            rc = backward_planes(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
+                                 inner, gso, gsc, so, sc, dso, dsc, pm, pi, pw, training, pdw,
+                                 pdb, n_threads)
+        else:
+            rc = backward_planes(<const double *>pg, <const double *>px, <double *>pd, outer,
+                                 nch, inner, gso, gsc, so, sc, dso, dsc, pm, pi, pw, training,
+                                 pdw, pdb, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")

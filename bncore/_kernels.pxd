@@ -1,0 +1,318 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""nogil kernel declarations and the tiling shared by every bncore kernel module.
+
+Other Cython code can ``cimport bncore._kernels`` and call these directly: they take raw
+pointers and element strides, never touch Python objects and never raise.
+
+Tiling (see DESIGN.md "Kernels and numerics"):
+
+- planes: a channel is ``outer`` planes of ``inner`` contiguous values, ``so`` elements
+  apart. Its values are cut into blocks of about BLOCK elements (a slice of a long plane,
+  or several short planes) so that both passes of the block statistics run in L1. The
+  block sequence depends on the shape only, so does every result.
+- rows: ``R`` rows of ``C`` contiguous channels, ``ld`` apart. Row blocks of ``rows_per_block``
+  rows by at most CHANNEL_BLOCK channels are reduced across channels at once, then merged
+  into per-channel states that share one count.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
+
+from bncore._openmp cimport work_threads
+
+cdef extern from "bn_kernels.h" nogil:
+    ctypedef struct bn_moments:
+        double n
+        double mean
+        double m2
+    const char *bn_simd_level()
+    void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
+    void bn_chan_merge_vec(double na, double *mean, double *m2, double nb, const double *mb,
+                           const double *m2b, Py_ssize_t nch)
+
+    void bn_seg_moments_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
+                            double *mean, double *m2)
+    void bn_seg_moments_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
+                            double *mean, double *m2)
+    double bn_seg_sumsq_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
+    double bn_seg_sumsq_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
+    void bn_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double scale,
+                       double shift)
+    void bn_affine_f64(const double *x, double *y, Py_ssize_t n, double mean, double scale,
+                       double shift)
+    void bn_affine_vec_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
+                           const double *w, const double *b)
+    void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
+                           const double *w, const double *b)
+    void bn_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t n, double mean,
+                         double *sum_dy, double *sum_dy_xmu)
+    void bn_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t n, double mean,
+                         double *sum_dy, double *sum_dy_xmu)
+    void bn_bwd_dx_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, double mean,
+                       double k, double q, double r)
+    void bn_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, double mean,
+                       double k, double q, double r)
+    void bn_cl_moments_f32(const float *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
+                           double *work, double *mean, double *m2)
+    void bn_cl_moments_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
+                           double *work, double *mean, double *m2)
+    void bn_cl_affine_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
+                          Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                          const double *scale, const double *shift)
+    void bn_cl_affine_f64(const double *x, Py_ssize_t ldx, double *y, Py_ssize_t ldy,
+                          Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                          const double *scale, const double *shift)
+    void bn_cl_bwd_sums_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
+                            Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                            double *sum_dy, double *sum_dy_xmu)
+    void bn_cl_bwd_sums_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
+                            Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                            double *sum_dy, double *sum_dy_xmu)
+    void bn_cl_bwd_dx_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
+                          float *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
+                          const double *mean, const double *k, const double *q,
+                          const double *r)
+    void bn_cl_bwd_dx_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
+                          double *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
+                          const double *mean, const double *k, const double *q,
+                          const double *r)
+
+
+cdef enum:
+    BLOCK = 2048            # elements per statistics block: 8 KiB f32, 16 KiB f64 (L1)
+    CHANNEL_BLOCK = 256     # channels per rows block: the per-channel sums stay in L1
+    MAX_CHUNKS = 64         # shape-only parallel split; keeps partials O(C)
+    CHUNK_ELEMS = 65536     # at least this many values per parallel chunk
+    SERIAL_ELEMS = 32768    # below this, threads cost more than they give
+
+
+# ------------------------------------------------------------------ typed dispatch
+
+cdef inline void seg_moments(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
+                             Py_ssize_t stride, double *mean, double *m2) noexcept nogil:
+    if floating is float:
+        bn_seg_moments_f32(x, nseg, length, stride, mean, m2)
+    else:
+        bn_seg_moments_f64(x, nseg, length, stride, mean, m2)
+
+
+cdef inline double seg_sumsq(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
+                             Py_ssize_t stride) noexcept nogil:
+    if floating is float:
+        return bn_seg_sumsq_f32(x, nseg, length, stride)
+    else:
+        return bn_seg_sumsq_f64(x, nseg, length, stride)
+
+
+cdef inline void affine(const floating *x, floating *y, Py_ssize_t n, double mean,
+                        double scale, double shift) noexcept nogil:
+    if floating is float:
+        bn_affine_f32(x, y, n, mean, scale, shift)
+    else:
+        bn_affine_f64(x, y, n, mean, scale, shift)
+
+
+cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double mean,
+                            double invstd, const double *w, const double *b) noexcept nogil:
+    if floating is float:
+        bn_affine_vec_f32(x, y, n, mean, invstd, w, b)
+    else:
+        bn_affine_vec_f64(x, y, n, mean, invstd, w, b)
+
+
+cdef inline void bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
+                          double *sum_dy, double *sum_dy_xmu) noexcept nogil:
+    if floating is float:
+        bn_bwd_sums_f32(dy, x, n, mean, sum_dy, sum_dy_xmu)
+    else:
+        bn_bwd_sums_f64(dy, x, n, mean, sum_dy, sum_dy_xmu)
+
+
+cdef inline void bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                        double mean, double k, double q, double r) noexcept nogil:
+    if floating is float:
+        bn_bwd_dx_f32(dy, x, dx, n, mean, k, q, r)
+    else:
+        bn_bwd_dx_f64(dy, x, dx, n, mean, k, q, r)
+
+
+cdef inline void cl_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
+                            double *work, double *mean, double *m2) noexcept nogil:
+    if floating is float:
+        bn_cl_moments_f32(x, nrows, nch, ld, work, mean, m2)
+    else:
+        bn_cl_moments_f64(x, nrows, nch, ld, work, mean, m2)
+
+
+cdef inline void cl_affine(const floating *x, Py_ssize_t ldx, floating *y, Py_ssize_t ldy,
+                           Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                           const double *scale, const double *shift) noexcept nogil:
+    if floating is float:
+        bn_cl_affine_f32(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
+    else:
+        bn_cl_affine_f64(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
+
+
+cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating *x,
+                             Py_ssize_t ldx, Py_ssize_t nrows, Py_ssize_t nch,
+                             const double *mean, double *sum_dy,
+                             double *sum_dy_xmu) noexcept nogil:
+    if floating is float:
+        bn_cl_bwd_sums_f32(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu)
+    else:
+        bn_cl_bwd_sums_f64(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu)
+
+
+cdef inline void cl_bwd_dx(const floating *dy, Py_ssize_t lddy, const floating *x,
+                           Py_ssize_t ldx, floating *dx, Py_ssize_t lddx, Py_ssize_t nrows,
+                           Py_ssize_t nch, const double *mean, const double *k,
+                           const double *q, const double *r) noexcept nogil:
+    if floating is float:
+        bn_cl_bwd_dx_f32(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r)
+    else:
+        bn_cl_bwd_dx_f64(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r)
+
+
+# ------------------------------------------------------------------ tiling
+
+cdef inline Py_ssize_t plane_nblocks(Py_ssize_t outer, Py_ssize_t inner) noexcept nogil:
+    """Number of statistics blocks in one channel of ``outer`` planes of ``inner`` values."""
+    if inner <= 0 or outer <= 0:
+        return 0
+    if inner >= BLOCK:
+        return outer * ((inner + BLOCK - 1) // BLOCK)
+    cdef Py_ssize_t g = BLOCK // inner
+    return (outer + g - 1) // g
+
+
+cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize_t inner,
+                                   Py_ssize_t so, Py_ssize_t b0, Py_ssize_t b1,
+                                   bn_moments *st) noexcept nogil:
+    """Merge blocks [b0, b1) of the channel whose first plane is at ``x`` into ``st``."""
+    cdef Py_ssize_t b, p, off, length, g, nplanes, bpp
+    cdef double m, m2
+    if inner >= BLOCK:
+        bpp = (inner + BLOCK - 1) // BLOCK
+        for b in range(b0, b1):
+            p = b // bpp
+            off = (b - p * bpp) * BLOCK
+            length = min(<Py_ssize_t>BLOCK, inner - off)
+            seg_moments(x + p * so + off, 1, length, 0, &m, &m2)
+            bn_chan_merge(st, <double>length, m, m2)
+    else:
+        g = BLOCK // inner
+        for b in range(b0, b1):
+            p = b * g
+            nplanes = min(g, outer - p)
+            seg_moments(x + p * so, nplanes, inner, so, &m, &m2)
+            bn_chan_merge(st, <double>(nplanes * inner), m, m2)
+
+
+cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,
+                                    Py_ssize_t inner) noexcept nogil:
+    """Chunks per channel for planes statistics, from the shape alone.
+
+    Channels are the unit of parallel work while there are enough of them; a few huge
+    channels (moments over everything, C < 32) are cut into chunks of blocks instead,
+    merged in chunk order afterwards.
+    """
+    cdef Py_ssize_t nb = plane_nblocks(outer, inner), s
+    if nch >= 32 or nb < 64:
+        return 1
+    s = min(nb // 32, <Py_ssize_t>MAX_CHUNKS // nch)
+    return max(s, 1)
+
+
+cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch) noexcept nogil:
+    cdef Py_ssize_t cb = min(nch, <Py_ssize_t>CHANNEL_BLOCK)
+    return max(16, (<Py_ssize_t>(2 * BLOCK)) // max(cb, 1))
+
+
+cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
+    """Row chunks for channels-last statistics, from the shape alone."""
+    cdef Py_ssize_t min_rows = max(rows_per_block(nch), CHUNK_ELEMS // max(nch, 1))
+    cdef Py_ssize_t s = (nrows + min_rows - 1) // min_rows
+    return max(1, min(s, <Py_ssize_t>MAX_CHUNKS))
+
+
+cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r1,
+                                  Py_ssize_t nch, Py_ssize_t ld, double *work,
+                                  double *mean, double *m2) noexcept nogil:
+    """Moments of rows [r0, r1) for every channel into mean[nch], m2[nch].
+
+    ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0.
+    """
+    cdef Py_ssize_t rb = rows_per_block(nch), r, c0, cb, nr
+    cdef double *bm = work + 3 * CHANNEL_BLOCK
+    cdef double *bm2 = bm + CHANNEL_BLOCK
+    r = r0
+    while r < r1:
+        nr = min(rb, r1 - r)
+        c0 = 0
+        while c0 < nch:
+            cb = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0)
+            cl_moments(x + r * ld + c0, nr, cb, ld, work, bm, bm2)
+            bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
+            c0 += cb
+        r += nr
+
+
+# ------------------------------------------------------------------ whole-array statistics
+
+cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
+                             Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, double *mean,
+                             double *m2, int n_threads) noexcept nogil:
+    """Per-channel mean and M2 of a planes view (outer, nch, inner). -1 if out of memory."""
+    cdef Py_ssize_t nb = plane_nblocks(outer, inner)
+    cdef Py_ssize_t nchunks = plane_chunks(outer, nch, inner), t, c, s
+    cdef bn_moments *part
+    cdef int nt = work_threads(n_threads, nch * nchunks, outer * nch * inner, SERIAL_ELEMS)
+    part = <bn_moments *>malloc(max(nch * nchunks, 1) * sizeof(bn_moments))
+    if part == NULL:
+        return -1
+    for t in prange(nch * nchunks, schedule='static', num_threads=nt):
+        c = t // nchunks
+        s = t - c * nchunks
+        part[t].n = 0
+        part[t].mean = 0
+        part[t].m2 = 0
+        plane_block_stats(x + c * sc, outer, inner, so, s * nb // nchunks,
+                          (s + 1) * nb // nchunks, &part[t])
+    for c in range(nch):
+        for s in range(1, nchunks):
+            bn_chan_merge(&part[c * nchunks], part[c * nchunks + s].n,
+                          part[c * nchunks + s].mean, part[c * nchunks + s].m2)
+        mean[c] = part[c * nchunks].mean
+        m2[c] = part[c * nchunks].m2
+    free(part)
+    return 0
+
+
+cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
+                           double *mean, double *m2, int n_threads) noexcept nogil:
+    """Per-channel mean and M2 of a rows view (nrows, nch). -1 if out of memory.
+
+    Row chunks are reduced in parallel into partial states, merged in chunk order.
+    """
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, r0, r1, c
+    cdef Py_ssize_t per = 2 * nch + 5 * CHANNEL_BLOCK
+    cdef double *buf
+    cdef double *p
+    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    buf = <double *>malloc(nchunks * per * sizeof(double))
+    if buf == NULL:
+        return -1
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        p = buf + s * per
+        rows_chunk_stats(x, s * nrows // nchunks, (s + 1) * nrows // nchunks, nch, ld,
+                         p + 2 * nch, p, p + nch)
+    for c in range(nch):
+        mean[c] = buf[c]
+        m2[c] = buf[nch + c]
+    for s in range(1, nchunks):
+        r0 = s * nrows // nchunks
+        r1 = (s + 1) * nrows // nchunks
+        bn_chan_merge_vec(<double>r0, mean, m2, <double>(r1 - r0), buf + s * per,
+                          buf + s * per + nch, nch)
+    free(buf)
+    return 0

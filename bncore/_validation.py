@@ -1,0 +1,236 @@
+"""Argument checks, dtype policy and canonical views shared by every public function.
+
+Every public function validates all of its arguments with these helpers before it writes
+anything, then hands a canonical view to a kernel. Canonical views (element strides):
+
+- planes: (outer, C, inner) with the inner values contiguous;
+- rows:   (R, C, 1) with the C channels contiguous, rows ``ld`` elements apart; rows are
+  the non-channel positions in C order, so two arrays of one shape always agree.
+"""
+import operator
+
+import numpy as np
+
+from bncore import _openmp
+
+__all__ = [
+    "float_input", "resolve_threads", "check_eps", "normalize_axis", "param_vector",
+    "running_stat", "check_out", "View", "canonical_view", "matching_view",
+]
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def float_input(x, name="x"):
+    """Return (array in float32/float64 native order, result dtype) or raise TypeError.
+
+    float16 is computed in float32 and cast back; byte-swapped input is made native.
+    """
+    arr = x if type(x) is np.ndarray else np.asarray(x)
+    dt = arr.dtype
+    if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
+    if dt.itemsize == 2:
+        return arr.astype(_F32), np.dtype(np.float16)
+    if not dt.isnative:
+        arr = arr.astype(dt.newbyteorder("="))
+    return arr, arr.dtype
+
+
+def same_float_input(a, name, ref_dtype, shape):
+    """Like float_input for a second array that must match x's dtype and shape."""
+    arr, dt = float_input(a, name)
+    if dt != ref_dtype:
+        raise TypeError(f"{name} must have the dtype of x ({ref_dtype}), got {dt}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have the shape of x {shape}, got {arr.shape}")
+    return arr
+
+
+def resolve_threads(n_threads):
+    """None means OpenMP's default (OMP_NUM_THREADS, else all cores); else an int >= 1."""
+    if n_threads is None:
+        return _openmp.max_threads()
+    if isinstance(n_threads, (bool, np.bool_)):
+        raise TypeError(f"n_threads must be None or a positive int, got {n_threads!r}")
+    try:
+        n = operator.index(n_threads)
+    except TypeError:
+        raise TypeError(f"n_threads must be None or a positive int, got {n_threads!r}") from None
+    if n < 1:
+        raise ValueError(f"n_threads must be None or a positive int, got {n}")
+    return n
+
+
+def check_eps(eps, name="eps"):
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number >= 0, got {eps!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+def check_real(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if v != v:
+        raise ValueError(f"{name} must not be NaN")
+    return v
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    try:
+        a = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {axis!r}") from None
+    if not -ndim <= a < ndim:
+        raise np.exceptions.AxisError(
+            f"{name} {axis} is out of bounds for an array of dimension {ndim}")
+    return a % ndim
+
+
+def param_vector(p, name, shape):
+    """weight/bias/saved statistics: None, or a real array of ``shape`` as float64 C-order."""
+    if p is None:
+        return None
+    arr = np.asarray(p)
+    if arr.dtype.kind not in "fiu" or arr.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a real float array, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=_F64)
+
+
+def running_stat(r, name, shape):
+    """A running statistic updated in place: a writeable float ndarray of ``shape``."""
+    if r is None:
+        return None
+    if not isinstance(r, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy float array (it is updated in place), "
+                        f"got {type(r).__name__}")
+    if r.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {r.dtype}")
+    if r.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {r.shape}")
+    return r
+
+
+def check_writeable(r, name):
+    if r is not None and not r.flags.writeable:
+        raise ValueError(f"{name} is read-only, but it is updated in place")
+
+
+def check_out(out, shape, dtype, name="out"):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+# ------------------------------------------------------------------ canonical views
+
+def _group_stride(shape, strides):
+    """Byte stride of ``shape`` dims merged into one (C order), 0 if all size 1, else None."""
+    s = None
+    run = 0
+    for n, st in zip(reversed(shape), reversed(strides)):
+        if n == 1:
+            continue
+        if s is None:
+            s = st
+        elif st != run:
+            return None
+        run = st * n
+    return 0 if s is None else s
+
+
+class View:
+    """A canonical view: kind 'planes' or 'rows', sizes and element strides."""
+    __slots__ = ("arr", "kind", "outer", "nch", "inner", "so", "sc")
+
+    def __init__(self, arr, kind, outer, nch, inner, so, sc):
+        self.arr, self.kind = arr, kind
+        self.outer, self.nch, self.inner, self.so, self.sc = outer, nch, inner, so, sc
+
+
+def _try_view(arr, axis):
+    shape, strides, item = arr.shape, arr.strides, arr.itemsize
+    if any(s % item for s in strides) or not arr.flags.aligned:
+        return None
+    nch = shape[axis]
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    sc = strides[axis] // item if nch > 1 else 1
+    so = _group_stride(shape[:axis], strides[:axis])
+    if inner > 1:
+        si = _group_stride(shape[axis + 1:], strides[axis + 1:])
+        if si == item and so is not None:
+            return View(arr, "planes", outer, nch, inner, so // item, sc)
+    elif so is not None and sc == 1:
+        return View(arr, "rows", outer, nch, 1, so // item, 1)
+    if sc == 1:   # channel axis innermost in memory: rows over the other dims
+        others = shape[:axis] + shape[axis + 1:]
+        ld = _group_stride(others, strides[:axis] + strides[axis + 1:])
+        if ld is not None:
+            return View(arr, "rows", outer * inner, nch, 1, ld // item, 1)
+    return None
+
+
+def canonical_view(arr, axis):
+    """A View of ``arr`` over channel axis ``axis``, copying only when no view exists."""
+    v = _try_view(arr, axis)
+    if v is not None:
+        return v
+    if arr.shape[axis + 1:] and np.prod(arr.shape[axis + 1:]) > 1:
+        return _try_view(np.ascontiguousarray(arr), axis)
+    moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
+    return _try_view(np.moveaxis(moved, -1, axis), axis)
+
+
+def matching_view(arr, axis, like):
+    """A View of ``arr`` of the same kind as ``like`` (copying into that layout if needed)."""
+    v = _try_view(arr, axis)
+    if v is not None and v.kind == like.kind:
+        return v
+    if like.kind == "planes":
+        return _try_view(np.ascontiguousarray(arr), axis)
+    moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
+    return _try_view(np.moveaxis(moved, -1, axis), axis)
+
+
+def output_like(view, dtype, out, axis):
+    """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout."""
+    if out is not None and out.dtype == view.arr.dtype:
+        v = _try_view(out, axis)
+        if v is not None and v.kind == view.kind and (
+                not np.may_share_memory(out, view.arr)
+                or (out.ctypes.data == view.arr.ctypes.data and out.strides == view.arr.strides)):
+            return out, v
+    y = np.empty_like(view.arr)
+    v = _try_view(y, axis)
+    if v is None or v.kind != view.kind:
+        y = np.empty(view.arr.shape, view.arr.dtype) if view.kind == "planes" else \
+            np.moveaxis(np.empty(np.moveaxis(view.arr, axis, -1).shape, view.arr.dtype), -1, axis)
+        v = _try_view(y, axis)
+    return y, v
+
+
+def finish_output(y, out, dtype):
+    """Copy/cast the computed array into the caller's out (or to the result dtype)."""
+    if out is not None:
+        if y is not out:
+            np.copyto(out, y, casting="unsafe")
+        return out
+    return y if y.dtype == dtype else y.astype(dtype)

@@ -1,0 +1,133 @@
+/*
+ * bncore SIMD block primitives: the only place where bncore touches array elements.
+ *
+ * Design notes
+ * ------------
+ * - Everything here works on one cache-sized block and is free of Python objects. The
+ *   Cython modules (_stats, _batchnorm, _rownorm) cut arrays into blocks, run blocks on
+ *   OpenMP threads and merge block statistics in a fixed order, so results are bitwise
+ *   identical for any number of threads.
+ * - Accumulation is always in double, in BN_LANES independent lanes reduced in a fixed
+ *   pairwise order. Independent lanes let GCC vectorise the reductions without
+ *   -ffast-math (no reassociation is needed) and the result does not depend on the
+ *   SIMD width that was picked at run time for the loads.
+ * - Block statistics are "corrected two-pass" (Chan, Golub & LeVeque 1983): mean0 from a
+ *   first pass, then sum(d) and sum(d*d) with d = x - mean0 from a second pass over data
+ *   that is still in L1. mean = mean0 + sum(d)/n, M2 = sum(d*d) - sum(d)^2/n. A constant
+ *   block gives mean == value and M2 == 0 exactly (d is a small multiple of one ulp, so
+ *   every sum is exact), which is what makes a constant channel normalise to exactly
+ *   `bias`. Blocks are combined with Chan's merge, bn_chan_merge(), defined once below.
+ * - Every kernel is compiled twice (x86-64-v3 = AVX2+FMA, and the baseline) with GCC's
+ *   target_clones and picked by the loader (ifunc), unless the build was told otherwise.
+ */
+#ifndef BNCORE_KERNELS_H
+#define BNCORE_KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BN_LANES 16
+
+#if defined(BNCORE_TARGET_CLONES)
+#define BN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BN_CLONES
+#endif
+#define BN_INLINE static inline __attribute__((always_inline))
+
+/* Which SIMD level the kernels run with on this CPU (reported by show_config()). */
+static const char *bn_simd_level(void)
+{
+#if defined(BNCORE_NATIVE)
+    return "native (-march=native build)";
+#elif defined(BNCORE_TARGET_CLONES)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return "AVX2+FMA (x86-64-v3 clone, runtime dispatch)";
+    return "baseline (x86-64 clone, runtime dispatch)";
+#else
+    return "baseline (no runtime dispatch)";
+#endif
+}
+
+/* ---------------------------------------------------------------- statistics state */
+
+/* Welford/Chan state of one stream of values: count, mean, sum of squared deviations. */
+typedef struct {
+    double n;
+    double mean;
+    double m2;
+} bn_moments;
+
+/* Merge a block (nb, mb, m2b) into (na, *mean, *m2) (Chan et al. 1979): the one merge
+ * formula in bncore; every merge goes through here. With an infinite mean on either side
+ * delta is not finite: the mean is then the weighted sum (inf + inf = inf, inf - inf = nan,
+ * as NumPy's mean gives) and M2 is nan. */
+BN_INLINE void bn_merge_values(double na, double nb, double *mean, double *m2, double mb,
+                               double m2b)
+{
+    double n = na + nb;
+    double delta = mb - *mean;
+    if (isfinite(delta)) {
+        *mean += delta * (nb / n);
+        *m2 += m2b + delta * delta * (na * (nb / n));
+    } else {
+        *mean = (na * *mean + nb * mb) / n;
+        *m2 = NAN;
+    }
+}
+
+BN_INLINE void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
+{
+    if (nb == 0) return;
+    if (a->n == 0) { a->n = nb; a->mean = mb; a->m2 = m2b; return; }
+    bn_merge_values(a->n, nb, &a->mean, &a->m2, mb, m2b);
+    a->n += nb;
+}
+
+/* Merge nch blocks that share one count nb into states that share one count na
+ * (channels-last rows, Moments.merge). The caller adds nb to its count. */
+static BN_CLONES void bn_chan_merge_vec(double na, double *restrict mean, double *restrict m2,
+                                        double nb, const double *restrict mb,
+                                        const double *restrict m2b, ptrdiff_t nch)
+{
+    if (nb == 0) return;
+    if (na == 0) {
+        for (ptrdiff_t c = 0; c < nch; c++) { mean[c] = mb[c]; m2[c] = m2b[c]; }
+        return;
+    }
+    for (ptrdiff_t c = 0; c < nch; c++) bn_merge_values(na, nb, &mean[c], &m2[c], mb[c], m2b[c]);
+}
+
+BN_INLINE double bn_lanes_total(const double *acc)
+{
+    double s8[8], s4[4];
+    for (int j = 0; j < 8; j++) s8[j] = acc[j] + acc[j + 8];
+    for (int j = 0; j < 4; j++) s4[j] = s8[j] + s8[j + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Finish corrected two-pass moments from mean0, sum(d), sum(d*d) over n values. */
+BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
+                               double *mean, double *m2)
+{
+    double v = sdd - sd * (sd / n);
+    *mean = isfinite(mean0) ? mean0 + sd / n : mean0;
+    *m2 = v < 0 ? 0.0 : v;   /* v < 0 only by rounding; NaN is kept */
+}
+
+/* Instantiate the element-type specific kernels for float and double. */
+#define BN_T float
+#define BN_SFX f32
+#include "bn_kernels_impl.h"
+#undef BN_T
+#undef BN_SFX
+
+#define BN_T double
+#define BN_SFX f64
+#include "bn_kernels_impl.h"
+#undef BN_T
+#undef BN_SFX
+
+#endif /* BNCORE_KERNELS_H */
