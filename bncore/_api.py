@@ -4,6 +4,7 @@ Numerics live in the kernels (bncore/src, bncore/_kernels.pxd); this layer only 
 arguments (all of them, before anything is written), decides dtypes and layouts, and
 allocates outputs. Keep it thin: for small inputs its overhead is the cost of a call.
 """
+import math
 import warnings
 
 import numpy as np
@@ -65,8 +66,8 @@ def _raw_moments(arr, axes, n_threads=None):
         arr = arr[tuple(index)]
     kept = [a for a in range(arr.ndim) if a not in axes]
     kshape = tuple(arr.shape[a] for a in kept)
-    nch = int(np.prod(kshape, dtype=np.int64))
-    count = int(np.prod([arr.shape[a] for a in axes], dtype=np.int64)) * repeat
+    nch = math.prod(kshape)
+    count = math.prod([arr.shape[a] for a in axes]) * repeat
     mean = np.empty(nch, _F64)
     m2 = np.empty(nch, _F64)
     if count == 0 or nch == 0:
@@ -303,11 +304,19 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
                        mean, var, invstd, w, b, training, eps, nt)
     if update:
         m = arr.size // nch
-        if rm is not None:
-            rm[...] = (1 - momentum) * rm + momentum * mean
-        if rv is not None:
-            rv[...] = (1 - momentum) * rv + momentum * (var * (m / (m - 1)))
+        _update_running(rm, mean, momentum, 1.0)
+        _update_running(rv, var, momentum, m / (m - 1))
     return finish_output(y, out, dtype), mean, invstd
+
+
+def _update_running(r, batch, momentum, factor):
+    """r = (1 - momentum) * r + momentum * factor * batch in place (PyTorch's convention)."""
+    if r is None:
+        return
+    if r.dtype in (np.float32, np.float64) and r.dtype.isnative:
+        _batchnorm.update_running(r, batch, momentum, factor)
+    else:
+        r[...] = (1 - momentum) * r.astype(_F64) + momentum * factor * batch
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

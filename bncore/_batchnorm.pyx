@@ -29,9 +29,9 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    CHUNK_ELEMS, SERIAL_ELEMS, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
+    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, cl_affine_stream, seg_affine_stream, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
     cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks, planes_stats, rows_chunks,
-    rows_stats,
+    rows_stats, seg_affine,
 )
 from bncore._openmp cimport work_threads
 
@@ -52,6 +52,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     cdef Py_ssize_t c, n, t, nb = plane_nblocks(outer, inner)
     cdef double m = <double>outer * <double>inner
     cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
+    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     if training and not fused:
         if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads) != 0:
@@ -65,23 +66,22 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         for t in prange(outer * nch, schedule='static', num_threads=nt):
             n = t // nch
             c = t - n * nch
-            affine(x + n * so + c * sc, y + n * yso + c * ysc, inner, mean[c],
-                   (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
+            seg_affine(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0, mean[c],
+                       (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
         return 0
     for c in prange(nch, schedule='static', num_threads=nt):
         forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
                         &var[c], &invstd[c], w[c] if w != NULL else 1.0,
-                        b[c] if b != NULL else 0.0, eps)
+                        b[c] if b != NULL else 0.0, eps, stream)
     return 0
 
 
 cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
                                  Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso,
                                  Py_ssize_t nb, double *mean, double *var, double *invstd,
-                                 double w, double b, double eps) noexcept nogil:
+                                 double w, double b, double eps, bint stream) noexcept nogil:
     """Statistics of one channel, then normalise it while it is still in L2."""
     cdef bn_moments st
-    cdef Py_ssize_t n
     st.n = 0
     st.mean = 0
     st.m2 = 0
@@ -89,8 +89,13 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     mean[0] = st.mean
     var[0] = st.m2 / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)
-    for n in range(outer):
-        affine(x + n * so, y + n * yso, inner, st.mean, w * invstd[0], b)
+    # Last planes first: they were read last, so they are the ones still in L2.
+    if stream:
+        seg_affine_stream(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
+                          st.mean, w * invstd[0], b)
+    else:
+        seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
+                   st.mean, w * invstd[0], b)
 
 
 cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,
@@ -101,6 +106,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     cdef double *scale
     cdef double *shift
     cdef int nt
+    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if training:
         if rows_stats(x, nrows, nch, ld, mean, var, n_threads) != 0:
             return -1
@@ -119,7 +125,11 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     for s in prange(nchunks, schedule='static', num_threads=nt):
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
-        cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
+        if stream:
+            cl_affine_stream(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale,
+                             shift)
+        else:
+            cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
     free(scale)
     return 0
 
@@ -205,11 +215,11 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
     if dx == NULL:
         return
     dx_coefficients(sdy, sdyx, invstd, w, <double>outer * <double>inner, training, &k, &q, &r)
+    if not training:
+        seg_affine(dy, dx, outer, inner, gso, dso, 0.0, k, 0.0)
+        return
     for n in range(outer):
-        if training:
-            bwd_dx(dy + n * gso, x + n * so, dx + n * dso, inner, mean, k, q, r)
-        else:
-            affine(dy + n * gso, dx + n * dso, inner, 0.0, k, 0.0)
+        bwd_dx(dy + n * gso, x + n * so, dx + n * dso, inner, mean, k, q, r)
 
 
 cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
@@ -293,3 +303,24 @@ def backward(cnp.ndarray dy, cnp.ndarray x, dx, Py_ssize_t outer, Py_ssize_t nch
                                  pdw, pdb, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
+
+
+# ------------------------------------------------------------------ running statistics
+
+def update_running(cnp.ndarray r, cnp.ndarray batch, double momentum, double factor):
+    """r = (1 - momentum) * r + momentum * factor * batch, in place.
+
+    r: 1-D float32/float64 in native byte order, any stride; batch: float64 contiguous.
+    (NumPy's mixed-dtype expressions cost microseconds each; this is the hot path of small
+    training calls.) Other dtypes take the NumPy route in the caller.
+    """
+    cdef Py_ssize_t n = r.shape[0], i, st = r.strides[0]
+    cdef char *p = <char *>cnp.PyArray_DATA(r)
+    cdef const double *b = <double *>cnp.PyArray_DATA(batch)
+    cdef double keep = 1.0 - momentum, take = momentum * factor
+    if cnp.PyArray_TYPE(r) == cnp.NPY_FLOAT32:
+        for i in range(n):
+            (<float *>(p + i * st))[0] = <float>(keep * (<float *>(p + i * st))[0] + take * b[i])
+    else:
+        for i in range(n):
+            (<double *>(p + i * st))[0] = keep * (<double *>(p + i * st))[0] + take * b[i]

@@ -40,6 +40,20 @@ cdef extern from "bn_kernels.h" nogil:
                        double shift)
     void bn_affine_f64(const double *x, double *y, Py_ssize_t n, double mean, double scale,
                        double shift)
+    void bn_seg_affine_f32(const float *x, float *y, Py_ssize_t nseg, Py_ssize_t len,
+                           Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
+                           double shift)
+    void bn_seg_affine_f64(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
+                           Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
+                           double shift)
+    void bn_seg_affine_stream_f32(const float *x, float *y, Py_ssize_t nseg, Py_ssize_t len,
+                                  Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
+                                  double shift)
+    void bn_seg_affine_stream_f64(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
+                                  Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
+                                  double shift)
+    void bn_prefetch_seg_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
+    void bn_prefetch_seg_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_vec_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
                            const double *w, const double *b)
     void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
@@ -62,6 +76,12 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_cl_affine_f64(const double *x, Py_ssize_t ldx, double *y, Py_ssize_t ldy,
                           Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                           const double *scale, const double *shift)
+    void bn_cl_affine_stream_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
+                                 Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                                 const double *scale, const double *shift)
+    void bn_cl_affine_stream_f64(const double *x, Py_ssize_t ldx, double *y, Py_ssize_t ldy,
+                                 Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
+                                 const double *scale, const double *shift)
     void bn_cl_bwd_sums_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                             Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                             double *sum_dy, double *sum_dy_xmu)
@@ -84,6 +104,7 @@ cdef enum:
     MAX_CHUNKS = 64         # shape-only parallel split; keeps partials O(C)
     CHUNK_ELEMS = 65536     # at least this many values per parallel chunk
     SERIAL_ELEMS = 32768    # below this, threads cost more than they give
+    STREAM_BYTES = 1 << 24  # outputs this large are written with streaming stores
 
 
 # ------------------------------------------------------------------ typed dispatch
@@ -110,6 +131,32 @@ cdef inline void affine(const floating *x, floating *y, Py_ssize_t n, double mea
         bn_affine_f32(x, y, n, mean, scale, shift)
     else:
         bn_affine_f64(x, y, n, mean, scale, shift)
+
+
+cdef inline void seg_affine(const floating *x, floating *y, Py_ssize_t nseg, Py_ssize_t length,
+                            Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
+                            double shift) noexcept nogil:
+    if floating is float:
+        bn_seg_affine_f32(x, y, nseg, length, sx, sy, mean, scale, shift)
+    else:
+        bn_seg_affine_f64(x, y, nseg, length, sx, sy, mean, scale, shift)
+
+
+cdef inline void seg_affine_stream(const floating *x, floating *y, Py_ssize_t nseg,
+                                   Py_ssize_t length, Py_ssize_t sx, Py_ssize_t sy,
+                                   double mean, double scale, double shift) noexcept nogil:
+    if floating is float:
+        bn_seg_affine_stream_f32(x, y, nseg, length, sx, sy, mean, scale, shift)
+    else:
+        bn_seg_affine_stream_f64(x, y, nseg, length, sx, sy, mean, scale, shift)
+
+
+cdef inline void prefetch_seg(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
+                              Py_ssize_t stride) noexcept nogil:
+    if floating is float:
+        bn_prefetch_seg_f32(x, nseg, length, stride)
+    else:
+        bn_prefetch_seg_f64(x, nseg, length, stride)
 
 
 cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double mean,
@@ -151,6 +198,16 @@ cdef inline void cl_affine(const floating *x, Py_ssize_t ldx, floating *y, Py_ss
         bn_cl_affine_f32(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
     else:
         bn_cl_affine_f64(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
+
+
+cdef inline void cl_affine_stream(const floating *x, Py_ssize_t ldx, floating *y,
+                                  Py_ssize_t ldy, Py_ssize_t nrows, Py_ssize_t nch,
+                                  const double *mean, const double *scale,
+                                  const double *shift) noexcept nogil:
+    if floating is float:
+        bn_cl_affine_stream_f32(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
+    else:
+        bn_cl_affine_stream_f64(x, ldx, y, ldy, nrows, nch, mean, scale, shift)
 
 
 cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating *x,
@@ -197,6 +254,12 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
             p = b // bpp
             off = (b - p * bpp) * BLOCK
             length = min(<Py_ssize_t>BLOCK, inner - off)
+            if b + 1 < b1:   # overlap the next block's fetch with this block's two passes
+                if off + length < inner:
+                    prefetch_seg(x + p * so + off + length, 1,
+                                 min(<Py_ssize_t>BLOCK, inner - off - length), 0)
+                else:
+                    prefetch_seg(x + (p + 1) * so, 1, min(<Py_ssize_t>BLOCK, inner), 0)
             seg_moments(x + p * so + off, 1, length, 0, &m, &m2)
             bn_chan_merge(st, <double>length, m, m2)
     else:
@@ -204,6 +267,8 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
         for b in range(b0, b1):
             p = b * g
             nplanes = min(g, outer - p)
+            if b + 1 < b1:   # short planes far apart: fetch the next block early
+                prefetch_seg(x + (p + g) * so, min(g, outer - p - g), inner, so)
             seg_moments(x + p * so, nplanes, inner, so, &m, &m2)
             bn_chan_merge(st, <double>(nplanes * inner), m, m2)
 
@@ -248,6 +313,11 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
     r = r0
     while r < r1:
         nr = min(rb, r1 - r)
+        if r + nr < r1:   # overlap the next row block's fetch with this block's passes
+            if ld == nch:
+                prefetch_seg(x + (r + nr) * ld, 1, min(rb, r1 - r - nr) * nch, 0)
+            else:
+                prefetch_seg(x + (r + nr) * ld, min(rb, r1 - r - nr), nch, ld)
         c0 = 0
         while c0 < nch:
             cb = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0)

@@ -7,6 +7,7 @@ anything, then hands a canonical view to a kernel. Canonical views (element stri
 - rows:   (R, C, 1) with the C channels contiguous, rows ``ld`` elements apart; rows are
   the non-channel positions in C order, so two arrays of one shape always agree.
 """
+import math
 import operator
 
 import numpy as np
@@ -170,8 +171,8 @@ def _try_view(arr, axis):
     if any(s % item for s in strides) or not arr.flags.aligned:
         return None
     nch = shape[axis]
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
     sc = strides[axis] // item if nch > 1 else 1
     so = _group_stride(shape[:axis], strides[:axis])
     if inner > 1:
@@ -193,7 +194,7 @@ def canonical_view(arr, axis):
     v = _try_view(arr, axis)
     if v is not None:
         return v
-    if arr.shape[axis + 1:] and np.prod(arr.shape[axis + 1:]) > 1:
+    if math.prod(arr.shape[axis + 1:]) > 1:
         return _try_view(np.ascontiguousarray(arr), axis)
     moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
     return _try_view(np.moveaxis(moved, -1, axis), axis)
@@ -212,7 +213,12 @@ def matching_view(arr, axis, like):
 
 def output_like(view, dtype, out, axis):
     """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout."""
-    if out is not None and out.dtype == view.arr.dtype:
+    if out is None:
+        y = np.empty_like(view.arr)
+        v = _try_view(y, axis)
+        if v is not None and v.kind == view.kind:
+            return y, v
+    elif out.dtype == view.arr.dtype:
         v = _try_view(out, axis)
         if v is not None and v.kind == view.kind and (
                 not np.may_share_memory(out, view.arr)

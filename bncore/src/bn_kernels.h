@@ -7,10 +7,10 @@
  *   Cython modules (_stats, _batchnorm, _rownorm) cut arrays into blocks, run blocks on
  *   OpenMP threads and merge block statistics in a fixed order, so results are bitwise
  *   identical for any number of threads.
- * - Accumulation is always in double, in BN_LANES independent lanes reduced in a fixed
- *   pairwise order. Independent lanes let GCC vectorise the reductions without
- *   -ffast-math (no reassociation is needed) and the result does not depend on the
- *   SIMD width that was picked at run time for the loads.
+ * - Accumulation is always in double, in independent lanes of four-double vectors
+ *   (GCC vector extensions) reduced in a fixed order. Independent lanes vectorise without
+ *   -ffast-math (no reassociation is needed), stay in registers, and the lane of every
+ *   value depends on the shape only, never on the thread count or the SIMD clone.
  * - Block statistics are "corrected two-pass" (Chan, Golub & LeVeque 1983): mean0 from a
  *   first pass, then sum(d) and sum(d*d) with d = x - mean0 from a second pass over data
  *   that is still in L1. mean = mean0 + sum(d)/n, M2 = sum(d*d) - sum(d)^2/n. A constant
@@ -26,8 +26,19 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>   /* streaming stores: SSE2 is in every x86-64 clone */
+#define BN_HAVE_STREAM 1
+#else
+#define BN_HAVE_STREAM 0
+#endif
 
-#define BN_LANES 16
+/* GCC/Clang vector extensions: four doubles (an AVX2 register, two SSE2 registers in the
+ * baseline clone) and four floats. */
+typedef double bn_v4d __attribute__((vector_size(32)));
+typedef float bn_v4f __attribute__((vector_size(16)));
+
 
 #if defined(BNCORE_TARGET_CLONES)
 #define BN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -100,12 +111,9 @@ static BN_CLONES void bn_chan_merge_vec(double na, double *restrict mean, double
     for (ptrdiff_t c = 0; c < nch; c++) bn_merge_values(na, nb, &mean[c], &m2[c], mb[c], m2b[c]);
 }
 
-BN_INLINE double bn_lanes_total(const double *acc)
+BN_INLINE double bn_v4d_total(bn_v4d v)
 {
-    double s8[8], s4[4];
-    for (int j = 0; j < 8; j++) s8[j] = acc[j] + acc[j + 8];
-    for (int j = 0; j < 4; j++) s4[j] = s8[j] + s8[j + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
 /* Finish corrected two-pass moments from mean0, sum(d), sum(d*d) over n values. */
@@ -119,15 +127,19 @@ BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
 
 /* Instantiate the element-type specific kernels for float and double. */
 #define BN_T float
+#define BN_T_IS_FLOAT 1
 #define BN_SFX f32
 #include "bn_kernels_impl.h"
 #undef BN_T
+#undef BN_T_IS_FLOAT
 #undef BN_SFX
 
 #define BN_T double
+#define BN_T_IS_FLOAT 0
 #define BN_SFX f64
 #include "bn_kernels_impl.h"
 #undef BN_T
+#undef BN_T_IS_FLOAT
 #undef BN_SFX
 
 #endif /* BNCORE_KERNELS_H */

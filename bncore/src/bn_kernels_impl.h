@@ -14,60 +14,96 @@
 #define BN_CAT(a, b) BN_CAT_(a, b)
 #define BN_NAME(name) BN_CAT(name, BN_SFX)
 
-/* acc[j] += x[i] over a contiguous run, lane j = i mod BN_LANES. */
-BN_INLINE void BN_NAME(bn_lanes_sum)(const BN_T *x, ptrdiff_t n, double *acc)
-{
-    ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) acc[j] += (double)x[i + j];
-    for (int j = 0; i < n; i++, j++) acc[j] += (double)x[i];
-}
+/* Four BN_T values as doubles, and four doubles stored as BN_T (unaligned). Macros, not
+ * inline functions: a helper is lowered for the default target before it is inlined into
+ * the AVX2 clone, which splits each conversion in halves; written in place, GCC emits one
+ * vcvtps2pd ymm, m128 (float) or one vmovupd (double). */
+#define BN_LOAD4(p) ((bn_v4d){(double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3]})
+/* Store four results at q: streaming (non-temporal) when stream is set and q is 16-byte
+ * aligned, else an ordinary store. Same bits either way. */
+#if BN_HAVE_STREAM && BN_T_IS_FLOAT
+#define BN_PUT4(q, v, stream) do { if ((stream) && !((uintptr_t)(q) & 15)) \
+        _mm_stream_ps((q), (__m128)__builtin_convertvector((v), bn_v4f)); \
+        else BN_STORE4((q), (v)); } while (0)
+#elif BN_HAVE_STREAM
+#define BN_PUT4(q, v, stream) do { bn_v4d w_ = (v); if ((stream) && !((uintptr_t)(q) & 15)) { \
+        _mm_stream_pd((q), (__m128d){w_[0], w_[1]}); \
+        _mm_stream_pd((q) + 2, (__m128d){w_[2], w_[3]}); } \
+        else BN_STORE4((q), w_); } while (0)
+#else
+#define BN_PUT4(q, v, stream) BN_STORE4((q), (v))
+#endif
+#if BN_HAVE_STREAM
+#define BN_FENCE(stream) do { if (stream) _mm_sfence(); } while (0)
+#else
+#define BN_FENCE(stream) ((void)0)
+#endif
+#define BN_STORE4(p, v) do { bn_v4d v_ = (v); BN_T *p_ = (p); \
+        p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
+    } while (0)
 
-/* sd[j] += d, sdd[j] += d*d with d = x[i] - m. */
-BN_INLINE void BN_NAME(bn_lanes_dev)(const BN_T *x, ptrdiff_t n, double m, double *sd,
-                                     double *sdd)
-{
-    ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m;
-            sd[j] += d;
-            sdd[j] += d * d;
-        }
-    for (int j = 0; i < n; i++, j++) {
-        double d = (double)x[i] - m;
-        sd[j] += d;
-        sdd[j] += d * d;
-    }
-}
-
-/* IN: nseg segments of len values, stride elements apart. OUT: their mean and M2. */
+/* IN: nseg segments of len values, stride elements apart. OUT: their mean and M2.
+ * Sixteen double lanes in four vector registers; the lane of a value and the order of
+ * every addition depend on (nseg, len) only. */
 static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
                                              ptrdiff_t stride, double *mean, double *m2)
 {
-    double acc[BN_LANES] = {0}, sd[BN_LANES] = {0}, sdd[BN_LANES] = {0};
+    bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    double t = 0;
     double n = (double)nseg * (double)len;
     if (n == 0) { *mean = 0; *m2 = 0; return; }
-    for (ptrdiff_t s = 0; s < nseg; s++) BN_NAME(bn_lanes_sum)(x + s * stride, len, acc);
-    double mean0 = bn_lanes_total(acc) / n;
-    for (ptrdiff_t s = 0; s < nseg; s++)
-        BN_NAME(bn_lanes_dev)(x + s * stride, len, mean0, sd, sdd);
-    bn_finish_block(n, mean0, bn_lanes_total(sd), bn_lanes_total(sdd), mean, m2);
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *p = x + s * stride;
+        ptrdiff_t i = 0;
+        for (; i + 16 <= len; i += 16) {
+            a0 += BN_LOAD4(p + i);
+            a1 += BN_LOAD4(p + i + 4);
+            a2 += BN_LOAD4(p + i + 8);
+            a3 += BN_LOAD4(p + i + 12);
+        }
+        for (; i + 4 <= len; i += 4) a0 += BN_LOAD4(p + i);
+        for (; i < len; i++) t += (double)p[i];
+    }
+    double mean0 = (bn_v4d_total((a0 + a1) + (a2 + a3)) + t) / n;
+    bn_v4d m = {mean0, mean0, mean0, mean0};
+    bn_v4d d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
+    double td = 0, tq = 0;
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *p = x + s * stride;
+        ptrdiff_t i = 0;
+        for (; i + 8 <= len; i += 8) {
+            bn_v4d u = BN_LOAD4(p + i) - m, v = BN_LOAD4(p + i + 4) - m;
+            d0 += u;
+            d1 += v;
+            q0 += u * u;
+            q1 += v * v;
+        }
+        for (; i < len; i++) {
+            double u = (double)p[i] - mean0;
+            td += u;
+            tq += u * u;
+        }
+    }
+    bn_finish_block(n, mean0, bn_v4d_total(d0 + d1) + td, bn_v4d_total(q0 + q1) + tq, mean, m2);
 }
 
 /* IN: nseg segments as above. OUT: sum of squares (RMS norm). */
 static BN_CLONES double BN_NAME(bn_seg_sumsq)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
                                              ptrdiff_t stride)
 {
-    double acc[BN_LANES] = {0};
+    bn_v4d a0 = {0}, a1 = {0};
+    double t = 0;
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
-        for (; i + BN_LANES <= len; i += BN_LANES)
-            for (int j = 0; j < BN_LANES; j++) acc[j] += (double)p[i + j] * (double)p[i + j];
-        for (int j = 0; i < len; i++, j++) acc[j] += (double)p[i] * (double)p[i];
+        for (; i + 8 <= len; i += 8) {
+            bn_v4d u = BN_LOAD4(p + i), v = BN_LOAD4(p + i + 4);
+            a0 += u * u;
+            a1 += v * v;
+        }
+        for (; i < len; i++) t += (double)p[i] * (double)p[i];
     }
-    return bn_lanes_total(acc);
+    return bn_v4d_total(a0 + a1) + t;
 }
 
 /* y = (x - mean) * scale + shift over n contiguous values. Subtracting first keeps full
@@ -76,6 +112,53 @@ static BN_CLONES void BN_NAME(bn_affine)(const BN_T *restrict x, BN_T *restrict 
                                         double mean, double scale, double shift)
 {
     for (ptrdiff_t i = 0; i < n; i++) y[i] = (BN_T)(((double)x[i] - mean) * scale + shift);
+}
+
+/* bn_affine over nseg segments of len values (x and y with their own strides): one call
+ * per channel instead of one per plane. With stream, y is written with non-temporal
+ * stores: for outputs far larger than the caches it skips the read-for-ownership and does
+ * not evict the x that is about to be read again from L2. */
+BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
+                                           ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
+                                           double mean, double scale, double shift, int stream)
+{
+    bn_v4d m = {mean, mean, mean, mean}, k = {scale, scale, scale, scale};
+    bn_v4d b = {shift, shift, shift, shift};
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *p = x + s * sx;
+        BN_T *q = y + s * sy;
+        ptrdiff_t i = 0;
+        if (stream)   /* scalar head up to a 16-byte boundary */
+            for (; i < len && ((uintptr_t)(q + i) & 15); i++)
+                q[i] = (BN_T)(((double)p[i] - mean) * scale + shift);
+        for (; i + 4 <= len; i += 4) BN_PUT4(q + i, (BN_LOAD4(p + i) - m) * k + b, stream);
+        for (; i < len; i++) q[i] = (BN_T)(((double)p[i] - mean) * scale + shift);
+    }
+    BN_FENCE(stream);
+}
+
+static BN_CLONES void BN_NAME(bn_seg_affine)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
+                                            ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
+                                            double mean, double scale, double shift)
+{
+    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 0);
+}
+
+static BN_CLONES void BN_NAME(bn_seg_affine_stream)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
+                                                   ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
+                                                   double mean, double scale, double shift)
+{
+    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 1);
+}
+
+/* Touch every cache line of nseg segments (the next statistics block), so short planes
+ * far apart, which the hardware prefetcher does not follow across pages, arrive early. */
+static inline void BN_NAME(bn_prefetch_seg)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                            ptrdiff_t stride)
+{
+    const ptrdiff_t step = 64 / sizeof(BN_T);
+    for (ptrdiff_t s = 0; s < nseg; s++)
+        for (ptrdiff_t i = 0; i < len; i += step) __builtin_prefetch(x + s * stride + i, 0, 3);
 }
 
 /* y = x * scale[i] + shift[i] elementwise (row norms with an elementwise affine). */
@@ -98,21 +181,23 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
 static BN_CLONES void BN_NAME(bn_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
                                           double mean, double *sum_dy, double *sum_dy_xmu)
 {
-    double a[BN_LANES] = {0}, b[BN_LANES] = {0};
+    bn_v4d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, m = {mean, mean, mean, mean};
+    double ta = 0, tb = 0;
     ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double g = (double)dy[i + j];
-            a[j] += g;
-            b[j] += g * ((double)x[i + j] - mean);
-        }
-    for (int j = 0; i < n; i++, j++) {
-        double g = (double)dy[i];
-        a[j] += g;
-        b[j] += g * ((double)x[i] - mean);
+    for (; i + 8 <= n; i += 8) {
+        bn_v4d g0 = BN_LOAD4(dy + i), g1 = BN_LOAD4(dy + i + 4);
+        a0 += g0;
+        a1 += g1;
+        b0 += g0 * (BN_LOAD4(x + i) - m);
+        b1 += g1 * (BN_LOAD4(x + i + 4) - m);
     }
-    *sum_dy += bn_lanes_total(a);
-    *sum_dy_xmu += bn_lanes_total(b);
+    for (; i < n; i++) {
+        double g = (double)dy[i];
+        ta += g;
+        tb += g * ((double)x[i] - mean);
+    }
+    *sum_dy += bn_v4d_total(a0 + a1) + ta;
+    *sum_dy_xmu += bn_v4d_total(b0 + b1) + tb;
 }
 
 /* dx = k*dy + q*(x - mean) + r over n contiguous values (batch-norm training backward). */
@@ -126,45 +211,90 @@ static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *restrict dy, const BN_T *re
 
 /* ------------------------------------------------------------- rows of channels (cl) */
 
-/* IN: nrows rows of nch channels, ld apart; work: 3*nch doubles of scratch.
+/* Channels-last loops run over tiles of 16 channels held in four vector registers across
+ * the rows of a block (no per-row load/store of accumulators); leftover channels are
+ * handled one by one with the same arithmetic. */
+
+/* IN: nrows rows of nch channels, ld apart (work is unused, kept for the ABI).
  * OUT: per-channel mean[c] and m2[c] of the block (corrected two-pass). */
 static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptrdiff_t nch,
                                             ptrdiff_t ld, double *restrict work,
                                             double *restrict mean, double *restrict m2)
 {
-    double *restrict s = work, *restrict sd = work + nch, *restrict sdd = work + 2 * nch;
+    (void)work;
     double n = (double)nrows;
-    for (ptrdiff_t c = 0; c < nch; c++) { s[c] = 0; sd[c] = 0; sdd[c] = 0; }
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *restrict p = x + r * ld;
-        for (ptrdiff_t c = 0; c < nch; c++) s[c] += (double)p[c];
+    ptrdiff_t c = 0;
+    for (; c + 16 <= nch; c += 16) {
+        bn_v4d a[4] = {{0}}, d[4] = {{0}}, q[4] = {{0}}, m[4];
+        for (ptrdiff_t r = 0; r < nrows; r++)
+            for (int j = 0; j < 4; j++) a[j] += BN_LOAD4(x + r * ld + c + 4 * j);
+        for (int j = 0; j < 4; j++) m[j] = a[j] / n;
+        for (ptrdiff_t r = 0; r < nrows; r++)
+            for (int j = 0; j < 4; j++) {
+                bn_v4d u = BN_LOAD4(x + r * ld + c + 4 * j) - m[j];
+                d[j] += u;
+                q[j] += u * u;
+            }
+        for (int j = 0; j < 4; j++)
+            for (int k = 0; k < 4; k++)
+                bn_finish_block(n, m[j][k], d[j][k], q[j][k], &mean[c + 4 * j + k],
+                                &m2[c + 4 * j + k]);
     }
-    for (ptrdiff_t c = 0; c < nch; c++) s[c] /= n;
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *restrict p = x + r * ld;
-        for (ptrdiff_t c = 0; c < nch; c++) {
-            double d = (double)p[c] - s[c];
-            sd[c] += d;
-            sdd[c] += d * d;
+    for (; c < nch; c++) {
+        double a = 0, d = 0, q = 0;
+        for (ptrdiff_t r = 0; r < nrows; r++) a += (double)x[r * ld + c];
+        double m0 = a / n;
+        for (ptrdiff_t r = 0; r < nrows; r++) {
+            double u = (double)x[r * ld + c] - m0;
+            d += u;
+            q += u * u;
         }
+        bn_finish_block(n, m0, d, q, &mean[c], &m2[c]);
     }
-    for (ptrdiff_t c = 0; c < nch; c++)
-        bn_finish_block(n, s[c], sd[c], sdd[c], &mean[c], &m2[c]);
 }
 
-/* y[r, c] = (x[r, c] - mean[c]) * scale[c] + shift[c]. */
+#define BN_CL_ROWS 16   /* rows per block of the channels-last elementwise loops */
+
+/* y[r, c] = (x[r, c] - mean[c]) * scale[c] + shift[c]. Row by row, so each output line
+ * is written whole (which streaming stores need); the per-channel vectors come from L1. */
+BN_INLINE void BN_NAME(bn_cl_affine_body)(const BN_T *x, ptrdiff_t ldx, BN_T *y, ptrdiff_t ldy,
+                                          ptrdiff_t nrows, ptrdiff_t nch,
+                                          const double *restrict mean,
+                                          const double *restrict scale,
+                                          const double *restrict shift, int stream)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *p = x + r * ldx;
+        BN_T *q = y + r * ldy;
+        ptrdiff_t c = 0;
+        for (; c + 4 <= nch; c += 4) {
+            bn_v4d m, k, b;
+            memcpy(&m, mean + c, 32);
+            memcpy(&k, scale + c, 32);
+            memcpy(&b, shift + c, 32);
+            BN_PUT4(q + c, (BN_LOAD4(p + c) - m) * k + b, stream);
+        }
+        for (; c < nch; c++) q[c] = (BN_T)(((double)p[c] - mean[c]) * scale[c] + shift[c]);
+    }
+    BN_FENCE(stream);
+}
+
 static BN_CLONES void BN_NAME(bn_cl_affine)(const BN_T *x, ptrdiff_t ldx, BN_T *y, ptrdiff_t ldy,
                                            ptrdiff_t nrows, ptrdiff_t nch,
                                            const double *restrict mean,
                                            const double *restrict scale,
                                            const double *restrict shift)
 {
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *restrict p = x + r * ldx;
-        BN_T *restrict q = y + r * ldy;
-        for (ptrdiff_t c = 0; c < nch; c++)
-            q[c] = (BN_T)(((double)p[c] - mean[c]) * scale[c] + shift[c]);
-    }
+    BN_NAME(bn_cl_affine_body)(x, ldx, y, ldy, nrows, nch, mean, scale, shift, 0);
+}
+
+static BN_CLONES void BN_NAME(bn_cl_affine_stream)(const BN_T *x, ptrdiff_t ldx, BN_T *y,
+                                                  ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
+                                                  const double *restrict mean,
+                                                  const double *restrict scale,
+                                                  const double *restrict shift)
+{
+    BN_NAME(bn_cl_affine_body)(x, ldx, y, ldy, nrows, nch, mean, scale, shift, 1);
 }
 
 /* Accumulate per channel: sum_dy[c] += dy[r, c]; sum_dy_xmu[c] += dy[r, c]*(x[r, c]-mean[c]). */
@@ -174,14 +304,30 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
                                              double *restrict sum_dy,
                                              double *restrict sum_dy_xmu)
 {
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *restrict g = dy + r * lddy;
-        const BN_T *restrict p = x + r * ldx;
-        for (ptrdiff_t c = 0; c < nch; c++) {
-            double gc = (double)g[c];
-            sum_dy[c] += gc;
-            sum_dy_xmu[c] += gc * ((double)p[c] - mean[c]);
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += BN_CL_ROWS) {
+        ptrdiff_t r1 = r0 + BN_CL_ROWS < nrows ? r0 + BN_CL_ROWS : nrows, c = 0;
+        for (; c + 8 <= nch; c += 8) {
+            bn_v4d m0, m1, a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, t;
+            memcpy(&m0, mean + c, 32); memcpy(&m1, mean + c + 4, 32);
+            for (ptrdiff_t r = r0; r < r1; r++) {
+                bn_v4d g0 = BN_LOAD4(dy + r * lddy + c);
+                bn_v4d g1 = BN_LOAD4(dy + r * lddy + c + 4);
+                a0 += g0;
+                a1 += g1;
+                b0 += g0 * (BN_LOAD4(x + r * ldx + c) - m0);
+                b1 += g1 * (BN_LOAD4(x + r * ldx + c + 4) - m1);
+            }
+            memcpy(&t, sum_dy + c, 32); t += a0; memcpy(sum_dy + c, &t, 32);
+            memcpy(&t, sum_dy + c + 4, 32); t += a1; memcpy(sum_dy + c + 4, &t, 32);
+            memcpy(&t, sum_dy_xmu + c, 32); t += b0; memcpy(sum_dy_xmu + c, &t, 32);
+            memcpy(&t, sum_dy_xmu + c + 4, 32); t += b1; memcpy(sum_dy_xmu + c + 4, &t, 32);
         }
+        for (; c < nch; c++)
+            for (ptrdiff_t r = r0; r < r1; r++) {
+                double g = (double)dy[r * lddy + c];
+                sum_dy[c] += g;
+                sum_dy_xmu[c] += g * ((double)x[r * ldx + c] - mean[c]);
+            }
     }
 }
 
@@ -194,15 +340,28 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
                                            const double *restrict q,
                                            const double *restrict r_)
 {
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *restrict g = dy + r * lddy;
-        const BN_T *restrict p = x + r * ldx;
-        BN_T *restrict o = dx + r * lddx;
-        for (ptrdiff_t c = 0; c < nch; c++)
-            o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c]);
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += BN_CL_ROWS) {
+        ptrdiff_t r1 = r0 + BN_CL_ROWS < nrows ? r0 + BN_CL_ROWS : nrows, c = 0;
+        for (; c + 4 <= nch; c += 4) {
+            bn_v4d m, kk, qq, rr;
+            memcpy(&m, mean + c, 32); memcpy(&kk, k + c, 32);
+            memcpy(&qq, q + c, 32); memcpy(&rr, r_ + c, 32);
+            for (ptrdiff_t r = r0; r < r1; r++)
+                BN_STORE4(dx + r * lddx + c,
+                                   kk * BN_LOAD4(dy + r * lddy + c)
+                                   + qq * (BN_LOAD4(x + r * ldx + c) - m) + rr);
+        }
+        for (; c < nch; c++)
+            for (ptrdiff_t r = r0; r < r1; r++)
+                dx[r * lddx + c] = (BN_T)(k[c] * (double)dy[r * lddy + c]
+                                          + q[c] * ((double)x[r * ldx + c] - mean[c]) + r_[c]);
     }
 }
 
+#undef BN_LOAD4
+#undef BN_PUT4
+#undef BN_FENCE
+#undef BN_STORE4
 #undef BN_NAME
 #undef BN_CAT
 #undef BN_CAT_
