@@ -29,7 +29,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, cl_affine_stream, seg_affine_stream, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
+    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, cl_affine_stream, seg_affine_stream, seg_bwd_dx, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
     cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks, planes_stats, rows_chunks,
     rows_stats, seg_affine,
 )
@@ -66,8 +66,13 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         for t in prange(outer * nch, schedule='static', num_threads=nt):
             n = t // nch
             c = t - n * nch
-            seg_affine(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0, mean[c],
-                       (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
+            if stream:
+                seg_affine_stream(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0,
+                                  mean[c], (w[c] if w != NULL else 1.0) * invstd[c],
+                                  b[c] if b != NULL else 0.0)
+            else:
+                seg_affine(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0, mean[c],
+                           (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
         return 0
     for c in prange(nch, schedule='static', num_threads=nt):
         forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
@@ -193,10 +198,11 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                          int n_threads) noexcept nogil:
     cdef Py_ssize_t c
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     for c in prange(nch, schedule='static', num_threads=nt):
         backward_channel(dy + c * gsc, x + c * sc, dx + c * dsc if dx != NULL else NULL,
                          outer, inner, gso, so, dso, mean[c], invstd[c],
-                         w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c])
+                         w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c], stream)
     return 0
 
 
@@ -204,7 +210,7 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
                                   Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t gso,
                                   Py_ssize_t so, Py_ssize_t dso, double mean, double invstd,
                                   double w, bint training, double *dweight,
-                                  double *dbias) noexcept nogil:
+                                  double *dbias, bint stream) noexcept nogil:
     """The two sums of one channel, then its dx while dy and x are still in L2."""
     cdef Py_ssize_t n
     cdef double sdy = 0, sdyx = 0, k, q, r
@@ -215,11 +221,12 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
     if dx == NULL:
         return
     dx_coefficients(sdy, sdyx, invstd, w, <double>outer * <double>inner, training, &k, &q, &r)
+    # last planes first: they are the ones still in L2
     if not training:
-        seg_affine(dy, dx, outer, inner, gso, dso, 0.0, k, 0.0)
-        return
-    for n in range(outer):
-        bwd_dx(dy + n * gso, x + n * so, dx + n * dso, inner, mean, k, q, r)
+        q = 0.0
+        r = 0.0
+    seg_bwd_dx(dy + (outer - 1) * gso, x + (outer - 1) * so, dx + (outer - 1) * dso, outer,
+               inner, -gso, -so, -dso, mean, k, q, r, stream)
 
 
 cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
@@ -233,6 +240,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *q
     cdef double *r
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1
@@ -262,7 +270,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             r0 = s * nrows // nchunks
             r1 = (s + 1) * nrows // nchunks
             cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,
-                      nch, mean, k, q, r)
+                      nch, mean, k, q, r, stream)
     free(buf)
     return 0
 

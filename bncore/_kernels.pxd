@@ -91,11 +91,17 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_cl_bwd_dx_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                           float *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
-                          const double *r)
+                          const double *r, int stream)
+    void bn_seg_bwd_dx_f32(const float *dy, const float *x, float *dx, Py_ssize_t nseg,
+                           Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, Py_ssize_t sdx,
+                           double mean, double k, double q, double r, int stream)
     void bn_cl_bwd_dx_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
                           double *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
-                          const double *r)
+                          const double *r, int stream)
+    void bn_seg_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t nseg,
+                           Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, Py_ssize_t sdx,
+                           double mean, double k, double q, double r, int stream)
 
 
 cdef enum:
@@ -223,11 +229,21 @@ cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating
 cdef inline void cl_bwd_dx(const floating *dy, Py_ssize_t lddy, const floating *x,
                            Py_ssize_t ldx, floating *dx, Py_ssize_t lddx, Py_ssize_t nrows,
                            Py_ssize_t nch, const double *mean, const double *k,
-                           const double *q, const double *r) noexcept nogil:
+                           const double *q, const double *r, bint stream=False) noexcept nogil:
     if floating is float:
-        bn_cl_bwd_dx_f32(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r)
+        bn_cl_bwd_dx_f32(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream)
     else:
-        bn_cl_bwd_dx_f64(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r)
+        bn_cl_bwd_dx_f64(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream)
+
+
+cdef inline void seg_bwd_dx(const floating *dy, const floating *x, floating *dx,
+                            Py_ssize_t nseg, Py_ssize_t length, Py_ssize_t sdy, Py_ssize_t sx,
+                            Py_ssize_t sdx, double mean, double k, double q, double r,
+                            bint stream) noexcept nogil:
+    if floating is float:
+        bn_seg_bwd_dx_f32(dy, x, dx, nseg, length, sdy, sx, sdx, mean, k, q, r, stream)
+    else:
+        bn_seg_bwd_dx_f64(dy, x, dx, nseg, length, sdy, sx, sdx, mean, k, q, r, stream)
 
 
 # ------------------------------------------------------------------ tiling

@@ -200,13 +200,41 @@ static BN_CLONES void BN_NAME(bn_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdif
     *sum_dy_xmu += bn_v4d_total(b0 + b1) + tb;
 }
 
-/* dx = k*dy + q*(x - mean) + r over n contiguous values (batch-norm training backward). */
-static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *restrict dy, const BN_T *restrict x,
-                                        BN_T *restrict dx, ptrdiff_t n, double mean, double k,
-                                        double q, double r)
+/* dx = k*dy + q*(x - mean) + r over nseg segments of len values (batch-norm training
+ * backward; each array with its own segment stride), optionally with streaming stores. */
+BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *dx,
+                                           ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
+                                           ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
+                                           double q, double r, int stream)
 {
-    for (ptrdiff_t i = 0; i < n; i++)
-        dx[i] = (BN_T)(k * (double)dy[i] + q * ((double)x[i] - mean) + r);
+    bn_v4d m = {mean, mean, mean, mean}, kk = {k, k, k, k}, qq = {q, q, q, q};
+    bn_v4d rr = {r, r, r, r};
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *g = dy + s * sdy, *p = x + s * sx;
+        BN_T *o = dx + s * sdx;
+        ptrdiff_t i = 0;
+        if (stream)
+            for (; i < len && ((uintptr_t)(o + i) & 15); i++)
+                o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r);
+        for (; i + 4 <= len; i += 4)
+            BN_PUT4(o + i, kk * BN_LOAD4(g + i) + qq * (BN_LOAD4(p + i) - m) + rr, stream);
+        for (; i < len; i++) o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r);
+    }
+    BN_FENCE(stream);
+}
+
+static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
+                                        double mean, double k, double q, double r)
+{
+    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, 1, n, 0, 0, 0, mean, k, q, r, 0);
+}
+
+static BN_CLONES void BN_NAME(bn_seg_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx,
+                                            ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
+                                            ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
+                                            double q, double r, int stream)
+{
+    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, nseg, len, sdy, sx, sdx, mean, k, q, r, stream);
 }
 
 /* ------------------------------------------------------------- rows of channels (cl) */
@@ -331,31 +359,30 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
     }
 }
 
-/* dx[r, c] = k[c]*dy[r, c] + q[c]*(x[r, c] - mean[c]) + r_[c]. */
+/* dx[r, c] = k[c]*dy[r, c] + q[c]*(x[r, c] - mean[c]) + r_[c], row by row so output lines
+ * are written whole; streaming stores when stream is set. */
 static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
                                            ptrdiff_t ldx, BN_T *dx, ptrdiff_t lddx,
                                            ptrdiff_t nrows, ptrdiff_t nch,
                                            const double *restrict mean,
                                            const double *restrict k,
                                            const double *restrict q,
-                                           const double *restrict r_)
+                                           const double *restrict r_, int stream)
 {
-    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += BN_CL_ROWS) {
-        ptrdiff_t r1 = r0 + BN_CL_ROWS < nrows ? r0 + BN_CL_ROWS : nrows, c = 0;
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *g = dy + r * lddy, *p = x + r * ldx;
+        BN_T *o = dx + r * lddx;
+        ptrdiff_t c = 0;
         for (; c + 4 <= nch; c += 4) {
             bn_v4d m, kk, qq, rr;
             memcpy(&m, mean + c, 32); memcpy(&kk, k + c, 32);
             memcpy(&qq, q + c, 32); memcpy(&rr, r_ + c, 32);
-            for (ptrdiff_t r = r0; r < r1; r++)
-                BN_STORE4(dx + r * lddx + c,
-                                   kk * BN_LOAD4(dy + r * lddy + c)
-                                   + qq * (BN_LOAD4(x + r * ldx + c) - m) + rr);
+            BN_PUT4(o + c, kk * BN_LOAD4(g + c) + qq * (BN_LOAD4(p + c) - m) + rr, stream);
         }
         for (; c < nch; c++)
-            for (ptrdiff_t r = r0; r < r1; r++)
-                dx[r * lddx + c] = (BN_T)(k[c] * (double)dy[r * lddy + c]
-                                          + q[c] * ((double)x[r * ldx + c] - mean[c]) + r_[c]);
+            o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c]);
     }
+    BN_FENCE(stream);
 }
 
 #undef BN_LOAD4
