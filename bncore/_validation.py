@@ -189,8 +189,20 @@ def _try_view(arr, axis):
     return None
 
 
+def _contiguous_view(arr, axis):
+    """The View of a C-contiguous array, without looking at strides (the common case)."""
+    shape = arr.shape
+    inner = math.prod(shape[axis + 1:])
+    if inner == 1:
+        return View(arr, "rows", math.prod(shape[:axis]), shape[axis], 1, shape[axis], 1)
+    return View(arr, "planes", math.prod(shape[:axis]), shape[axis], inner,
+                shape[axis] * inner, inner)
+
+
 def canonical_view(arr, axis):
     """A View of ``arr`` over channel axis ``axis``, copying only when no view exists."""
+    if arr.flags.c_contiguous:
+        return _contiguous_view(arr, axis)
     v = _try_view(arr, axis)
     if v is not None:
         return v
@@ -214,6 +226,9 @@ def matching_view(arr, axis, like):
 def output_like(view, dtype, out, axis):
     """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout."""
     if out is None:
+        if view.arr.flags.c_contiguous:
+            y = np.empty(view.arr.shape, view.arr.dtype)
+            return y, View(y, view.kind, view.outer, view.nch, view.inner, view.so, view.sc)
         y = np.empty_like(view.arr)
         v = _try_view(y, axis)
         if v is not None and v.kind == view.kind:

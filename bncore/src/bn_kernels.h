@@ -38,6 +38,7 @@
  * baseline clone) and four floats. */
 typedef double bn_v4d __attribute__((vector_size(32)));
 typedef float bn_v4f __attribute__((vector_size(16)));
+typedef float bn_v8f __attribute__((vector_size(32)));
 
 
 #if defined(BNCORE_TARGET_CLONES)

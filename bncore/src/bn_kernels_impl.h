@@ -122,6 +122,38 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
                                            ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
                                            double mean, double scale, double shift, int stream)
 {
+#if BN_T_IS_FLOAT
+    /* float32 arithmetic, 8 lanes, ~3x less work than a round trip through double. The
+     * mean is split as hi + lo (two floats): x - hi is exact near the mean (Sterbenz), so
+     * ((x - hi) - lo) carries the deviation to float precision even at a 1e6 offset, and
+     * x == mean gives exactly shift. Head, body and tail evaluate the same float
+     * expression, so where the aligned body starts cannot change a bit. */
+    const float hi = (float)mean, lo = (float)(mean - (double)hi);
+    const float k = (float)scale, b = (float)shift;
+    const bn_v8f vhi = {hi, hi, hi, hi, hi, hi, hi, hi}, vlo = {lo, lo, lo, lo, lo, lo, lo, lo};
+    const bn_v8f vk = {k, k, k, k, k, k, k, k}, vb = {b, b, b, b, b, b, b, b};
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const float *p = x + s * sx;
+        float *q = y + s * sy;
+        ptrdiff_t i = 0;
+        if (stream)
+            for (; i < len && ((uintptr_t)(q + i) & 15); i++) q[i] = ((p[i] - hi) - lo) * k + b;
+        for (; i + 8 <= len; i += 8) {
+            bn_v8f v;
+            memcpy(&v, p + i, sizeof v);
+            v = ((v - vhi) - vlo) * vk + vb;
+#if BN_HAVE_STREAM
+            if (stream && !((uintptr_t)(q + i) & 15)) {
+                _mm_stream_ps(q + i, (__m128){v[0], v[1], v[2], v[3]});
+                _mm_stream_ps(q + i + 4, (__m128){v[4], v[5], v[6], v[7]});
+                continue;
+            }
+#endif
+            memcpy(q + i, &v, sizeof v);
+        }
+        for (; i < len; i++) q[i] = ((p[i] - hi) - lo) * k + b;
+    }
+#else
     bn_v4d m = {mean, mean, mean, mean}, k = {scale, scale, scale, scale};
     bn_v4d b = {shift, shift, shift, shift};
     for (ptrdiff_t s = 0; s < nseg; s++) {
@@ -134,6 +166,7 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
         for (; i + 4 <= len; i += 4) BN_PUT4(q + i, (BN_LOAD4(p + i) - m) * k + b, stream);
         for (; i < len; i++) q[i] = (BN_T)(((double)p[i] - mean) * scale + shift);
     }
+#endif
     BN_FENCE(stream);
 }
 
