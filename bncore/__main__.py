@@ -41,14 +41,20 @@ def _cases(rng):
     w, b = rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
     rm, rv = rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
 
+    def affine(x, axis):
+        n = x.shape[axis]
+        return (rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32))
+
     def train(x, axis):
-        return (lambda: bncore.batch_norm_forward(x, w, b, axis=axis),
-                lambda: ref.batch_norm_forward(x, w, b, axis=axis))
+        wx, bx = affine(x, axis)
+        return (lambda: bncore.batch_norm_forward(x, wx, bx, axis=axis),
+                lambda: ref.batch_norm_forward(x, wx, bx, axis=axis))
 
     def back(dy, x, axis):
+        wx, _ = affine(x, axis)
         m, s = ref.batch_norm_forward(x, axis=axis)[1:]
-        return (lambda: bncore.batch_norm_backward(dy, x, m, s, w, axis=axis),
-                lambda: ref.batch_norm_backward(dy, x, m, s, w, axis=axis))
+        return (lambda: bncore.batch_norm_backward(dy, x, m, s, wx, axis=axis),
+                lambda: ref.batch_norm_backward(dy, x, m, s, wx, axis=axis))
 
     cases = [
         ("moments axis=(0,2,3)", lambda: bncore.moments(x4, axis=(0, 2, 3)),
