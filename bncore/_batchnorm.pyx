@@ -332,3 +332,65 @@ def update_running(cnp.ndarray r, cnp.ndarray batch, double momentum, double fac
     else:
         for i in range(n):
             (<double *>(p + i * st))[0] = keep * (<double *>(p + i * st))[0] + take * b[i]
+
+
+# ------------------------------------------------------------------ dx from coefficients
+
+cdef void apply_dx_planes(const floating *dy, const floating *x, floating *dx,
+                          Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t gso,
+                          Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso,
+                          Py_ssize_t dsc, const double *mean, const double *k, const double *q,
+                          const double *r, int n_threads) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    for c in prange(nch, schedule='static', num_threads=nt):
+        seg_bwd_dx(dy + c * gsc, x + c * sc, dx + c * dsc, outer, inner, gso, so, dso, mean[c],
+                   k[c], q[c], r[c], stream)
+
+
+cdef void apply_dx_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
+                        Py_ssize_t nch, Py_ssize_t lddy, Py_ssize_t ldx, Py_ssize_t lddx,
+                        const double *mean, const double *k, const double *q, const double *r,
+                        int n_threads) noexcept nogil:
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, r0, r1
+    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        r0 = s * nrows // nchunks
+        r1 = (s + 1) * nrows // nchunks
+        cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0, nch,
+                  mean, k, q, r, stream)
+
+
+def apply_dx(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t nch,
+             Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc,
+             Py_ssize_t dso, Py_ssize_t dsc, cnp.ndarray mean, cnp.ndarray k, cnp.ndarray q,
+             cnp.ndarray r, int n_threads):
+    """dx = k[c]*dy + q[c]*(x - mean[c]) + r[c] per channel of a canonical view.
+
+    Group and instance norm backward: their per-channel coefficients come from group sums.
+    mean, k, q, r: float64 (nch,).
+    """
+    cdef void *pg = cnp.PyArray_DATA(dy)
+    cdef void *px = cnp.PyArray_DATA(x)
+    cdef void *pd = cnp.PyArray_DATA(dx)
+    cdef const double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef const double *pk = <double *>cnp.PyArray_DATA(k)
+    cdef const double *pq = <double *>cnp.PyArray_DATA(q)
+    cdef const double *pr = <double *>cnp.PyArray_DATA(r)
+    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef bint rows = inner == 1 and sc == 1 and gsc == 1 and dsc == 1
+    with nogil:
+        if rows and is_f32:
+            apply_dx_rows(<const float *>pg, <const float *>px, <float *>pd, outer, nch, gso,
+                          so, dso, pm, pk, pq, pr, n_threads)
+        elif rows:
+            apply_dx_rows(<const double *>pg, <const double *>px, <double *>pd, outer, nch, gso,
+                          so, dso, pm, pk, pq, pr, n_threads)
+        elif is_f32:
+            apply_dx_planes(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
+                            inner, gso, gsc, so, sc, dso, dsc, pm, pk, pq, pr, n_threads)
+        else:
+            apply_dx_planes(<const double *>pg, <const double *>px, <double *>pd, outer, nch,
+                            inner, gso, gsc, so, sc, dso, dsc, pm, pk, pq, pr, n_threads)
