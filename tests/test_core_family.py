@@ -1,0 +1,316 @@
+"""layer, RMS, group and instance norm against the float64 reference, PyTorch 2.13 and
+finite differences; both layouts, odd sizes, large offsets, errors, determinism."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bncore
+from bncore import _reference as ref
+
+TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-2}
+
+
+def data(shape, dtype, layout="C", offset=2.0, seed=0):
+    a = np.random.default_rng(seed).normal(offset, 1.5, shape).astype(dtype)
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "strided":
+        big = np.empty(tuple(2 * s for s in shape), dtype)
+        v = big[tuple(slice(None, None, 2) for _ in shape)]
+        v[...] = a
+        return v
+    if layout == "byteswapped":
+        return a.astype(a.dtype.newbyteorder())
+    return a
+
+
+def close(got, want, dtype, scale=None):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = max(np.max(np.abs(want), initial=0.0), 1.0) if scale is None else scale
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype] * scale)
+
+
+DTYPES = [np.float64, np.float32, np.float16]
+LAYOUTS = ["C", "F", "strided", "byteswapped"]
+
+
+# ------------------------------------------------------------------ vs reference
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,ns", [((7, 13), 13), ((3, 4, 5, 6), (5, 6)), ((2, 3, 9), 9),
+                                      ((5, 3000), 3000), ((4, 1), 1)], ids=str)
+def test_layer_and_rms_norm(dtype, layout, shape, ns):
+    x = data(shape, dtype, layout)
+    before = x.copy()
+    nsh = (ns,) if np.ndim(ns) == 0 else ns
+    rng = np.random.default_rng(1)
+    w, b = rng.normal(size=nsh), rng.normal(size=nsh)
+    dy = data(shape, dtype, layout, offset=0.0, seed=3)
+    y, m, s = bncore.layer_norm_forward(x, ns, w, b)
+    yr, mr, sr = ref.layer_norm_forward(x, ns, w, b)
+    assert y.dtype == np.dtype(dtype) and y.shape == x.shape and m.shape == x.shape[:-len(nsh)]
+    close(y, yr, dtype)
+    close(m, mr, dtype)
+    got = bncore.layer_norm_backward(dy, x, m, s, ns, w)
+    want = ref.layer_norm_backward(dy, x, m, s, ns, w)
+    assert got[1].shape == got[2].shape == nsh
+    big = np.sum(np.abs(dy.astype(float))) + 1
+    for g, r in zip(got, want):
+        close(g, r, dtype, scale=big if g.shape == nsh else np.max(np.abs(r)) * 10 + 1)
+    yq, rq = bncore.rms_norm_forward(x, ns, w)
+    yqr, rqr = ref.rms_norm_forward(x, ns, w)
+    close(yq, yqr, dtype)
+    got = bncore.rms_norm_backward(dy, x, rq, ns, w)
+    want = ref.rms_norm_backward(dy, x, rq, ns, w)
+    for g, r in zip(got, want):
+        close(g, r, dtype, scale=big)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("shape,groups", [((3, 6, 5, 7), 3), ((2, 8, 9), 4), ((4, 6), 2),
+                                          ((2, 4, 3, 3, 3), 4), ((2, 10, 17, 1), 1)], ids=str)
+def test_group_and_instance_norm(dtype, axis, shape, groups):
+    if len(shape) == 2 and axis == -1:
+        axis = 1
+    x = np.moveaxis(data(shape, dtype), 1, axis)
+    before = x.copy()
+    c = shape[1]
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=c), rng.normal(size=c)
+    dy = np.moveaxis(data(shape, dtype, offset=0.0, seed=4), 1, axis)
+    got = bncore.group_norm_forward(x, groups, w, b, axis=axis)
+    want = ref.group_norm_forward(x, groups, w, b, axis=axis)
+    assert got[0].dtype == np.dtype(dtype) and got[1].shape == (shape[0], groups)
+    for g, r in zip(got, want):
+        close(g, r, dtype, scale=np.max(np.abs(r)) + 1)
+    got = bncore.group_norm_backward(dy, x, got[1], got[2], groups, w, axis=axis)
+    want = ref.group_norm_backward(dy, x, want[1], want[2], groups, w, axis=axis)
+    big = np.sum(np.abs(dy.astype(float))) + 1
+    for g, r in zip(got, want):
+        close(g, r, dtype, scale=big)
+    if np.prod(shape[2:]) > 1:
+        got = bncore.instance_norm_forward(x, w, b, axis=axis)
+        want = ref.instance_norm_forward(x, w, b, axis=axis)
+        for g, r in zip(got, want):
+            close(g, r, dtype, scale=np.max(np.abs(r)) + 1)
+        got = bncore.instance_norm_backward(dy, x, got[1], got[2], w, axis=axis)
+        want = ref.instance_norm_backward(dy, x, want[1], want[2], w, axis=axis)
+        for g, r in zip(got, want):
+            close(g, r, dtype, scale=big)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_instance_norm_running_stats_and_eval():
+    x = data((4, 3, 6, 5), np.float64)
+    rm, rv = np.zeros(3), np.ones(3)
+    rm2, rv2 = rm.copy(), rv.copy()
+    y = bncore.instance_norm(x, rm, rv, momentum=0.2)
+    close(y, ref.instance_norm(x, rm2, rv2, momentum=0.2), np.float64)
+    close(rm, rm2, np.float64)
+    close(rv, rv2, np.float64)
+    ye = bncore.instance_norm(x, rm, rv, use_input_stats=False)
+    close(ye, ref.instance_norm(x, rm, rv, use_input_stats=False), np.float64)
+
+
+# ------------------------------------------------------------------ vs PyTorch
+
+def t(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_and_rms_norm_against_pytorch(dtype):
+    x, dy = data((6, 4, 24), dtype), data((6, 4, 24), dtype, seed=9)
+    w, b = data((24,), dtype, seed=5), data((24,), dtype, seed=6)
+    xt, wt, bt = t(x), t(w), t(b)
+    F.layer_norm(xt, (24,), wt, bt).backward(torch.from_numpy(dy))
+    y, m, s = bncore.layer_norm_forward(x, 24, w, b)
+    dx, dw, db = bncore.layer_norm_backward(dy, x, m, s, 24, w)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(y, F.layer_norm(t(x), (24,), t(w), t(b)).detach(), atol=tol)
+    np.testing.assert_allclose(dx, xt.grad, atol=tol * 10)
+    np.testing.assert_allclose(dw, wt.grad, atol=tol * 100)
+    np.testing.assert_allclose(db, bt.grad, atol=tol * 100)
+    xt, wt = t(x), t(w)
+    yt = F.rms_norm(xt, (24,), wt)   # eps=None: dtype epsilon on both sides
+    yt.backward(torch.from_numpy(dy))
+    y, r = bncore.rms_norm_forward(x, 24, w)
+    dx, dw = bncore.rms_norm_backward(dy, x, r, 24, w)
+    np.testing.assert_allclose(y, yt.detach(), atol=tol)
+    np.testing.assert_allclose(dx, xt.grad, atol=tol * 10)
+    np.testing.assert_allclose(dw, wt.grad, atol=tol * 100)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_group_and_instance_norm_against_pytorch(dtype, axis):
+    x, dy = data((4, 6, 5, 7), dtype), data((4, 6, 5, 7), dtype, seed=8)
+    w, b = data((6,), dtype, seed=5), data((6,), dtype, seed=6)
+    xa, dya = np.moveaxis(x, 1, axis), np.moveaxis(dy, 1, axis)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for name in ("group", "instance"):
+        xt, wt, bt = t(x), t(w), t(b)
+        if name == "group":
+            yt = F.group_norm(xt, 3, wt, bt)
+            y, m, s = bncore.group_norm_forward(xa, 3, w, b, axis=axis)
+            grads = bncore.group_norm_backward(dya, xa, m, s, 3, w, axis=axis)
+        else:
+            yt = F.instance_norm(xt, weight=wt, bias=bt)
+            y, m, s = bncore.instance_norm_forward(xa, w, b, axis=axis)
+            grads = bncore.instance_norm_backward(dya, xa, m, s, w, axis=axis)
+        yt.backward(torch.from_numpy(dy))
+        np.testing.assert_allclose(np.moveaxis(y, axis, 1), yt.detach(), atol=tol)
+        np.testing.assert_allclose(np.moveaxis(grads[0], axis, 1), xt.grad, atol=tol * 10)
+        np.testing.assert_allclose(grads[1], wt.grad, atol=tol * 100)
+        np.testing.assert_allclose(grads[2], bt.grad, atol=tol * 100)
+
+
+# ------------------------------------------------------------------ finite differences
+
+@pytest.mark.parametrize("op", ["layer", "rms", "group", "instance"])
+def test_gradients_match_finite_differences(op):
+    rng = np.random.default_rng(11)
+    x = rng.normal(1.0, 1.5, (2, 4, 3))
+    g = rng.normal(size=x.shape)
+    if op in ("layer", "rms"):
+        w = rng.normal(size=3)
+        b = rng.normal(size=3)
+    else:
+        w, b = rng.normal(size=4), rng.normal(size=4)
+
+    def fwd(x_, w_, b_):
+        if op == "layer":
+            return bncore.layer_norm_forward(x_, 3, w_, b_)
+        if op == "rms":
+            y, r = bncore.rms_norm_forward(x_, 3, w_, 1e-5)
+            return y + b_, r
+        if op == "group":
+            return bncore.group_norm_forward(x_, 2, w_, b_)
+        return bncore.instance_norm_forward(x_, w_, b_)
+
+    out = fwd(x, w, b)
+    if op == "layer":
+        dx, dw, db = bncore.layer_norm_backward(g, x, out[1], out[2], 3, w)
+    elif op == "rms":
+        dx, dw = bncore.rms_norm_backward(g, x, out[1], 3, w)
+        db = g.sum(axis=(0, 1))
+    elif op == "group":
+        dx, dw, db = bncore.group_norm_backward(g, x, out[1], out[2], 2, w)
+    else:
+        dx, dw, db = bncore.instance_norm_backward(g, x, out[1], out[2], w)
+    h = 1e-6
+    for k, (arr, grad) in enumerate(((x, dx), (w, dw), (b, db))):
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            args = [x.copy(), w.copy(), b.copy()]
+            args[k][i] += h
+            up = np.sum(fwd(*args)[0] * g)
+            args[k][i] -= 2 * h
+            num[i] = (up - np.sum(fwd(*args)[0] * g)) / (2 * h)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ numerics
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constant_rows_normalise_to_exactly_bias(dtype):
+    x = np.full((3, 4, 6, 6), 1e7, dtype)
+    b4 = np.array([0.5, -1.0, 2.0, 0.25], dtype)
+    assert np.all(bncore.instance_norm(x, bias=b4) == b4[None, :, None, None])
+    assert np.all(bncore.group_norm(x, 2, bias=b4) == b4[None, :, None, None])
+    xl = np.full((5, 9), 0.1, dtype)
+    b9 = np.arange(9, dtype=dtype)
+    assert np.all(bncore.layer_norm(xl, 9, bias=b9) == b9)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_offset_float32(axis):
+    x = (1e6 + 0.1 * np.random.default_rng(5).normal(size=(4, 8, 32, 32))).astype(np.float32)
+    xa = np.ascontiguousarray(np.moveaxis(x, 1, axis))
+    for got, red in ((bncore.instance_norm_forward(xa, axis=axis, eps=0.0), (2, 3)),
+                     (bncore.group_norm_forward(xa, 4, axis=axis, eps=0.0), None)):
+        var = 1.0 / got[2].astype(np.float64) ** 2
+        x64 = x.astype(np.float64)
+        exact = x64.var(axis=red) if red else x64.reshape(4, 4, -1).var(axis=2)
+        np.testing.assert_allclose(var, exact, rtol=1e-4)
+    xl = (1e6 + 0.1 * np.random.default_rng(6).normal(size=(16, 512))).astype(np.float32)
+    _, _, s = bncore.layer_norm_forward(xl, 512, eps=0.0)
+    np.testing.assert_allclose(1 / s.astype(np.float64) ** 2, xl.astype(np.float64).var(1),
+                               rtol=1e-4)
+
+
+def test_bitwise_identical_for_any_thread_count():
+    x = data((16, 64, 24, 24), np.float32)
+    dy = data((16, 64, 24, 24), np.float32, seed=1)
+    xl = data((4096, 96), np.float32)
+    runs = []
+    for nt in (1, 2, 3):
+        y1, m1, s1 = bncore.group_norm_forward(x, 8, n_threads=nt)
+        y2, m2, s2 = bncore.instance_norm_forward(x, n_threads=nt)
+        y3, m3, s3 = bncore.layer_norm_forward(xl, 96, n_threads=nt)
+        d1 = bncore.group_norm_backward(dy, x, m1, s1, 8, n_threads=nt)
+        d3 = bncore.layer_norm_backward(xl, xl, m3, s3, 96, n_threads=nt)
+        runs.append((y1, y2, y3, *d1, *d3))
+    for other in runs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_out_parameter():
+    x = data((4, 6, 5, 5), np.float32)
+    for fn in (lambda o: bncore.layer_norm(x, (5, 5), out=o),
+               lambda o: bncore.rms_norm(x, (5, 5), out=o),
+               lambda o: bncore.group_norm(x, 3, out=o),
+               lambda o: bncore.instance_norm(x, out=o)):
+        o = np.empty_like(x)
+        assert fn(o) is o
+        np.testing.assert_array_equal(o, fn(None))
+
+
+# ------------------------------------------------------------------ errors
+
+ERRORS = [
+    ("groups not dividing C", lambda x: bncore.group_norm(x, 4), ValueError, "num_groups"),
+    ("one value per group", lambda x: bncore.group_norm(x[:, :, :1, :1], 6), ValueError,
+     "more than 1 value per group"),
+    ("one value per instance", lambda x: bncore.instance_norm(x[:, :, :1, :1]), ValueError,
+     "more than 1 spatial element"),
+    ("normalized_shape mismatch", lambda x: bncore.layer_norm(x, (5, 4)), ValueError,
+     "normalized_shape"),
+    ("layer weight shape", lambda x: bncore.layer_norm(x, 5, weight=np.ones(4)), ValueError,
+     r"weight must have shape \(5,\)"),
+    ("group weight shape", lambda x: bncore.group_norm(x, 3, weight=np.ones(5)), ValueError,
+     r"weight must have shape \(6,\)"),
+    ("int input", lambda x: bncore.rms_norm(x.astype(int), 5), TypeError, "x must be a float"),
+    ("negative eps", lambda x: bncore.layer_norm(x, 5, eps=-1), ValueError, "eps"),
+    ("axis 2", lambda x: bncore.instance_norm(x, axis=2), ValueError, "axis must be 1"),
+    ("read-only running_mean",
+     lambda x: bncore.instance_norm(x, np.zeros(6)[::1].copy().view(), _ro(np.ones(6))),
+     ValueError, "running_var is read-only"),
+]
+
+
+def _ro(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name,call,exc,match", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_leave_arguments_unchanged(name, call, exc, match):
+    x = data((2, 6, 4, 5), np.float64)
+    before = x.copy()
+    with pytest.raises(exc, match=match):
+        call(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_instance_norm_failure_keeps_running_stats():
+    rm, rv = np.zeros(6), np.ones(6)
+    with pytest.raises(ValueError):
+        bncore.instance_norm(data((2, 6, 1, 1), np.float64), rm, rv)
+    np.testing.assert_array_equal(rm, np.zeros(6))
+    np.testing.assert_array_equal(rv, np.ones(6))
