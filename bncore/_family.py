@@ -80,8 +80,10 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
     direct = out is not None and out.dtype == arr.dtype and out.flags.c_contiguous and (
         not np.may_share_memory(out, arr) or out.ctypes.data == arr.ctypes.data)
     y = out if direct else np.empty(arr.shape, arr.dtype)
-    _rownorm.forward(xr, y, nrows, d, ldx, d, eps, None if w is None else w.ravel(),
-                     None if b is None else b.ravel(), mean, invstd, rms, nt)
+    # weight/bias in x's dtype: the row kernel computes in it (float: hi+lo split mean)
+    _rownorm.forward(xr, y, nrows, d, ldx, d, eps,
+                     None if w is None else w.ravel().astype(arr.dtype),
+                     None if b is None else b.ravel().astype(arr.dtype), mean, invstd, rms, nt)
     return finish_output(y, out, dtype), mean.reshape(lead), invstd.reshape(lead)
 
 
@@ -160,7 +162,7 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
         dx = np.empty(arr.shape, arr.dtype)
         _rownorm.backward(gr, xr, dx, nrows, d, ldg, ldx, d,
                           None if m is None else m.ravel(), s.ravel(),
-                          None if w is None else w.ravel(), dweight, dbias, rms, nt)
+                          np.ones(d) if w is None else w.ravel(), dweight, dbias, rms, nt)
         dx = finish_output(dx, out, dtype)
     sdt = _stat_dtype(np.dtype(dtype))
     return dx, dweight.reshape(shape).astype(sdt), dbias.reshape(shape).astype(sdt)
@@ -253,6 +255,16 @@ class _Spatial:
         return np.ascontiguousarray(same_float_input(a, name, self.dtype, self.shape))
 
 
+class _Sample:
+    """Sample i of a channels-last _Spatial, as a _Spatial of one sample: working sample by
+    sample keeps each sample in L2/L3 between its statistics and its normalisation."""
+
+    def __init__(self, sp, i):
+        self.dtype, self.cl, self.n, self.c, self.s = sp.dtype, sp.cl, 1, sp.c, sp.s
+        self.arr = sp.arr[i:i + 1]
+        self.shape = self.arr.shape
+
+
 def _check_groups(num_groups, c):
     try:
         g = int(num_groups)
@@ -338,11 +350,20 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     if sp.arr.size == 0:
         empty = np.full((sp.n, g), np.nan, sdt)
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), empty, empty.copy()
-    mean, var = _group_moments(sp, g, nt)
     cg = sp.c // g
     y = np.empty(sp.arr.shape, sp.arr.dtype)
-    _per_channel_affine(sp, y, np.repeat(mean, cg, axis=1), np.repeat(var, cg, axis=1),
-                        w, b, eps, nt)
+    if not sp.cl:   # one fused pass: each group is contiguous
+        mean = np.empty((sp.n, g), _F64)
+        var = np.empty((sp.n, g), _F64)
+        _rownorm.group_forward(sp.arr, y, sp.n, g, cg, sp.s, eps, w, b, mean, var, nt)
+    else:           # per sample: channel moments, merged into groups, then the affine
+        mean = np.empty((sp.n, g), _F64)
+        var = np.empty((sp.n, g), _F64)
+        for i in range(sp.n):
+            one = _Sample(sp, i)
+            mean[i], var[i] = (a[0] for a in _group_moments(one, g, nt))
+            _per_channel_affine(one, y[i:i + 1], np.repeat(mean[i:i + 1], cg, axis=1),
+                                np.repeat(var[i:i + 1], cg, axis=1), w, b, eps, nt)
     invstd = 1.0 / np.sqrt(var + eps)
     return finish_output(y, out, sp.dtype), mean.astype(sdt), invstd.astype(sdt)
 
@@ -478,14 +499,15 @@ def _instance(x, weight, bias, eps, axis, out, n_threads, extra_check=None):
         nan = np.full((sp.n, sp.c), np.nan)
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), nan, nan.copy(), sp
     y = np.empty(sp.arr.shape, sp.arr.dtype)
-    if sp.cl:
-        mean, m2 = _channel_moments(sp, nt)
-        var = m2 / sp.s
-        _per_channel_affine(sp, y, mean, var, w, b, eps, nt)
+    mean = np.empty((sp.n, sp.c), _F64)
+    var = np.empty((sp.n, sp.c), _F64)
+    inv = np.empty((sp.n, sp.c), _F64)
+    if sp.cl:   # batch norm of each sample's (S, C) rows: one sample at a time, in cache
+        x3, y3 = sp.arr.reshape(sp.n, sp.s, sp.c), y.reshape(sp.n, sp.s, sp.c)
+        for i in range(sp.n):
+            _batchnorm.forward(x3[i], y3[i], sp.s, sp.c, 1, sp.c, 1, sp.c, 1, mean[i], var[i],
+                               inv[i], w, b, True, eps, nt)
     else:   # batch norm of the (1, N*C, S) view: statistics and normalisation fused
-        mean = np.empty((sp.n, sp.c), _F64)
-        var = np.empty((sp.n, sp.c), _F64)
-        inv = np.empty((sp.n, sp.c), _F64)
         _batchnorm.forward(sp.arr, y, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s,
                            mean.reshape(-1), var.reshape(-1), inv.reshape(-1),
                            None if w is None else np.tile(w, sp.n),

@@ -58,6 +58,15 @@ cdef extern from "bn_kernels.h" nogil:
                            const double *w, const double *b)
     void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
                            const double *w, const double *b)
+    void bn_row_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
+                           const float *w, const float *b)
+    void bn_row_affine_f64(const double *x, double *y, Py_ssize_t n, double mean,
+                           double invstd, const double *w, const double *b)
+    void bn_row_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t d, double mean,
+                        double invstd, const double *w, double *dw, double *db, int rms)
+    void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
+                        double mean, double invstd, const double *w, double *dw, double *db,
+                        int rms)
     void bn_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t n, double mean,
                          double *sum_dy, double *sum_dy_xmu)
     void bn_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t n, double mean,
@@ -171,6 +180,23 @@ cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double
         bn_affine_vec_f32(x, y, n, mean, invstd, w, b)
     else:
         bn_affine_vec_f64(x, y, n, mean, invstd, w, b)
+
+
+cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double mean,
+                            double invstd, const floating *w, const floating *b) noexcept nogil:
+    if floating is float:
+        bn_row_affine_f32(x, y, n, mean, invstd, w, b)
+    else:
+        bn_row_affine_f64(x, y, n, mean, invstd, w, b)
+
+
+cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,
+                         double mean, double invstd, const double *w, double *dw, double *db,
+                         bint rms) noexcept nogil:
+    if floating is float:
+        bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms)
+    else:
+        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms)
 
 
 cdef inline void bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,

@@ -210,6 +210,80 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
         for (ptrdiff_t i = 0; i < n; i++) y[i] = (BN_T)(((double)x[i] - mean) * invstd);
 }
 
+/* ---- row-norm family (rownorm) ---- */
+
+/* y = ((x - mean) * invstd) * w[i] + b[i] with weight/bias in the element type (layer and
+ * RMS norm). For float, arithmetic is float with the mean split hi + lo as in
+ * bn_seg_affine; w or b may be NULL. */
+static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restrict y,
+                                            ptrdiff_t n, double mean, double invstd,
+                                            const BN_T *restrict w, const BN_T *restrict b)
+{
+#if BN_T_IS_FLOAT
+    const float hi = (float)mean, lo = (float)(mean - (double)hi), s = (float)invstd;
+#define BN_ROW_XHAT(i) (((x[i] - hi) - lo) * s)
+#else
+#define BN_ROW_XHAT(i) ((x[i] - mean) * invstd)
+#endif
+    if (w && b)
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) * w[i] + b[i];
+    else if (w)
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) * w[i];
+    else if (b)
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) + b[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i);
+#undef BN_ROW_XHAT
+}
+
+/* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
+ * xhat = (x - mean) * invstd, g = dy * w,
+ * dx = invstd * (g - [mean(g)] - xhat * mean(g * xhat)); dw[i] += dy*xhat, db[i] += dy.
+ * w: d weights as double (ones when the op has none). Sums in four-double lanes. */
+static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
+                                         BN_T *restrict dx, ptrdiff_t d, double mean,
+                                         double invstd, const double *restrict w,
+                                         double *restrict dw, double *restrict db, int rms)
+{
+    bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
+    bn_v4d sg = {0}, sgx = {0};
+    double tg = 0, tgx = 0;
+    ptrdiff_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        bn_v4d gy = BN_LOAD4(dy + i), xh = (BN_LOAD4(x + i) - m) * s, ww, a, b;
+        memcpy(&ww, w + i, 32);
+        memcpy(&a, dw + i, 32);
+        memcpy(&b, db + i, 32);
+        bn_v4d g = gy * ww;
+        sg += g;
+        sgx += g * xh;
+        a += gy * xh;
+        b += gy;
+        memcpy(dw + i, &a, 32);
+        memcpy(db + i, &b, 32);
+    }
+    for (; i < d; i++) {
+        double gy = (double)dy[i], xh = ((double)x[i] - mean) * invstd, g = gy * w[i];
+        tg += g;
+        tgx += g * xh;
+        dw[i] += gy * xh;
+        db[i] += gy;
+    }
+    double mg = rms ? 0.0 : (bn_v4d_total(sg) + tg) / (double)d;
+    double mgx = (bn_v4d_total(sgx) + tgx) / (double)d;
+    bn_v4d vmg = {mg, mg, mg, mg}, vmgx = {mgx, mgx, mgx, mgx};
+    for (i = 0; i + 4 <= d; i += 4) {
+        bn_v4d ww;
+        memcpy(&ww, w + i, 32);
+        bn_v4d xh = (BN_LOAD4(x + i) - m) * s;
+        BN_STORE4(dx + i, s * (BN_LOAD4(dy + i) * ww - vmg - xh * vmgx));
+    }
+    for (; i < d; i++) {
+        double xh = ((double)x[i] - mean) * invstd;
+        dx[i] = (BN_T)(invstd * ((double)dy[i] * w[i] - mg - xh * mgx));
+    }
+}
+
 /* IN: dy, x, n values of one channel, its mean. OUT (accumulated): sum(dy), sum(dy*(x-mean)). */
 static BN_CLONES void BN_NAME(bn_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
                                           double mean, double *sum_dy, double *sum_dy_xmu)
