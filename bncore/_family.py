@@ -11,6 +11,7 @@ Backward: per-(n, c) sums from the batch-norm backward kernel, group sums in Num
 (O(N*C)), then dx = k*dy + q*(x - mean) + r from per-(n, c) coefficients.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -37,10 +38,10 @@ def _stat_dtype(dtype):
 # ------------------------------------------------------------------ layer / RMS norm
 
 def _normalized_shape(arr, normalized_shape):
-    try:
-        shape = ((int(normalized_shape),) if np.ndim(normalized_shape) == 0
-                 else tuple(int(s) for s in normalized_shape))
-    except (TypeError, ValueError):
+    try:   # operator.index: integers only ("5" or 5.0 are not a shape)
+        shape = ((operator.index(normalized_shape),) if np.ndim(normalized_shape) == 0
+                 else tuple(operator.index(s) for s in normalized_shape))
+    except TypeError:
         raise TypeError(f"normalized_shape must be an int or a tuple of ints, "
                         f"got {normalized_shape!r}") from None
     if not shape or arr.ndim < len(shape) or arr.shape[arr.ndim - len(shape):] != shape:
@@ -267,8 +268,8 @@ class _Sample:
 
 def _check_groups(num_groups, c):
     try:
-        g = int(num_groups)
-    except (TypeError, ValueError):
+        g = operator.index(num_groups)
+    except TypeError:
         raise TypeError(f"num_groups must be an int, got {num_groups!r}") from None
     if g < 1 or c % g:
         raise ValueError(f"num_groups ({num_groups}) must be a positive divisor of the "
