@@ -394,3 +394,68 @@ def apply_dx(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
         else:
             apply_dx_planes(<const double *>pg, <const double *>px, <double *>pd, outer, nch,
                             inner, gso, gsc, so, sc, dso, dsc, pm, pk, pq, pr, n_threads)
+
+
+# ------------------------------------------------------------------ per-sample batches
+
+def batched_rows(str op, cnp.ndarray a, cnp.ndarray b, c_out, Py_ssize_t nsamples,
+                 Py_ssize_t nrows, Py_ssize_t nch, cnp.ndarray mean, cnp.ndarray v1,
+                 cnp.ndarray v2, weight, bias, bint training, double eps, int n_threads,
+                 k=None, q=None, r=None):
+    """The rows kernels over nsamples C-contiguous (nrows, nch) samples in ONE parallel
+    region, one sample per thread at a time (channels-last instance and group norm).
+
+    Many short parallel regions (a few per sample) stall on a busy machine: each waits for
+    its second thread to be scheduled. Here each sample runs start to finish on one thread
+    while it is in that core's cache; results do not depend on the thread that runs it.
+    Per-sample statistics are (nsamples * nch,) float64.
+      op 'forward':  a=x, b=y; mean/v1 (var)/v2 (invstd), as forward().
+      op 'sums':     a=dy, b=x; v1 = sum(dy*xhat) per (n, c), v2 = sum(dy); mean/invstd given
+                     in mean and k.
+      op 'dx':       a=dy, b=x, c_out=dx; dx = k*dy + q*(x - mean) + r per (n, c).
+    """
+    cdef Py_ssize_t n, step = nrows * nch
+    cdef void *pa = cnp.PyArray_DATA(a)
+    cdef void *pb = cnp.PyArray_DATA(b)
+    cdef void *pc = NULL if c_out is None else cnp.PyArray_DATA(<cnp.ndarray>c_out)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *p1 = <double *>cnp.PyArray_DATA(v1)
+    cdef double *p2 = <double *>cnp.PyArray_DATA(v2)
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pbias = f64_or_null(bias)
+    cdef const double *pk = f64_or_null(k)
+    cdef const double *pq = f64_or_null(q)
+    cdef const double *pr = f64_or_null(r)
+    cdef bint is_f32 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+    cdef int kind = 0 if op == "forward" else (1 if op == "sums" else 2)
+    cdef int nt = work_threads(n_threads, nsamples, nsamples * step, SERIAL_ELEMS)
+    with nogil:
+        for n in prange(nsamples, schedule='static', num_threads=nt):
+            if is_f32:
+                one_sample(<const float *>pa + n * step, <float *>pb + n * step,
+                           <float *>pc + n * step if pc != NULL else NULL, kind, nrows, nch,
+                           pm + n * nch, p1 + n * nch, p2 + n * nch, pw, pbias,
+                           pk + n * nch if pk != NULL else NULL,
+                           pq + n * nch if pq != NULL else NULL,
+                           pr + n * nch if pr != NULL else NULL, training, eps)
+            else:
+                one_sample(<const double *>pa + n * step, <double *>pb + n * step,
+                           <double *>pc + n * step if pc != NULL else NULL, kind, nrows, nch,
+                           pm + n * nch, p1 + n * nch, p2 + n * nch, pw, pbias,
+                           pk + n * nch if pk != NULL else NULL,
+                           pq + n * nch if pq != NULL else NULL,
+                           pr + n * nch if pr != NULL else NULL, training, eps)
+
+
+cdef inline void one_sample(const floating *a, floating *b, floating *c, int kind,
+                            Py_ssize_t nrows, Py_ssize_t nch, double *mean, double *v1,
+                            double *v2, const double *w, const double *bias, const double *k,
+                            const double *q, const double *r, bint training,
+                            double eps) noexcept nogil:
+    if kind == 0:
+        forward_rows(a, b, nrows, nch, nch, nch, mean, v1, v2, w, bias, training, eps, 1)
+    elif kind == 1:
+        backward_rows(a, b, <floating *>NULL, nrows, nch, nch, nch, nch, mean, k, NULL, True,
+                      v1, v2, 1)
+    else:
+        apply_dx_rows(a, b, c, nrows, nch, nch, nch, nch, mean, k, q, r, 1)

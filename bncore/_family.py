@@ -5,8 +5,9 @@ are batch norm on other views, so they reuse the batch-norm kernels:
 
 - instance norm, NCHW: batch norm of the (1, N*C, HW) view (one fused pass);
 - group norm, NCHW: moments of the (1, N*G, C/G*HW) view, then the per-(n, c) affine;
-- channels-last (N, HW, C): per-sample rows views; group statistics are per-channel
-  moments merged into groups with the one Chan merge (bncore._stats.merge_moments).
+- channels-last (N, HW, C): per-sample rows views, all samples in one parallel region
+  (one sample per thread); group statistics are per-channel moments merged into groups
+  with the one Chan merge (bncore._stats.merge_moments).
 Backward: per-(n, c) sums from the batch-norm backward kernel, group sums in NumPy
 (O(N*C)), then dx = k*dy + q*(x - mean) + r from per-(n, c) coefficients.
 """
@@ -256,16 +257,6 @@ class _Spatial:
         return np.ascontiguousarray(same_float_input(a, name, self.dtype, self.shape))
 
 
-class _Sample:
-    """Sample i of a channels-last _Spatial, as a _Spatial of one sample: working sample by
-    sample keeps each sample in L2/L3 between its statistics and its normalisation."""
-
-    def __init__(self, sp, i):
-        self.dtype, self.cl, self.n, self.c, self.s = sp.dtype, sp.cl, 1, sp.c, sp.s
-        self.arr = sp.arr[i:i + 1]
-        self.shape = self.arr.shape
-
-
 def _check_groups(num_groups, c):
     try:
         g = operator.index(num_groups)
@@ -281,10 +272,8 @@ def _channel_moments(sp, nt):
     """Per-(n, c) mean and M2, float64 (N, C)."""
     mean = np.empty((sp.n, sp.c), _F64)
     m2 = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:
-        x = sp.arr.reshape(sp.n, sp.s, sp.c)
-        for i in range(sp.n):
-            _stats.channel_moments(x[i], sp.s, sp.c, 1, sp.c, 1, mean[i], m2[i], nt)
+    if sp.cl:   # per-sample rows statistics, all samples in one parallel region
+        _stats.sample_moments(sp.arr, sp.n, sp.s, sp.c, mean, m2, nt)
     else:
         _stats.channel_moments(sp.arr, 1, sp.n * sp.c, sp.s, 0, sp.s, mean, m2, nt)
     return mean, m2
@@ -311,11 +300,9 @@ def _per_channel_affine(sp, y, mean_nc, var_nc, w, b, eps, nt):
     """y = (x - mean[n, c]) / sqrt(var[n, c] + eps) * w[c] + b[c] with per-(n, c) stats."""
     invstd = np.empty((sp.n, sp.c), _F64)
     if sp.cl:
-        x = sp.arr.reshape(sp.n, sp.s, sp.c)
-        yy = y.reshape(sp.n, sp.s, sp.c)
-        for i in range(sp.n):
-            _batchnorm.forward(x[i], yy[i], sp.s, sp.c, 1, sp.c, 1, sp.c, 1, mean_nc[i],
-                               var_nc[i], invstd[i], w, b, False, eps, nt)
+        _batchnorm.batched_rows("forward", sp.arr, y, None, sp.n, sp.s, sp.c,
+                                np.ascontiguousarray(mean_nc), np.ascontiguousarray(var_nc),
+                                invstd, w, b, False, eps, nt)
     else:
         wt = None if w is None else np.tile(w, sp.n)
         bt = None if b is None else np.tile(b, sp.n)
@@ -357,14 +344,10 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
         mean = np.empty((sp.n, g), _F64)
         var = np.empty((sp.n, g), _F64)
         _rownorm.group_forward(sp.arr, y, sp.n, g, cg, sp.s, eps, w, b, mean, var, nt)
-    else:           # per sample: channel moments, merged into groups, then the affine
-        mean = np.empty((sp.n, g), _F64)
-        var = np.empty((sp.n, g), _F64)
-        for i in range(sp.n):
-            one = _Sample(sp, i)
-            mean[i], var[i] = (a[0] for a in _group_moments(one, g, nt))
-            _per_channel_affine(one, y[i:i + 1], np.repeat(mean[i:i + 1], cg, axis=1),
-                                np.repeat(var[i:i + 1], cg, axis=1), w, b, eps, nt)
+    else:           # channel moments merged into groups, then the per-channel affine
+        mean, var = _group_moments(sp, g, nt)
+        _per_channel_affine(sp, y, np.repeat(mean, cg, axis=1), np.repeat(var, cg, axis=1),
+                            w, b, eps, nt)
     invstd = 1.0 / np.sqrt(var + eps)
     return finish_output(y, out, sp.dtype), mean.astype(sdt), invstd.astype(sdt)
 
@@ -398,11 +381,9 @@ def _backward_sums(sp, g, mean_nc, invstd_nc, nt):
     sdy = np.empty((sp.n, sp.c), _F64)
     sdyx = np.empty((sp.n, sp.c), _F64)
     if sp.cl:
-        x = sp.arr.reshape(sp.n, sp.s, sp.c)
-        dy = g.reshape(sp.n, sp.s, sp.c)
-        for i in range(sp.n):
-            _batchnorm.backward(dy[i], x[i], None, sp.s, sp.c, 1, sp.c, 1, sp.c, 1, 0, 1,
-                                mean_nc[i], invstd_nc[i], None, True, sdyx[i], sdy[i], nt)
+        _batchnorm.batched_rows("sums", g, sp.arr, None, sp.n, sp.s, sp.c,
+                                np.ascontiguousarray(mean_nc), sdyx, sdy, None, None, True,
+                                0.0, nt, k=np.ascontiguousarray(invstd_nc))
     else:
         _batchnorm.backward(g, sp.arr, None, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s, 0, 0,
                             mean_nc.reshape(-1), invstd_nc.reshape(-1), None, True,
@@ -412,11 +393,9 @@ def _backward_sums(sp, g, mean_nc, invstd_nc, nt):
 
 def _apply_dx(sp, g, dx, mean_nc, k, q, r, nt):
     if sp.cl:
-        x = sp.arr.reshape(sp.n, sp.s, sp.c)
-        dy, d = g.reshape(sp.n, sp.s, sp.c), dx.reshape(sp.n, sp.s, sp.c)
-        for i in range(sp.n):
-            _batchnorm.apply_dx(dy[i], x[i], d[i], sp.s, sp.c, 1, sp.c, 1, sp.c, 1, sp.c, 1,
-                                mean_nc[i], k[i], q[i], r[i], nt)
+        m, kk, qq, rr = (np.ascontiguousarray(a, _F64) for a in (mean_nc, k, q, r))
+        _batchnorm.batched_rows("dx", g, sp.arr, dx, sp.n, sp.s, sp.c, m, m, m, None, None,
+                                True, 0.0, nt, k=kk, q=qq, r=rr)
     else:
         _batchnorm.apply_dx(g, sp.arr, dx, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s, 0, sp.s,
                             *(np.ascontiguousarray(a).reshape(-1) for a in (mean_nc, k, q, r)),
@@ -503,11 +482,9 @@ def _instance(x, weight, bias, eps, axis, out, n_threads, extra_check=None):
     mean = np.empty((sp.n, sp.c), _F64)
     var = np.empty((sp.n, sp.c), _F64)
     inv = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:   # batch norm of each sample's (S, C) rows: one sample at a time, in cache
-        x3, y3 = sp.arr.reshape(sp.n, sp.s, sp.c), y.reshape(sp.n, sp.s, sp.c)
-        for i in range(sp.n):
-            _batchnorm.forward(x3[i], y3[i], sp.s, sp.c, 1, sp.c, 1, sp.c, 1, mean[i], var[i],
-                               inv[i], w, b, True, eps, nt)
+    if sp.cl:   # batch norm of each sample's (S, C) rows, one sample per thread, in cache
+        _batchnorm.batched_rows("forward", sp.arr, y, None, sp.n, sp.s, sp.c, mean, var, inv,
+                                w, b, True, eps, nt)
     else:   # batch norm of the (1, N*C, S) view: statistics and normalisation fused
         _batchnorm.forward(sp.arr, y, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s,
                            mean.reshape(-1), var.reshape(-1), inv.reshape(-1),
