@@ -1,14 +1,23 @@
-"""asv: batch norm training/eval forward and backward, dtype x shape x layout x threads."""
+"""asv: batch norm forward (training, eval, with saved statistics) and backward.
+
+Grid: dtype x shape x layout x n_threads, kept small so that ``asv run --quick`` stays
+fast. ``shape`` is the logical NCHW shape; layout "NHWC" benchmarks the channels-last
+array of that shape (channel axis -1). Data come from a fixed seed (benchmarks.common).
+"""
 import numpy as np
 
 import bncore
 
 from .common import channel_axis, data
 
+DTYPES = ["float32", "float64"]
+LAYOUTS = ["NCHW", "NHWC"]
+THREADS = [1, 2]
 
-class BatchNormTrain:
-    params = ([np.float32, np.float64], [(32, 64, 56, 56), (64, 512, 7, 7), (8, 32, 8, 8)],
-              ["NCHW", "NHWC"], [1, 2])
+
+class BatchNormForward:
+    """A big activation (channel planes of 12 KB) and a tiny one (call overhead)."""
+    params = (DTYPES, [(32, 64, 56, 56), (8, 32, 8, 8)], LAYOUTS, THREADS)
     param_names = ["dtype", "shape", "layout", "n_threads"]
 
     def setup(self, dtype, shape, layout, n_threads):
@@ -18,18 +27,21 @@ class BatchNormTrain:
         self.w, self.b = np.ones(c, dtype), np.zeros(c, dtype)
         self.rm, self.rv = np.zeros(c, dtype), np.ones(c, dtype)
 
-    def time_forward(self, dtype, shape, layout, n_threads):
+    def time_batch_norm_train(self, dtype, shape, layout, n_threads):
         bncore.batch_norm(self.x, self.rm, self.rv, self.w, self.b, training=True,
                           axis=self.axis, n_threads=n_threads)
 
-    def time_eval(self, dtype, shape, layout, n_threads):
+    def time_batch_norm_eval(self, dtype, shape, layout, n_threads):
         bncore.batch_norm(self.x, self.rm, self.rv, self.w, self.b, training=False,
                           axis=self.axis, n_threads=n_threads)
 
+    def time_batch_norm_forward(self, dtype, shape, layout, n_threads):
+        bncore.batch_norm_forward(self.x, self.w, self.b, training=True, axis=self.axis,
+                                  n_threads=n_threads)
+
 
 class BatchNormBackward:
-    params = ([np.float32, np.float64], [(32, 64, 56, 56), (256, 256, 14, 14)],
-              ["NCHW", "NHWC"], [1, 2])
+    params = (DTYPES, [(32, 64, 56, 56), (64, 512, 7, 7)], LAYOUTS, THREADS)
     param_names = ["dtype", "shape", "layout", "n_threads"]
 
     def setup(self, dtype, shape, layout, n_threads):
@@ -43,6 +55,10 @@ class BatchNormBackward:
         bncore.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
                                    axis=self.axis, n_threads=n_threads)
 
+    def time_backward_eval(self, dtype, shape, layout, n_threads):
+        bncore.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
+                                   training=False, axis=self.axis, n_threads=n_threads)
+
     def peakmem_backward(self, dtype, shape, layout, n_threads):
         bncore.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
                                    axis=self.axis, n_threads=n_threads)
@@ -50,14 +66,12 @@ class BatchNormBackward:
 
 class BatchNormTrackAccuracy:
     """Relative variance error at mean 1e6, std 0.1 in float32 (lower is better)."""
-    params = (["NCHW", "NHWC"],)
+    params = (LAYOUTS,)
     param_names = ["layout"]
 
     def setup(self, layout):
-        rng = np.random.default_rng(0)
         self.axis = channel_axis(layout)
         self.x = data((16, 8, 32, 32), np.float32, layout) * np.float32(0.05) + np.float32(1e6)
-        del rng
 
     def track_variance_rel_error(self, layout):
         _, _, invstd = bncore.batch_norm_forward(self.x, axis=self.axis, eps=0.0)

@@ -1,17 +1,23 @@
 """python -m bncore bench: every op against PyTorch (when installed), the NumPy reference
 and a memory-copy roofline, measured interleaved in one process.
 
-Method: for each case, bncore, PyTorch and the roofline yardstick are sampled round-robin;
-each sample times a loop of at least ``--min-time`` seconds after an untimed warm-up of the
-same call (each library's idle OpenMP workers spin for a while and would otherwise slow
-the next library down); the table shows medians.
-Outputs are allocated by both sides on every call (no out= reuse), as a user would.
-"% of copy" is the time of a plain threaded copy of x (training/eval forward) or of a
-threaded read of x plus a copy (backward) divided by bncore's time: 100% means bncore
-moves its data as fast as the machine moves bytes.
+Method: for each case, bncore, its peer (PyTorch, or NumPy for moments) and the roofline
+yardstick are sampled round-robin, --repeat times; each sample times a loop of at least
+--min-time seconds after an untimed warm-up of the same call (each library's idle OpenMP
+workers spin for a while and would otherwise slow the next library down); the table shows
+medians. Both sides allocate their outputs on every call (no out= reuse), as a user would.
+The NumPy float64 reference twin (bncore._reference) is timed once per case, after the
+others (with --quick, only for inputs up to 8 MB).
+
+Columns: speedup = peer time / bncore time, checked against the case's target (PASS or
+MISS); GB/s = the bytes the op must move at least (x and y for a forward, dy, x and dx
+for a backward, x for moments) / bncore time; % copy = time of a plain threaded copy of x
+(forward; a threaded read of x plus a copy for backward; a read for moments) / bncore
+time: 100% means bncore moves its data as fast as this machine moves bytes.
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -25,208 +31,237 @@ from bncore import _reference as ref
 try:
     import torch
     import torch.nn.functional as F
-except ImportError:  # PyTorch is an optional peer
+except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
     torch = None
+
+QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
+NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
+_TRAFFIC = {"copy": 2, "read": 1, "read+copy": 3}   # bytes moved, in units of x.nbytes
 
 
 class Case:
-    """One benchmark row: how to call bncore, PyTorch and the reference on fresh data."""
+    """One table row. ``build(n_threads)`` makes the data and returns ``(x, calls)``:
+    ``calls`` maps "bncore", the peer ("torch" or "numpy") and "reference" to callables."""
 
-    def __init__(self, name, shape, layout, dtype, target, setup, roofline="copy",
-                 ref_ok=True, nbytes=None):
-        self.name, self.shape, self.layout, self.dtype = name, shape, layout, dtype
-        self.target, self.setup, self.roofline, self.ref_ok = target, setup, roofline, ref_ok
-        self.nbytes = nbytes
+    def __init__(self, op, shape, layout, dtype, target, build, *, traffic="copy",
+                 quick=False, peer="torch"):
+        self.op, self.shape, self.layout = op, tuple(shape), layout
+        self.dtype, self.target, self.build = np.dtype(dtype).name, target, build
+        self.traffic, self.quick, self.peer = traffic, quick, peer
 
     @property
     def label(self):
-        return f"{self.name} {'x'.join(map(str, self.shape))} {self.layout} {self.dtype}"
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.layout} {self.dtype}"
 
 
-def _data(shape, dtype, seed=0):
-    return np.random.default_rng(seed).normal(1.0, 2.0, shape).astype(dtype)
+# ----------------------------------------------------------------------------- data
+
+def _array(shape, dtype, layout="NCHW", seed=0):
+    """Random N(1, 2) data of logical shape ``shape``; "NHWC" moves axis 1 last."""
+    if layout == "NHWC":
+        shape = (shape[0], *shape[2:], shape[1])
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    x *= 2.0
+    x += 1.0
+    return x.astype(dtype, copy=False)
 
 
-def _nhwc(shape):
-    n, c, *sp = shape
-    return (n, *sp, c)
+def _axis(layout):
+    return -1 if layout == "NHWC" else 1
 
 
-def _torch_cl(x_nhwc):
-    return torch.from_numpy(x_nhwc).permute(0, x_nhwc.ndim - 1, *range(1, x_nhwc.ndim - 1))
+def _to_torch(a, layout):
+    """A tensor sharing a's memory; NHWC arrays become channels_last NCHW tensors."""
+    t = torch.from_numpy(a)
+    if layout == "NHWC":
+        t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
+    return t
 
 
-def bn_train(shape, layout, dtype, target):
-    def setup(nt):
-        axis = 1 if layout == "NCHW" else -1
-        x = _data(shape if layout == "NCHW" else _nhwc(shape), dtype)
-        c = shape[1]
-        w, b = np.ones(c, dtype), np.zeros(c, dtype)
+def _first_array(result, layout):
+    """The first output of a call as an ndarray in bncore's layout (for the sanity check)."""
+    if isinstance(result, (tuple, list)):
+        result = result[0]
+    if torch is not None and isinstance(result, torch.Tensor):
+        if layout == "NHWC":
+            result = result.permute(0, *range(2, result.ndim), 1)
+        result = result.detach().numpy()
+    return np.asarray(result)
+
+
+# ---------------------------------------------------------------------- batch norm
+
+def bn_train(shape, layout, dtype, target, quick=False):
+    def build(nt):
+        axis, c = _axis(layout), shape[1]
+        x = _array(shape, dtype, layout)
+        w, b = _array((c,), dtype, seed=2), _array((c,), dtype, seed=3)
         rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
-        calls = {"bncore": lambda: bncore.batch_norm(x, rm, rv, w, b, training=True, axis=axis,
-                                                      n_threads=nt),
-                 "reference": lambda: ref.batch_norm(x, rm.copy(), rv.copy(), w, b,
-                                                     training=True, axis=axis)}
+        calls = {
+            "bncore": lambda: bncore.batch_norm(x, rm, rv, w, b, training=True, axis=axis,
+                                                n_threads=nt),
+            "reference": lambda: ref.batch_norm(x, rm.copy(), rv.copy(), w, b,
+                                                training=True, axis=axis)}
         if torch is not None:
-            xt = torch.from_numpy(x) if layout == "NCHW" else _torch_cl(x)
-            wt, bt = torch.from_numpy(w), torch.from_numpy(b)
-            rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+            xt, wt, bt = _to_torch(x, layout), torch.from_numpy(w), torch.from_numpy(b)
+            rmt, rvt = torch.zeros(c, dtype=xt.dtype), torch.ones(c, dtype=xt.dtype)
             calls["torch"] = lambda: F.batch_norm(xt, rmt, rvt, wt, bt, training=True)
         return x, calls
-    return Case("bn train fwd", shape, layout, np.dtype(dtype).name, target, setup)
+    return Case("bn train fwd", shape, layout, dtype, target, build, quick=quick)
 
 
-def bn_eval(shape, dtype, target):
-    def setup(nt):
-        x = _data(shape, dtype)
+def bn_eval(shape, dtype, target, quick=False):
+    def build(nt):
         c = shape[1]
-        w, b = np.ones(c, dtype), np.zeros(c, dtype)
-        rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+        x = _array(shape, dtype)
+        w, b = _array((c,), dtype, seed=2), _array((c,), dtype, seed=3)
+        rm, rv = _array((c,), dtype, seed=4), np.linspace(0.5, 2.0, c).astype(dtype)
         calls = {"bncore": lambda: bncore.batch_norm(x, rm, rv, w, b, n_threads=nt),
                  "reference": lambda: ref.batch_norm(x, rm, rv, w, b)}
         if torch is not None:
-            xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
-            rmt, rvt = torch.from_numpy(rm), torch.from_numpy(rv)
+            xt, wt, bt, rmt, rvt = map(torch.from_numpy, (x, w, b, rm, rv))
             calls["torch"] = lambda: F.batch_norm(xt, rmt, rvt, wt, bt, training=False)
         return x, calls
-    return Case("bn eval fwd", shape, "NCHW", np.dtype(dtype).name, target, setup)
+    return Case("bn eval fwd", shape, "NCHW", dtype, target, build, quick=quick)
 
 
-def bn_backward(shape, layout, dtype, target):
-    def setup(nt):
-        axis = 1 if layout == "NCHW" else -1
-        s = shape if layout == "NCHW" else _nhwc(shape)
-        x, dy = _data(s, dtype), _data(s, dtype, seed=1)
-        c = shape[1]
-        w = np.ones(c, dtype)
+def bn_backward(shape, layout, dtype, target, quick=False):
+    def build(nt):
+        axis, c = _axis(layout), shape[1]
+        x, dy = _array(shape, dtype, layout), _array(shape, dtype, layout, seed=1)
+        w = _array((c,), dtype, seed=2)
         _, m, inv = bncore.batch_norm_forward(x, w, axis=axis)
         calls = {"bncore": lambda: bncore.batch_norm_backward(dy, x, m, inv, w, axis=axis,
                                                               n_threads=nt),
                  "reference": lambda: ref.batch_norm_backward(dy, x, m, inv, w, axis=axis)}
         if torch is not None:
-            conv = torch.from_numpy if layout == "NCHW" else _torch_cl
-            xt, dyt, wt = conv(x), conv(dy), torch.from_numpy(w)
+            xt, dyt, wt = _to_torch(x, layout), _to_torch(dy, layout), torch.from_numpy(w)
             _, mt, it = torch.ops.aten.native_batch_norm(xt, wt, None, None, None, True,
                                                          0.1, 1e-5)
             calls["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
                 dyt, xt, wt, None, None, mt, it, True, 1e-5, [True, True, True])
         return x, calls
-    return Case("bn backward", shape, layout, np.dtype(dtype).name, target, setup,
-                roofline="read+copy")
+    return Case("bn backward", shape, layout, dtype, target, build, traffic="read+copy",
+                quick=quick)
 
 
-def moments_case(shape, dtype, target):
-    def setup(nt):
-        x = _data(shape, dtype)
-        axes = (0,) + tuple(range(2, len(shape)))
+def moments_case(shape, dtype, target, quick=False):
+    def build(nt):
+        x = _array(shape, dtype)
+        axes = (0, *range(2, len(shape)))
         calls = {"bncore": lambda: bncore.moments(x, axis=axes, n_threads=nt),
                  "numpy": lambda: (x.mean(axis=axes), x.var(axis=axes)),
                  "reference": lambda: ref.moments(x, axis=axes)}
         return x, calls
-    return Case("moments", shape, "NCHW", np.dtype(dtype).name, target, setup,
-                roofline="read")
+    return Case("moments", shape, "NCHW", dtype, target, build, traffic="read", quick=quick,
+                peer="numpy")
+
+
+# -------------------------------------------------------------------------- family
+
+def row_norm(op, shape, target, quick=False):
+    """layer_norm / rms_norm over the last axis of a (rows, D) float32 array."""
+    def build(nt):
+        x, d = _array(shape, np.float32), shape[-1]
+        w, b = _array((d,), np.float32, seed=2), _array((d,), np.float32, seed=3)
+        if op == "layer_norm":
+            calls = {"bncore": lambda: bncore.layer_norm(x, d, w, b, n_threads=nt),
+                     "reference": lambda: ref.layer_norm(x, d, w, b)}
+        else:
+            calls = {"bncore": lambda: bncore.rms_norm(x, d, w, 1e-6, n_threads=nt),
+                     "reference": lambda: ref.rms_norm(x, d, w, 1e-6)}
+        if torch is not None:
+            xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+            calls["torch"] = ((lambda: F.layer_norm(xt, (d,), wt, bt)) if op == "layer_norm"
+                              else (lambda: F.rms_norm(xt, (d,), wt, 1e-6)))
+        return x, calls
+    return Case(op, shape, "rows", "float32", target, build, quick=quick)
+
+
+def layer_norm_backward_case(shape, target, quick=False):
+    def build(nt):
+        x, dy, d = _array(shape, np.float32), _array(shape, np.float32, seed=1), shape[-1]
+        w, b = _array((d,), np.float32, seed=2), _array((d,), np.float32, seed=3)
+        _, m, inv = bncore.layer_norm_forward(x, d, w, b)
+        calls = {"bncore": lambda: bncore.layer_norm_backward(dy, x, m, inv, d, w,
+                                                              n_threads=nt),
+                 "reference": lambda: ref.layer_norm_backward(dy, x, m, inv, d, w)}
+        if torch is not None:
+            xt, dyt, wt, bt = map(torch.from_numpy, (x, dy, w, b))
+            _, mt, it = torch.ops.aten.native_layer_norm(xt, [d], wt, bt, 1e-5)
+            calls["torch"] = lambda: torch.ops.aten.native_layer_norm_backward(
+                dyt, xt, [d], mt, it, wt, bt, [True, True, True])
+        return x, calls
+    return Case("layer_norm backward", shape, "rows", "float32", target, build,
+                traffic="read+copy", quick=quick)
+
+
+def spatial_norm(op, shape, layout, target, groups=32, quick=False):
+    """group_norm (``groups`` groups) or instance_norm of a 4-D float32 array."""
+    def build(nt):
+        axis, c = _axis(layout), shape[1]
+        x = _array(shape, np.float32, layout)
+        w, b = _array((c,), np.float32, seed=2), _array((c,), np.float32, seed=3)
+        if op == "group_norm":
+            calls = {"bncore": lambda: bncore.group_norm(x, groups, w, b, axis=axis,
+                                                         n_threads=nt),
+                     "reference": lambda: ref.group_norm(x, groups, w, b, axis=axis)}
+        else:
+            calls = {"bncore": lambda: bncore.instance_norm(x, weight=w, bias=b, axis=axis,
+                                                            n_threads=nt),
+                     "reference": lambda: ref.instance_norm(x, weight=w, bias=b, axis=axis)}
+        if torch is not None:
+            xt, wt, bt = _to_torch(x, layout), torch.from_numpy(w), torch.from_numpy(b)
+            calls["torch"] = ((lambda: F.group_norm(xt, groups, wt, bt)) if op == "group_norm"
+                              else (lambda: F.instance_norm(xt, weight=wt, bias=bt)))
+        return x, calls
+    name = f"group_norm G={groups}" if op == "group_norm" else op
+    return Case(name, shape, layout, "float32", target, build, quick=quick)
 
 
 def family_cases():
-    """Row norms, when bncore has them (issue: the normalization family)."""
+    """The row-norm family, when this build of bncore has it (else [] and a note)."""
     if not hasattr(bncore, "layer_norm"):
         return []
-    cases = []
-
-    def row(name, shape, target, ours, theirs, roofline="copy"):
-        def setup(nt):
-            x = _data(shape, np.float32)
-            d = shape[-1]
-            w = np.ones(d, np.float32)
-            calls = {"bncore": lambda: ours(x, w, nt)}
-            if torch is not None:
-                xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-                calls["torch"] = lambda: theirs(xt, wt)
-            return x, calls
-        return Case(name, shape, "rows", "float32", target, setup, roofline, ref_ok=False)
-
-    for shape, target in (((8192, 768), 1.1), ((65536, 64), 1.5)):
-        cases.append(row("layer_norm", shape, target,
-                         lambda x, w, nt: bncore.layer_norm(x, x.shape[-1], w, w, n_threads=nt),
-                         lambda xt, wt: F.layer_norm(xt, (xt.shape[-1],), wt, wt)))
-    for shape, target in (((8192, 768), 2.5), ((65536, 64), 1.5)):
-        cases.append(row("rms_norm", shape, target,
-                         lambda x, w, nt: bncore.rms_norm(x, x.shape[-1], w, n_threads=nt),
-                         lambda xt, wt: F.rms_norm(xt, (xt.shape[-1],), wt)))
-
-    def ln_backward(nt_shape=(8192, 768)):
-        def setup(nt):
-            x, dy = _data(nt_shape, np.float32), _data(nt_shape, np.float32, 1)
-            d = nt_shape[-1]
-            w = np.ones(d, np.float32)
-            _, m, inv = bncore.layer_norm_forward(x, d, w, w)
-            calls = {"bncore": lambda: bncore.layer_norm_backward(dy, x, m, inv, d, w,
-                                                                  n_threads=nt)}
-            if torch is not None:
-                xt, dyt, wt = torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(w)
-                _, mt, it = torch.ops.aten.native_layer_norm(xt, [d], wt, wt, 1e-5)
-                calls["torch"] = lambda: torch.ops.aten.native_layer_norm_backward(
-                    dyt, xt, [d], mt, it, wt, wt, [True, True, True])
-            return x, calls
-        return Case("layer_norm backward", nt_shape, "rows", "float32", 1.5, setup,
-                    "read+copy", ref_ok=False)
-    cases.append(ln_backward())
-
-    def spatial(name, layout, target, ours, theirs):
-        shape = (32, 64, 56, 56)
-
-        def setup(nt):
-            axis = 1 if layout == "NCHW" else -1
-            x = _data(shape if layout == "NCHW" else _nhwc(shape), np.float32)
-            w = np.ones(64, np.float32)
-            calls = {"bncore": lambda: ours(x, w, axis, nt)}
-            if torch is not None:
-                xt = torch.from_numpy(x) if layout == "NCHW" else _torch_cl(x)
-                wt = torch.from_numpy(w)
-                calls["torch"] = lambda: theirs(xt, wt)
-            return x, calls
-        return Case(name, shape, layout, "float32", target, setup, ref_ok=False)
-
-    for layout, target in (("NCHW", 1.0), ("NHWC", 1.3)):
-        cases.append(spatial("group_norm G=32", layout, target,
-                             lambda x, w, a, nt: bncore.group_norm(x, 32, w, w, axis=a,
-                                                                   n_threads=nt),
-                             lambda xt, wt: F.group_norm(xt, 32, wt, wt)))
-    for layout, target in (("NCHW", 3.0), ("NHWC", 5.0)):
-        cases.append(spatial("instance_norm", layout, target,
-                             lambda x, w, a, nt: bncore.instance_norm(x, weight=w, bias=w,
-                                                                      axis=a, n_threads=nt),
-                             lambda xt, wt: F.instance_norm(xt, weight=wt, bias=wt)))
-    return cases
-
-
-def all_cases(quick):
-    f32 = np.float32
-    cases = [
-        bn_train((32, 64, 56, 56), "NCHW", f32, 3.0),
-        bn_train((256, 256, 14, 14), "NCHW", f32, 3.0),
-        bn_train((64, 512, 7, 7), "NCHW", f32, 3.0),
-        bn_train((4096, 1024), "NCHW", f32, 1.2),
-        bn_train((8, 32, 8, 8), "NCHW", f32, 2.0),
-        bn_train((32, 64, 56, 56), "NHWC", f32, 1.5),
-        bn_train((256, 256, 14, 14), "NHWC", f32, 1.5),
-        bn_eval((32, 64, 56, 56), f32, 1.0),
-        bn_eval((1, 64, 56, 56), f32, 1.5),
-        bn_backward((32, 64, 56, 56), "NCHW", f32, 2.0),
-        bn_backward((256, 256, 14, 14), "NCHW", f32, 2.0),
-        bn_backward((32, 64, 56, 56), "NHWC", f32, 1.5),
-        bn_backward((256, 256, 14, 14), "NHWC", f32, 1.5),
-        moments_case((32, 64, 56, 56), f32, 5.0),
-        bn_train((32, 64, 56, 56), "NCHW", np.float64, None),
-        bn_train((32, 64, 56, 56), "NHWC", np.float64, None),
+    big, rows = (32, 64, 56, 56), (8192, 768)
+    return [
+        row_norm("layer_norm", rows, 1.1),
+        row_norm("layer_norm", (65536, 64), 1.5, quick=True),
+        layer_norm_backward_case(rows, 1.5, quick=True),
+        row_norm("rms_norm", rows, 2.5, quick=True),
+        row_norm("rms_norm", (65536, 64), 1.5),
+        spatial_norm("group_norm", big, "NCHW", 1.0, quick=True),
+        spatial_norm("group_norm", big, "NHWC", 1.3),
+        spatial_norm("instance_norm", big, "NCHW", 3.0),
+        spatial_norm("instance_norm", big, "NHWC", 5.0, quick=True),
     ]
-    cases += family_cases()
-    if quick:
-        keep = {"(8, 32, 8, 8)", "(1, 64, 56, 56)", "(64, 512, 7, 7)"}
-        cases = [c for c in cases if str(c.shape) in keep or c.name == "layer_norm"
-                 and c.shape == (65536, 64)]
-    return cases
 
+
+def all_cases():
+    f32, f64 = np.float32, np.float64
+    big, mid, small = (32, 64, 56, 56), (256, 256, 14, 14), (64, 512, 7, 7)
+    return [
+        bn_train(big, "NCHW", f32, 3.0),
+        bn_train(mid, "NCHW", f32, 3.0),
+        bn_train(small, "NCHW", f32, 3.0, quick=True),
+        bn_train((4096, 1024), "NCHW", f32, 1.2, quick=True),
+        bn_train((8, 32, 8, 8), "NCHW", f32, 2.0, quick=True),
+        bn_train(big, "NHWC", f32, 1.5, quick=True),
+        bn_train(mid, "NHWC", f32, 1.5),
+        bn_eval(big, f32, 1.0),
+        bn_eval((1, 64, 56, 56), f32, 1.5, quick=True),
+        bn_backward(big, "NCHW", f32, 2.0, quick=True),
+        bn_backward(mid, "NCHW", f32, 2.0),
+        bn_backward(big, "NHWC", f32, 1.5, quick=True),
+        bn_backward(mid, "NHWC", f32, 1.5),
+        moments_case(big, f32, 5.0, quick=True),
+        bn_train(big, "NCHW", f64, None),
+        bn_train(big, "NHWC", f64, None),
+        bn_backward(small, "NCHW", f64, None),
+    ] + family_cases()
+
+
+# -------------------------------------------------------------------------- timing
 
 def _loop_time(fn, min_time):
     # Untimed warm-up first: bncore and PyTorch each bring an OpenMP runtime whose idle
@@ -245,130 +280,236 @@ def _loop_time(fn, min_time):
 
 
 def measure(calls, repeat, min_time):
-    """Median seconds per call of each callable, sampled round-robin (interleaved)."""
-    for fn in calls.values():
-        fn()
+    """Per-call seconds of each callable: ``repeat`` samples each, taken round-robin."""
     samples = {k: [] for k in calls}
     for _ in range(repeat):
         for k, fn in calls.items():
             samples[k].append(_loop_time(fn, min_time))
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    return samples
 
 
-def run(cases, nt, repeat, min_time, with_reference, progress=True):
-    rows = []
+def _agreement(got, want, layout):
+    """Max |bncore - peer| over the first output, relative to max |peer| (shape-checked)."""
+    a, b = _first_array(got, "NCHW"), _first_array(want, layout)
+    if a.shape != b.shape:
+        return float("inf")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+    return float(np.max(np.abs(a - b), initial=0.0)) / scale
+
+
+def run_case(case, nt, repeat, min_time, reference):
+    x, calls = case.build(nt)
+    slow = calls.pop("reference")
+    if not reference or (reference == "small" and x.nbytes > QUICK_REFERENCE_BYTES):
+        slow = None
+    # One call of each side first: compiles nothing, but faults in pages and checks that
+    # both sides compute the same thing (a layout mix-up would make the timing moot).
+    peer_key = case.peer if case.peer in calls else None
+    ours = calls["bncore"]()
+    agree = None if peer_key is None else _agreement(ours, calls[peer_key](), case.layout)
+    del ours
+    xc = np.ascontiguousarray(x)
+    dst = np.empty_like(xc)
+    if case.traffic == "copy":
+        calls["copy"] = lambda: _openmp.threaded_copy(xc, dst, nt)
+    elif case.traffic == "read":
+        calls["copy"] = lambda: _openmp.threaded_read(xc, nt)
+    else:
+        calls["copy"] = lambda: (_openmp.threaded_read(xc, nt),
+                                 _openmp.threaded_copy(xc, dst, nt))
+    samples = measure(calls, repeat, min_time)
+    if slow is not None:
+        samples["reference"] = measure({"reference": slow}, 1, min_time)["reference"]
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    t = med["bncore"]
+    peer_t = med.get(peer_key) if peer_key else None
+    b = samples["bncore"]
+    return {
+        "case": case.label, "op": case.op, "shape": list(case.shape), "layout": case.layout,
+        "dtype": case.dtype, "threads": nt, "nbytes_x": int(x.nbytes),
+        "bncore_s": t, "peer": peer_key, "peer_s": peer_t,
+        "torch_s": med.get("torch"), "numpy_s": med.get("numpy"),
+        "reference_s": med.get("reference"), "copy_s": med["copy"],
+        "copy_kind": case.traffic, "speedup": None if peer_t is None else peer_t / t,
+        "target": case.target,
+        "verdict": (None if case.target is None or peer_t is None
+                    else "PASS" if peer_t / t >= case.target else "MISS"),
+        "gb_per_s": _TRAFFIC[case.traffic] * x.nbytes / t / 1e9,
+        "pct_of_copy": 100.0 * med["copy"] / t,
+        "spread": (max(b) - min(b)) / t, "max_rel_diff_vs_peer": agree,
+        "samples_s": samples,
+    }
+
+
+def run(cases, nt, repeat, min_time, reference, progress=True):
     if torch is not None:
         torch.set_num_threads(nt)
-    for i, case in enumerate(cases, 1):
-        if progress:
-            print(f"[{i}/{len(cases)}] {case.label}", file=sys.stderr, flush=True)
-        x, calls = case.setup(nt)
-        if not (with_reference and case.ref_ok):
-            calls.pop("reference", None)
-        dst = np.empty_like(x)
-        xc = np.ascontiguousarray(x)
-        if case.roofline == "copy":
-            calls["roofline"] = lambda: _openmp.threaded_copy(xc, dst, nt)
-        elif case.roofline == "read":
-            calls["roofline"] = lambda: _openmp.threaded_read(xc, nt)
-        else:
-            calls["roofline"] = lambda: (_openmp.threaded_read(xc, nt),
-                                         _openmp.threaded_copy(xc, dst, nt))
-        slow = {k: calls.pop(k) for k in ("reference",) if k in calls}
-        t = measure(calls, repeat, min_time)
-        if slow:
-            t.update(measure(slow, 1, min_time))
-        peer = t.get("torch", t.get("numpy"))
-        moved = {"copy": 2, "read": 1, "read+copy": 3}[case.roofline] * x.nbytes
-        rows.append({
-            "case": case.label, "op": case.name, "shape": list(case.shape),
-            "layout": case.layout, "dtype": case.dtype, "threads": nt,
-            "bncore_s": t["bncore"], "torch_s": t.get("torch"), "numpy_s": t.get("numpy"),
-            "reference_s": t.get("reference"), "roofline_s": t["roofline"],
-            "speedup": None if peer is None else peer / t["bncore"],
-            "peer": "torch" if "torch" in t else ("numpy" if "numpy" in t else None),
-            "target": case.target, "gb_per_s": moved / t["bncore"] / 1e9,
-            "pct_of_copy": 100.0 * t["roofline"] / t["bncore"],
-        })
+    rows, t_start = [], time.perf_counter()
+    try:
+        for i, case in enumerate(cases, 1):
+            if progress:
+                print(f"[{i}/{len(cases)}] {case.label}  ({time.perf_counter() - t_start:.0f}s)",
+                      file=sys.stderr, flush=True)
+            rows.append(run_case(case, nt, repeat, min_time, reference))
+    except KeyboardInterrupt:
+        print("interrupted: showing the cases measured so far", file=sys.stderr)
     return rows
 
 
-def _ms(s):
-    return "-" if s is None else f"{s * 1e3:9.3f}"
+# -------------------------------------------------------------------------- output
+
+def _ms(s, width=9, digits=3):
+    return f"{'-':>{width}s}" if s is None else f"{s * 1e3:{width}.{digits}f}"
 
 
 def print_table(rows, out=sys.stdout):
-    head = (f"{'case':44s} {'bncore ms':>9s} {'torch ms':>9s} {'ref ms':>9s} {'speedup':>8s}"
-            f" {'target':>6s} {'':4s} {'GB/s':>6s} {'% copy':>6s}")
+    head = (f"{'case':42s} {'bncore ms':>9s} {'ref ms':>9s} {'peer ms':>9s} {'peer':5s}"
+            f" {'speedup':>8s} {'target':>7s} {'':4s} {'GB/s':>6s} {'% copy':>6s}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
-        peer = r["torch_s"] if r["torch_s"] is not None else r["numpy_s"]
-        sp = "-" if r["speedup"] is None else f"{r['speedup']:7.2f}x"
-        tg = "-" if r["target"] is None else f"{r['target']:5.1f}x"
-        verdict = "" if r["target"] is None or r["speedup"] is None else (
-            "PASS" if r["speedup"] >= r["target"] else "MISS")
-        print(f"{r['case']:44s} {_ms(r['bncore_s'])} {_ms(peer)} {_ms(r['reference_s'])}"
-              f" {sp:>8s} {tg:>6s} {verdict:4s} {r['gb_per_s']:6.1f} {r['pct_of_copy']:5.0f}%",
+        sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        tg = "-" if r["target"] is None else f">={r['target']:.1f}x"
+        noisy = "~" if r["spread"] > NOISY else " "
+        print(f"{r['case']:42s} {_ms(r['bncore_s'])}{noisy}{_ms(r['reference_s'], 9, 2)}"
+              f" {_ms(r['peer_s'])} {r['peer'] or '-':5s} {sp:>8s} {tg:>7s}"
+              f" {r['verdict'] or '':4s} {r['gb_per_s']:6.1f} {r['pct_of_copy']:5.0f}%",
               file=out)
-    print("speedup = peer time / bncore time (peer: PyTorch, or NumPy for moments); "
-          "% copy = roofline time / bncore time", file=out)
+    judged = [r for r in rows if r["verdict"]]
+    if judged:
+        n_pass = sum(r["verdict"] == "PASS" for r in judged)
+        print(f"\n{n_pass}/{len(judged)} cases meet their speedup target", file=out)
+    print("speedup = peer time / bncore time; GB/s = minimum bytes moved / bncore time; "
+          "% copy = threaded copy (read) time / bncore time;\n"
+          f"~ = bncore's samples spread over more than {NOISY:.0%} of the median (busy "
+          "machine: rerun); ref = NumPy float64 reference, timed once", file=out)
+    for r in rows:
+        d = r["max_rel_diff_vs_peer"]
+        if d is not None and not d <= 1e-3:
+            print(f"warning: {r['case']}: bncore and {r['peer']} differ by {d:.2e} "
+                  "(relative): the comparison may be of different computations", file=out)
+
+
+def _meta(nt, args):
+    try:
+        from bncore._config import config
+        cfg = config()
+    except ImportError:  # older builds: keep what show_config prints
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            bncore.show_config()
+        cfg = buf.getvalue()
+    return {
+        "bncore": bncore.__version__, "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "threads": nt, "torch_threads": None if torch is None else torch.get_num_threads(),
+        "repeat": args.repeat, "min_time_s": args.min_time, "quick": args.quick,
+        "filter": args.filter, "loadavg": list(os.getloadavg()), "config": cfg,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-        return 1
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = [r for r in rows if r["speedup"] is not None]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
-    ax.barh([r["case"] for r in rows], [r["speedup"] for r in rows], color="tab:blue")
+    if not rows:
+        print("--plot: no case has a peer to compare with", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    colors = ["tab:green" if r["verdict"] == "PASS" else "tab:red" if r["verdict"] == "MISS"
+              else "tab:gray" for r in rows]
+    ax.barh([r["case"] for r in rows], [r["speedup"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         if r["target"]:
-            ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="tab:red")
-    ax.axvline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("speedup over the peer (red: target)")
+            ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5)
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over the peer (peer time / bncore time; black tick: target)")
+    ax.set_title(f"bncore {bncore.__version__}, {rows[0]['threads']} threads")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    return 0
+    plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bncore bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few small cases, short samples")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: OpenMP's)")
-    p.add_argument("--repeat", type=int, default=None, help="samples per case (median)")
-    p.add_argument("--min-time", type=float, default=None, help="seconds per sample")
-    p.add_argument("--filter", default=None, help="only cases whose name contains this")
+    p.add_argument("--quick", action="store_true",
+                   help="one case per op kind, shorter samples (well under a minute)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for bncore, PyTorch and the copy (default: OpenMP's)")
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="samples per side and case; the table shows medians (default 7, "
+                        "--quick 3)")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help="seconds per sample (default 0.05, --quick 0.02)")
+    p.add_argument("--filter", default=None, metavar="SUBSTR",
+                   help="only cases whose name contains SUBSTR (case-insensitive), "
+                        "e.g. 'backward', 'NHWC', 'layer_norm'")
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
-    p.add_argument("--json", metavar="FILE", help="write raw medians and metadata")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--json", metavar="FILE", help="write every sample, median and metadata")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (matplotlib)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.plot:   # fail before a long run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install matplotlib "
+                  "(or pip install \"bncore[bench]\")", file=sys.stderr)
+            return 2
     nt = args.threads or _openmp.max_threads()
-    repeat = args.repeat or (3 if args.quick else 7)
-    min_time = args.min_time or (0.01 if args.quick else 0.05)
-    cases = all_cases(args.quick)
+    args.repeat = args.repeat or (3 if args.quick else 7)
+    args.min_time = args.min_time or (0.02 if args.quick else 0.05)
+
+    cases = all_cases()
+    if args.quick:
+        cases = [c for c in cases if c.quick]
     if args.filter:
-        cases = [c for c in cases if args.filter in c.label]
+        cases = [c for c in cases if args.filter.lower() in c.label.lower()]
+    if args.list:
+        for c in cases:
+            print(c.label)
+        return 0
+    if not hasattr(bncore, "layer_norm"):
+        print("note: this bncore has no layer/group/instance/RMS norm yet: family cases "
+              "skipped", file=sys.stderr)
+    if not cases:
+        print(f"no case matches --filter {args.filter!r} (see --list)", file=sys.stderr)
+        return 2
     if torch is None:
-        print("PyTorch is not installed: torch columns are empty "
-              "(pip install torch==2.13.0 for the comparison)", file=sys.stderr)
-    rows = run(cases, nt, repeat, min_time, not args.no_reference)
+        print("note: PyTorch is not installed: no peer for most cases "
+              "(pip install torch==2.13.0)", file=sys.stderr)
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"note: load average {load:.1f} on {os.cpu_count()} cpus: other work is "
+              "running, timings will be noisy", file=sys.stderr)
+
+    print(f"bncore {bncore.__version__} | numpy {np.__version__} | torch "
+          f"{torch.__version__ if torch is not None else 'not installed'} | {nt} threads | "
+          f"{args.repeat} samples x >= {args.min_time * 1e3:.0f} ms, medians")
+    reference = False if args.no_reference else ("small" if args.quick else True)
+    rows = run(cases, nt, args.repeat, args.min_time, reference)
     print_table(rows)
     if args.json:
-        from bncore._config import config
-        meta = {"config": config(), "threads": nt, "repeat": repeat, "min_time": min_time,
-                "torch": None if torch is None else torch.__version__,
-                "platform": platform.platform(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": _meta(nt, args), "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        return plot(rows, args.plot)
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
