@@ -41,7 +41,7 @@ def _stats_input(x):
     if kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"x must be a real (bool, integer or float) array, got dtype {arr.dtype}")
     if arr.dtype.itemsize == 2:
-        return arr.astype(np.float32), arr.dtype
+        return arr.astype(np.float32), arr.dtype.newbyteorder("=")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr, arr.dtype
@@ -171,7 +171,7 @@ class Moments:
         arr, _ = _stats_input(x)
         axes = _reduce_axes(axis, arr.ndim)
         count, mean, m2 = _raw_moments(arr, axes)
-        self._absorb(count, np.atleast_1d(mean), np.atleast_1d(m2), np.shape(mean))
+        self._absorb(count, np.atleast_1d(mean), np.atleast_1d(m2), np.shape(mean), "x")
         return self
 
     def merge(self, other):
@@ -179,13 +179,13 @@ class Moments:
         if not isinstance(other, Moments):
             raise TypeError(f"other must be a Moments, got {type(other).__name__}")
         if other._count:
-            self._absorb(other._count, other._mean, other._m2, other._shape)
+            self._absorb(other._count, other._mean, other._m2, other._shape, "other")
         return self
 
-    def _absorb(self, count, mean, m2, shape):
+    def _absorb(self, count, mean, m2, shape, name):
         if self._mean is not None and shape != self._shape:
-            raise ValueError(f"feature shape {shape} does not match this accumulator's "
-                             f"{self._shape}")
+            raise ValueError(f"{name} has feature shape {shape}, which does not match this "
+                             f"accumulator's {self._shape}")
         if count == 0:
             if self._mean is None:
                 self._shape = shape

@@ -91,16 +91,16 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     st.mean = 0
     st.m2 = 0
     plane_block_stats(x, outer, inner, so, 0, nb, &st)
-    mean[0] = st.mean
+    mean[0] = st.mean + st.shift
     var[0] = st.m2 / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)
     # Last planes first: they were read last, so they are the ones still in L2.
     if stream:
         seg_affine_stream(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
-                          st.mean, w * invstd[0], b)
+                          mean[0], w * invstd[0], b)
     else:
         seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
-                   st.mean, w * invstd[0], b)
+                   mean[0], w * invstd[0], b)
 
 
 cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,

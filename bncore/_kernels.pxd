@@ -25,15 +25,17 @@ cdef extern from "bn_kernels.h" nogil:
         double n
         double mean
         double m2
+        double shift
     const char *bn_simd_level()
+    double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
     void bn_chan_merge_vec(double na, double *mean, double *m2, double nb, const double *mb,
                            const double *m2b, Py_ssize_t nch)
 
     void bn_seg_moments_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
-                            double *mean, double *m2)
+                            double pivot, double *mean, double *m2)
     void bn_seg_moments_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
-                            double *mean, double *m2)
+                            double pivot, double *mean, double *m2)
     double bn_seg_sumsq_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     double bn_seg_sumsq_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double scale,
@@ -76,9 +78,9 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, double mean,
                        double k, double q, double r)
     void bn_cl_moments_f32(const float *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                           double *work, double *mean, double *m2)
+                           double *work, const double *pivot, double *mean, double *m2)
     void bn_cl_moments_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                           double *work, double *mean, double *m2)
+                           double *work, const double *pivot, double *mean, double *m2)
     void bn_cl_affine_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
                           Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                           const double *scale, const double *shift)
@@ -125,11 +127,12 @@ cdef enum:
 # ------------------------------------------------------------------ typed dispatch
 
 cdef inline void seg_moments(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
-                             Py_ssize_t stride, double *mean, double *m2) noexcept nogil:
+                             Py_ssize_t stride, double pivot, double *mean,
+                             double *m2) noexcept nogil:
     if floating is float:
-        bn_seg_moments_f32(x, nseg, length, stride, mean, m2)
+        bn_seg_moments_f32(x, nseg, length, stride, pivot, mean, m2)
     else:
-        bn_seg_moments_f64(x, nseg, length, stride, mean, m2)
+        bn_seg_moments_f64(x, nseg, length, stride, pivot, mean, m2)
 
 
 cdef inline double seg_sumsq(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
@@ -216,11 +219,12 @@ cdef inline void bwd_dx(const floating *dy, const floating *x, floating *dx, Py_
 
 
 cdef inline void cl_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                            double *work, double *mean, double *m2) noexcept nogil:
+                            double *work, const double *pivot, double *mean,
+                            double *m2) noexcept nogil:
     if floating is float:
-        bn_cl_moments_f32(x, nrows, nch, ld, work, mean, m2)
+        bn_cl_moments_f32(x, nrows, nch, ld, work, pivot, mean, m2)
     else:
-        bn_cl_moments_f64(x, nrows, nch, ld, work, mean, m2)
+        bn_cl_moments_f64(x, nrows, nch, ld, work, pivot, mean, m2)
 
 
 cdef inline void cl_affine(const floating *x, Py_ssize_t ldx, floating *y, Py_ssize_t ldy,
@@ -287,9 +291,15 @@ cdef inline Py_ssize_t plane_nblocks(Py_ssize_t outer, Py_ssize_t inner) noexcep
 cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize_t inner,
                                    Py_ssize_t so, Py_ssize_t b0, Py_ssize_t b1,
                                    bn_moments *st) noexcept nogil:
-    """Merge blocks [b0, b1) of the channel whose first plane is at ``x`` into ``st``."""
+    """Merge blocks [b0, b1) of the channel whose first plane is at ``x`` into ``st``.
+
+    st.mean is relative to st.shift, the channel's pivot (its first value): every chunk of
+    a channel gets the same one. The channel's mean is st.mean + st.shift.
+    """
     cdef Py_ssize_t b, p, off, length, g, nplanes, bpp
     cdef double m, m2
+    cdef double pivot = bn_pivot(<double>x[0])
+    st.shift = pivot
     if inner >= BLOCK:
         bpp = (inner + BLOCK - 1) // BLOCK
         for b in range(b0, b1):
@@ -302,7 +312,7 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
                                  min(<Py_ssize_t>BLOCK, inner - off - length), 0)
                 else:
                     prefetch_seg(x + (p + 1) * so, 1, min(<Py_ssize_t>BLOCK, inner), 0)
-            seg_moments(x + p * so + off, 1, length, 0, &m, &m2)
+            seg_moments(x + p * so + off, 1, length, 0, pivot, &m, &m2)
             bn_chan_merge(st, <double>length, m, m2)
     else:
         g = BLOCK // inner
@@ -311,7 +321,7 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
             nplanes = min(g, outer - p)
             if b + 1 < b1:   # short planes far apart: fetch the next block early
                 prefetch_seg(x + (p + g) * so, min(g, outer - p - g), inner, so)
-            seg_moments(x + p * so, nplanes, inner, so, &m, &m2)
+            seg_moments(x + p * so, nplanes, inner, so, pivot, &m, &m2)
             bn_chan_merge(st, <double>(nplanes * inner), m, m2)
 
 
@@ -344,8 +354,10 @@ cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept no
 
 cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r1,
                                   Py_ssize_t nch, Py_ssize_t ld, double *work,
-                                  double *mean, double *m2) noexcept nogil:
-    """Moments of rows [r0, r1) for every channel into mean[nch], m2[nch].
+                                  const double *pivot, double *mean,
+                                  double *m2) noexcept nogil:
+    """Moments of rows [r0, r1) for every channel into mean[nch] (relative to pivot[nch],
+    the same for every chunk) and m2[nch].
 
     ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0.
     """
@@ -363,7 +375,7 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
         c0 = 0
         while c0 < nch:
             cb = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0)
-            cl_moments(x + r * ld + c0, nr, cb, ld, work, bm, bm2)
+            cl_moments(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
             bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
             c0 += cb
         r += nr
@@ -394,7 +406,7 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
         for s in range(1, nchunks):
             bn_chan_merge(&part[c * nchunks], part[c * nchunks + s].n,
                           part[c * nchunks + s].mean, part[c * nchunks + s].m2)
-        mean[c] = part[c * nchunks].mean
+        mean[c] = part[c * nchunks].mean + part[c * nchunks].shift
         m2[c] = part[c * nchunks].m2
     free(part)
     return 0
@@ -410,14 +422,18 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     cdef Py_ssize_t per = 2 * nch + 5 * CHANNEL_BLOCK
     cdef double *buf
     cdef double *p
+    cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    buf = <double *>malloc(nchunks * per * sizeof(double))
+    buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
     if buf == NULL:
         return -1
+    pivot = buf + nchunks * per
+    for c in range(nch):   # the first row's values: every chunk shares these pivots
+        pivot[c] = bn_pivot(<double>x[c])
     for s in prange(nchunks, schedule='static', num_threads=nt):
         p = buf + s * per
         rows_chunk_stats(x, s * nrows // nchunks, (s + 1) * nrows // nchunks, nch, ld,
-                         p + 2 * nch, p, p + nch)
+                         p + 2 * nch, pivot, p, p + nch)
     for c in range(nch):
         mean[c] = buf[c]
         m2[c] = buf[nch + c]
@@ -426,5 +442,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
         r1 = (s + 1) * nrows // nchunks
         bn_chan_merge_vec(<double>r0, mean, m2, <double>(r1 - r0), buf + s * per,
                           buf + s * per + nch, nch)
+    for c in range(nch):
+        mean[c] += pivot[c]
     free(buf)
     return 0

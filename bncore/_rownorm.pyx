@@ -55,9 +55,9 @@ cdef inline void layer_row(const floating *x, floating *y, Py_ssize_t d, double 
     st.mean = 0
     st.m2 = 0
     plane_block_stats(x, 1, d, 0, 0, plane_nblocks(1, d), &st)
-    mean[0] = st.mean
+    mean[0] = st.mean + st.shift
     invstd[0] = 1.0 / sqrt(st.m2 / <double>d + eps)
-    row_affine(x, y, d, st.mean, invstd[0], w, b)
+    row_affine(x, y, d, mean[0], invstd[0], w, b)
 
 
 cdef inline void rms_row(const floating *x, floating *y, Py_ssize_t d, double eps,
@@ -172,11 +172,11 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
     st.mean = 0
     st.m2 = 0
     plane_block_stats(x, 1, cg * s, 0, 0, plane_nblocks(1, cg * s), &st)
-    mean[0] = st.mean
+    mean[0] = st.mean + st.shift
     var[0] = st.m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
     for j in range(cg):
-        seg_affine(x + j * s, y + j * s, 1, s, 0, 0, st.mean,
+        seg_affine(x + j * s, y + j * s, 1, s, 0, 0, mean[0],
                    (w[c0 + j] if w != NULL else 1.0) * invstd,
                    b[c0 + j] if b != NULL else 0.0)
 

@@ -65,6 +65,8 @@ def resolve_threads(n_threads):
 
 
 def check_eps(eps, name="eps"):
+    if isinstance(eps, (str, bytes)):   # float("1e-5") would parse; a string is a mistake
+        raise TypeError(f"{name} must be a real number >= 0, got {eps!r}")
     try:
         value = float(eps)
     except (TypeError, ValueError):
@@ -75,6 +77,8 @@ def check_eps(eps, name="eps"):
 
 
 def check_real(value, name):
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -65,12 +65,23 @@ static const char *bn_simd_level(void)
 
 /* ---------------------------------------------------------------- statistics state */
 
-/* Welford/Chan state of one stream of values: count, mean, sum of squared deviations. */
+/* Welford/Chan state of one stream of values: count, mean, sum of squared deviations.
+ * mean is relative to shift (a pivot taken from the data, see bn_pivot): block means and
+ * the deltas between them then live at the scale of the spread, not of the offset, so
+ * merges lose nothing at a 1e7 offset; the mean itself is shift + mean. */
 typedef struct {
     double n;
     double mean;
     double m2;
+    double shift;
 } bn_moments;
+
+/* The pivot of a channel: its first value (x - pivot is exact for nearby x, Sterbenz),
+ * or 0 when that is not finite, so inf/nan still propagate as NumPy's mean does. */
+BN_INLINE double bn_pivot(double first)
+{
+    return isfinite(first) ? first : 0.0;
+}
 
 /* Merge a block (nb, mb, m2b) into (na, *mean, *m2) (Chan et al. 1979): the one merge
  * formula in bncore; every merge goes through here. With an infinite mean on either side

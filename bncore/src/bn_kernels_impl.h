@@ -42,13 +42,15 @@
         p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
     } while (0)
 
-/* IN: nseg segments of len values, stride elements apart. OUT: their mean and M2.
- * Sixteen double lanes in four vector registers; the lane of a value and the order of
- * every addition depend on (nseg, len) only. */
+/* IN: nseg segments of len values, stride elements apart, and a pivot. OUT: the mean of
+ * (x - pivot) and the M2 of x. Sixteen double lanes in four vector registers; the lane of
+ * a value and the order of every addition depend on (nseg, len) only. */
 static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
-                                             ptrdiff_t stride, double *mean, double *m2)
+                                             ptrdiff_t stride, double pivot, double *mean,
+                                             double *m2)
 {
     bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    bn_v4d k = {pivot, pivot, pivot, pivot};
     double t = 0;
     double n = (double)nseg * (double)len;
     if (n == 0) { *mean = 0; *m2 = 0; return; }
@@ -56,14 +58,16 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
         for (; i + 16 <= len; i += 16) {
-            a0 += BN_LOAD4(p + i);
-            a1 += BN_LOAD4(p + i + 4);
-            a2 += BN_LOAD4(p + i + 8);
-            a3 += BN_LOAD4(p + i + 12);
+            a0 += BN_LOAD4(p + i) - k;
+            a1 += BN_LOAD4(p + i + 4) - k;
+            a2 += BN_LOAD4(p + i + 8) - k;
+            a3 += BN_LOAD4(p + i + 12) - k;
         }
-        for (; i + 4 <= len; i += 4) a0 += BN_LOAD4(p + i);
-        for (; i < len; i++) t += (double)p[i];
+        for (; i + 4 <= len; i += 4) a0 += BN_LOAD4(p + i) - k;
+        for (; i < len; i++) t += (double)p[i] - pivot;
     }
+    /* mean0 relative to the pivot; deviations below use the absolute x - (pivot + mean0)
+     * computed as (x - pivot) - mean0, both steps exact or nearly so */
     double mean0 = (bn_v4d_total((a0 + a1) + (a2 + a3)) + t) / n;
     bn_v4d m = {mean0, mean0, mean0, mean0};
     bn_v4d d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
@@ -72,14 +76,14 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
         for (; i + 8 <= len; i += 8) {
-            bn_v4d u = BN_LOAD4(p + i) - m, v = BN_LOAD4(p + i + 4) - m;
+            bn_v4d u = (BN_LOAD4(p + i) - k) - m, v = (BN_LOAD4(p + i + 4) - k) - m;
             d0 += u;
             d1 += v;
             q0 += u * u;
             q1 += v * v;
         }
         for (; i < len; i++) {
-            double u = (double)p[i] - mean0;
+            double u = ((double)p[i] - pivot) - mean0;
             td += u;
             tq += u * u;
         }
@@ -350,23 +354,25 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T
  * the rows of a block (no per-row load/store of accumulators); leftover channels are
  * handled one by one with the same arithmetic. */
 
-/* IN: nrows rows of nch channels, ld apart (work is unused, kept for the ABI).
- * OUT: per-channel mean[c] and m2[c] of the block (corrected two-pass). */
+/* IN: nrows rows of nch channels, ld apart, per-channel pivots (work is unused, kept for
+ * the ABI). OUT: per-channel mean[c] of (x - pivot[c]) and m2[c] of the block. */
 static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptrdiff_t nch,
                                             ptrdiff_t ld, double *restrict work,
+                                            const double *restrict pivot,
                                             double *restrict mean, double *restrict m2)
 {
     (void)work;
     double n = (double)nrows;
     ptrdiff_t c = 0;
     for (; c + 16 <= nch; c += 16) {
-        bn_v4d a[4] = {{0}}, d[4] = {{0}}, q[4] = {{0}}, m[4];
+        bn_v4d a[4] = {{0}}, d[4] = {{0}}, q[4] = {{0}}, m[4], k[4];
+        memcpy(k, pivot + c, sizeof k);
         for (ptrdiff_t r = 0; r < nrows; r++)
-            for (int j = 0; j < 4; j++) a[j] += BN_LOAD4(x + r * ld + c + 4 * j);
+            for (int j = 0; j < 4; j++) a[j] += BN_LOAD4(x + r * ld + c + 4 * j) - k[j];
         for (int j = 0; j < 4; j++) m[j] = a[j] / n;
         for (ptrdiff_t r = 0; r < nrows; r++)
             for (int j = 0; j < 4; j++) {
-                bn_v4d u = BN_LOAD4(x + r * ld + c + 4 * j) - m[j];
+                bn_v4d u = (BN_LOAD4(x + r * ld + c + 4 * j) - k[j]) - m[j];
                 d[j] += u;
                 q[j] += u * u;
             }
@@ -377,10 +383,10 @@ static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptr
     }
     for (; c < nch; c++) {
         double a = 0, d = 0, q = 0;
-        for (ptrdiff_t r = 0; r < nrows; r++) a += (double)x[r * ld + c];
+        for (ptrdiff_t r = 0; r < nrows; r++) a += (double)x[r * ld + c] - pivot[c];
         double m0 = a / n;
         for (ptrdiff_t r = 0; r < nrows; r++) {
-            double u = (double)x[r * ld + c] - m0;
+            double u = ((double)x[r * ld + c] - pivot[c]) - m0;
             d += u;
             q += u * u;
         }
