@@ -60,7 +60,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, training=True, running_mean
                 running_var[...] = ((1 - momentum) * _f64(running_var)
                                     + momentum * var * m / (m - 1))
     else:
-        mean, var = _f64(running_mean), _f64(running_var)
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        # copies: save_mean must not alias (and later follow) the caller's running_mean
+        mean = np.array(running_mean, dtype=np.float64)
+        var = np.array(running_var, dtype=np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
     y = (x - mean.reshape(_bshape(x.ndim))) * invstd.reshape(_bshape(x.ndim))
     if weight is not None:
@@ -227,9 +231,17 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, axis=1,
     return np.moveaxis(dx, 1, ax), dweight, dbias
 
 
+def _check_spatial(x, axis):
+    """PyTorch: instance statistics need more than one spatial value per (n, c)."""
+    if x.size // (x.shape[0] * x.shape[axis % x.ndim] or 1) == 1:
+        raise ValueError("expected more than 1 spatial element per instance when using "
+                         "input statistics")
+
+
 def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=None,
                           n_threads=None):
     xa = _f64(x)
+    _check_spatial(xa, axis)
     nch = xa.shape[axis % xa.ndim]
     y, mean, invstd = group_norm_forward(xa, nch, weight, bias, eps, axis=axis)
     return y, mean, invstd

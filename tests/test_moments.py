@@ -1,0 +1,371 @@
+"""bncore.moments and bncore.Moments against the float64 reference, NumPy and exact
+rational arithmetic, over dtypes x layouts x shapes x offsets and every kind of axis."""
+import pickle
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import bncore
+from arrays import Case, cases, exact_moments, fraction_moments, layout, rel_err
+
+# Statistics are accumulated in float64, so results are the exact value rounded once to
+# the output dtype: allow 1 ulp of that dtype (float64: a few ulp of accumulated error).
+VAR_RTOL = {np.dtype(np.float64): 1e-13, np.dtype(np.float32): 2.0 ** -23,
+            np.dtype(np.float16): 2.0 ** -10}
+
+
+def native(dtype):
+    return np.dtype(dtype).newbyteorder("=")
+
+
+def axis_specs(ndim, ch):
+    """Reductions worth trying on an array whose channel axis is ``ch``."""
+    rest = tuple(a for a in range(ndim) if a != ch)
+    specs = [None, ch, rest, 0, -1, tuple(range(ndim)), ()]
+    if ndim >= 3:
+        specs += [(ndim - 1, 0), (-1, -2)]          # unsorted and negative tuples
+    return specs
+
+
+def check_like_reference(got, want, dtype, scale, what):
+    mean, var = got
+    rmean, rvar = want
+    dt = native(dtype)
+    assert np.shape(mean) == np.shape(rmean) and np.shape(var) == np.shape(rvar), what
+    assert np.asarray(mean).dtype == dt and np.asarray(var).dtype == dt, what
+    rtol = VAR_RTOL[dt]
+    np.testing.assert_allclose(np.asarray(mean, np.float64), rmean, rtol=rtol,
+                               atol=rtol * scale, err_msg=what + " mean")
+    np.testing.assert_allclose(np.asarray(var, np.float64), rvar, rtol=rtol, atol=0,
+                               err_msg=what + " var")
+
+
+@pytest.mark.parametrize("case", cases())
+def test_against_reference(case, ref, unchanged):
+    x = case.make()
+    snap = unchanged(x)
+    ch = case.axis % x.ndim
+    for axis in axis_specs(x.ndim, ch):
+        got = bncore.moments(x, axis=axis)
+        want = ref.moments(x, axis=axis)
+        check_like_reference(got, want, case.dtype, case.offset + case.scale, f"axis={axis}")
+        assert np.shape(got[0]) == np.shape(np.mean(x, axis=axis))
+    snap.check()
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("ddof", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["C", "F", "strided_c", "flipped", "swapped", "chmem"])
+def test_ddof_keepdims_like_numpy(kind, ddof, keepdims):
+    x = Case((5, 4, 3, 6), 1, np.float64, kind, offset=10.0).make()
+    for axis in (None, 1, -1, (0, 2), (3, 0, 1), ()):
+        if ddof and axis == ():
+            continue        # one value per slice: NumPy warns and gives nan/inf (tested below)
+        mean, var = bncore.moments(x, axis=axis, ddof=ddof, keepdims=keepdims)
+        want_mean = np.mean(x, axis=axis, keepdims=keepdims)
+        want_var = np.var(x, axis=axis, ddof=ddof, keepdims=keepdims)
+        assert np.shape(mean) == np.shape(want_mean) and np.shape(var) == np.shape(want_var)
+        assert type(mean) is type(want_mean) and type(var) is type(want_var), axis
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-14)
+        np.testing.assert_allclose(var, want_var, rtol=1e-12)
+
+
+def test_scalar_results_for_full_reductions():
+    x = np.arange(12.0).reshape(3, 4)
+    mean, var = bncore.moments(x)
+    assert np.ndim(mean) == 0 and np.ndim(var) == 0
+    assert mean == 5.5 and var == np.var(x)
+    mean, var = bncore.moments(x, keepdims=True)
+    assert mean.shape == var.shape == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int8, np.uint8, np.int16, np.int32,
+                                   np.int64, np.uint32, np.uint64])
+def test_integer_and_bool_input_gives_float64(dtype):
+    rng = np.random.default_rng(3)
+    if dtype == np.bool_:
+        x = rng.integers(0, 2, (9, 5, 4)).astype(bool)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(max(info.min, -1000), min(info.max, 1000), (9, 5, 4), dtype=dtype)
+    for axis in (None, 0, (0, 2), -1):
+        for ddof in (0, 1):
+            mean, var = bncore.moments(x, axis=axis, ddof=ddof)
+            assert np.asarray(mean).dtype == np.asarray(var).dtype == np.float64
+            scale = float(np.max(np.abs(x.astype(np.float64))))
+            np.testing.assert_allclose(mean, np.mean(x, axis=axis), rtol=1e-15,
+                                       atol=1e-15 * scale)
+            np.testing.assert_allclose(var, np.var(x, axis=axis, ddof=ddof), rtol=1e-13,
+                                       atol=1e-15 * scale ** 2)
+
+
+def test_large_int64_like_numpy():
+    x = np.array([[2 ** 53 + 1, 2 ** 53 + 3], [2 ** 60, -2 ** 60], [7, 9]], np.int64)
+    mean, var = bncore.moments(x, axis=1)
+    np.testing.assert_allclose(mean, np.mean(x, axis=1), rtol=1e-15)
+    np.testing.assert_allclose(var, np.var(x, axis=1), rtol=1e-13)
+
+
+def test_array_likes():
+    mean, var = bncore.moments([[1, 2, 3], [4, 5, 7]], axis=0)
+    np.testing.assert_allclose(mean, [2.5, 3.5, 5.0])
+    np.testing.assert_allclose(var, [2.25, 2.25, 4.0])
+    mean, var = bncore.moments(3.0)
+    assert mean == 3.0 and var == 0.0
+
+
+# ------------------------------------------------------------------ exact arithmetic
+
+def test_exact_helper_agrees_with_fraction_sums():
+    rng = np.random.default_rng(0)
+    for values in (1e7 + rng.normal(0, 1e-2, 300), rng.normal(0, 3, 300),
+                   (1e6 + rng.normal(0, 0.1, 300)).astype(np.float32)):
+        assert exact_moments(values) == fraction_moments(values)
+
+
+@pytest.mark.parametrize("offset,spread", [(1e7, 1e-2), (1e7, 1.0), (-3e8, 0.5),
+                                           (1e9, 1e-1), (0.0, 1e-3)])
+@pytest.mark.parametrize("shape,axis", [((2001,), None), ((5003,), None), ((1001, 3), 0),
+                                        ((5000, 3), 0), ((9, 3, 17, 13), (0, 2, 3)),
+                                        ((20, 3, 30, 30), (0, 2, 3)),
+                                        ((9, 17, 13, 3), (0, 1, 2)), ((3, 5003), -1)], ids=str)
+def test_float64_exact_to_1e12(offset, spread, shape, axis):
+    x = offset + np.random.default_rng(11).normal(0, spread, shape)
+    mean, var = bncore.moments(x, axis=axis)
+    if axis is None:
+        groups = [x]
+    else:
+        kept = [a for a in range(x.ndim) if a not in np.atleast_1d(np.asarray(axis) % x.ndim)]
+        groups = list(np.moveaxis(x, kept[0], 0))
+    for c, values in enumerate(groups):
+        emean, evar = exact_moments(values)
+        m = mean if axis is None else mean[c]
+        v = var if axis is None else var[c]
+        assert abs(Fraction(float(m)) - emean) <= abs(emean) * 1e-15 + spread * 1e-15, (c, m)
+        assert rel_err(v, evar) <= 1e-12, (c, float(v), float(evar))
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 3, 24, 24), (0, 2, 3)), ((64, 24, 24, 3), (0, 1, 2)),
+                                        ((30000, 3), 0), ((3, 40000), 1)], ids=str)
+def test_float32_mean_1e6_std_0p1(shape, axis):
+    x = (1e6 + 0.1 * np.random.default_rng(5).normal(size=shape)).astype(np.float32)
+    mean, var = bncore.moments(x, axis=axis)
+    assert mean.dtype == var.dtype == np.float32
+    kept = [a for a in range(x.ndim) if a not in np.atleast_1d(axis)][0]
+    for c, values in enumerate(np.moveaxis(x, kept, 0)):
+        emean, evar = exact_moments(values)         # of the float32 values actually stored
+        assert rel_err(var[c], evar) <= 1e-4, (c, float(var[c]), float(evar))
+        # float64 accumulation: the float32 result is the exact value rounded once
+        assert rel_err(var[c], evar) <= 2.0 ** -23, (c, float(var[c]), float(evar))
+        assert rel_err(mean[c], emean) <= 2.0 ** -23, (c, float(mean[c]), float(emean))
+
+
+def test_float16_input_float16_result():
+    x = np.random.default_rng(2).normal(50.0, 2.0, (200, 3)).astype(np.float16)
+    mean, var = bncore.moments(x, axis=0)
+    assert mean.dtype == var.dtype == np.float16
+    for c in range(3):
+        emean, evar = exact_moments(x[:, c])
+        assert rel_err(mean[c], emean) <= 2.0 ** -10
+        assert rel_err(var[c], evar) <= 2.0 ** -10
+
+
+def test_empty_and_too_few_values_like_numpy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x, axis, ddof in [(np.zeros((0, 3)), 0, 0), (np.zeros((0, 3)), None, 0),
+                              (np.ones((2, 3)), 0, 2), (np.ones((2, 3)), 0, 5),
+                              (np.array([1.0, 2.0]), None, 2), (np.ones((4, 3)), (), 1)]:
+            mean, var = bncore.moments(x, axis=axis, ddof=ddof)
+            np.testing.assert_array_equal(mean, np.mean(x, axis=axis))
+            np.testing.assert_array_equal(var, np.var(x, axis=axis, ddof=ddof))
+    with pytest.warns(RuntimeWarning):
+        bncore.moments(np.zeros((0, 3)), axis=0)
+
+
+def test_nan_and_inf_stay_in_their_slice():
+    x = np.random.default_rng(1).normal(size=(6, 4))
+    x[2, 1] = np.nan
+    x[3, 2] = np.inf
+    with np.errstate(invalid="ignore"):
+        mean, var = bncore.moments(x, axis=0)
+        np.testing.assert_array_equal(np.isnan(mean), np.isnan(np.mean(x, axis=0)))
+        np.testing.assert_array_equal(np.isnan(var), np.isnan(np.var(x, axis=0)))
+        assert mean[2] == np.inf
+    np.testing.assert_allclose(mean[[0, 3]], np.mean(x, axis=0)[[0, 3]], rtol=1e-15)
+
+
+def test_bitwise_identical_for_any_thread_count():
+    x = Case((32, 8, 32, 32), 1, np.float32, "C", offset=3.0).make()
+    for axis in ((0, 2, 3), None, 1, (0, 1)):
+        base = bncore.moments(x, axis=axis, n_threads=1)
+        for nt in (2, 3):
+            got = bncore.moments(x, axis=axis, n_threads=nt)
+            assert all(np.array_equal(a, b) for a, b in zip(base, got)), (axis, nt)
+
+
+@pytest.mark.parametrize("x,axis,exc", [
+    (np.ones(3, complex), None, TypeError),
+    (np.array(["a", "b"]), None, TypeError),
+    (np.array([1.0, None], dtype=object), None, TypeError),
+    (np.ones((2, 2)), (0, 0), ValueError),
+    (np.ones((2, 2)), (1, -1), ValueError),
+    (np.ones((2, 2)), 2, np.exceptions.AxisError),
+    (np.ones((2, 2)), -3, np.exceptions.AxisError),
+    (np.ones((2, 2)), 1.0, TypeError),
+], ids=["complex", "str", "object", "repeat", "repeat-negative", "axis2", "axis-3",
+        "float-axis"])
+def test_bad_input(x, axis, exc):
+    with pytest.raises(exc):
+        bncore.moments(x, axis=axis)
+
+
+# ------------------------------------------------------------------ streaming Moments
+
+def one_shot(x, axis):
+    return bncore.moments(x, axis=axis)
+
+
+@pytest.mark.parametrize("shape,axis,split_axis", [
+    ((1000, 3, 5), 0, 0),
+    ((40, 6, 7, 5), (0, 2, 3), 0),
+    ((40, 7, 5, 6), (0, 1, 2), 0),
+    ((7, 300), -1, 1),
+    ((500,), 0, 0),
+    ((60, 5, 4), (2, 0), 0),
+], ids=str)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streaming_updates_then_merge_equal_one_shot(shape, axis, split_axis, dtype):
+    x = (1e3 + np.random.default_rng(4).normal(0, 2.0, shape)).astype(dtype)
+    parts = np.array_split(x, 7, axis=split_axis)
+    left, right = bncore.Moments(), bncore.Moments()
+    for i, p in enumerate(parts):
+        out = (left if i < 3 else right).update(p, axis=axis)
+        assert out is (left if i < 3 else right)
+    assert left.merge(right) is left
+    mean, var = one_shot(x.astype(np.float64), axis)
+    n = x.size // np.size(mean)
+    assert left.count == n and isinstance(left.count, int)
+    assert np.shape(left.mean) == np.shape(mean)
+    assert np.asarray(left.mean).dtype == np.float64
+    np.testing.assert_allclose(left.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(left.var(), var, rtol=1e-12)
+    np.testing.assert_allclose(left.var(ddof=1), var * n / (n - 1), rtol=1e-12)
+    np.testing.assert_allclose(left.std(), np.sqrt(var), rtol=1e-12)
+    np.testing.assert_allclose(left.std(ddof=1), np.sqrt(var * n / (n - 1)), rtol=1e-12)
+    # the accumulator that was merged in is left as it was
+    rmean, rvar = one_shot(np.concatenate(parts[3:], axis=split_axis).astype(np.float64), axis)
+    np.testing.assert_allclose(right.mean, rmean, rtol=1e-12)
+    np.testing.assert_allclose(right.var(), rvar, rtol=1e-12)
+
+
+def test_merge_trees_are_exact():
+    x = 1e8 + np.random.default_rng(8).normal(size=(3001, 4))
+    accs = [bncore.Moments().update(p, axis=0) for p in np.array_split(x, 8)]
+    pairs = [bncore.Moments().merge(a).merge(b) for a, b in zip(accs[::2], accs[1::2])]
+    tree = pairs[0].merge(pairs[1]).merge(pairs[2].merge(pairs[3]))
+    chain = bncore.Moments()
+    for a in reversed(accs):
+        chain.merge(a)
+    for total in (tree, chain):
+        assert total.count == 3001
+        for c in range(4):
+            emean, evar = exact_moments(x[:, c])
+            assert rel_err(total.mean[c], emean) <= 1e-15
+            # partial means near 1e8 carry ~1e-8 rounding that enters through delta
+            assert rel_err(total.var()[c], evar) <= 1e-9
+
+
+def test_merge_with_itself_counts_the_data_twice():
+    x = np.random.default_rng(9).normal(5.0, 2.0, (50, 3))
+    acc = bncore.Moments().update(x, axis=0)
+    twin = pickle.loads(pickle.dumps(acc))
+    acc.merge(acc)
+    twin.merge(pickle.loads(pickle.dumps(twin)))
+    assert acc.count == twin.count == 100
+    np.testing.assert_allclose(acc.mean, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(acc.var(), x.var(0), rtol=1e-12)
+    np.testing.assert_array_equal(acc.var(), twin.var())
+
+
+def test_empty_accumulator_and_empty_batches():
+    empty = bncore.Moments()
+    assert empty.count == 0
+    assert np.isnan(empty.mean) and np.isnan(empty.var())
+    acc = bncore.Moments().update(np.ones((4, 3)), axis=0)
+    acc.merge(bncore.Moments())
+    assert acc.count == 4
+    acc.update(np.ones((0, 3)), axis=0)
+    assert acc.count == 4
+    np.testing.assert_array_equal(acc.mean, np.ones(3))
+    np.testing.assert_array_equal(acc.var(), np.zeros(3))
+    fresh = bncore.Moments().merge(acc)
+    assert fresh.count == 4
+    np.testing.assert_array_equal(fresh.mean, acc.mean)
+
+
+def test_scalar_feature_shape_and_integer_batches():
+    acc = bncore.Moments()
+    acc.update(np.arange(10), axis=0).update(np.arange(10, 20, dtype=np.int8), axis=0)
+    assert acc.count == 20 and np.ndim(acc.mean) == 0
+    assert acc.mean == 9.5
+    np.testing.assert_allclose(acc.var(), np.var(np.arange(20)), rtol=1e-15)
+    acc.update(np.array([True, False]), axis=0)
+    assert acc.count == 22
+
+
+@pytest.mark.parametrize("kind", ["F", "strided_c", "flipped", "swapped", "chmem"])
+def test_update_accepts_any_layout(kind):
+    case = Case((12, 5, 4, 3), 1, np.float64, kind, offset=100.0)
+    x, base = case.make(), Case((12, 5, 4, 3), 1, np.float64, offset=100.0).make()
+    a = bncore.Moments().update(x, axis=(0, 2, 3))
+    b = bncore.Moments().update(base, axis=(0, 2, 3))
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-15)
+    np.testing.assert_allclose(a.var(), b.var(), rtol=1e-13)
+
+
+def test_pickle_round_trip():
+    x = np.random.default_rng(6).normal(size=(6, 3, 4, 4)).astype(np.float32)
+    acc = bncore.Moments().update(x, axis=(0, 2, 3))
+    for proto in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        clone = pickle.loads(pickle.dumps(acc, protocol=proto))
+        assert clone.count == acc.count == 96
+        np.testing.assert_array_equal(clone.mean, acc.mean)
+        np.testing.assert_array_equal(clone.var(ddof=1), acc.var(ddof=1))
+    # a clone goes on exactly like the original, and they are independent
+    clone = pickle.loads(pickle.dumps(acc))
+    clone.update(x[:2], axis=(0, 2, 3))
+    acc2 = pickle.loads(pickle.dumps(acc)).update(x[:2], axis=(0, 2, 3))
+    np.testing.assert_array_equal(clone.var(), acc2.var())
+    assert acc.count == 96 and clone.count == 128
+    empty = pickle.loads(pickle.dumps(bncore.Moments()))
+    assert empty.count == 0
+    empty.update(x, axis=(0, 2, 3))
+    np.testing.assert_array_equal(empty.mean, acc.mean)
+
+
+def test_errors_leave_the_accumulator_unchanged():
+    acc = bncore.Moments().update(np.arange(12.0).reshape(4, 3), axis=0)
+    mean, var = acc.mean, acc.var()
+    with pytest.raises(ValueError):
+        acc.update(np.ones((4, 5)), axis=0)
+    with pytest.raises(ValueError):
+        acc.merge(bncore.Moments().update(np.ones((2, 2)), axis=0))
+    with pytest.raises(TypeError):
+        acc.merge(np.ones(3))
+    with pytest.raises(TypeError):
+        acc.update(np.ones((4, 3), complex), axis=0)
+    with pytest.raises(np.exceptions.AxisError):
+        acc.update(np.ones((4, 3)), axis=2)
+    assert acc.count == 4
+    np.testing.assert_array_equal(acc.mean, mean)
+    np.testing.assert_array_equal(acc.var(), var)
+
+
+def test_layouts_helper_keeps_values():
+    a = np.random.default_rng(0).normal(size=(3, 4, 5))
+    for kind in ("C", "F", "strided_c", "strided_n", "transposed", "flipped", "swapped",
+                 "chmem"):
+        np.testing.assert_array_equal(layout(a, kind), a)
