@@ -546,5 +546,11 @@ def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None
     True
     """
     sp = _Spatial(x, axis)
+    if sp.c == 0:   # no channels: nothing to normalise (group norm needs a group)
+        sp.like(dy, "dy")
+        param_vector(weight, "weight", (0,))
+        out = check_out(out, sp.shape, sp.dtype)
+        z = np.zeros(0, _stat_dtype(np.dtype(sp.dtype)))
+        return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
     return group_norm_backward(dy, x, mean, invstd, sp.c, weight, axis=axis, out=out,
                                n_threads=n_threads)

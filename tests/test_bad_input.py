@@ -1,199 +1,467 @@
 """Bad input for every public function: a TypeError/ValueError naming the argument and
-what was expected, raised before anything is written (README: "What is rejected")."""
+what was expected, raised before anything is written (README: "What is rejected").
+
+One table, ``CASES``: each row is a valid call of one public function (``GOOD``) with one
+argument replaced by something wrong. The valid calls train (running stats are updated)
+and pass ``out=``, so a call that wrote anything before raising would be caught: every
+array argument (x, dy, weight, bias, running and saved statistics, out) is snapshotted
+before the call and compared, NaN-aware, after it. Rows are generated per argument kind,
+for every function that has that argument, and the table is checked against
+``bncore.__all__`` so a new public function cannot go uncovered.
+"""
+import inspect
+
 import numpy as np
 import pytest
 
 import bncore
 
-X = np.random.default_rng(0).normal(size=(4, 6, 3, 5))
-C = 6
+N, C, H, W = 4, 6, 3, 5          # x is (N, C, H, W); groups of 2 channels; rows of W
+G = 3
+FAMILY = [f"{op}{suffix}" for op in ("layer_norm", "rms_norm", "group_norm", "instance_norm")
+          for suffix in ("", "_forward", "_backward")]
 
 
 def fresh():
-    """Every array argument a call might receive, newly made for each case."""
+    """Every argument a call might receive, newly made for each case. Running stats and
+    saved statistics hold a NaN so that a NaN-blind comparison could not hide a write."""
     rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 3.0, (N, C, H, W))
+    acc = bncore.Moments().update(x[:2], axis=0)
     return dict(
-        x=X.copy(), dy=rng.normal(size=X.shape), w=np.ones(C), b=np.zeros(C),
-        rm=np.zeros(C), rv=np.ones(C), mean=np.zeros(C), invstd=np.ones(C),
-        gmean=np.zeros((4, 3)), ginv=np.ones((4, 3)), imean=np.zeros((4, C)),
-        iinv=np.ones((4, C)), lmean=np.zeros((4, 6, 3)), linv=np.ones((4, 6, 3)),
-        out=np.empty_like(X),
+        x=x, dy=rng.normal(size=x.shape), w=rng.normal(size=C), b=rng.normal(size=C),
+        rm=np.array([0.5, np.nan, 1, 2, 3, 4]), rv=np.array([2.0, 1, np.nan, 1, 1, 1]),
+        mean=rng.normal(size=C), invstd=rng.uniform(1, 2, C),
+        wd=rng.normal(size=W), bd=rng.normal(size=W),
+        lmean=rng.normal(size=(N, C, H)), linv=rng.uniform(1, 2, (N, C, H)),
+        gmean=rng.normal(size=(N, G)), ginv=rng.uniform(1, 2, (N, G)),
+        imean=rng.normal(size=(N, C)), iinv=rng.uniform(1, 2, (N, C)),
+        out=np.full(x.shape, -7.0), acc=acc, acc2=bncore.Moments().update(x[2:], axis=0),
     )
 
 
-def ro(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
+def _update(a, **kw):
+    return a["acc"].update(**kw)
 
 
-# (id, call(a) using the dict of fresh arrays, exception, message pattern)
-CASES = [
-    # moments / Moments
-    ("moments complex", lambda a: bncore.moments(a["x"] + 0j), TypeError, "x must be a real"),
-    ("moments object", lambda a: bncore.moments(a["x"].astype(object)), TypeError, "x must"),
-    ("moments string", lambda a: bncore.moments(np.array(["a"])), TypeError, "x must"),
-    ("moments axis range", lambda a: bncore.moments(a["x"], axis=4), np.exceptions.AxisError,
-     "axis 4"),
-    ("moments axis repeated", lambda a: bncore.moments(a["x"], axis=(1, -3)), ValueError,
-     "repeats"),
-    ("Moments shape", lambda a: bncore.Moments().update(a["x"], 0).update(a["w"], 0),
-     ValueError, "feature shape"),
-    ("Moments merge type", lambda a: bncore.Moments().merge(a["w"]), TypeError, "Moments"),
-    # batch norm
-    ("bn int", lambda a: bncore.batch_norm(a["x"].astype(int), a["rm"], a["rv"]), TypeError,
-     "x must be a float"),
-    ("bn bool", lambda a: bncore.batch_norm(a["x"] > 0, a["rm"], a["rv"]), TypeError,
-     "x must be a float"),
-    ("bn object", lambda a: bncore.batch_norm(a["x"].astype(object), a["rm"], a["rv"]),
-     TypeError, "x must be a float"),
-    ("bn string", lambda a: bncore.batch_norm(np.array([["a", "b"]]), a["rm"], a["rv"]),
-     TypeError, "x must be a float"),
-    ("bn 1-d", lambda a: bncore.batch_norm(a["w"], a["rm"], a["rv"]), ValueError,
-     "at least 2 dimensions"),
-    ("bn weight size", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], np.ones(5)),
-     ValueError, r"weight must have shape \(6,\)"),
-    ("bn bias size", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], None, np.ones(7)),
-     ValueError, r"bias must have shape \(6,\)"),
-    ("bn running_mean size", lambda a: bncore.batch_norm(a["x"], np.zeros(5), a["rv"],
-                                                         training=True),
-     ValueError, "running_mean must have shape"),
-    ("bn running_var list", lambda a: bncore.batch_norm(a["x"], a["rm"], [1.0] * C,
-                                                        training=True),
-     TypeError, "running_var must be a NumPy float array"),
-    ("bn running_mean int", lambda a: bncore.batch_norm(a["x"], np.zeros(C, int), a["rv"],
-                                                        training=True),
-     TypeError, "running_mean must be a float array"),
-    ("bn read-only running_var", lambda a: bncore.batch_norm(a["x"], a["rm"], ro(a["rv"]),
-                                                             training=True),
-     ValueError, "running_var is read-only"),
-    ("bn axis range", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], axis=-5),
-     np.exceptions.AxisError, "axis -5"),
-    ("bn axis type", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], axis=1.5),
-     TypeError, "axis must be an int"),
-    ("bn eps negative", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], eps=-1e-5),
-     ValueError, "eps"),
-    ("bn eps nan", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], eps=np.nan),
-     ValueError, "eps"),
-    ("bn momentum nan", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], training=True,
-                                                    momentum=np.nan),
-     ValueError, "momentum"),
-    ("bn one value per channel", lambda a: bncore.batch_norm(a["x"][:1, :, :1, :1], a["rm"],
-                                                             a["rv"], training=True),
-     ValueError, "more than 1 value per channel"),
-    ("bn eval without stats", lambda a: bncore.batch_norm(a["x"], None, None), ValueError,
-     "running_mean and running_var are required"),
-    ("bn out read-only", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"],
-                                                     out=ro(a["out"])),
-     ValueError, "out is read-only"),
-    ("bn out shape", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], out=a["out"][0]),
-     ValueError, "out must have shape"),
-    ("bn out dtype", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"],
-                                                 out=a["out"].astype(np.float32)),
-     TypeError, "out must have dtype"),
-    ("bn out type", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], out=[0]),
-     TypeError, "out must be a NumPy array"),
-    ("bn n_threads", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], n_threads=-2),
-     ValueError, "n_threads"),
-    ("bn n_threads type", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], n_threads="2"),
-     TypeError, "n_threads"),
-    ("bn fwd weight complex", lambda a: bncore.batch_norm_forward(a["x"], a["w"] + 1j),
-     TypeError, "weight must be a real"),
-    ("bnb dy shape", lambda a: bncore.batch_norm_backward(a["dy"][:2], a["x"], a["mean"],
-                                                          a["invstd"]),
-     ValueError, "dy must have the shape of x"),
-    ("bnb dy dtype", lambda a: bncore.batch_norm_backward(a["dy"].astype(np.float32), a["x"],
-                                                          a["mean"], a["invstd"]),
-     TypeError, "dy must have the dtype of x"),
-    ("bnb save_mean size", lambda a: bncore.batch_norm_backward(a["dy"], a["x"], np.zeros(5),
-                                                                a["invstd"]),
-     ValueError, "save_mean must have shape"),
-    ("bnb save_invstd missing", lambda a: bncore.batch_norm_backward(a["dy"], a["x"],
-                                                                     a["mean"], None),
-     TypeError, "save_mean and save_invstd are required"),
-    ("bnb out dtype", lambda a: bncore.batch_norm_backward(
-        a["dy"], a["x"], a["mean"], a["invstd"], out=a["out"].astype(np.float32)),
-     TypeError, "out must have dtype"),
-    # layer / RMS norm
-    ("ln shape", lambda a: bncore.layer_norm(a["x"], (3, 4)), ValueError, "normalized_shape"),
-    ("ln shape type", lambda a: bncore.layer_norm(a["x"], "5"), TypeError,
-     "normalized_shape must be an int"),
-    ("ln shape float", lambda a: bncore.layer_norm(a["x"], 5.0), TypeError,
-     "normalized_shape must be an int"),
-    ("ln weight", lambda a: bncore.layer_norm(a["x"], (3, 5), np.ones(5)), ValueError,
-     r"weight must have shape \(3, 5\)"),
-    ("ln int", lambda a: bncore.layer_norm(a["x"].astype(np.int32), 5), TypeError,
-     "x must be a float"),
-    ("ln eps", lambda a: bncore.layer_norm(a["x"], 5, eps=-0.1), ValueError, "eps"),
-    ("lnf out shape", lambda a: bncore.layer_norm_forward(a["x"], 5, out=a["out"][:1]),
-     ValueError, "out must have shape"),
-    ("lnb mean shape", lambda a: bncore.layer_norm_backward(a["dy"], a["x"], a["mean"],
-                                                            a["linv"], 5),
-     ValueError, "mean must have shape"),
-    ("lnb dy", lambda a: bncore.layer_norm_backward(a["dy"][0], a["x"], a["lmean"], a["linv"],
-                                                    5),
-     ValueError, "dy must have the shape"),
-    ("rms weight", lambda a: bncore.rms_norm(a["x"], 5, np.ones(4)), ValueError,
-     r"weight must have shape \(5,\)"),
-    ("rms complex", lambda a: bncore.rms_norm(a["x"] + 0j, 5), TypeError, "x must be a float"),
-    ("rms eps nan", lambda a: bncore.rms_norm(a["x"], 5, eps=np.nan), ValueError, "eps"),
-    ("rmsf shape", lambda a: bncore.rms_norm_forward(a["x"], 7), ValueError,
-     "normalized_shape"),
-    ("rmsb invrms shape", lambda a: bncore.rms_norm_backward(a["dy"], a["x"], a["invstd"], 5),
-     ValueError, "invrms must have shape"),
-    # group / instance norm
-    ("gn groups", lambda a: bncore.group_norm(a["x"], 4), ValueError, "num_groups"),
-    ("gn groups zero", lambda a: bncore.group_norm(a["x"], 0), ValueError, "num_groups"),
-    ("gn groups type", lambda a: bncore.group_norm(a["x"], "two"), TypeError, "num_groups"),
-    ("gn one per group", lambda a: bncore.group_norm(a["x"][:, :, :1, :1], 6), ValueError,
-     "more than 1 value per group"),
-    ("gn weight", lambda a: bncore.group_norm(a["x"], 3, np.ones(3)), ValueError,
-     r"weight must have shape \(6,\)"),
-    ("gn axis", lambda a: bncore.group_norm(a["x"], 3, axis=2), ValueError, "axis must be 1"),
-    ("gn 1-d", lambda a: bncore.group_norm(a["w"], 3), ValueError, "at least 2 dimensions"),
-    ("gnf bool", lambda a: bncore.group_norm_forward(a["x"] > 0, 3), TypeError,
-     "x must be a float"),
-    ("gnb mean shape", lambda a: bncore.group_norm_backward(a["dy"], a["x"], a["mean"],
-                                                            a["ginv"], 3),
-     ValueError, r"mean must have shape \(4, 3\)"),
-    ("gnb dy dtype", lambda a: bncore.group_norm_backward(a["dy"].astype(np.float32), a["x"],
-                                                          a["gmean"], a["ginv"], 3),
-     TypeError, "dy must have the dtype"),
-    ("in one per instance", lambda a: bncore.instance_norm(a["x"][:, :, :1, :1]), ValueError,
-     "more than 1 spatial element"),
-    ("in running_mean size", lambda a: bncore.instance_norm(a["x"], np.zeros(5), a["rv"]),
-     ValueError, "running_mean must have shape"),
-    ("in read-only running_mean", lambda a: bncore.instance_norm(a["x"], ro(a["rm"]), a["rv"]),
-     ValueError, "running_mean is read-only"),
-    ("in eval without stats", lambda a: bncore.instance_norm(a["x"], use_input_stats=False),
-     ValueError, "running_mean and running_var are required"),
-    ("in momentum", lambda a: bncore.instance_norm(a["x"], a["rm"], a["rv"], momentum="x"),
-     TypeError, "momentum"),
-    ("inf eps", lambda a: bncore.instance_norm_forward(a["x"], eps=-1), ValueError, "eps"),
-    ("inb invstd shape", lambda a: bncore.instance_norm_backward(a["dy"], a["x"], a["imean"],
-                                                                 a["invstd"]),
-     ValueError, "invstd must have shape"),
+def _merge(a, **kw):
+    return a["acc"].merge(**kw)
+
+
+def _var(a, **kw):
+    return a["acc"].var(**kw)
+
+
+def _std(a, **kw):
+    return a["acc"].std(**kw)
+
+
+# A valid call of every public function (and Moments method): name -> a -> kwargs.
+GOOD = {
+    "moments": lambda a: dict(x=a["x"], axis=(0, 2, 3)),
+    "Moments.update": lambda a: dict(x=a["x"], axis=0),
+    "Moments.merge": lambda a: dict(other=a["acc2"]),
+    "Moments.var": lambda a: dict(ddof=1),
+    "Moments.std": lambda a: dict(ddof=1),
+    "batch_norm": lambda a: dict(x=a["x"], running_mean=a["rm"], running_var=a["rv"],
+                                 weight=a["w"], bias=a["b"], training=True, out=a["out"]),
+    "batch_norm_forward": lambda a: dict(x=a["x"], weight=a["w"], bias=a["b"], training=True,
+                                         running_mean=a["rm"], running_var=a["rv"],
+                                         out=a["out"]),
+    "batch_norm_backward": lambda a: dict(dy=a["dy"], x=a["x"], save_mean=a["mean"],
+                                          save_invstd=a["invstd"], weight=a["w"],
+                                          out=a["out"]),
+    "layer_norm": lambda a: dict(x=a["x"], normalized_shape=W, weight=a["wd"], bias=a["bd"],
+                                 out=a["out"]),
+    "layer_norm_forward": lambda a: dict(x=a["x"], normalized_shape=W, weight=a["wd"],
+                                         bias=a["bd"], out=a["out"]),
+    "layer_norm_backward": lambda a: dict(dy=a["dy"], x=a["x"], mean=a["lmean"],
+                                          invstd=a["linv"], normalized_shape=W,
+                                          weight=a["wd"], out=a["out"]),
+    "rms_norm": lambda a: dict(x=a["x"], normalized_shape=W, weight=a["wd"], out=a["out"]),
+    "rms_norm_forward": lambda a: dict(x=a["x"], normalized_shape=W, weight=a["wd"],
+                                       out=a["out"]),
+    "rms_norm_backward": lambda a: dict(dy=a["dy"], x=a["x"], invrms=a["linv"],
+                                        normalized_shape=W, weight=a["wd"], out=a["out"]),
+    "group_norm": lambda a: dict(x=a["x"], num_groups=G, weight=a["w"], bias=a["b"],
+                                 out=a["out"]),
+    "group_norm_forward": lambda a: dict(x=a["x"], num_groups=G, weight=a["w"], bias=a["b"],
+                                         out=a["out"]),
+    "group_norm_backward": lambda a: dict(dy=a["dy"], x=a["x"], mean=a["gmean"],
+                                          invstd=a["ginv"], num_groups=G, weight=a["w"],
+                                          out=a["out"]),
+    "instance_norm": lambda a: dict(x=a["x"], running_mean=a["rm"], running_var=a["rv"],
+                                    weight=a["w"], bias=a["b"], use_input_stats=True,
+                                    out=a["out"]),
+    "instance_norm_forward": lambda a: dict(x=a["x"], weight=a["w"], bias=a["b"],
+                                            out=a["out"]),
+    "instance_norm_backward": lambda a: dict(dy=a["dy"], x=a["x"], mean=a["imean"],
+                                             invstd=a["iinv"], weight=a["w"], out=a["out"]),
+}
+METHODS = {"Moments.update": _update, "Moments.merge": _merge, "Moments.var": _var,
+           "Moments.std": _std}
+STATS = ("moments", "Moments.update")          # accept int/bool x, no out, no channel axis
+ROW_NORMS = ("layer_norm", "layer_norm_forward", "layer_norm_backward", "rms_norm",
+             "rms_norm_forward", "rms_norm_backward")
+AXIS_1_OR_LAST = tuple(n for n in GOOD if n.startswith(("group_norm", "instance_norm")))
+
+
+def target(name):
+    return METHODS.get(name) or (lambda a, **kw: getattr(bncore, name)(**kw))
+
+
+def ro(arr):
+    arr = arr.copy()
+    arr.flags.writeable = False
+    return arr
+
+
+def _shrink_x(fn, n_keep, h, w):
+    """Overrides for x (dy) and out cut to x[:n_keep, :, :h, :w] (one value per ...)."""
+    keys = [k for k in ("x", "dy") if k in GOOD[fn](fresh())]
+    return {k: (lambda a, k=k: a[k][:n_keep, :, :h, :w]) for k in keys} | {
+        "out": lambda a: np.full((n_keep, C, h, w), -7.0)}
+
+
+CASES = []
+
+
+def case(fn, label, exc, match, **overrides):
+    CASES.append(pytest.param(fn, overrides, exc, match, id=f"{fn}-{label}"))
+
+
+BAD_FLOAT_DTYPES = [("int32", np.int32), ("int64", np.int64), ("uint8", np.uint8),
+                    ("bool", np.bool_), ("complex", np.complex128), ("object", object),
+                    ("longdouble", np.longdouble)]
+
+def signature(name):
+    fn = bncore
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    return set(inspect.signature(fn).parameters) - {"self"}
+
+
+for fn, good in GOOD.items():
+    kw = good(fresh())
+    params = signature(fn)
+    both_x_dy = ("x", "dy") if "dy" in kw else ("x",)
+    # --- dtype of x (and dy): normalisation ops take float16/32/64 only
+    if "x" in kw:
+        bad = BAD_FLOAT_DTYPES[4:] if fn in STATS else BAD_FLOAT_DTYPES
+        for label, dt in bad:
+            case(fn, f"x-{label}", TypeError, r"\bx must be a ",
+                 x=lambda a, dt=dt: a["x"].astype(dt))
+        case(fn, "x-str", TypeError, r"\bx must be a ", x=lambda a: np.full(a["x"].shape, "a"))
+        case(fn, "x-None", TypeError, r"\bx must be a ", x=None)
+        case(fn, "x-datetime", TypeError, r"\bx must be a ",
+             x=lambda a: a["x"].astype(np.int64).astype("datetime64[s]"))
+    if "dy" in kw:
+        for label, dt in BAD_FLOAT_DTYPES[:5]:
+            case(fn, f"dy-{label}", TypeError, r"\bdy must be a ",
+                 dy=lambda a, dt=dt: a["dy"].astype(dt))
+        case(fn, "dy-float32-vs-float64", TypeError, r"\bdy must have the dtype of x",
+             dy=lambda a: a["dy"].astype(np.float32))
+        case(fn, "dy-shape", ValueError, r"\bdy must have the shape of x",
+             dy=lambda a: a["dy"][:2])
+        case(fn, "dy-transposed-shape", ValueError, r"\bdy must have the shape of x",
+             dy=lambda a: a["dy"].transpose(0, 1, 3, 2))
+    # --- ndim of x
+    if fn in ROW_NORMS:
+        case(fn, "x-0d", ValueError, r"normalized_shape .* trailing dimensions of x",
+             **{k: (lambda a, k=k: a[k][0, 0, 0, 0]) for k in both_x_dy})
+        case(fn, "x-fewer-dims-than-normalized_shape", ValueError, r"normalized_shape",
+             normalized_shape=(N, C, H, W, 1))
+    elif fn not in STATS and "x" in kw:
+        case(fn, "x-1d", ValueError, r"\bx must have at least 2 dimensions",
+             **{k: (lambda a, k=k: a[k][0, 0, 0]) for k in both_x_dy}, out=None)
+        case(fn, "x-0d", ValueError, r"\bx must have at least 2 dimensions",
+             **{k: (lambda a, k=k: a[k][0, 0, 0, 0]) for k in both_x_dy}, out=None)
+    # --- per-channel (or per-normalized-element) parameters
+    pshape = "W" if fn in ROW_NORMS else "C"
+    for p in ("weight", "bias"):
+        if p in kw:
+            case(fn, f"{p}-short", ValueError, rf"\b{p} must have shape \(\d+,\)",
+                 **{p: np.ones(W - 1 if pshape == "W" else C - 1)})
+            case(fn, f"{p}-2d", ValueError, rf"\b{p} must have shape",
+                 **{p: lambda a, v="wd" if pshape == "W" else "w": a[v].reshape(1, -1)})
+            case(fn, f"{p}-scalar", ValueError, rf"\b{p} must have shape", **{p: 1.0})
+            for label, dt in (("complex", np.complex128), ("bool", np.bool_),
+                              ("object", object), ("str", "U1")):
+                case(fn, f"{p}-{label}", TypeError, rf"\b{p} must be a real",
+                     **{p: np.ones(W if pshape == "W" else C, dtype=dt)})
+    # --- running statistics (updated in place when training)
+    for p in ("running_mean", "running_var"):
+        if p in kw:
+            case(fn, f"{p}-short", ValueError, rf"\b{p} must have shape \(6,\)",
+                 **{p: np.zeros(C - 1)})
+            case(fn, f"{p}-2d", ValueError, rf"\b{p} must have shape \(6,\)",
+                 **{p: np.zeros((1, C))})
+            case(fn, f"{p}-list", TypeError, rf"\b{p} must be a NumPy float array",
+                 **{p: [0.0] * C})
+            case(fn, f"{p}-int", TypeError, rf"\b{p} must be a float array",
+                 **{p: np.zeros(C, np.int64)})
+            case(fn, f"{p}-complex", TypeError, rf"\b{p} must be a float array",
+                 **{p: np.zeros(C, np.complex128)})
+            case(fn, f"{p}-read-only", ValueError, rf"\b{p} is read-only",
+                 **{p: lambda a, p=p: ro(a["rm" if p == "running_mean" else "rv"])})
+    # --- saved statistics of the backward passes
+    saved = [p for p in ("save_mean", "save_invstd", "mean", "invstd", "invrms") if p in kw]
+    for p in saved:
+        case(fn, f"{p}-wrong-shape", ValueError, rf"\b{p} must have shape",
+             **{p: lambda a, p=p, good=good: np.ones(np.shape(good(a)[p])[:-1] + (7,))})
+        case(fn, f"{p}-complex", TypeError, rf"\b{p} must be a real",
+             **{p: lambda a, p=p, good=good: np.asarray(good(a)[p], np.complex128)})
+        case(fn, f"{p}-None", TypeError, rf"\b{p}\b.*required", **{p: None})
+    # --- channel axis
+    if fn in STATS:
+        case(fn, "axis-out-of-range", np.exceptions.AxisError, r"\baxis 4\b", axis=4)
+        case(fn, "axis-negative-out-of-range", np.exceptions.AxisError, r"\baxis -5\b",
+             axis=-5)
+        case(fn, "axis-repeated", ValueError, r"\baxis .* repeats an axis", axis=(1, -3))
+        case(fn, "axis-float", TypeError, r"\baxis must be an int", axis=1.0)
+        case(fn, "axis-str", TypeError, r"\baxis must be an int", axis="0")
+    elif "x" in kw and fn not in ROW_NORMS:
+        case(fn, "axis-out-of-range", np.exceptions.AxisError, r"\baxis 4\b", axis=4)
+        case(fn, "axis-negative-out-of-range", np.exceptions.AxisError, r"\baxis -5\b",
+             axis=-5)
+        case(fn, "axis-float", TypeError, r"\baxis must be an int", axis=1.5)
+        case(fn, "axis-tuple", TypeError, r"\baxis must be an int", axis=(1, 1))
+        if fn in AXIS_1_OR_LAST:
+            case(fn, "axis-not-1-or-last", ValueError, r"\baxis must be 1 .* or -1", axis=2)
+    # --- out
+    if "out" in kw:
+        case(fn, "out-read-only", ValueError, r"\bout is read-only", out=lambda a: ro(a["out"]))
+        case(fn, "out-shape", ValueError, r"\bout must have shape", out=lambda a: a["out"][0])
+        case(fn, "out-float32", TypeError, r"\bout must have dtype float64",
+             out=lambda a: a["out"].astype(np.float32))
+        case(fn, "out-byteswapped", TypeError, r"\bout must have dtype float64",
+             out=lambda a: a["out"].astype(">f8"))
+        case(fn, "out-list", TypeError, r"\bout must be a NumPy array", out=[0.0])
+    # --- scalars
+    if "eps" in params:
+        for label, value in (("negative", -1e-5), ("nan", np.nan), ("inf", np.inf)):
+            case(fn, f"eps-{label}", ValueError, r"\beps must be a finite number >= 0",
+                 eps=value)
+        case(fn, "eps-str", TypeError, r"\beps must be a real number", eps="1e-5")
+        case(fn, "eps-complex", TypeError, r"\beps must be a real number", eps=1e-5j)
+    if "n_threads" in params:
+        for label, value in (("zero", 0), ("negative", -2)):
+            case(fn, f"n_threads-{label}", ValueError, r"\bn_threads must be", n_threads=value)
+        for label, value in (("str", "2"), ("float", 2.0), ("bool", True)):
+            case(fn, f"n_threads-{label}", TypeError, r"\bn_threads must be", n_threads=value)
+    if fn in ("moments", "Moments.var", "Moments.std"):
+        case(fn, "ddof-nan", ValueError, r"\bddof must not be NaN", ddof=np.nan)
+        case(fn, "ddof-str", TypeError, r"\bddof must be a real number", ddof="1")
+    if "running_mean" in kw:
+        case(fn, "momentum-nan", ValueError, r"\bmomentum must not be NaN", momentum=np.nan)
+        case(fn, "momentum-str", TypeError, r"\bmomentum must be a real number",
+             momentum="0.1")
+    if "num_groups" in kw:
+        for label, value in (("not-divisor", 4), ("zero", 0), ("negative", -3),
+                             ("more-than-C", 2 * C)):
+            case(fn, f"num_groups-{label}", ValueError,
+                 r"\bnum_groups \(-?\d+\) must be a positive divisor", num_groups=value)
+        for label, value in (("str", "3"), ("float", 3.0), ("None", None)):
+            case(fn, f"num_groups-{label}", TypeError, r"\bnum_groups must be an int",
+                 num_groups=value)
+    if "normalized_shape" in kw:
+        for label, value in (("mismatch", (C, W)), ("wrong-int", H), ("empty", ()),
+                             ("negative", -W)):
+            case(fn, f"normalized_shape-{label}", ValueError,
+                 r"\bnormalized_shape .* must match the trailing dimensions of x",
+                 normalized_shape=value)
+        for label, value in (("str", "5"), ("float", 5.0), ("float-tuple", (5.0,)),
+                             ("None", None)):
+            case(fn, f"normalized_shape-{label}", TypeError,
+                 r"\bnormalized_shape must be an int or a tuple of ints",
+                 normalized_shape=value)
+
+# --- one value per channel / group / instance where the statistics come from x
+for fn in ("batch_norm", "batch_norm_forward"):
+    case(fn, "one-value-per-channel", ValueError,
+         r"more than 1 value per channel when training, got \bx\b", **_shrink_x(fn, 1, 1, 1))
+    case(fn, "one-value-per-channel-2d", ValueError,
+         r"more than 1 value per channel when training, got \bx\b",
+         x=lambda a: a["x"][:1, :, 0, 0], out=lambda a: a["out"][:1, :, 0, 0])
+    case(fn, "one-value-per-channel-last", ValueError,
+         r"more than 1 value per channel when training, got \bx\b",
+         x=lambda a: a["x"][:1, :1, :1, :], axis=-1, out=None,
+         running_mean=lambda a: a["rm"][:W], running_var=lambda a: a["rv"][:W],
+         weight=None, bias=None)
+for fn in ("group_norm", "group_norm_forward"):
+    case(fn, "one-value-per-group", ValueError, r"more than 1 value per group, got \bx\b",
+         **_shrink_x(fn, N, 1, 1), num_groups=C)
+for fn in ("instance_norm", "instance_norm_forward"):
+    case(fn, "one-value-per-instance", ValueError,
+         r"more than 1 spatial element per instance .* got \bx\b", **_shrink_x(fn, N, 1, 1))
+    case(fn, "one-value-per-instance-2d", ValueError,
+         r"more than 1 spatial element per instance .* got \bx\b",
+         x=lambda a: a["x"][:, :, 0, 0], out=None)
+
+# --- eval without running statistics, and the remaining special cases
+case("batch_norm", "eval-without-running-stats", ValueError,
+     r"\brunning_mean and running_var are required", training=False, running_mean=None)
+case("batch_norm_forward", "eval-without-running-var", ValueError,
+     r"\brunning_mean and running_var are required", training=False, running_var=None)
+case("batch_norm", "eval-running_var-short", ValueError, r"\brunning_var must have shape",
+     training=False, running_var=np.ones(C - 1))
+case("instance_norm", "eval-without-running-stats", ValueError,
+     r"\brunning_mean and running_var are required", use_input_stats=False,
+     running_var=None)
+case("instance_norm", "eval-running_mean-short", ValueError,
+     r"\brunning_mean must have shape", use_input_stats=False, running_mean=np.zeros(C - 1))
+case("instance_norm", "eval-eps-nan", ValueError, r"\beps must be a finite",
+     use_input_stats=False, eps=np.nan)
+case("Moments.update", "x-feature-shape", ValueError, r"\bx\b.*feature shape|feature shape.*\bx\b",
+     x=lambda a: a["x"][:, :2])
+case("Moments.merge", "other-feature-shape", ValueError,
+     r"\bother\b.*feature shape|feature shape.*\bother\b",
+     other=lambda a: bncore.Moments().update(a["x"][:, :2], axis=0))
+case("Moments.merge", "other-not-a-Moments", TypeError, r"\bother must be a Moments",
+     other=lambda a: a["x"])
+case("Moments.merge", "other-None", TypeError, r"\bother must be a Moments", other=None)
+
+
+# ------------------------------------------------------------------ snapshots
+
+def _snapshot(obj):
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.copy(), obj.dtype, obj.shape, obj.flags.writeable)
+    if isinstance(obj, bncore.Moments):
+        return ("moments", obj.count, np.array(obj.mean, copy=True), np.array(obj.var(),
+                                                                              copy=True))
+    if isinstance(obj, list):
+        return ("list", list(obj))
+    return None
+
+
+def _same(a, b):
+    if a.dtype.kind in "fc":
+        return np.array_equal(a, b, equal_nan=True)
+    return np.array_equal(a, b)
+
+
+def _check_unchanged(obj, snap, what):
+    kind = snap[0]
+    if kind == "array":
+        _, copy, dtype, shape, writeable = snap
+        assert obj.dtype == dtype and obj.shape == shape, f"{what} changed dtype or shape"
+        assert obj.flags.writeable == writeable, f"{what} changed its writeable flag"
+        assert _same(obj, copy), f"{what} was modified"
+    elif kind == "moments":
+        _, count, mean, var = snap
+        assert obj.count == count, f"{what} (a Moments) changed its count"
+        assert _same(np.asarray(obj.mean), mean) and _same(np.asarray(obj.var()), var), \
+            f"{what} (a Moments) was modified"
+    elif kind == "list":
+        assert obj == snap[1], f"{what} (a list) was modified"
+
+
+def call(fn, overrides, a):
+    kw = GOOD[fn](a)
+    for k, v in overrides.items():
+        kw[k] = v(a) if callable(v) else v
+    return kw, (lambda: target(fn)(a, **kw))
+
+
+@pytest.mark.parametrize("fn,overrides,exc,match", CASES)
+def test_rejected_with_a_clear_error_and_nothing_modified(fn, overrides, exc, match):
+    a = fresh()
+    kw, run = call(fn, overrides, a)
+    watched = dict(a) | {f"argument {k}": v for k, v in kw.items()}
+    snaps = {k: _snapshot(v) for k, v in watched.items()}
+    with pytest.raises(exc, match=match) as info:
+        run()
+    # AxisError is a ValueError and an IndexError; nothing else may leak through
+    assert isinstance(info.value, (TypeError, ValueError)), type(info.value)
+    for k, v in watched.items():
+        if snaps[k] is not None:
+            _check_unchanged(v, snaps[k], f"{k} (by {fn})")
+
+
+@pytest.mark.parametrize("fn", sorted(GOOD))
+def test_the_valid_call_behind_each_case_works_and_writes(fn):
+    """Each case differs from a call that succeeds by one argument, and that call writes
+    out / the running stats / the accumulator: so 'nothing modified' above has teeth."""
+    a = fresh()
+    kw, run = call(fn, {}, a)
+    before = {k: _snapshot(v) for k, v in a.items()}
+    run()
+    writes = {"out"} & set(kw) | ({"rm", "rv"} if "running_mean" in kw else set())
+    if fn in ("Moments.update", "Moments.merge"):
+        writes = {"acc"}
+    for k in writes:
+        with pytest.raises(AssertionError):
+            _check_unchanged(a[k], before[k], k)
+
+
+def public_functions():
+    return sorted(n for n in bncore.__all__
+                  if n not in ("__version__", "show_config", "Moments")) + \
+        sorted(METHODS)
+
+
+def test_every_public_function_has_bad_input_cases():
+    covered = {p.values[0] for p in CASES}
+    missing = [n for n in public_functions() if n not in covered]
+    assert not missing, f"no bad-input cases (add a GOOD call) for {missing}"
+
+
+def test_every_argument_kind_is_covered_for_every_function():
+    """For each public function: x, and each of dy/weight/bias/running stats/saved
+    statistics/axis/out/eps/momentum/n_threads/num_groups/normalized_shape it takes."""
+    ids = {p.id for p in CASES}
+    gaps = []
+    for n in public_functions():
+        for p in sorted(signature(n) - {"keepdims", "training", "use_input_stats"}):
+            if not any(i.startswith(f"{n}-{p}") or (p == "axis" and f"{n}-axis" in i)
+                       for i in ids):
+                gaps.append(f"{n}({p}=...)")
+    assert not gaps, f"arguments with no bad-input case: {gaps}"
+
+
+def test_the_whole_family_is_public():
+    """The family is part of the API contract (DESIGN.md)."""
+    missing = [n for n in FAMILY if n not in bncore.__all__ or not hasattr(bncore, n)]
+    assert not missing, f"family ops missing from bncore.__all__: {missing}"
+
+
+# ------------------------------------------------------------------ accepted input
+
+ACCEPTED = [
+    ("moments-int", lambda a: bncore.moments(a["x"].astype(np.int64), axis=0)),
+    ("moments-bool", lambda a: bncore.moments(a["x"] > 2)),
+    ("moments-list", lambda a: bncore.moments([[1, 2], [3, 4]], axis=1)),
+    ("moments-uint8-0d", lambda a: bncore.moments(np.uint8(3))),
+    ("moments-empty-axis-tuple", lambda a: bncore.moments(a["x"], axis=())),
+    ("Moments-int", lambda a: bncore.Moments().update(a["x"].astype(np.int16), axis=0)),
+    ("batch_norm-eval-read-only-running-stats",
+     lambda a: bncore.batch_norm(a["x"], ro(a["rm"]), ro(a["rv"]))),
+    ("batch_norm-read-only-x-weight", lambda a: bncore.batch_norm(
+        ro(a["x"]), a["rm"], a["rv"], ro(a["w"]), ro(a["b"]), training=True)),
+    ("batch_norm-float32-running-stats-float64-x", lambda a: bncore.batch_norm(
+        a["x"], a["rm"].astype(np.float32), a["rv"].astype(np.float32), training=True)),
+    ("batch_norm-byteswapped-running-stats", lambda a: bncore.batch_norm(
+        a["x"], a["rm"].astype(">f8"), a["rv"].astype(">f4"), training=True)),
+    ("batch_norm-int-weight", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"],
+                                                          np.arange(C))),
+    ("batch_norm-list-x", lambda a: bncore.batch_norm(a["x"].tolist(), a["rm"], a["rv"])),
+    ("batch_norm-out-is-x", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"],
+                                                        out=a["x"])),
+    ("batch_norm-eps-zero", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"], eps=0)),
+    ("batch_norm-numpy-int-axis", lambda a: bncore.batch_norm(a["x"], a["rm"], a["rv"],
+                                                              axis=np.int64(1))),
+    ("batch_norm-training-zero-size", lambda a: bncore.batch_norm(
+        a["x"][:0], a["rm"], a["rv"], training=True)),
+    ("layer_norm-tuple-shape-numpy-ints", lambda a: bncore.layer_norm(
+        a["x"], (np.int64(H), np.int32(W)))),
+    ("rms_norm-eps-None", lambda a: bncore.rms_norm(a["x"], W, eps=None)),
+    ("group_norm-channels-last", lambda a: bncore.group_norm(a["x"], 5, axis=-1)),
+    ("instance_norm-no-running-stats", lambda a: bncore.instance_norm(a["x"])),
 ]
 
 
-@pytest.mark.parametrize("name,call,exc,match", CASES, ids=[c[0] for c in CASES])
-def test_rejected_with_a_clear_error_and_nothing_modified(name, call, exc, match):
-    args = fresh()
-    snapshot = {k: v.copy() for k, v in args.items()}
-    with pytest.raises(exc, match=match):
-        call(args)
-    for k, v in snapshot.items():
-        np.testing.assert_array_equal(args[k], v, err_msg=f"{k} was modified by {name}")
-
-
-def test_every_public_function_has_a_bad_input_case():
-    names = {n for n in bncore.__all__ if n not in ("__version__", "show_config")}
-    covered = set()
-    for _, call, _, _ in CASES:
-        covered |= {n for n in names if f"bncore.{n}(" in _source(call)}
-    assert names <= covered, f"no bad-input case for {sorted(names - covered)}"
-
-
-def _source(fn):
-    import inspect
-    return inspect.getsource(fn)
+@pytest.mark.parametrize("call_", [c[1] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
+def test_accepted(call_):
+    """Things that look odd but are valid (and must stay so)."""
+    call_(fresh())

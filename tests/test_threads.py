@@ -1,0 +1,368 @@
+"""Determinism and thread safety.
+
+- Every op returns bitwise-identical results for n_threads = 1, 2, 3, 8 and None, and for
+  OMP_NUM_THREADS = 1, 2, 3 (subprocesses), on inputs big enough to go parallel (> 64K
+  values; the kernels stay serial under 32K) in both layouts, float32 and float64.
+- Eight Python threads calling every op at once, on shared and on separate inputs, get
+  exactly the serial results and leave the inputs untouched.
+- Kernels release the GIL. Robust on a busy 2-core machine: a heartbeat thread ticks
+  while one long call runs; if the call held the GIL the heartbeat would stall for the
+  whole call, so the longest stall must be well under the call's duration (the best of
+  five tries; a busy-machine hiccup cannot fail it, a held GIL fails every try). A
+  timing test (two threads vs one) runs only against a GIL-free control measured at the
+  same moment, so a loaded machine makes it inconclusive (an explicit skip), not flaky.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import bncore
+
+SHAPE = (8, 64, 16, 16)          # 131,072 values: several chunks per thread
+
+
+def make_ops(shape=SHAPE, dtype=np.float32, seed=0):
+    """name -> call(n_threads) returning a tuple of arrays; every public op, both layouts.
+
+    Built in a function so that each Python thread can get its own inputs."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))           # channels-last copies
+    dyl = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+    xs = np.ascontiguousarray(x[:, :, ::-1].transpose(0, 1, 3, 2))[:, :, ::-1]  # strided
+    c, d = shape[1], shape[-1]
+    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+    wd = rng.normal(size=d).astype(dtype)
+    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2, c)
+    _, m, s = bncore.batch_norm_forward(x, w)
+    _, ml, sl = bncore.batch_norm_forward(xl, w, axis=-1)
+    _, lm, ls = bncore.layer_norm_forward(x, d, wd, wd)
+    _, lm2, ls2 = bncore.layer_norm_forward(xl, c)
+    _, r = bncore.rms_norm_forward(x, d, wd)
+    _, gm, gs = bncore.group_norm_forward(x, 8, w, b)
+    _, gml, gsl = bncore.group_norm_forward(xl, 8, w, b, axis=-1)
+    _, im, is_ = bncore.instance_norm_forward(x, w, b)
+    _, iml, isl = bncore.instance_norm_forward(xl, w, b, axis=-1)
+
+    def train(xx, ax):
+        def run(nt):
+            rm_, rv_ = rm.copy(), rv.copy()
+            y = bncore.batch_norm(xx, rm_, rv_, w, b, training=True, axis=ax, n_threads=nt)
+            return y, rm_, rv_
+        return run
+
+    def inst(xx, ax):
+        def run(nt):
+            rm_, rv_ = rm.copy(), rv.copy()
+            y = bncore.instance_norm(xx, rm_, rv_, w, b, axis=ax, n_threads=nt)
+            return y, rm_, rv_
+        return run
+
+    B = bncore
+    table = {
+        "moments": lambda nt: B.moments(x, axis=(0, 2, 3), n_threads=nt),
+        "moments-channels-last": lambda nt: B.moments(xl, axis=(0, 1, 2), n_threads=nt),
+        "moments-all": lambda nt: B.moments(x, n_threads=nt),
+        "moments-strided": lambda nt: B.moments(xs, axis=0, n_threads=nt),
+        "batch_norm-train": train(x, 1),
+        "batch_norm-train-channels-last": train(xl, -1),
+        "batch_norm-eval": lambda nt: B.batch_norm(x, rm, rv, w, b, n_threads=nt),
+        "batch_norm-eval-channels-last": lambda nt: B.batch_norm(xl, rm, rv, w, b, axis=-1,
+                                                                 n_threads=nt),
+        "batch_norm_forward": lambda nt: B.batch_norm_forward(x, w, b, n_threads=nt),
+        "batch_norm_forward-strided": lambda nt: B.batch_norm_forward(xs, w, b, n_threads=nt),
+        "batch_norm_forward-channels-last": lambda nt: B.batch_norm_forward(
+            xl, w, b, axis=-1, n_threads=nt),
+        "batch_norm_backward": lambda nt: B.batch_norm_backward(dy, x, m, s, w, n_threads=nt),
+        "batch_norm_backward-channels-last": lambda nt: B.batch_norm_backward(
+            dyl, xl, ml, sl, w, axis=-1, n_threads=nt),
+        "batch_norm_backward-eval": lambda nt: B.batch_norm_backward(
+            dy, x, m, s, w, training=False, n_threads=nt),
+        "layer_norm": lambda nt: B.layer_norm(x, d, wd, wd, n_threads=nt),
+        "layer_norm_forward": lambda nt: B.layer_norm_forward(x, d, wd, wd, n_threads=nt),
+        "layer_norm_forward-channels-last": lambda nt: B.layer_norm_forward(xl, c,
+                                                                            n_threads=nt),
+        "layer_norm_backward": lambda nt: B.layer_norm_backward(dy, x, lm, ls, d, wd,
+                                                                n_threads=nt),
+        "layer_norm_backward-channels-last": lambda nt: B.layer_norm_backward(
+            dyl, xl, lm2, ls2, c, n_threads=nt),
+        "rms_norm": lambda nt: B.rms_norm(x, d, wd, n_threads=nt),
+        "rms_norm_forward": lambda nt: B.rms_norm_forward(x, (shape[-2], d), n_threads=nt),
+        "rms_norm_backward": lambda nt: B.rms_norm_backward(dy, x, r, d, wd, n_threads=nt),
+        "group_norm": lambda nt: B.group_norm(x, 8, w, b, n_threads=nt),
+        "group_norm_forward": lambda nt: B.group_norm_forward(x, 8, w, b, n_threads=nt),
+        "group_norm_forward-channels-last": lambda nt: B.group_norm_forward(
+            xl, 8, w, b, axis=-1, n_threads=nt),
+        "group_norm_backward": lambda nt: B.group_norm_backward(dy, x, gm, gs, 8, w,
+                                                                n_threads=nt),
+        "group_norm_backward-channels-last": lambda nt: B.group_norm_backward(
+            dyl, xl, gml, gsl, 8, w, axis=-1, n_threads=nt),
+        "instance_norm": inst(x, 1),
+        "instance_norm-channels-last": inst(xl, -1),
+        "instance_norm_forward": lambda nt: B.instance_norm_forward(x, w, b, n_threads=nt),
+        "instance_norm_forward-channels-last": lambda nt: B.instance_norm_forward(
+            xl, w, b, axis=-1, n_threads=nt),
+        "instance_norm_backward": lambda nt: B.instance_norm_backward(dy, x, im, is_, w,
+                                                                      n_threads=nt),
+        "instance_norm_backward-channels-last": lambda nt: B.instance_norm_backward(
+            dyl, xl, iml, isl, w, axis=-1, n_threads=nt),
+    }
+    inputs = dict(x=x, dy=dy, xl=xl, dyl=dyl, xs=xs, w=w, b=b, rm=rm, rv=rv)
+    ops = {k: (lambda f: lambda nt=None: tuple(np.asarray(a) for a in _tup(f(nt))))(f)
+           for k, f in table.items()}
+    return ops, inputs
+
+
+def _tup(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+OPS, INPUTS = make_ops()
+OPS64, _ = make_ops((4, 32, 24, 24), np.float64, seed=3)       # 73,728 values
+
+
+def identical(a, b):
+    return len(a) == len(b) and all(
+        u.dtype == v.dtype and u.shape == v.shape and np.array_equal(u, v, equal_nan=True)
+        for u, v in zip(a, b))
+
+
+def test_the_table_covers_every_public_op():
+    ops = {n for n in bncore.__all__ if n not in ("__version__", "show_config", "Moments")}
+    covered = {k.split("-")[0] for k in OPS}
+    assert ops <= covered, f"no determinism case for {sorted(ops - covered)}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_bitwise_identical_for_any_n_threads(name, dtype):
+    ops = OPS if dtype == "float32" else OPS64
+    base = ops[name](1)
+    assert all(a.size > 0 for a in base)
+    for nt in (2, 3, 8, None):
+        assert identical(base, ops[name](nt)), f"{name} ({dtype}) differs with {nt} threads"
+
+
+_DIGEST_SCRIPT = """
+import hashlib, json, sys
+sys.path.insert(0, {tests!r})
+import numpy as np, bncore
+from test_threads import OPS, OPS64, INPUTS
+out = {{}}
+for table, tag in ((OPS, ""), (OPS64, "/f64")):
+    for name in sorted(table):
+        h = hashlib.sha256()
+        for a in table[name]():
+            h.update(a.tobytes())
+        out[name + tag] = h.hexdigest()
+acc = bncore.Moments().update(INPUTS["x"][:5], axis=(0, 2, 3)).update(INPUTS["x"][5:],
+                                                                      axis=(0, 2, 3))
+out["Moments"] = hashlib.sha256(acc.mean.tobytes() + acc.var().tobytes()).hexdigest()
+from bncore import _openmp
+print(json.dumps({{"threads": _openmp.max_threads(), "digests": out}}))
+"""
+
+
+def test_bitwise_identical_across_OMP_NUM_THREADS():
+    """n_threads=None under OMP_NUM_THREADS=1, 2 and 3, in fresh processes."""
+    script = _DIGEST_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [runs[t]["threads"] for t in ("1", "2", "3")] == [1, 2, 3], \
+        "OMP_NUM_THREADS was not honoured"
+    base = runs["1"]["digests"]
+    assert len(base) >= len(OPS) + len(OPS64) + 1
+    for t in ("2", "3"):
+        differ = sorted(k for k in base if runs[t]["digests"][k] != base[k])
+        assert not differ, f"OMP_NUM_THREADS={t} changes the results of {differ}"
+
+
+def _snapshot(inputs):
+    return {k: v.copy() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("inputs", ["shared", "separate"])
+def test_eight_python_threads_at_once_give_the_serial_results(inputs):
+    """96 calls spread over 8 threads, each with n_threads=2 (nested teams): every op's
+    result equals the serial one bitwise. 'shared': every thread reads the same arrays;
+    'separate': each job builds its own inputs (seed 0 or 1) and compares with that."""
+    names = sorted(OPS)
+    tables = {0: OPS, 1: make_ops(seed=1)[0]} if inputs == "separate" else {0: OPS}
+    serial = {(s, n): t[n](1) for s, t in tables.items() for n in names}
+    before = _snapshot(INPUTS)
+    jobs = [(i % len(tables), names[i % len(names)]) for i in range(3 * len(names))]
+    local = threading.local()
+
+    def run(job):
+        seed, name = job
+        if inputs == "separate":       # a private copy of every input for this thread
+            if not hasattr(local, "tables"):
+                local.tables = {}
+            if seed not in local.tables:
+                local.tables[seed] = make_ops(seed=seed)[0]
+            return job, local.tables[seed][name](2)
+        return job, tables[seed][name](2)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, jobs))
+    assert len(results) == len(jobs)
+    for job, res in results:
+        assert identical(res, serial[job]), f"{job[1]} differs when called concurrently"
+    for k, v in before.items():
+        assert np.array_equal(INPUTS[k], v), f"input {k} was modified"
+
+
+# ------------------------------------------------------------------ the GIL
+
+BIG = (64, 64, 64, 64)            # 16.8M float32 values: one call is tens of ms
+
+
+@pytest.fixture(scope="module")
+def big():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(BIG, dtype=np.float32)
+    return x, np.ascontiguousarray(np.moveaxis(x, 1, -1)), rng.standard_normal(
+        BIG, dtype=np.float32)
+
+
+def _gil_ops(big):
+    x, xl, dy = big
+    c = x.shape[1]
+    ones = np.ones(c, np.float32)
+    _, m, s = bncore.batch_norm_forward(x, n_threads=1)
+    B = bncore
+    return {
+        "moments": lambda: B.moments(x, axis=(0, 2, 3), n_threads=1),
+        "Moments.update": lambda: B.Moments().update(x, axis=(0, 2, 3)),
+        "batch_norm": lambda: B.batch_norm(x, m, 1 / s ** 2, n_threads=1),
+        "batch_norm_forward": lambda: B.batch_norm_forward(x, n_threads=1),
+        "batch_norm_forward-channels-last": lambda: B.batch_norm_forward(xl, axis=-1,
+                                                                         n_threads=1),
+        "batch_norm_backward": lambda: B.batch_norm_backward(dy, x, m, s, n_threads=1),
+        "layer_norm": lambda: B.layer_norm(x, 64, n_threads=1),
+        "layer_norm_backward": lambda: B.layer_norm_backward(
+            dy, x, *B.layer_norm_forward(x, 64, n_threads=1)[1:], 64, n_threads=1),
+        "rms_norm": lambda: B.rms_norm(x, 64, n_threads=1),
+        "group_norm": lambda: B.group_norm(x, 8, ones, ones, n_threads=1),
+        "group_norm-channels-last": lambda: B.group_norm(xl, 8, axis=-1, n_threads=1),
+        "instance_norm": lambda: B.instance_norm(x, n_threads=1),
+        "instance_norm_backward": lambda: B.instance_norm_backward(
+            dy, x, *B.instance_norm_forward(x, n_threads=1)[1:], n_threads=1),
+    }
+
+
+def _longest_stall(call):
+    """(longest gap between heartbeats while ``call`` ran, duration of the call)."""
+    stop = threading.Event()
+    gaps = [0.0]
+    started = threading.Event()
+
+    def heartbeat():
+        last = time.perf_counter()
+        started.set()
+        while not stop.is_set():
+            now = time.perf_counter()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+
+    t = threading.Thread(target=heartbeat)
+    t.start()
+    started.wait()
+    time.sleep(0.01)
+    gaps[0] = 0.0
+    t0 = time.perf_counter()
+    call()
+    duration = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return gaps[0], duration
+
+
+@pytest.mark.parametrize("name", ["moments", "Moments.update", "batch_norm",
+                                  "batch_norm_forward", "batch_norm_forward-channels-last",
+                                  "batch_norm_backward", "layer_norm", "layer_norm_backward",
+                                  "rms_norm", "group_norm", "group_norm-channels-last",
+                                  "instance_norm", "instance_norm_backward"])
+def test_kernels_release_the_gil(big, name):
+    """A kernel holding the GIL for a call of T ms stalls the heartbeat for ~T ms on every
+    try; released, the heartbeat keeps ticking (stalls of a few ms: the switch interval,
+    allocation, the OS). Measured on 2 busy cores: stall/duration 0.03-0.29 for every op
+    (calls of 20-460 ms); a GIL-holding control, sum(range(3e7)), gives 0.99."""
+    call = _gil_ops(big)[name]
+    call()                                     # warm-up: page faults, thread pools
+    ratios = []
+    for _ in range(5):
+        stall, duration = _longest_stall(call)
+        ratios.append(stall / duration)
+        if ratios[-1] < 0.5:
+            break
+    assert min(ratios) < 0.5, (f"{name}: the heartbeat stalled for {min(ratios):.0%} of the "
+                               f"call ({duration * 1e3:.0f} ms): the GIL is held")
+
+
+def _two_threads_vs_serial(work, rounds=5):
+    """Median over rounds of wall(2 threads, one work() each) / wall(work(); work())."""
+    ratios = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            work()
+            work()
+            serial = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: work(), range(2)))
+            ratios.append((time.perf_counter() - t0) / serial)
+    return float(np.median(ratios))
+
+
+def test_two_threads_run_a_big_op_in_parallel():
+    """Two Python threads (one OpenMP thread each) finish two batch-norm calls in clearly
+    less than twice one call's time: parallel/serial < 0.95, i.e. < 1.9x one call.
+
+    Only rounds where a GIL-free control (hashlib over 16 MB) shows two free cores just
+    before *and* just after the op (control ratio < 0.75) count; the median of the
+    counted rounds is judged. A held GIL gives ~1.0 whatever the load; released, ~0.5-0.6
+    on two free cores. Too busy a machine (no round counts) is an explicit skip."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: two threads cannot run in parallel")
+    x = np.random.default_rng(0).standard_normal((16, 64, 32, 32), dtype=np.float32)
+    blob = os.urandom(16 << 20)
+
+    def op():
+        for _ in range(10):
+            bncore.batch_norm_forward(x, n_threads=1)
+
+    def control():
+        for _ in range(2):
+            hashlib.sha256(blob).digest()
+
+    counted, seen = [], []
+    for _ in range(5):
+        before = _two_threads_vs_serial(control, 3)
+        ratio = _two_threads_vs_serial(op, 3)
+        after = _two_threads_vs_serial(control, 3)
+        seen.append(f"{before:.2f}/{ratio:.2f}/{after:.2f}")
+        if max(before, after) < 0.75:
+            counted.append(ratio)
+            if len(counted) == 2:
+                break
+    if not counted:
+        pytest.skip(f"machine too busy to time (control/op/control parallel-to-serial "
+                    f"ratios {seen}); test_kernels_release_the_gil still checks the GIL")
+    assert np.median(counted) < 0.95, (
+        f"2 threads took {2 * np.median(counted):.2f}x one call with two free cores: the "
+        f"kernel does not run concurrently (control/op/control: {seen})")
