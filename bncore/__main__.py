@@ -7,27 +7,12 @@ bench  the benchmark table against PyTorch and a copy roofline (see --help)
 """
 import argparse
 import sys
-import time
 
 import numpy as np
 
 import bncore
 from bncore import _reference as ref
-
-
-def _median_time(fn, min_time=0.02, repeat=5):
-    fn()
-    times = []
-    for _ in range(repeat):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            t = time.perf_counter() - t0
-            if t >= min_time:
-                break
-        times.append(t / n)
-    return float(np.median(times))
+from bncore._bench import measure
 
 
 def _cases(rng):
@@ -112,7 +97,8 @@ def check(argv=None):
         err = max(_rel_error(g, w) for g, w in zip(got, want))
         ok = err <= args.tol and len(got) == len(want)
         failed += not ok
-        t_fast, t_slow = _median_time(fast), _median_time(slow, repeat=3)
+        t = measure({"fast": fast, "slow": slow}, repeat=3, min_time=0.02)
+        t_fast, t_slow = float(np.median(t["fast"])), float(np.median(t["slow"]))
         print(f"{name:32s} {'pass' if ok else 'FAIL':6s} {err:11.2e} {t_fast * 1e3:8.3f}ms"
               f" {t_slow * 1e3:8.2f}ms {t_slow / t_fast:7.1f}x")
     print(f"\n{'all passed' if not failed else f'{failed} FAILED'}")
