@@ -8,12 +8,11 @@
 - Kernels release the GIL. Robust on a busy 2-core machine: a heartbeat thread ticks
   while one long call runs; if the call held the GIL the heartbeat would stall for the
   whole call, so the longest stall must be well under the call's duration (the best of
-  five tries; a busy-machine hiccup cannot fail it, a held GIL fails every try). A
-  timing test (two threads vs one) runs only against a GIL-free control measured at the
-  same moment, so a loaded machine makes it inconclusive (an explicit skip), not flaky.
+  five tries; a busy-machine hiccup cannot fail it, a held GIL fails every try). Whether
+  two calls actually overlap in wall time is a speed question, left to the benchmarks:
+  on a 2-core CI machine it depends on memory bandwidth and load, not on bncore.
 """
 import concurrent.futures
-import hashlib
 import json
 import os
 import subprocess
@@ -313,56 +312,3 @@ def test_kernels_release_the_gil(big, name):
     assert min(ratios) < 0.5, (f"{name}: the heartbeat stalled for {min(ratios):.0%} of the "
                                f"call ({duration * 1e3:.0f} ms): the GIL is held")
 
-
-def _two_threads_vs_serial(work, rounds=5):
-    """Median over rounds of wall(2 threads, one work() each) / wall(work(); work())."""
-    ratios = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            work()
-            work()
-            serial = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            list(pool.map(lambda _: work(), range(2)))
-            ratios.append((time.perf_counter() - t0) / serial)
-    return float(np.median(ratios))
-
-
-def test_two_threads_run_a_big_op_in_parallel():
-    """Two Python threads (one OpenMP thread each) finish two batch-norm calls in clearly
-    less than twice one call's time: parallel/serial < 0.95, i.e. < 1.9x one call.
-
-    Only rounds where a GIL-free control (hashlib over 16 MB) shows two free cores just
-    before *and* just after the op (control ratio < 0.75) count; the median of the
-    counted rounds is judged. A held GIL gives ~1.0 whatever the load; released, ~0.5-0.6
-    on two free cores. Too busy a machine (no round counts) is an explicit skip."""
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("one CPU: two threads cannot run in parallel")
-    x = np.random.default_rng(0).standard_normal((16, 64, 32, 32), dtype=np.float32)
-    blob = os.urandom(16 << 20)
-
-    def op():
-        for _ in range(10):
-            bncore.batch_norm_forward(x, n_threads=1)
-
-    def control():
-        for _ in range(2):
-            hashlib.sha256(blob).digest()
-
-    counted, seen = [], []
-    for _ in range(5):
-        before = _two_threads_vs_serial(control, 3)
-        ratio = _two_threads_vs_serial(op, 3)
-        after = _two_threads_vs_serial(control, 3)
-        seen.append(f"{before:.2f}/{ratio:.2f}/{after:.2f}")
-        if max(before, after) < 0.75:
-            counted.append(ratio)
-            if len(counted) == 2:
-                break
-    if not counted:
-        pytest.skip(f"machine too busy to time (control/op/control parallel-to-serial "
-                    f"ratios {seen}); test_kernels_release_the_gil still checks the GIL")
-    assert np.median(counted) < 0.95, (
-        f"2 threads took {2 * np.median(counted):.2f}x one call with two free cores: the "
-        f"kernel does not run concurrently (control/op/control: {seen})")
