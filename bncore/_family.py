@@ -1,22 +1,23 @@
 """Layer, RMS, group and instance norm: forward and backward.
 
-Layer and RMS norm run the fused row kernels of bncore._rownorm. Group and instance norm
-are batch norm on other views, so they reuse the batch-norm kernels:
+Every function validates all of its arguments (bncore._validation) before anything is
+written, then runs one kernel of bncore._rownorm on a canonical layout:
 
-- instance norm, NCHW: batch norm of the (1, N*C, HW) view (one fused pass);
-- group norm, NCHW: moments of the (1, N*G, C/G*HW) view, then the per-(n, c) affine;
-- channels-last (N, HW, C): per-sample rows views, all samples in one parallel region
-  (one sample per thread); group statistics are per-channel moments merged into groups
-  with the one Chan merge (bncore._stats.merge_moments).
-Backward: per-(n, c) sums from the batch-norm backward kernel, group sums in NumPy
-(O(N*C)), then dx = k*dy + q*(x - mean) + r from per-(n, c) coefficients.
+- layer / RMS norm: (rows, D) with the D normalised values contiguous (copied if not);
+- group / instance norm: (N, C, S) C-contiguous ("NCHW"), or (N, S, C) C-contiguous
+  ("channels-last"), whichever the memory of x already is (a copy in the layout of
+  ``axis`` otherwise). y and dx come back in x's memory layout. Instance norm is group
+  norm with one group per channel.
+
+Saved statistics (mean, invstd, invrms) and dweight/dbias are float32 for float16/float32
+input and float64 for float64 input, as in batch_norm_forward/backward.
 """
 import math
 import operator
 
 import numpy as np
 
-from bncore import _api, _batchnorm, _rownorm, _stats
+from bncore import _api, _rownorm
 from bncore._validation import (
     check_eps, check_out, check_real, check_writeable, finish_output, float_input,
     normalize_axis, param_vector, resolve_threads, running_stat, same_float_input,
@@ -29,11 +30,25 @@ __all__ = [
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
 ]
 
+_F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
 
 def _stat_dtype(dtype):
-    return np.dtype(np.float32) if dtype.itemsize <= 4 else _F64
+    return _F32 if dtype.itemsize <= 4 else _F64
+
+
+def _direct_out(out, dtype, *arrays):
+    """Whether the kernel can write straight into ``out``: C-contiguous, the compute
+    dtype, and either disjoint from the inputs or exactly one of them (same buffer and
+    strides: the kernels read an element before they write it)."""
+    if out is None or out.dtype != dtype or not out.flags.c_contiguous:
+        return False
+    for a in arrays:
+        if np.may_share_memory(out, a) and not (
+                a.flags.c_contiguous and a.ctypes.data == out.ctypes.data):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------ layer / RMS norm
@@ -47,7 +62,7 @@ def _normalized_shape(arr, normalized_shape):
                         f"got {normalized_shape!r}") from None
     if not shape or arr.ndim < len(shape) or arr.shape[arr.ndim - len(shape):] != shape:
         raise ValueError(f"normalized_shape {shape} must match the trailing dimensions of x "
-                         f"{arr.shape}")
+                         f"(shape {arr.shape})")
     return shape
 
 
@@ -62,8 +77,8 @@ def _rows(a, nrows, d):
 def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
-    if rms and eps is None:
-        eps = float(np.finfo(np.asarray(x).dtype).eps)
+    if rms and eps is None:   # PyTorch: the machine epsilon of the input's dtype
+        eps = float(np.finfo(dtype).eps)
     eps = check_eps(eps)
     w = param_vector(weight, "weight", shape)
     b = None if rms else param_vector(bias, "bias", shape)
@@ -71,73 +86,22 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
     nt = resolve_threads(n_threads)
     lead = arr.shape[:arr.ndim - len(shape)]
     nrows, d = math.prod(lead), math.prod(shape)
-    mean = np.empty(nrows, _F64)
     invstd = np.empty(nrows, _F64)
-    if nrows == 0 or d == 0:
-        mean.fill(np.nan)
+    mean = None if rms else np.empty(nrows, _F64)
+    if nrows == 0 or d == 0:   # PyTorch: empty y; statistics of empty rows are NaN
         invstd.fill(np.nan)
-        return (out if out is not None else np.empty(arr.shape, dtype)), mean.reshape(lead), \
-            invstd.reshape(lead)
+        if mean is not None:
+            mean.fill(np.nan)
+        y = out if out is not None else np.empty(arr.shape, dtype)
+        return y, mean, invstd, lead
     xr, ldx = _rows(arr, nrows, d)
-    direct = out is not None and out.dtype == arr.dtype and out.flags.c_contiguous and (
-        not np.may_share_memory(out, arr) or out.ctypes.data == arr.ctypes.data)
-    y = out if direct else np.empty(arr.shape, arr.dtype)
-    # weight/bias in x's dtype: the row kernel computes in it (float: hi+lo split mean)
+    y = out if _direct_out(out, arr.dtype, arr) else np.empty(arr.shape, arr.dtype)
+    # weight/bias in x's dtype: for float32 the elementwise pass is float arithmetic
     _rownorm.forward(xr, y, nrows, d, ldx, d, eps,
-                     None if w is None else w.ravel().astype(arr.dtype),
-                     None if b is None else b.ravel().astype(arr.dtype), mean, invstd, rms, nt)
-    return finish_output(y, out, dtype), mean.reshape(lead), invstd.reshape(lead)
-
-
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-                       n_threads=None):
-    """Layer norm that also returns (mean, invstd) per row for the backward pass.
-
-    Returns
-    -------
-    y : ndarray, x's shape and dtype
-    mean, invstd : ndarray of shape ``x.shape[:-len(normalized_shape)]``
-        float32 for float16/float32 input, else float64.
-
-    Examples
-    --------
-    >>> import numpy as np, bncore
-    >>> x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
-    >>> y, mean, invstd = bncore.layer_norm_forward(x, 8)
-    >>> mean.shape
-    (4,)
-    """
-    y, mean, invstd = _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads,
-                                   rms=False)
-    sdt = _stat_dtype(y.dtype)
-    return y, mean.astype(sdt), invstd.astype(sdt)
-
-
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               n_threads=None):
-    """Layer normalization over the trailing ``normalized_shape`` dims, as F.layer_norm.
-
-    Parameters
-    ----------
-    x : array_like, float16/float32/float64
-    normalized_shape : int or tuple of ints
-        The trailing dimensions to normalise over.
-    weight, bias : array_like of shape ``normalized_shape``, optional
-    eps : float
-    out : ndarray, optional
-        Where to write y (x's shape and dtype).
-    n_threads : int, optional
-        Results are bitwise identical for any value.
-
-    Examples
-    --------
-    >>> import numpy as np, bncore
-    >>> x = np.arange(6.0).reshape(2, 3)
-    >>> bncore.layer_norm(x, 3, eps=0.0).round(4)
-    array([[-1.2247,  0.    ,  1.2247],
-           [-1.2247,  0.    ,  1.2247]])
-    """
-    return _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms=False)[0]
+                     None if w is None else w.reshape(d).astype(arr.dtype),
+                     None if b is None else b.reshape(d).astype(arr.dtype), mean, invstd,
+                     rms, nt)
+    return finish_output(y, out, dtype), mean, invstd, lead
 
 
 def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads, rms):
@@ -150,29 +114,118 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     m = None if rms else param_vector(mean, "mean", lead)
     s = param_vector(invstd, name, lead)
     if s is None or (m is None and not rms):
-        raise TypeError(f"the saved statistics (mean, {name}) are required")
+        raise TypeError(f"the saved statistics ({name if rms else 'mean, invstd'}) from the "
+                        f"forward pass are required")
     w = param_vector(weight, "weight", shape)
     out = check_out(out, arr.shape, dtype)
     nt = resolve_threads(n_threads)
     dweight = np.zeros(d, _F64)
-    dbias = np.zeros(d, _F64)
+    dbias = None if rms else np.zeros(d, _F64)
     if nrows == 0 or d == 0:
         dx = out if out is not None else np.empty(arr.shape, dtype)
     else:
         xr, ldx = _rows(arr, nrows, d)
         gr, ldg = _rows(g, nrows, d)
-        dx = np.empty(arr.shape, arr.dtype)
+        dx = out if _direct_out(out, arr.dtype, arr, g) else np.empty(arr.shape, arr.dtype)
         _rownorm.backward(gr, xr, dx, nrows, d, ldg, ldx, d,
-                          None if m is None else m.ravel(), s.ravel(),
-                          np.ones(d) if w is None else w.ravel(), dweight, dbias, rms, nt)
+                          None if m is None else m.reshape(nrows), s.reshape(nrows),
+                          np.ones(d) if w is None else w.reshape(d), dweight, dbias, rms, nt)
         dx = finish_output(dx, out, dtype)
-    sdt = _stat_dtype(np.dtype(dtype))
-    return dx, dweight.reshape(shape).astype(sdt), dbias.reshape(shape).astype(sdt)
+    sdt = _stat_dtype(dtype)
+    return (dx, dweight.reshape(shape).astype(sdt),
+            None if rms else dbias.reshape(shape).astype(sdt))
+
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+                       n_threads=None):
+    """Layer norm that also returns the per-row mean and invstd for the backward pass.
+
+    Parameters are those of :func:`layer_norm`.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    mean, invstd : ndarray of shape ``x.shape[:-len(normalized_shape)]``
+        Row mean and ``1 / sqrt(var + eps)`` (biased variance); float32 for
+        float16/float32 input, else float64.
+
+    Examples
+    --------
+    >>> import numpy as np, bncore
+    >>> x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    >>> y, mean, invstd = bncore.layer_norm_forward(x, 8)
+    >>> mean.shape, invstd.dtype
+    ((4,), dtype('float32'))
+    """
+    y, mean, invstd, lead = _row_forward(x, normalized_shape, weight, bias, eps, out,
+                                         n_threads, rms=False)
+    sdt = _stat_dtype(y.dtype)
+    return y, mean.astype(sdt).reshape(lead), invstd.astype(sdt).reshape(lead)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               n_threads=None):
+    """Layer normalization over the trailing dimensions, as ``torch.nn.functional.layer_norm``.
+
+    Each row (the trailing ``normalized_shape`` values) is normalised by its own mean and
+    biased variance: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Parameters
+    ----------
+    x : array_like, float16, float32 or float64
+        Input of any shape whose trailing dimensions are ``normalized_shape``; any strides
+        and byte order.
+    normalized_shape : int or tuple of ints
+        The trailing dimensions to normalise over.
+    weight, bias : array_like of shape ``normalized_shape``, optional
+        Elementwise affine transform.
+    eps : float, default 1e-5
+        Added to the variance; must be finite and >= 0.
+    out : ndarray, optional
+        Where to write y (x's shape and result dtype); may be x itself.
+    n_threads : int, optional
+        Threads to use (default: OpenMP's default). Results are bitwise identical for any
+        value.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype (float16 input is computed in float32)
+
+    Examples
+    --------
+    >>> import numpy as np, bncore
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> bncore.layer_norm(x, 3, eps=0.0).round(4)
+    array([[-1.2247,  0.    ,  1.2247],
+           [-1.2247,  0.    ,  1.2247]])
+    """
+    return _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms=False)[0]
 
 
 def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, out=None,
                         n_threads=None):
-    """Gradients of layer norm: (dx, dweight, dbias); dweight/dbias of normalized_shape.
+    """Gradients of layer norm with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array_like
+        The forward input.
+    mean, invstd : array_like of shape ``x.shape[:-len(normalized_shape)]``
+        From :func:`layer_norm_forward`.
+    normalized_shape : int or tuple of ints
+    weight : array_like of shape ``normalized_shape``, optional
+    out : ndarray, optional
+        Where to write dx; may be dy or x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray, x's shape and dtype
+    dweight, dbias : ndarray of shape ``normalized_shape``
+        ``sum(dy * xhat)`` and ``sum(dy)`` over the rows (returned even without weight);
+        float32 for float16/float32 input, else float64.
 
     Examples
     --------
@@ -180,15 +233,23 @@ def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, o
     >>> x = np.random.default_rng(0).normal(size=(4, 8))
     >>> y, m, s = bncore.layer_norm_forward(x, 8)
     >>> dx, dw, db = bncore.layer_norm_backward(np.ones_like(x), x, m, s, 8)
-    >>> bool(np.allclose(dx, 0))
-    True
+    >>> bool(np.allclose(dx, 0)), db.tolist() == [4.0] * 8
+    (True, True)
     """
     return _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
                          rms=False)
 
 
 def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=None):
-    """RMS norm that also returns invrms = 1/sqrt(mean(x**2) + eps) per row.
+    """RMS norm that also returns ``invrms = 1 / sqrt(mean(x**2) + eps)`` per row.
+
+    Parameters are those of :func:`rms_norm`.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    invrms : ndarray of shape ``x.shape[:-len(normalized_shape)]``
+        float32 for float16/float32 input, else float64.
 
     Examples
     --------
@@ -197,15 +258,33 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, n_
     >>> invrms
     array([0.5, 0.5])
     """
-    y, _, invrms = _row_forward(x, normalized_shape, weight, None, eps, out, n_threads,
-                                rms=True)
-    return y, invrms.astype(_stat_dtype(y.dtype))
+    y, _, invrms, lead = _row_forward(x, normalized_shape, weight, None, eps, out, n_threads,
+                                      rms=True)
+    return y, invrms.astype(_stat_dtype(y.dtype)).reshape(lead)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=None):
     """RMS normalization, as ``torch.nn.functional.rms_norm``.
 
-    ``eps=None`` uses the machine epsilon of x's dtype, as PyTorch does.
+    ``y = x / sqrt(mean(x**2) + eps) * weight`` over the trailing ``normalized_shape``
+    values of each row.
+
+    Parameters
+    ----------
+    x : array_like, float16, float32 or float64
+    normalized_shape : int or tuple of ints
+        The trailing dimensions to normalise over.
+    weight : array_like of shape ``normalized_shape``, optional
+    eps : float or None, default None
+        None uses the machine epsilon of x's dtype (``np.finfo(x.dtype).eps``), as
+        PyTorch does.
+    out : ndarray, optional
+        Where to write y; may be x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
 
     Examples
     --------
@@ -218,7 +297,25 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=
 
 def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None, *, out=None,
                       n_threads=None):
-    """Gradients of RMS norm: (dx, dweight).
+    """Gradients of RMS norm with respect to x and weight.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        Gradient of the loss with respect to y, and the forward input (same shape/dtype).
+    invrms : array_like of shape ``x.shape[:-len(normalized_shape)]``
+        From :func:`rms_norm_forward`.
+    normalized_shape : int or tuple of ints
+    weight : array_like of shape ``normalized_shape``, optional
+    out : ndarray, optional
+        Where to write dx; may be dy or x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray, x's shape and dtype
+    dweight : ndarray of shape ``normalized_shape``
+        ``sum(dy * x * invrms)`` over the rows (returned even without weight).
 
     Examples
     --------
@@ -237,27 +334,75 @@ def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None, *, out=None,
 # ------------------------------------------------------------------ group / instance norm
 
 class _Spatial:
-    """x as a C-contiguous (N, C, S) (NCHW-like) or (N, S, C) (channels-last) array."""
+    """x (or dy) as the kernels' canonical array: C-contiguous (N, C, S) when ``cl`` is
+    False, (N, S, C) when True; ``user(a)`` gives a kernel-layout array back in the
+    caller's shape and axis order."""
+    __slots__ = ("arr", "dtype", "shape", "ax", "n", "c", "s", "cl", "data")
 
     def __init__(self, x, axis, name="x"):
         arr, self.dtype = float_input(x, name)
         if arr.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), "
                              f"got shape {arr.shape}")
-        ax = normalize_axis(axis, arr.ndim)
-        if ax not in (1, arr.ndim - 1):
+        nd = arr.ndim
+        ax = normalize_axis(axis, nd)
+        if ax != 1 and ax != nd - 1:
             raise ValueError(f"axis must be 1 (N, C, ...) or -1 (channels-last), got {axis}")
-        self.cl = ax == arr.ndim - 1 and arr.ndim > 2
-        self.shape = arr.shape
-        self.n, self.c = arr.shape[0], arr.shape[ax]
-        self.s = math.prod(arr.shape[2:]) if not self.cl else math.prod(arr.shape[1:-1])
-        self.arr = np.ascontiguousarray(arr)
+        shape = arr.shape
+        self.arr, self.shape, self.ax = arr, shape, ax
+        self.n, self.c = shape[0], shape[ax]
+        self.s = s = math.prod(shape[2:]) if ax == 1 else math.prod(shape[1:-1])
+        if nd == 2 or s == 1:     # (N, C): both layouts are the same memory
+            self.cl = False
+            self.data = np.ascontiguousarray(arr).reshape(self.n, self.c, s)
+        elif arr.flags.c_contiguous:
+            self.cl = ax == nd - 1
+            self.data = arr.reshape((self.n, s, self.c) if self.cl else (self.n, self.c, s))
+        else:
+            nc = np.moveaxis(arr, ax, 1)
+            cl = np.moveaxis(arr, ax, -1)
+            if nc.flags.c_contiguous or not cl.flags.c_contiguous and ax == 1:
+                self.cl = False
+                self.data = np.ascontiguousarray(nc).reshape(self.n, self.c, s)
+            else:
+                self.cl = True
+                self.data = np.ascontiguousarray(cl).reshape(self.n, s, self.c)
 
     def like(self, a, name):
-        return np.ascontiguousarray(same_float_input(a, name, self.dtype, self.shape))
+        """Another array of x's shape and dtype (dy) in the kernel layout of x."""
+        arr = same_float_input(a, name, self.dtype, self.shape)
+        return np.ascontiguousarray(self._moved(arr)).reshape(self.data.shape)
+
+    def _moved(self, a):
+        """``a`` (x's shape) with its axes in the kernel layout's order (a view)."""
+        dst = -1 if self.cl else 1
+        if a.ndim == 2 or self.ax == dst % a.ndim:
+            return a
+        return np.moveaxis(a, self.ax, dst)
+
+    def user(self, a):
+        """A kernel-layout array as a view in the caller's shape and axis order."""
+        if self.arr.ndim == 2 or self.s == 1 or self.ax == (
+                self.arr.ndim - 1 if self.cl else 1):
+            return a.reshape(self.shape)
+        if self.cl:
+            moved = self.shape[:self.ax] + self.shape[self.ax + 1:] + (self.c,)
+            return np.moveaxis(a.reshape(moved), -1, self.ax)
+        moved = (self.n, self.c) + self.shape[1:self.ax] + self.shape[self.ax + 1:]
+        return np.moveaxis(a.reshape(moved), 1, self.ax)
+
+    def output(self, out, *inputs):
+        """(kernel-layout array to compute into, whether it is ``out`` itself)."""
+        if out is not None and out.dtype == self.data.dtype:
+            view = self._moved(out)
+            if view.flags.c_contiguous and _direct_out(view, self.data.dtype, *inputs):
+                return view.reshape(self.data.shape), True
+        return np.empty(self.data.shape, self.data.dtype), False
 
 
 def _check_groups(num_groups, c):
+    if isinstance(num_groups, (bool, np.bool_)):
+        raise TypeError(f"num_groups must be an int, got {num_groups!r}")
     try:
         g = operator.index(num_groups)
     except TypeError:
@@ -268,61 +413,71 @@ def _check_groups(num_groups, c):
     return g
 
 
-def _channel_moments(sp, nt):
-    """Per-(n, c) mean and M2, float64 (N, C)."""
-    mean = np.empty((sp.n, sp.c), _F64)
-    m2 = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:   # per-sample rows statistics, all samples in one parallel region
-        _stats.sample_moments(sp.arr, sp.n, sp.s, sp.c, mean, m2, nt)
-    else:
-        _stats.channel_moments(sp.arr, 1, sp.n * sp.c, sp.s, 0, sp.s, mean, m2, nt)
-    return mean, m2
+def _spatial_forward(sp, g, w, b, eps, out, nt):
+    """Run the group kernel: (y in the caller's layout and dtype, mean, biased var)."""
+    mean = np.empty(sp.n * g, _F64)
+    var = np.empty(sp.n * g, _F64)
+    if sp.data.size == 0:
+        mean.fill(np.nan)
+        var.fill(np.nan)
+        y = out if out is not None else np.empty(sp.shape, sp.dtype)
+        return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
+    yk, direct = sp.output(out, sp.arr)
+    _rownorm.group_forward(sp.data, yk, sp.n, sp.c, sp.s, g, sp.cl, eps, w, b, mean, var, nt)
+    y = out if direct else finish_output(sp.user(yk), out, sp.dtype)
+    return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
 
 
-def _group_moments(sp, g, nt):
-    """Per-(n, group) mean and biased variance, float64 (N, G)."""
-    cg = sp.c // g
-    if not sp.cl:   # each group is one contiguous run of cg * s values
-        mean = np.empty((sp.n, g), _F64)
-        m2 = np.empty((sp.n, g), _F64)
-        _stats.channel_moments(sp.arr, 1, sp.n * g, cg * sp.s, 0, cg * sp.s, mean, m2, nt)
-        return mean, m2 / (cg * sp.s)
-    cm, cm2 = _channel_moments(sp, nt)
-    cm, cm2 = cm.reshape(sp.n * g, cg), cm2.reshape(sp.n * g, cg)
-    mean, m2 = cm[:, 0].copy(), cm2[:, 0].copy()
-    for j in range(1, cg):   # merge the group's channels one by one (Chan, exact)
-        _stats.merge_moments(float(j * sp.s), mean, m2, float(sp.s),
-                             np.ascontiguousarray(cm[:, j]), np.ascontiguousarray(cm2[:, j]))
-    return mean.reshape(sp.n, g), m2.reshape(sp.n, g) / (cg * sp.s)
+_INSTANCE = object()   # num_groups of instance norm: one group per channel
 
 
-def _per_channel_affine(sp, y, mean_nc, var_nc, w, b, eps, nt):
-    """y = (x - mean[n, c]) / sqrt(var[n, c] + eps) * w[c] + b[c] with per-(n, c) stats."""
-    invstd = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:
-        _batchnorm.batched_rows("forward", sp.arr, y, None, sp.n, sp.s, sp.c,
-                                np.ascontiguousarray(mean_nc), np.ascontiguousarray(var_nc),
-                                invstd, w, b, False, eps, nt)
-    else:
-        wt = None if w is None else np.tile(w, sp.n)
-        bt = None if b is None else np.tile(b, sp.n)
-        _batchnorm.forward(sp.arr, y, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s,
-                           mean_nc.reshape(-1), var_nc.reshape(-1), invstd.reshape(-1), wt, bt,
-                           False, eps, nt)
-    return invstd
+def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_threads):
+    """Group norm backward; ``num_groups`` _INSTANCE: instance norm (a group per channel)."""
+    sp = _Spatial(x, axis)
+    g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
+    gk = sp.like(dy, "dy")
+    mean = param_vector(mean, "mean", (sp.n, g))
+    invstd = param_vector(invstd, "invstd", (sp.n, g))
+    if mean is None or invstd is None:
+        raise TypeError("the saved statistics (mean, invstd) from the forward pass are required")
+    w = param_vector(weight, "weight", (sp.c,))
+    out = check_out(out, sp.shape, sp.dtype)
+    nt = resolve_threads(n_threads)
+    sdt = _stat_dtype(sp.dtype)
+    if sp.data.size == 0:
+        z = np.zeros(sp.c, sdt)
+        return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
+    sdy = np.empty((sp.n, sp.c), _F64)
+    sdyx = np.empty((sp.n, sp.c), _F64)
+    dxk, direct = sp.output(out, sp.arr, gk)
+    _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd, w,
+                            sdy, sdyx, nt)
+    # dweight = sum over n of sum(dy * xhat) per (n, c): sum(dy * (x - mean)) * invstd
+    inv_nc = np.repeat(invstd, sp.c // g, axis=1)
+    dweight = (sdyx * inv_nc).sum(axis=0)
+    dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype)
+    return dx, dweight.astype(sdt), sdy.sum(axis=0).astype(sdt)
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                        n_threads=None):
-    """Group norm that also returns (mean, invstd) of shape (N, num_groups).
+    """Group norm that also returns the per-(sample, group) mean and invstd.
+
+    Parameters are those of :func:`group_norm`.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    mean, invstd : ndarray of shape (N, num_groups)
+        float32 for float16/float32 input, else float64.
 
     Examples
     --------
     >>> import numpy as np, bncore
     >>> x = np.random.default_rng(0).normal(size=(2, 6, 4, 4)).astype(np.float32)
     >>> y, mean, invstd = bncore.group_norm_forward(x, 3)
-    >>> mean.shape
-    (2, 3)
+    >>> mean.shape, invstd.dtype
+    ((2, 3), dtype('float32'))
     """
     sp = _Spatial(x, axis)
     g = _check_groups(num_groups, sp.c)
@@ -333,36 +488,39 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     nt = resolve_threads(n_threads)
     if sp.n and (sp.c // g) * sp.s == 1:
         raise ValueError(f"expected more than 1 value per group, got x of shape {sp.shape} "
-                         f"with {g} groups")
-    sdt = _stat_dtype(np.dtype(sp.dtype))
-    if sp.arr.size == 0:
-        empty = np.full((sp.n, g), np.nan, sdt)
-        return (out if out is not None else np.empty(sp.shape, sp.dtype)), empty, empty.copy()
-    cg = sp.c // g
-    y = np.empty(sp.arr.shape, sp.arr.dtype)
-    if not sp.cl:   # one fused pass: each group is contiguous
-        mean = np.empty((sp.n, g), _F64)
-        var = np.empty((sp.n, g), _F64)
-        _rownorm.group_forward(sp.arr, y, sp.n, g, cg, sp.s, eps, w, b, mean, var, nt)
-    else:           # channel moments merged into groups, then the per-channel affine
-        mean, var = _group_moments(sp, g, nt)
-        _per_channel_affine(sp, y, np.repeat(mean, cg, axis=1), np.repeat(var, cg, axis=1),
-                            w, b, eps, nt)
-    invstd = 1.0 / np.sqrt(var + eps)
-    return finish_output(y, out, sp.dtype), mean.astype(sdt), invstd.astype(sdt)
+                         f"with num_groups={g}")
+    y, mean, var = _spatial_forward(sp, g, w, b, eps, out, nt)
+    sdt = _stat_dtype(sp.dtype)
+    return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                n_threads=None):
     """Group normalization, as ``torch.nn.functional.group_norm``.
 
+    The channels are split into ``num_groups`` groups; each (sample, group) is normalised
+    by its own mean and biased variance, then a per-channel affine is applied.
+
     Parameters
     ----------
-    x : array_like (N, C, ...) for axis=1, or (N, ..., C) for axis=-1 (channels-last)
+    x : array_like, float16, float32 or float64
+        (N, C, ...) for ``axis=1`` or (N, ..., C) for ``axis=-1`` (channels-last); any
+        strides and byte order (channels-last memory is used in place).
     num_groups : int
-        Must divide C; statistics per (sample, group).
+        Must divide C.
     weight, bias : array_like (C,), optional
         Per-channel affine.
+    eps : float, default 1e-5
+    axis : int, 1 or -1
+        The channel axis.
+    out : ndarray, optional
+        Where to write y (x's shape and result dtype); may be x itself.
+    n_threads : int, optional
+        Results are bitwise identical for any value.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
 
     Examples
     --------
@@ -376,35 +534,28 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
                               n_threads=n_threads)[0]
 
 
-def _backward_sums(sp, g, mean_nc, invstd_nc, nt):
-    """Per-(n, c) sum(dy) and sum(dy * xhat) of the canonical arrays (float64 (N, C))."""
-    sdy = np.empty((sp.n, sp.c), _F64)
-    sdyx = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:
-        _batchnorm.batched_rows("sums", g, sp.arr, None, sp.n, sp.s, sp.c,
-                                np.ascontiguousarray(mean_nc), sdyx, sdy, None, None, True,
-                                0.0, nt, k=np.ascontiguousarray(invstd_nc))
-    else:
-        _batchnorm.backward(g, sp.arr, None, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s, 0, 0,
-                            mean_nc.reshape(-1), invstd_nc.reshape(-1), None, True,
-                            sdyx.reshape(-1), sdy.reshape(-1), nt)
-    return sdy, sdyx
-
-
-def _apply_dx(sp, g, dx, mean_nc, k, q, r, nt):
-    if sp.cl:
-        m, kk, qq, rr = (np.ascontiguousarray(a, _F64) for a in (mean_nc, k, q, r))
-        _batchnorm.batched_rows("dx", g, sp.arr, dx, sp.n, sp.s, sp.c, m, m, m, None, None,
-                                True, 0.0, nt, k=kk, q=qq, r=rr)
-    else:
-        _batchnorm.apply_dx(g, sp.arr, dx, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s, 0, sp.s,
-                            *(np.ascontiguousarray(a).reshape(-1) for a in (mean_nc, k, q, r)),
-                            nt)
-
-
 def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, axis=1, out=None,
                         n_threads=None):
-    """Gradients of group norm: (dx, dweight, dbias); mean/invstd (N, num_groups).
+    """Gradients of group norm with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        Gradient of the loss with respect to y, and the forward input (same shape/dtype).
+    mean, invstd : array_like (N, num_groups)
+        From :func:`group_norm_forward`.
+    num_groups : int
+    weight : array_like (C,), optional
+    axis : int, 1 or -1
+    out : ndarray, optional
+        Where to write dx; may be dy or x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray, x's shape and dtype
+    dweight, dbias : ndarray (C,)
+        Returned even without weight; float32 for float16/float32 input, else float64.
 
     Examples
     --------
@@ -412,43 +563,37 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, axis=1,
     >>> x = np.random.default_rng(0).normal(size=(2, 4, 3, 3))
     >>> y, m, s = bncore.group_norm_forward(x, 2)
     >>> dx, dw, db = bncore.group_norm_backward(np.ones_like(x), x, m, s, 2)
-    >>> bool(np.allclose(dx, 0))
-    True
+    >>> bool(np.allclose(dx, 0)), db.tolist()
+    (True, [18.0, 18.0, 18.0, 18.0])
     """
+    return _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_threads)
+
+
+def _instance_checked(x, weight, bias, eps, axis, out, n_threads):
     sp = _Spatial(x, axis)
-    g = _check_groups(num_groups, sp.c)
-    gy = sp.like(dy, "dy")
-    mean = param_vector(mean, "mean", (sp.n, g))
-    invstd = param_vector(invstd, "invstd", (sp.n, g))
-    if mean is None or invstd is None:
-        raise TypeError("mean and invstd (from group_norm_forward) are required")
     w = param_vector(weight, "weight", (sp.c,))
+    b = param_vector(bias, "bias", (sp.c,))
+    eps = check_eps(eps)
     out = check_out(out, sp.shape, sp.dtype)
     nt = resolve_threads(n_threads)
-    sdt = _stat_dtype(np.dtype(sp.dtype))
-    if sp.arr.size == 0:
-        z = np.zeros(sp.c, sdt)
-        return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
-    cg = sp.c // g
-    mean_nc = np.repeat(mean, cg, axis=1)
-    inv_nc = np.repeat(invstd, cg, axis=1)
-    sdy, sdyx = _backward_sums(sp, gy, mean_nc, inv_nc, nt)   # sdyx = sum(dy * xhat)
-    wv = np.ones(sp.c) if w is None else w
-    m = cg * sp.s
-    a = (sdy * wv).reshape(sp.n, g, cg).sum(axis=2)          # sum over the group of w*dy
-    bsum = (sdyx * wv).reshape(sp.n, g, cg).sum(axis=2)      # ... of w*dy*xhat
-    k = inv_nc * wv
-    q = np.repeat(-invstd * invstd * bsum / m, cg, axis=1)
-    r = np.repeat(-invstd * a / m, cg, axis=1)
-    dx = np.empty(sp.arr.shape, sp.arr.dtype)
-    _apply_dx(sp, gy, dx, mean_nc, k, q, r, nt)
-    return (finish_output(dx, out, sp.dtype), sdyx.sum(axis=0).astype(sdt),
-            sdy.sum(axis=0).astype(sdt))
+    if sp.n and sp.c and sp.s == 1:   # PyTorch's _verify_spatial_size (empty batches pass)
+        raise ValueError(f"expected more than 1 spatial element per instance when using "
+                         f"input statistics, got x of shape {sp.shape}")
+    return sp, w, b, eps, out, nt
 
 
 def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=None,
                           n_threads=None):
-    """Instance norm with input statistics; also returns (mean, invstd) of shape (N, C).
+    """Instance norm with input statistics; also returns the per-(sample, channel) mean
+    and invstd.
+
+    Parameters are those of :func:`instance_norm`.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    mean, invstd : ndarray (N, C)
+        float32 for float16/float32 input, else float64.
 
     Examples
     --------
@@ -458,39 +603,10 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
     >>> mean.shape
     (2, 3)
     """
-    y, mean, var, sp = _instance(x, weight, bias, eps, axis, out, n_threads)
-    sdt = _stat_dtype(np.dtype(sp.dtype))
-    return y, mean.astype(sdt), (1.0 / np.sqrt(var + check_eps(eps))).astype(sdt)
-
-
-def _instance(x, weight, bias, eps, axis, out, n_threads, extra_check=None):
-    sp = _Spatial(x, axis)
-    w = param_vector(weight, "weight", (sp.c,))
-    b = param_vector(bias, "bias", (sp.c,))
-    eps = check_eps(eps)
-    out = check_out(out, sp.shape, sp.dtype)
-    nt = resolve_threads(n_threads)
-    if sp.n and sp.c and sp.s == 1:
-        raise ValueError(f"expected more than 1 spatial element per instance when using "
-                         f"input statistics, got x of shape {sp.shape}")
-    if extra_check is not None:
-        extra_check(sp)
-    if sp.arr.size == 0:
-        nan = np.full((sp.n, sp.c), np.nan)
-        return (out if out is not None else np.empty(sp.shape, sp.dtype)), nan, nan.copy(), sp
-    y = np.empty(sp.arr.shape, sp.arr.dtype)
-    mean = np.empty((sp.n, sp.c), _F64)
-    var = np.empty((sp.n, sp.c), _F64)
-    inv = np.empty((sp.n, sp.c), _F64)
-    if sp.cl:   # batch norm of each sample's (S, C) rows, one sample per thread, in cache
-        _batchnorm.batched_rows("forward", sp.arr, y, None, sp.n, sp.s, sp.c, mean, var, inv,
-                                w, b, True, eps, nt)
-    else:   # batch norm of the (1, N*C, S) view: statistics and normalisation fused
-        _batchnorm.forward(sp.arr, y, 1, sp.n * sp.c, sp.s, 0, sp.s, 0, sp.s,
-                           mean.reshape(-1), var.reshape(-1), inv.reshape(-1),
-                           None if w is None else np.tile(w, sp.n),
-                           None if b is None else np.tile(b, sp.n), True, eps, nt)
-    return finish_output(y, out, sp.dtype), mean, var, sp
+    sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
+    y, mean, var = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
+    sdt = _stat_dtype(sp.dtype)
+    return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -498,34 +614,57 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                   n_threads=None):
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
-    With ``use_input_stats`` each (sample, channel) is normalised by its own statistics
-    and the running stats, when given, are updated in place with their batch average
-    (unbiased variance); without it the running stats normalise (like eval batch norm).
+    With ``use_input_stats`` each (sample, channel) is normalised by its own mean and
+    biased variance, and the running statistics, when given, are updated in place with
+    the batch average of the instance statistics (unbiased variance):
+    ``r = (1 - momentum) * r + momentum * batch``. Without it the running statistics
+    normalise every instance (like eval-mode batch norm).
+
+    Parameters
+    ----------
+    x : array_like, float16, float32 or float64
+        (N, C, ...) for ``axis=1`` or (N, ..., C) for ``axis=-1``.
+    running_mean, running_var : ndarray (C,), optional
+        Float arrays updated in place (required when ``use_input_stats`` is False).
+    weight, bias : array_like (C,), optional
+    use_input_stats : bool, default True
+    momentum, eps : float
+    axis : int, 1 or -1
+    out : ndarray, optional
+        Where to write y; may be x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
 
     Examples
     --------
     >>> import numpy as np, bncore
     >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
-    >>> y = bncore.instance_norm(x)
-    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0))
-    True
+    >>> rm, rv = np.zeros(3), np.ones(3)
+    >>> y = bncore.instance_norm(x, rm, rv)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0)), bool(np.all(rm != 0))
+    (True, True)
     """
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when "
                              "use_input_stats=False")
+        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+        if arr.ndim >= 2 and normalize_axis(axis, arr.ndim) not in (1, arr.ndim - 1):
+            raise ValueError(f"axis must be 1 (N, C, ...) or -1 (channels-last), got {axis}")
         return _api.batch_norm(x, running_mean, running_var, weight, bias, training=False,
                                eps=eps, axis=axis, out=out, n_threads=n_threads)
     rm, rv = running_mean, running_var
-    momentum = check_real(momentum, "momentum")
-
-    def check_running(sp):
+    sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
+    if rm is not None or rv is not None:
+        momentum = check_real(momentum, "momentum")
         for r, name in ((rm, "running_mean"), (rv, "running_var")):
             running_stat(r, name, (sp.c,))
             check_writeable(r, name)
-
-    y, mean, var, sp = _instance(x, weight, bias, eps, axis, out, n_threads, check_running)
-    if sp.arr.size:
+    y, mean, var = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
+    if sp.n and sp.c and sp.s and (rm is not None or rv is not None):
         _api._update_running(rm, np.ascontiguousarray(mean.mean(axis=0)), momentum, 1.0)
         _api._update_running(rv, np.ascontiguousarray(var.mean(axis=0)), momentum,
                              sp.s / (sp.s - 1))
@@ -534,7 +673,25 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None,
                            n_threads=None):
-    """Gradients of instance norm: (dx, dweight, dbias); mean/invstd of shape (N, C).
+    """Gradients of instance norm (input statistics) with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        Gradient of the loss with respect to y, and the forward input (same shape/dtype).
+    mean, invstd : array_like (N, C)
+        From :func:`instance_norm_forward`.
+    weight : array_like (C,), optional
+    axis : int, 1 or -1
+    out : ndarray, optional
+        Where to write dx; may be dy or x itself.
+    n_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray, x's shape and dtype
+    dweight, dbias : ndarray (C,)
+        Returned even without weight.
 
     Examples
     --------
@@ -542,15 +699,7 @@ def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None
     >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
     >>> y, m, s = bncore.instance_norm_forward(x)
     >>> dx, dw, db = bncore.instance_norm_backward(np.ones_like(x), x, m, s)
-    >>> bool(np.allclose(dx, 0))
-    True
+    >>> bool(np.allclose(dx, 0)), db.tolist()
+    (True, [32.0, 32.0, 32.0])
     """
-    sp = _Spatial(x, axis)
-    if sp.c == 0:   # no channels: nothing to normalise (group norm needs a group)
-        sp.like(dy, "dy")
-        param_vector(weight, "weight", (0,))
-        out = check_out(out, sp.shape, sp.dtype)
-        z = np.zeros(0, _stat_dtype(np.dtype(sp.dtype)))
-        return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
-    return group_norm_backward(dy, x, mean, invstd, sp.c, weight, axis=axis, out=out,
-                               n_threads=n_threads)
+    return _spatial_backward(dy, x, mean, invstd, _INSTANCE, weight, axis, out, n_threads)

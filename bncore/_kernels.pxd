@@ -60,15 +60,6 @@ cdef extern from "bn_kernels.h" nogil:
                            const double *w, const double *b)
     void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
                            const double *w, const double *b)
-    void bn_row_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
-                           const float *w, const float *b)
-    void bn_row_affine_f64(const double *x, double *y, Py_ssize_t n, double mean,
-                           double invstd, const double *w, const double *b)
-    void bn_row_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t d, double mean,
-                        double invstd, const double *w, double *dw, double *db, int rms)
-    void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
-                        double mean, double invstd, const double *w, double *dw, double *db,
-                        int rms)
     void bn_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t n, double mean,
                          double *sum_dy, double *sum_dy_xmu)
     void bn_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t n, double mean,
@@ -183,23 +174,6 @@ cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double
         bn_affine_vec_f32(x, y, n, mean, invstd, w, b)
     else:
         bn_affine_vec_f64(x, y, n, mean, invstd, w, b)
-
-
-cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double mean,
-                            double invstd, const floating *w, const floating *b) noexcept nogil:
-    if floating is float:
-        bn_row_affine_f32(x, y, n, mean, invstd, w, b)
-    else:
-        bn_row_affine_f64(x, y, n, mean, invstd, w, b)
-
-
-cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,
-                         double mean, double invstd, const double *w, double *dw, double *db,
-                         bint rms) noexcept nogil:
-    if floating is float:
-        bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms)
-    else:
-        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms)
 
 
 cdef inline void bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
@@ -446,3 +420,38 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
         mean[c] += pivot[c]
     free(buf)
     return 0
+
+
+# ------------------------------------------------------------------ row-norm family (rownorm)
+# Elementwise passes of layer and RMS norm (bncore/_rownorm.pyx); see bn_kernels_impl.h.
+
+cdef extern from "bn_kernels.h" nogil:
+    void bn_row_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
+                           const float *w, const float *b, int stream)
+    void bn_row_affine_f64(const double *x, double *y, Py_ssize_t n, double mean,
+                           double invstd, const double *w, const double *b, int stream)
+    void bn_row_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t d, double mean,
+                        double invstd, const double *w, double *dw, double *db, int rms,
+                        int stream)
+    void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
+                        double mean, double invstd, const double *w, double *dw, double *db,
+                        int rms, int stream)
+    void bn_row_fence_f32()
+
+
+cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double mean,
+                            double invstd, const floating *w, const floating *b,
+                            bint stream) noexcept nogil:
+    if floating is float:
+        bn_row_affine_f32(x, y, n, mean, invstd, w, b, stream)
+    else:
+        bn_row_affine_f64(x, y, n, mean, invstd, w, b, stream)
+
+
+cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,
+                         double mean, double invstd, const double *w, double *dw, double *db,
+                         bint rms, bint stream) noexcept nogil:
+    if floating is float:
+        bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+    else:
+        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)

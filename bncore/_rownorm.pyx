@@ -1,21 +1,32 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Row-wise kernels: layer norm and RMS norm over contiguous rows of D values.
+"""Row-wise kernels: layer and RMS norm over rows, group and instance norm over groups.
 
 Design notes
 ------------
-- A row is normalised right after its statistics, while it is in L1/L2: x is read from
-  memory once. Row statistics reuse the plane tiling of bncore._kernels (blocks of BLOCK
-  values merged with the one Chan merge), so long rows keep two-pass accuracy.
-- Rows are the parallel unit: each row's result comes from one thread.
-- Backward reduces dweight/dbias over rows in row chunks fixed by the shape (at most
-  MAX_CHUNKS), each with its own float64 partial vectors, summed in chunk order: bitwise
-  identical for any thread count, O(MAX_CHUNKS * D) extra memory.
-- Group norm NCHW: each (sample, group) is one contiguous run; its statistics and the
-  per-channel affine run back to back while it is in cache (group_forward). Instance norm
-  and channels-last group norm use the batch-norm kernels on views (bncore._family).
+- Layer / RMS norm: rows of D contiguous values. A row is normalised right after its
+  statistics, while it is in L1/L2, so x is read from memory once and y written once.
+  Row statistics are the block moments of bncore._kernels (one block for D <= BLOCK,
+  else BLOCK-sized blocks merged with the one Chan merge), so long rows keep two-pass
+  accuracy. Rows are the parallel unit: each row's result comes from one thread.
+- Backward: dweight/dbias are column sums over rows. Rows are cut into chunks fixed by
+  the shape (at most MAX_CHUNKS), each with its own float64 partial vectors (O(D)),
+  summed in chunk order after the parallel loop: bitwise identical for any thread count.
+- Group norm, NCHW (N, C, S) C-contiguous: each (sample, group) is one contiguous run of
+  C/G*S values. Its statistics, then each channel's affine (forward) or its per-channel
+  sums, the group sums and dx (backward), run back to back while the group is in cache.
+  Instance norm is group norm with G == C (the group is one (n, c) plane).
+- Channels-last (N, S, C): a sample is a rows view of S rows of C channels. Each sample
+  runs start to finish on one thread (one parallel region for the whole batch; many
+  short regions stall on a busy machine): per-channel moments (rows_stats, serial),
+  channels merged into groups with bn_chan_merge, then the per-channel affine over the
+  sample's rows; backward likewise with the channels-last sums and dx primitives.
+- Outputs of STREAM_BYTES or more are written with non-temporal stores: for arrays far
+  larger than the caches they skip the read-for-ownership of y (a third of the traffic).
+  Same bits either way.
 
-# IN: x, dy (rows of D, row stride ld elements), weight/bias as float64 (D,) or NULL;
-# OUT: y/dx rows, per-row mean/invstd (or invrms), dweight/dbias.
+# IN: x, dy (read only); weight/bias as float64 (C,) or NULL (layer/RMS: x's dtype (D,));
+#     saved mean/invstd (float64) in backward.
+# OUT: y / dx; per-row or per-(n, group) mean and variance/invstd; dweight/dbias (float64).
 """
 cimport numpy as cnp
 from cython cimport floating
@@ -24,12 +35,20 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    MAX_CHUNKS, SERIAL_ELEMS, bn_moments, plane_block_stats, plane_nblocks, row_affine,
-    row_bwd, seg_affine, seg_sumsq,
+    BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
+    bn_row_fence_f32, bwd_sums,
+    cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
+    prefetch_seg,
+    row_affine, row_bwd, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
+    seg_sumsq,
 )
 from bncore._openmp cimport work_threads
 
 cnp.import_array()
+
+cdef enum:
+    PREFETCH_BYTES = 4096   # how far ahead the row loops fetch
+    ROW_CHUNK_ELEMS = 16384  # forward rows per parallel chunk: about this many values
 
 
 cdef inline double *f64_or_null(object a):
@@ -40,56 +59,100 @@ cdef inline void *ptr_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef inline bint big_output(Py_ssize_t elems, Py_ssize_t itemsize) noexcept nogil:
+    return elems * itemsize >= STREAM_BYTES
+
+
 cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil:
+    """Row chunks of the backward column sums, from the shape alone (<= MAX_CHUNKS)."""
     cdef Py_ssize_t s = (nrows * d) // 65536
     return max(1, min(s, min(nrows, <Py_ssize_t>MAX_CHUNKS)))
 
 
-# ------------------------------------------------------------------ forward
-
-cdef inline void layer_row(const floating *x, floating *y, Py_ssize_t d, double eps,
-                           const floating *w, const floating *b, double *mean,
-                           double *invstd) noexcept nogil:
+cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
+                             double *m2) noexcept nogil:
+    """Mean and M2 of n contiguous values: one block moments call when the run fits one
+    block (what plane_block_stats gives for it, without the bookkeeping), else blocks
+    merged with the Chan merge."""
     cdef bn_moments st
+    cdef double pivot
+    if n <= BLOCK:
+        pivot = bn_pivot(<double>x[0])
+        seg_moments(x, 1, n, 0, pivot, mean, m2)
+        mean[0] += pivot
+        return
     st.n = 0
     st.mean = 0
     st.m2 = 0
-    plane_block_stats(x, 1, d, 0, 0, plane_nblocks(1, d), &st)
+    plane_block_stats(x, 1, n, 0, 0, plane_nblocks(1, n), &st)
     mean[0] = st.mean + st.shift
-    invstd[0] = 1.0 / sqrt(st.m2 / <double>d + eps)
-    row_affine(x, y, d, mean[0], invstd[0], w, b)
+    m2[0] = st.m2
+
+
+# ------------------------------------------------------------------ layer / RMS forward
+
+cdef inline void layer_row(const floating *x, floating *y, Py_ssize_t d, double eps,
+                           const floating *w, const floating *b, double *mean,
+                           double *invstd, bint stream) noexcept nogil:
+    """One row of layer norm: its statistics, then its affine while it is in cache."""
+    cdef double m, m2
+    run_moments(x, d, &m, &m2)
+    mean[0] = m
+    invstd[0] = 1.0 / sqrt(m2 / <double>d + eps)
+    row_affine(x, y, d, m, invstd[0], w, b, stream)
 
 
 cdef inline void rms_row(const floating *x, floating *y, Py_ssize_t d, double eps,
-                         const floating *w, double *invrms) noexcept nogil:
+                         const floating *w, double *invrms, bint stream) noexcept nogil:
     invrms[0] = 1.0 / sqrt(seg_sumsq(x, 1, d, 0) / <double>d + eps)
-    row_affine(x, y, d, 0.0, invrms[0], w, NULL)
+    row_affine(x, y, d, 0.0, invrms[0], w, <floating *>NULL, stream)
+
+
+cdef inline Py_ssize_t rows_ahead(Py_ssize_t d, Py_ssize_t itemsize) noexcept nogil:
+    """Prefetch distance in rows: about PREFETCH_BYTES ahead of the row being read."""
+    return max(1, PREFETCH_BYTES // max(d * itemsize, 1))
+
+
+cdef inline void prefetch_row(const floating *x, Py_ssize_t r, Py_ssize_t r1, Py_ssize_t ld,
+                              Py_ssize_t d) noexcept nogil:
+    """Fetch row r (if below r1) while earlier rows are computed: each row costs a few
+    passes over L1 data, during which the memory bus would otherwise idle."""
+    if r < r1:
+        prefetch_seg(x + r * ld, 1, d, 0)
 
 
 cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t d,
                        Py_ssize_t ldx, Py_ssize_t ldy, double eps, const floating *w,
                        const floating *b, double *mean, double *invstd, bint rms,
                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t r
-    cdef int nt = work_threads(n_threads, nrows, nrows * d, SERIAL_ELEMS)
-    for r in prange(nrows, schedule='static', num_threads=nt):
-        if rms:
-            rms_row(x + r * ldx, y + r * ldy, d, eps, w, &invstd[r])
-        else:
-            layer_row(x + r * ldx, y + r * ldy, d, eps, w, b, &mean[r], &invstd[r])
+    cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r1
+    cdef Py_ssize_t ahead = rows_ahead(d, sizeof(floating))
+    cdef bint stream = big_output(nrows * d, sizeof(floating))
+    cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        r1 = (s + 1) * nrows // nchunks
+        for r in range(s * nrows // nchunks, r1):
+            prefetch_row(x, r + ahead, r1, ldx, d)
+            if rms:
+                rms_row(x + r * ldx, y + r * ldy, d, eps, w, &invstd[r], stream)
+            else:
+                layer_row(x + r * ldx, y + r * ldy, d, eps, w, b, &mean[r], &invstd[r],
+                          stream)
+        if stream:
+            bn_row_fence_f32()
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t ldx,
-            Py_ssize_t ldy, double eps, weight, bias, cnp.ndarray mean, cnp.ndarray invstd,
-            bint rms, int n_threads):
-    """Layer norm (rms=False) or RMS norm (rms=True) of nrows contiguous rows of d values.
+            Py_ssize_t ldy, double eps, weight, bias, mean, cnp.ndarray invstd, bint rms,
+            int n_threads):
+    """Layer norm (rms=False) or RMS norm (rms=True) of nrows rows of d contiguous values.
 
-    weight/bias: None or contiguous (d,) arrays of x's dtype; mean (unused for RMS) and
-    invstd/invrms: float64 (nrows,) outputs.
+    weight/bias: None or contiguous (d,) arrays of x's dtype; mean (layer norm; None for
+    RMS) and invstd/invrms: float64 (nrows,) outputs. y may be x (same rows, in place).
     """
     cdef void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pm = f64_or_null(mean)
     cdef double *pi = <double *>cnp.PyArray_DATA(invstd)
     cdef void *pw = ptr_or_null(weight)
     cdef void *pb = ptr_or_null(bias)
@@ -102,50 +165,63 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssi
                          <const double *>pw, <const double *>pb, pm, pi, rms, n_threads)
 
 
-# ------------------------------------------------------------------ backward
+# ------------------------------------------------------------------ layer / RMS backward
 
 cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
                        Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
                        const double *mean, const double *invstd, const double *w,
                        double *dweight, double *dbias, bint rms,
                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks = row_chunks(nrows, d), s, r, j
-    cdef double *part = <double *>malloc(2 * nchunks * d * sizeof(double))
+    cdef Py_ssize_t nchunks = row_chunks(nrows, d), s, r, j, r1
+    cdef Py_ssize_t per = 2 * d if dbias != NULL else d
+    cdef Py_ssize_t ahead = rows_ahead(2 * d, sizeof(floating))
+    cdef double *part = <double *>malloc(nchunks * per * sizeof(double))
     cdef double *p
+    cdef bint stream = big_output(nrows * d, sizeof(floating))
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     if part == NULL:
         return -1
     for s in prange(nchunks, schedule='static', num_threads=nt):
-        p = part + 2 * d * s
-        for j in range(2 * d):
+        p = part + per * s
+        for j in range(per):
             p[j] = 0
-        for r in range(s * nrows // nchunks, (s + 1) * nrows // nchunks):
+        r1 = (s + 1) * nrows // nchunks
+        for r in range(s * nrows // nchunks, r1):
+            prefetch_row(dy, r + ahead, r1, ldg, d)
+            prefetch_row(x, r + ahead, r1, ldx, d)
             row_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, d, 0.0 if rms else mean[r],
-                    invstd[r], w, p, p + d, rms)
-    for j in range(d):
+                    invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream)
+        if stream:
+            bn_row_fence_f32()
+    for j in range(d):   # chunk partials in chunk order: the same sums for any thread count
         dweight[j] = 0
-        dbias[j] = 0
     for s in range(nchunks):
         for j in range(d):
-            dweight[j] += part[2 * d * s + j]
-            dbias[j] += part[2 * d * s + d + j]
+            dweight[j] += part[per * s + j]
+    if dbias != NULL:
+        for j in range(d):
+            dbias[j] = 0
+        for s in range(nchunks):
+            for j in range(d):
+                dbias[j] += part[per * s + d + j]
     free(part)
     return 0
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t nrows, Py_ssize_t d,
              Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd, mean, cnp.ndarray invstd,
-             weight, cnp.ndarray dweight, cnp.ndarray dbias, bint rms, int n_threads):
-    """Layer/RMS norm backward over rows; weight: float64 (d,) (ones when the op has
-    none); dweight, dbias: float64 (d,) outputs."""
+             cnp.ndarray weight, cnp.ndarray dweight, dbias, bint rms, int n_threads):
+    """Layer/RMS norm backward over rows. mean (None for RMS), invstd: float64 (nrows,);
+    weight: float64 (d,) (ones when the op has none); dweight, dbias (None for RMS):
+    float64 (d,) outputs. dx may be dy (same rows, in place)."""
     cdef void *pg = cnp.PyArray_DATA(dy)
     cdef void *px = cnp.PyArray_DATA(x)
     cdef void *pd = cnp.PyArray_DATA(dx)
     cdef const double *pm = f64_or_null(mean)
     cdef const double *pi = <double *>cnp.PyArray_DATA(invstd)
-    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pw = <double *>cnp.PyArray_DATA(weight)
     cdef double *pdw = <double *>cnp.PyArray_DATA(dweight)
-    cdef double *pdb = <double *>cnp.PyArray_DATA(dbias)
+    cdef double *pdb = f64_or_null(dbias)
     cdef int rc
     with nogil:
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
@@ -162,49 +238,257 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t nrows, Py
 
 cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_ssize_t s,
                              Py_ssize_t c0, double eps, const double *w, const double *b,
-                             double *mean, double *var) noexcept nogil:
-    """One (sample, group): statistics of its contiguous cg*s values, then normalise each
-    of its channels with that channel's affine while the group is in cache."""
-    cdef bn_moments st
+                             double *mean, double *var, bint stream) noexcept nogil:
+    """One (sample, group): statistics of its contiguous cg*s values, then each channel's
+    affine while the group is in cache, last channel first (the last one read)."""
     cdef Py_ssize_t j
-    cdef double invstd
-    st.n = 0
-    st.mean = 0
-    st.m2 = 0
-    plane_block_stats(x, 1, cg * s, 0, 0, plane_nblocks(1, cg * s), &st)
-    mean[0] = st.mean + st.shift
-    var[0] = st.m2 / <double>(cg * s)
+    cdef double m, m2, invstd, k, sh
+    run_moments(x, cg * s, &m, &m2)
+    mean[0] = m
+    var[0] = m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
-    for j in range(cg):
-        seg_affine(x + j * s, y + j * s, 1, s, 0, 0, mean[0],
-                   (w[c0 + j] if w != NULL else 1.0) * invstd,
-                   b[c0 + j] if b != NULL else 0.0)
+    for j in range(cg - 1, -1, -1):
+        k = (w[c0 + j] if w != NULL else 1.0) * invstd
+        sh = b[c0 + j] if b != NULL else 0.0
+        if stream:
+            seg_affine_stream(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
+        else:
+            seg_affine(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
 
 
 cdef void group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
                      Py_ssize_t cg, Py_ssize_t s, double eps, const double *w, const double *b,
                      double *mean, double *var, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
+    cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     for t in prange(n * g, schedule='static', num_threads=nt):
         group_block(x + t * cg * s, y + t * cg * s, cg, s, (t % g) * cg, eps, w, b, &mean[t],
-                    &var[t])
+                    &var[t], stream)
 
 
-def group_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t g, Py_ssize_t cg,
-                  Py_ssize_t s, double eps, weight, bias, cnp.ndarray mean, cnp.ndarray var,
-                  int n_threads):
-    """Group norm of a C-contiguous (N, C, S) array in one pass: mean, var (biased) (N*G,)."""
+cdef inline void group_block_bwd(const floating *dy, const floating *x, floating *dx,
+                                 Py_ssize_t cg, Py_ssize_t s, Py_ssize_t c0, double mean,
+                                 double invstd, const double *w, double *sdy, double *sdyx,
+                                 bint stream) noexcept nogil:
+    """One (sample, group): per-channel sum(dy) and sum(dy*(x-mean)) (into sdy/sdyx, cg
+    values), the group sums of w*dy and w*dy*xhat, then dx = k*dy + q*(x-mean) + r per
+    channel while the group is in cache (last channel first)."""
+    cdef Py_ssize_t j
+    cdef double a = 0, bs = 0, wj, m = <double>(cg * s), q, r
+    for j in range(cg):
+        sdy[j] = 0
+        sdyx[j] = 0
+        bwd_sums(dy + j * s, x + j * s, s, mean, &sdy[j], &sdyx[j])
+        wj = w[c0 + j] if w != NULL else 1.0
+        a += wj * sdy[j]
+        bs += wj * sdyx[j]
+    q = -invstd * invstd * invstd * bs / m
+    r = -invstd * a / m
+    for j in range(cg - 1, -1, -1):
+        seg_bwd_dx(dy + j * s, x + j * s, dx + j * s, 1, s, 0, 0, 0, mean,
+                   (w[c0 + j] if w != NULL else 1.0) * invstd, q, r, stream)
+
+
+cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                         Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, const double *mean,
+                         const double *invstd, const double *w, double *sdy, double *sdyx,
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, off
+    cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
+    cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
+    for t in prange(n * g, schedule='static', num_threads=nt):
+        off = t * cg * s
+        group_block_bwd(dy + off, x + off, dx + off, cg, s, (t % g) * cg, mean[t], invstd[t],
+                        w, sdy + t * cg, sdyx + t * cg, stream)
+
+
+# ------------------------------------------------------------------ channels-last samples
+
+cdef inline void group_moments(const double *cmean, const double *cm2, Py_ssize_t g,
+                               Py_ssize_t cg, Py_ssize_t s, double *mean,
+                               double *var) noexcept nogil:
+    """Per-channel moments (each over s values) merged into per-group mean and biased
+    variance with the Chan merge, channels in order."""
+    cdef Py_ssize_t gi, j
+    cdef bn_moments st
+    for gi in range(g):
+        st.n = <double>s
+        st.mean = cmean[gi * cg]
+        st.m2 = cm2[gi * cg]
+        for j in range(1, cg):
+            bn_chan_merge(&st, <double>s, cmean[gi * cg + j], cm2[gi * cg + j])
+        mean[gi] = st.mean
+        var[gi] = st.m2 / <double>(cg * s)
+
+
+cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c,
+                               Py_ssize_t g, double eps, const double *w, const double *b,
+                               double *mean, double *var, bint stream) noexcept nogil:
+    """Group norm of one channels-last sample (s rows of c channels) on this thread."""
+    cdef Py_ssize_t cg = c // g, j, gi
+    cdef double invstd
+    cdef double *buf = <double *>malloc(4 * c * sizeof(double))
+    cdef double *cm
+    cdef double *cm2
+    cdef double *scale
+    cdef double *shift
+    if buf == NULL:
+        return -1
+    cm = buf
+    cm2 = buf + c
+    scale = buf + 2 * c
+    shift = buf + 3 * c
+    if rows_stats(x, s, c, c, cm, cm2, 1) != 0:
+        free(buf)
+        return -1
+    group_moments(cm, cm2, g, cg, s, mean, var)
+    for gi in range(g):
+        invstd = 1.0 / sqrt(var[gi] + eps)
+        for j in range(gi * cg, (gi + 1) * cg):
+            cm[j] = mean[gi]
+            scale[j] = (w[j] if w != NULL else 1.0) * invstd
+            shift[j] = b[j] if b != NULL else 0.0
+    if stream:
+        cl_affine_stream(x, c, y, c, s, c, cm, scale, shift)
+    else:
+        cl_affine(x, c, y, c, s, c, cm, scale, shift)
+    free(buf)
+    return 0
+
+
+cdef inline int sample_backward(const floating *dy, const floating *x, floating *dx,
+                                Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                                const double *invstd, const double *w, double *sdy,
+                                double *sdyx, bint stream) noexcept nogil:
+    """Group norm backward of one channels-last sample on this thread: per-channel sums
+    (sdy, sdyx: c values), group sums, then dx over the sample's rows."""
+    cdef Py_ssize_t cg = c // g, j, gi
+    cdef double a, bs, wj, m = <double>(cg * s), q, r
+    cdef double *buf = <double *>malloc(4 * c * sizeof(double))
+    cdef double *mv
+    cdef double *kv
+    cdef double *qv
+    cdef double *rv
+    if buf == NULL:
+        return -1
+    mv = buf
+    kv = buf + c
+    qv = buf + 2 * c
+    rv = buf + 3 * c
+    for gi in range(g):
+        for j in range(gi * cg, (gi + 1) * cg):
+            mv[j] = mean[gi]
+            sdy[j] = 0
+            sdyx[j] = 0
+    cl_bwd_sums(dy, c, x, c, s, c, mv, sdy, sdyx)
+    for gi in range(g):
+        a = 0
+        bs = 0
+        for j in range(gi * cg, (gi + 1) * cg):
+            wj = w[j] if w != NULL else 1.0
+            a += wj * sdy[j]
+            bs += wj * sdyx[j]
+        q = -invstd[gi] * invstd[gi] * invstd[gi] * bs / m
+        r = -invstd[gi] * a / m
+        for j in range(gi * cg, (gi + 1) * cg):
+            kv[j] = (w[j] if w != NULL else 1.0) * invstd[gi]
+            qv[j] = q
+            rv[j] = r
+    cl_bwd_dx(dy, c, x, c, dx, c, s, c, mv, kv, qv, rv, stream)
+    free(buf)
+    return 0
+
+
+cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
+                         Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                         const double *b, double *mean, double *var,
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, fails = 0
+    cdef bint stream = big_output(n * s * c, sizeof(floating))
+    cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
+    for t in prange(n, schedule='static', num_threads=nt):
+        fails += sample_forward(x + t * s * c, y + t * s * c, s, c, g, eps, w, b,
+                                mean + t * g, var + t * g, stream) != 0
+    return -1 if fails else 0
+
+
+cdef int samples_backward(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                          Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                          const double *invstd, const double *w, double *sdy, double *sdyx,
+                          int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, fails = 0
+    cdef bint stream = big_output(n * s * c, sizeof(floating))
+    cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
+    for t in prange(n, schedule='static', num_threads=nt):
+        fails += sample_backward(dy + t * s * c, x + t * s * c, dx + t * s * c, s, c, g,
+                                 mean + t * g, invstd + t * g, w, sdy + t * c, sdyx + t * c,
+                                 stream) != 0
+    return -1 if fails else 0
+
+
+# ------------------------------------------------------------------ group norm entry points
+
+def group_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                  Py_ssize_t g, bint channels_last, double eps, weight, bias,
+                  cnp.ndarray mean, cnp.ndarray var, int n_threads):
+    """Group norm (instance norm: g == c) of a C-contiguous (N, C, S) array, or of an
+    (N, S, C) array when channels_last. weight/bias: float64 (C,) or None.
+    OUT: y (same layout, may be x), mean and biased var: float64 (N*G,)."""
     cdef void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pv = <double *>cnp.PyArray_DATA(var)
     cdef const double *pw = f64_or_null(weight)
     cdef const double *pb = f64_or_null(bias)
+    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef int rc = 0
     with nogil:
-        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-            group_rows(<const float *>px, <float *>py, n, g, cg, s, eps, pw, pb, pm, pv,
+        if channels_last and is_f32:
+            rc = samples_forward(<const float *>px, <float *>py, n, s, c, g, eps, pw, pb, pm,
+                                 pv, n_threads)
+        elif channels_last:
+            rc = samples_forward(<const double *>px, <double *>py, n, s, c, g, eps, pw, pb,
+                                 pm, pv, n_threads)
+        elif is_f32:
+            group_rows(<const float *>px, <float *>py, n, g, c // g, s, eps, pw, pb, pm, pv,
                        n_threads)
         else:
-            group_rows(<const double *>px, <double *>py, n, g, cg, s, eps, pw, pb, pm, pv,
-                       n_threads)
+            group_rows(<const double *>px, <double *>py, n, g, c // g, s, eps, pw, pb, pm,
+                       pv, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")
+
+
+def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t c,
+                   Py_ssize_t s, Py_ssize_t g, bint channels_last, cnp.ndarray mean,
+                   cnp.ndarray invstd, weight, cnp.ndarray sdy, cnp.ndarray sdyx,
+                   int n_threads):
+    """Group norm backward on the layout of group_forward (dy, x, dx alike; dx may be dy).
+    mean, invstd: float64 (N*G,); weight: float64 (C,) or None.
+    OUT: dx; sdy = sum(dy) and sdyx = sum(dy*(x-mean)) per (n, c): float64 (N*C,)."""
+    cdef void *pg = cnp.PyArray_DATA(dy)
+    cdef void *px = cnp.PyArray_DATA(x)
+    cdef void *pd = cnp.PyArray_DATA(dx)
+    cdef const double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef const double *pi = <double *>cnp.PyArray_DATA(invstd)
+    cdef const double *pw = f64_or_null(weight)
+    cdef double *ps = <double *>cnp.PyArray_DATA(sdy)
+    cdef double *psx = <double *>cnp.PyArray_DATA(sdyx)
+    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef int rc = 0
+    with nogil:
+        if channels_last and is_f32:
+            rc = samples_backward(<const float *>pg, <const float *>px, <float *>pd, n, s, c,
+                                  g, pm, pi, pw, ps, psx, n_threads)
+        elif channels_last:
+            rc = samples_backward(<const double *>pg, <const double *>px, <double *>pd, n, s,
+                                  c, g, pm, pi, pw, ps, psx, n_threads)
+        elif is_f32:
+            group_rows_bwd(<const float *>pg, <const float *>px, <float *>pd, n, g, c // g, s,
+                           pm, pi, pw, ps, psx, n_threads)
+        else:
+            group_rows_bwd(<const double *>pg, <const double *>px, <double *>pd, n, g, c // g,
+                           s, pm, pi, pw, ps, psx, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")

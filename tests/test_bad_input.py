@@ -134,6 +134,7 @@ BAD_FLOAT_DTYPES = [("int32", np.int32), ("int64", np.int64), ("uint8", np.uint8
                     ("bool", np.bool_), ("complex", np.complex128), ("object", object),
                     ("longdouble", np.longdouble)]
 
+
 def signature(name):
     fn = bncore
     for part in name.split("."):
@@ -141,7 +142,8 @@ def signature(name):
     return set(inspect.signature(fn).parameters) - {"self"}
 
 
-for fn, good in GOOD.items():
+def _cases_for(fn, good):
+    """Rows for each argument kind that ``fn`` takes."""
     kw = good(fresh())
     params = signature(fn)
     both_x_dy = ("x", "dy") if "dy" in kw else ("x",)
@@ -275,6 +277,10 @@ for fn, good in GOOD.items():
             case(fn, f"normalized_shape-{label}", TypeError,
                  r"\bnormalized_shape must be an int or a tuple of ints",
                  normalized_shape=value)
+
+
+for _fn, _good in GOOD.items():
+    _cases_for(_fn, _good)
 
 # --- one value per channel / group / instance where the statistics come from x
 for fn in ("batch_norm", "batch_norm_forward"):

@@ -214,80 +214,6 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
         for (ptrdiff_t i = 0; i < n; i++) y[i] = (BN_T)(((double)x[i] - mean) * invstd);
 }
 
-/* ---- row-norm family (rownorm) ---- */
-
-/* y = ((x - mean) * invstd) * w[i] + b[i] with weight/bias in the element type (layer and
- * RMS norm). For float, arithmetic is float with the mean split hi + lo as in
- * bn_seg_affine; w or b may be NULL. */
-static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restrict y,
-                                            ptrdiff_t n, double mean, double invstd,
-                                            const BN_T *restrict w, const BN_T *restrict b)
-{
-#if BN_T_IS_FLOAT
-    const float hi = (float)mean, lo = (float)(mean - (double)hi), s = (float)invstd;
-#define BN_ROW_XHAT(i) (((x[i] - hi) - lo) * s)
-#else
-#define BN_ROW_XHAT(i) ((x[i] - mean) * invstd)
-#endif
-    if (w && b)
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) * w[i] + b[i];
-    else if (w)
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) * w[i];
-    else if (b)
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i) + b[i];
-    else
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = BN_ROW_XHAT(i);
-#undef BN_ROW_XHAT
-}
-
-/* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
- * xhat = (x - mean) * invstd, g = dy * w,
- * dx = invstd * (g - [mean(g)] - xhat * mean(g * xhat)); dw[i] += dy*xhat, db[i] += dy.
- * w: d weights as double (ones when the op has none). Sums in four-double lanes. */
-static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
-                                         BN_T *restrict dx, ptrdiff_t d, double mean,
-                                         double invstd, const double *restrict w,
-                                         double *restrict dw, double *restrict db, int rms)
-{
-    bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
-    bn_v4d sg = {0}, sgx = {0};
-    double tg = 0, tgx = 0;
-    ptrdiff_t i = 0;
-    for (; i + 4 <= d; i += 4) {
-        bn_v4d gy = BN_LOAD4(dy + i), xh = (BN_LOAD4(x + i) - m) * s, ww, a, b;
-        memcpy(&ww, w + i, 32);
-        memcpy(&a, dw + i, 32);
-        memcpy(&b, db + i, 32);
-        bn_v4d g = gy * ww;
-        sg += g;
-        sgx += g * xh;
-        a += gy * xh;
-        b += gy;
-        memcpy(dw + i, &a, 32);
-        memcpy(db + i, &b, 32);
-    }
-    for (; i < d; i++) {
-        double gy = (double)dy[i], xh = ((double)x[i] - mean) * invstd, g = gy * w[i];
-        tg += g;
-        tgx += g * xh;
-        dw[i] += gy * xh;
-        db[i] += gy;
-    }
-    double mg = rms ? 0.0 : (bn_v4d_total(sg) + tg) / (double)d;
-    double mgx = (bn_v4d_total(sgx) + tgx) / (double)d;
-    bn_v4d vmg = {mg, mg, mg, mg}, vmgx = {mgx, mgx, mgx, mgx};
-    for (i = 0; i + 4 <= d; i += 4) {
-        bn_v4d ww;
-        memcpy(&ww, w + i, 32);
-        bn_v4d xh = (BN_LOAD4(x + i) - m) * s;
-        BN_STORE4(dx + i, s * (BN_LOAD4(dy + i) * ww - vmg - xh * vmgx));
-    }
-    for (; i < d; i++) {
-        double xh = ((double)x[i] - mean) * invstd;
-        dx[i] = (BN_T)(invstd * ((double)dy[i] * w[i] - mg - xh * mgx));
-    }
-}
-
 /* IN: dy, x, n values of one channel, its mean. OUT (accumulated): sum(dy), sum(dy*(x-mean)). */
 static BN_CLONES void BN_NAME(bn_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
                                           double mean, double *sum_dy, double *sum_dy_xmu)
@@ -496,6 +422,179 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
             o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c]);
     }
     BN_FENCE(stream);
+}
+
+/* ---- row-norm family (rownorm) ---- */
+
+/* Layer and RMS norm over rows of d contiguous values (bncore/_rownorm.pyx). Statistics
+ * come from bn_seg_moments / bn_seg_sumsq; these are the elementwise passes. With stream
+ * set, outputs go out with non-temporal stores (16-byte aligned vectors; scalar head and
+ * tail), same bits either way: for outputs far larger than the caches they skip the
+ * read-for-ownership of y, a third of the memory traffic of a forward pass. The row
+ * kernels do not fence (a fence per short row costs more than the stores save): the
+ * caller runs bn_row_fence once after its last row. */
+
+/* Order this thread's non-temporal stores before what follows (end of a chunk of rows). */
+static inline void BN_NAME(bn_row_fence)(void)
+{
+#if BN_HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+/* y = ((x - mean) * invstd) * w[i] + b[i]; w and/or b may be NULL. For float the
+ * arithmetic is float, 8 lanes, with the mean split hi + lo as in bn_seg_affine (exact
+ * near the mean at any offset; x == mean gives exactly b[i]); for double it is double. */
+#if BN_T_IS_FLOAT
+#define BN_ROW_PUT8(q, v, stream) do { \
+        if (BN_HAVE_STREAM && (stream) && !((uintptr_t)(q) & 15)) { \
+            BN_STREAM8((q), (v)); \
+        } else memcpy((q), &(v), sizeof(v)); } while (0)
+#if BN_HAVE_STREAM
+#define BN_STREAM8(q, v) do { _mm_stream_ps((q), (__m128){(v)[0], (v)[1], (v)[2], (v)[3]}); \
+        _mm_stream_ps((q) + 4, (__m128){(v)[4], (v)[5], (v)[6], (v)[7]}); } while (0)
+#else
+#define BN_STREAM8(q, v) memcpy((q), &(v), sizeof(v))
+#endif
+#define BN_ROW_AFFINE_LOOP(VEXPR, SEXPR) do { \
+        ptrdiff_t i = 0; \
+        if (stream) for (; i < n && ((uintptr_t)(y + i) & 15); i++) y[i] = (SEXPR); \
+        for (; i + 8 <= n; i += 8) { \
+            bn_v8f v, ww, bb; \
+            memcpy(&v, x + i, sizeof v); \
+            if (w) memcpy(&ww, w + i, sizeof ww); \
+            if (b) memcpy(&bb, b + i, sizeof bb); \
+            v = (VEXPR); \
+            BN_ROW_PUT8(y + i, v, stream); \
+        } \
+        for (; i < n; i++) y[i] = (SEXPR); } while (0)
+
+BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restrict y,
+                                           ptrdiff_t n, double mean, double invstd,
+                                           const BN_T *restrict w, const BN_T *restrict b,
+                                           int stream)
+{
+    const float hi = (float)mean, lo = (float)(mean - (double)hi), s = (float)invstd;
+    const bn_v8f vhi = {hi, hi, hi, hi, hi, hi, hi, hi}, vlo = {lo, lo, lo, lo, lo, lo, lo, lo};
+    const bn_v8f vs = {s, s, s, s, s, s, s, s};
+    if (w && b)
+        BN_ROW_AFFINE_LOOP(((v - vhi) - vlo) * vs * ww + bb, ((x[i] - hi) - lo) * s * w[i] + b[i]);
+    else if (w)
+        BN_ROW_AFFINE_LOOP(((v - vhi) - vlo) * vs * ww, ((x[i] - hi) - lo) * s * w[i]);
+    else if (b)
+        BN_ROW_AFFINE_LOOP(((v - vhi) - vlo) * vs + bb, ((x[i] - hi) - lo) * s + b[i]);
+    else
+        BN_ROW_AFFINE_LOOP(((v - vhi) - vlo) * vs, ((x[i] - hi) - lo) * s);
+}
+#undef BN_ROW_AFFINE_LOOP
+#undef BN_ROW_PUT8
+#undef BN_STREAM8
+#else
+#define BN_ROW_AFFINE_LOOP(VEXPR, SEXPR) do { \
+        ptrdiff_t i = 0; \
+        if (stream) for (; i < n && ((uintptr_t)(y + i) & 15); i++) y[i] = (SEXPR); \
+        for (; i + 4 <= n; i += 4) { \
+            bn_v4d v = BN_LOAD4(x + i), ww, bb; \
+            if (w) memcpy(&ww, w + i, sizeof ww); \
+            if (b) memcpy(&bb, b + i, sizeof bb); \
+            BN_PUT4(y + i, (VEXPR), stream); \
+        } \
+        for (; i < n; i++) y[i] = (SEXPR); } while (0)
+
+BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restrict y,
+                                           ptrdiff_t n, double mean, double invstd,
+                                           const BN_T *restrict w, const BN_T *restrict b,
+                                           int stream)
+{
+    const bn_v4d vm = {mean, mean, mean, mean}, vs = {invstd, invstd, invstd, invstd};
+    if (w && b)
+        BN_ROW_AFFINE_LOOP((v - vm) * vs * ww + bb, (x[i] - mean) * invstd * w[i] + b[i]);
+    else if (w)
+        BN_ROW_AFFINE_LOOP((v - vm) * vs * ww, (x[i] - mean) * invstd * w[i]);
+    else if (b)
+        BN_ROW_AFFINE_LOOP((v - vm) * vs + bb, (x[i] - mean) * invstd + b[i]);
+    else
+        BN_ROW_AFFINE_LOOP((v - vm) * vs, (x[i] - mean) * invstd);
+}
+#undef BN_ROW_AFFINE_LOOP
+#endif
+
+static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restrict y,
+                                            ptrdiff_t n, double mean, double invstd,
+                                            const BN_T *restrict w, const BN_T *restrict b,
+                                            int stream)
+{
+    BN_NAME(bn_row_affine_body)(x, y, n, mean, invstd, w, b, stream);
+}
+
+/* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
+ *   g = dy * w, xhat = (x - mean) * invstd,
+ *   dx = invstd * (g - [mean(g)] - xhat * mean(g * xhat))
+ *      = g * invstd + (x - mean) * q + r,  q = -invstd^2 mean(g xhat), r = -invstd [mean(g)],
+ * and the per-column partials dw[i] += dy * xhat, db[i] += dy (db may be NULL).
+ * w: d weights as double (ones when the op has none). All arithmetic is double: dx is a
+ * difference of terms up to invstd * |g| that cancel (to exactly zero for a constant dy),
+ * which float arithmetic would leave at ~1e-7 of that scale. The first pass (row sums and
+ * column partials) runs two independent accumulator pairs, so it is not bound by the
+ * latency of one add chain. Lanes depend on d only. */
+static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
+                                         BN_T *restrict dx, ptrdiff_t d, double mean,
+                                         double invstd, const double *restrict w,
+                                         double *restrict dw, double *restrict db, int rms,
+                                         int stream)
+{
+    const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
+    bn_v4d sg0 = {0}, sg1 = {0}, sx0 = {0}, sx1 = {0};
+    double tg = 0, tx = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        bn_v4d g0 = BN_LOAD4(dy + i), g1 = BN_LOAD4(dy + i + 4);
+        bn_v4d u0 = BN_LOAD4(x + i) - m, u1 = BN_LOAD4(x + i + 4) - m;
+        bn_v4d w0, w1, a0, a1;
+        memcpy(&w0, w + i, 32);
+        memcpy(&w1, w + i + 4, 32);
+        bn_v4d p0 = g0 * w0, p1 = g1 * w1;
+        sg0 += p0;
+        sg1 += p1;
+        sx0 += p0 * u0;
+        sx1 += p1 * u1;
+        memcpy(&a0, dw + i, 32);
+        memcpy(&a1, dw + i + 4, 32);
+        a0 += g0 * (u0 * s);
+        a1 += g1 * (u1 * s);
+        memcpy(dw + i, &a0, 32);
+        memcpy(dw + i + 4, &a1, 32);
+        if (db) {
+            memcpy(&a0, db + i, 32);
+            memcpy(&a1, db + i + 4, 32);
+            a0 += g0;
+            a1 += g1;
+            memcpy(db + i, &a0, 32);
+            memcpy(db + i + 4, &a1, 32);
+        }
+    }
+    for (; i < d; i++) {
+        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
+        tg += p;
+        tx += p * u;
+        dw[i] += g * (u * invstd);
+        if (db) db[i] += g;
+    }
+    const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) / (double)d;
+    const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd / (double)d;
+    const double q = -invstd * invstd * mgx, r = -invstd * mg;
+    const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
+#define BN_ROW_DX(i) ((BN_T)((double)dy[i] * w[i] * invstd + (((double)x[i] - mean) * q + r)))
+    i = 0;
+    if (stream)
+        for (; i < d && ((uintptr_t)(dx + i) & 15); i++) dx[i] = BN_ROW_DX(i);
+    for (; i + 4 <= d; i += 4) {
+        bn_v4d ww;
+        memcpy(&ww, w + i, 32);
+        BN_PUT4(dx + i, BN_LOAD4(dy + i) * ww * s + ((BN_LOAD4(x + i) - m) * vq + vr), stream);
+    }
+    for (; i < d; i++) dx[i] = BN_ROW_DX(i);
+#undef BN_ROW_DX
 }
 
 #undef BN_LOAD4
