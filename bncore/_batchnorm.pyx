@@ -29,9 +29,10 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, cl_affine_stream, seg_affine_stream, seg_bwd_dx, affine, bn_moments, bwd_dx, bwd_sums, cl_affine, cl_bwd_dx,
-    cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks, planes_stats, rows_chunks,
-    rows_stats, seg_affine,
+    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments, bwd_sums, cl_affine,
+    cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
+    planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
+    seg_bwd_dx,
 )
 from bncore._openmp cimport work_threads
 
@@ -49,9 +50,10 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
                         Py_ssize_t ysc, double *mean, double *var, double *invstd,
                         const double *w, const double *b, bint training, double eps,
                         int n_threads) noexcept nogil:
-    cdef Py_ssize_t c, n, t, nb = plane_nblocks(outer, inner)
+    cdef Py_ssize_t c, n, t, s, t1, nchunks, nb = plane_nblocks(outer, inner)
     cdef double m = <double>outer * <double>inner
-    cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
+    cdef bint fused = (training and plane_chunks(outer, nch, inner) == 1
+                       and not planes_by_sample(outer, nch, inner, sc, sizeof(floating)))
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     if training and not fused:
@@ -62,17 +64,25 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     if not fused:
         for c in range(nch):
             invstd[c] = 1.0 / sqrt(var[c] + eps)
-        nt = work_threads(n_threads, outer * nch, outer * nch * inner, SERIAL_ELEMS)
-        for t in prange(outer * nch, schedule='static', num_threads=nt):
-            n = t // nch
-            c = t - n * nch
+        # (n, c) planes in memory order, in chunks of about CHUNK_ELEMS values (one fence
+        # per chunk: a fence per small plane would wait on memory every few hundred bytes)
+        nchunks = min(outer * nch, max(1, outer * nch * inner // CHUNK_ELEMS))
+        nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
+        for s in prange(nchunks, schedule='static', num_threads=nt):
+            t1 = (s + 1) * (outer * nch) // nchunks
+            for t in range(s * (outer * nch) // nchunks, t1):
+                n = t // nch
+                c = t - n * nch
+                if stream:
+                    seg_affine_stream(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0,
+                                      0, mean[c], (w[c] if w != NULL else 1.0) * invstd[c],
+                                      b[c] if b != NULL else 0.0)
+                else:
+                    seg_affine(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0,
+                               mean[c], (w[c] if w != NULL else 1.0) * invstd[c],
+                               b[c] if b != NULL else 0.0)
             if stream:
-                seg_affine_stream(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0,
-                                  mean[c], (w[c] if w != NULL else 1.0) * invstd[c],
-                                  b[c] if b != NULL else 0.0)
-            else:
-                seg_affine(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0, mean[c],
-                           (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0)
+                bn_fence()
         return 0
     for c in prange(nch, schedule='static', num_threads=nt):
         forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
@@ -98,6 +108,7 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     if stream:
         seg_affine_stream(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
                           mean[0], w * invstd[0], b)
+        bn_fence()
     else:
         seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
                    mean[0], w * invstd[0], b)
@@ -133,6 +144,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
         if stream:
             cl_affine_stream(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale,
                              shift)
+            bn_fence()
         else:
             cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
     free(scale)
@@ -227,6 +239,8 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
         r = 0.0
     seg_bwd_dx(dy + (outer - 1) * gso, x + (outer - 1) * so, dx + (outer - 1) * dso, outer,
                inner, -gso, -so, -dso, mean, k, q, r, stream)
+    if stream:
+        bn_fence()
 
 
 cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
@@ -271,6 +285,8 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             r1 = (s + 1) * nrows // nchunks
             cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,
                       nch, mean, k, q, r, stream)
+            if stream:
+                bn_fence()
     free(buf)
     return 0
 
@@ -332,130 +348,3 @@ def update_running(cnp.ndarray r, cnp.ndarray batch, double momentum, double fac
     else:
         for i in range(n):
             (<double *>(p + i * st))[0] = keep * (<double *>(p + i * st))[0] + take * b[i]
-
-
-# ------------------------------------------------------------------ dx from coefficients
-
-cdef void apply_dx_planes(const floating *dy, const floating *x, floating *dx,
-                          Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t gso,
-                          Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso,
-                          Py_ssize_t dsc, const double *mean, const double *k, const double *q,
-                          const double *r, int n_threads) noexcept nogil:
-    cdef Py_ssize_t c
-    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
-    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
-    for c in prange(nch, schedule='static', num_threads=nt):
-        seg_bwd_dx(dy + c * gsc, x + c * sc, dx + c * dsc, outer, inner, gso, so, dso, mean[c],
-                   k[c], q[c], r[c], stream)
-
-
-cdef void apply_dx_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
-                        Py_ssize_t nch, Py_ssize_t lddy, Py_ssize_t ldx, Py_ssize_t lddx,
-                        const double *mean, const double *k, const double *q, const double *r,
-                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, r0, r1
-    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
-    for s in prange(nchunks, schedule='static', num_threads=nt):
-        r0 = s * nrows // nchunks
-        r1 = (s + 1) * nrows // nchunks
-        cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0, nch,
-                  mean, k, q, r, stream)
-
-
-def apply_dx(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t nch,
-             Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc,
-             Py_ssize_t dso, Py_ssize_t dsc, cnp.ndarray mean, cnp.ndarray k, cnp.ndarray q,
-             cnp.ndarray r, int n_threads):
-    """dx = k[c]*dy + q[c]*(x - mean[c]) + r[c] per channel of a canonical view.
-
-    Group and instance norm backward: their per-channel coefficients come from group sums.
-    mean, k, q, r: float64 (nch,).
-    """
-    cdef void *pg = cnp.PyArray_DATA(dy)
-    cdef void *px = cnp.PyArray_DATA(x)
-    cdef void *pd = cnp.PyArray_DATA(dx)
-    cdef const double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef const double *pk = <double *>cnp.PyArray_DATA(k)
-    cdef const double *pq = <double *>cnp.PyArray_DATA(q)
-    cdef const double *pr = <double *>cnp.PyArray_DATA(r)
-    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
-    cdef bint rows = inner == 1 and sc == 1 and gsc == 1 and dsc == 1
-    with nogil:
-        if rows and is_f32:
-            apply_dx_rows(<const float *>pg, <const float *>px, <float *>pd, outer, nch, gso,
-                          so, dso, pm, pk, pq, pr, n_threads)
-        elif rows:
-            apply_dx_rows(<const double *>pg, <const double *>px, <double *>pd, outer, nch, gso,
-                          so, dso, pm, pk, pq, pr, n_threads)
-        elif is_f32:
-            apply_dx_planes(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
-                            inner, gso, gsc, so, sc, dso, dsc, pm, pk, pq, pr, n_threads)
-        else:
-            apply_dx_planes(<const double *>pg, <const double *>px, <double *>pd, outer, nch,
-                            inner, gso, gsc, so, sc, dso, dsc, pm, pk, pq, pr, n_threads)
-
-
-# ------------------------------------------------------------------ per-sample batches
-
-def batched_rows(str op, cnp.ndarray a, cnp.ndarray b, c_out, Py_ssize_t nsamples,
-                 Py_ssize_t nrows, Py_ssize_t nch, cnp.ndarray mean, cnp.ndarray v1,
-                 cnp.ndarray v2, weight, bias, bint training, double eps, int n_threads,
-                 k=None, q=None, r=None):
-    """The rows kernels over nsamples C-contiguous (nrows, nch) samples in ONE parallel
-    region, one sample per thread at a time (channels-last instance and group norm).
-
-    Many short parallel regions (a few per sample) stall on a busy machine: each waits for
-    its second thread to be scheduled. Here each sample runs start to finish on one thread
-    while it is in that core's cache; results do not depend on the thread that runs it.
-    Per-sample statistics are (nsamples * nch,) float64.
-      op 'forward':  a=x, b=y; mean/v1 (var)/v2 (invstd), as forward().
-      op 'sums':     a=dy, b=x; v1 = sum(dy*xhat) per (n, c), v2 = sum(dy); mean/invstd given
-                     in mean and k.
-      op 'dx':       a=dy, b=x, c_out=dx; dx = k*dy + q*(x - mean) + r per (n, c).
-    """
-    cdef Py_ssize_t n, step = nrows * nch
-    cdef void *pa = cnp.PyArray_DATA(a)
-    cdef void *pb = cnp.PyArray_DATA(b)
-    cdef void *pc = NULL if c_out is None else cnp.PyArray_DATA(<cnp.ndarray>c_out)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef double *p1 = <double *>cnp.PyArray_DATA(v1)
-    cdef double *p2 = <double *>cnp.PyArray_DATA(v2)
-    cdef const double *pw = f64_or_null(weight)
-    cdef const double *pbias = f64_or_null(bias)
-    cdef const double *pk = f64_or_null(k)
-    cdef const double *pq = f64_or_null(q)
-    cdef const double *pr = f64_or_null(r)
-    cdef bint is_f32 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
-    cdef int kind = 0 if op == "forward" else (1 if op == "sums" else 2)
-    cdef int nt = work_threads(n_threads, nsamples, nsamples * step, SERIAL_ELEMS)
-    with nogil:
-        for n in prange(nsamples, schedule='static', num_threads=nt):
-            if is_f32:
-                one_sample(<const float *>pa + n * step, <float *>pb + n * step,
-                           <float *>pc + n * step if pc != NULL else NULL, kind, nrows, nch,
-                           pm + n * nch, p1 + n * nch, p2 + n * nch, pw, pbias,
-                           pk + n * nch if pk != NULL else NULL,
-                           pq + n * nch if pq != NULL else NULL,
-                           pr + n * nch if pr != NULL else NULL, training, eps)
-            else:
-                one_sample(<const double *>pa + n * step, <double *>pb + n * step,
-                           <double *>pc + n * step if pc != NULL else NULL, kind, nrows, nch,
-                           pm + n * nch, p1 + n * nch, p2 + n * nch, pw, pbias,
-                           pk + n * nch if pk != NULL else NULL,
-                           pq + n * nch if pq != NULL else NULL,
-                           pr + n * nch if pr != NULL else NULL, training, eps)
-
-
-cdef inline void one_sample(const floating *a, floating *b, floating *c, int kind,
-                            Py_ssize_t nrows, Py_ssize_t nch, double *mean, double *v1,
-                            double *v2, const double *w, const double *bias, const double *k,
-                            const double *q, const double *r, bint training,
-                            double eps) noexcept nogil:
-    if kind == 0:
-        forward_rows(a, b, nrows, nch, nch, nch, mean, v1, v2, w, bias, training, eps, 1)
-    elif kind == 1:
-        backward_rows(a, b, <floating *>NULL, nrows, nch, nch, nch, nch, mean, k, NULL, True,
-                      v1, v2, 1)
-    else:
-        apply_dx_rows(a, b, c, nrows, nch, nch, nch, nch, mean, k, q, r, 1)

@@ -361,6 +361,8 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
                              Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, double *mean,
                              double *m2, int n_threads) noexcept nogil:
     """Per-channel mean and M2 of a planes view (outer, nch, inner). -1 if out of memory."""
+    if planes_by_sample(outer, nch, inner, sc, sizeof(floating)):
+        return planes_stats_by_sample(x, outer, nch, inner, so, mean, m2, n_threads)
     cdef Py_ssize_t nb = plane_nblocks(outer, inner)
     cdef Py_ssize_t nchunks = plane_chunks(outer, nch, inner), t, c, s
     cdef bn_moments *part
@@ -383,6 +385,60 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
         mean[c] = part[c * nchunks].mean + part[c * nchunks].shift
         m2[c] = part[c * nchunks].m2
     free(part)
+    return 0
+
+
+cdef inline bint planes_by_sample(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,
+                                  Py_ssize_t sc, Py_ssize_t itemsize) noexcept nogil:
+    """Whether planes statistics should walk memory sample by sample rather than channel
+    by channel: for many short planes (under a page) with each sample's channels
+    contiguous. Channel by channel, such a channel is ``outer`` scraps of a few hundred
+    bytes one sample apart; when the sample stride is a multiple of 4 KiB every scrap maps
+    to the same cache sets, so past ~128 samples the channel cannot stay in L2 and each
+    scrap is a DRAM page miss. Sample by sample memory is read in order."""
+    return sc == inner and outer >= 128 and inner * itemsize < 4096 and nch > 1
+
+
+cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
+                                       Py_ssize_t inner, Py_ssize_t so, double *mean,
+                                       double *m2, int n_threads) noexcept nogil:
+    """planes_stats for a view with each sample's (nch, inner) planes contiguous: chunks of
+    samples (from the shape alone) in parallel, each plane's moments merged into its
+    channel's state in sample order, chunks merged in chunk order. -1 if out of memory."""
+    cdef Py_ssize_t nchunks = max(1, min(min(outer, <Py_ssize_t>MAX_CHUNKS),
+                                         outer * nch * inner // CHUNK_ELEMS))
+    cdef Py_ssize_t per = 4 * nch, s, n, n0, n1, c
+    cdef double *buf
+    cdef double *p
+    cdef double *pivot
+    cdef int nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
+    buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
+    if buf == NULL:
+        return -1
+    pivot = buf + nchunks * per
+    for c in range(nch):   # each channel's first value: every chunk shares the pivots
+        pivot[c] = bn_pivot(<double>x[c * inner])
+    for s in prange(nchunks, schedule='static', num_threads=nt):
+        p = buf + s * per
+        n0 = s * outer // nchunks
+        n1 = (s + 1) * outer // nchunks
+        for n in range(n0, n1):
+            for c in range(nch):
+                seg_moments(x + n * so + c * inner, 1, inner, 0, pivot[c], &p[2 * nch + c],
+                            &p[3 * nch + c])
+            bn_chan_merge_vec(<double>((n - n0) * inner), p, p + nch, <double>inner,
+                              p + 2 * nch, p + 3 * nch, nch)
+    for c in range(nch):
+        mean[c] = buf[c]
+        m2[c] = buf[nch + c]
+    for s in range(1, nchunks):
+        n0 = s * outer // nchunks
+        n1 = (s + 1) * outer // nchunks
+        bn_chan_merge_vec(<double>(n0 * inner), mean, m2, <double>((n1 - n0) * inner),
+                          buf + s * per, buf + s * per + nch, nch)
+    for c in range(nch):
+        mean[c] += pivot[c]
+    free(buf)
     return 0
 
 
@@ -436,7 +492,7 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                         double mean, double invstd, const double *w, double *dw, double *db,
                         int rms, int stream)
-    void bn_row_fence_f32()
+    void bn_fence()
 
 
 cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double mean,

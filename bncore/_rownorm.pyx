@@ -36,7 +36,7 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
-    bn_row_fence_f32, bwd_sums,
+    bn_fence, bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
     row_affine, row_bwd, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
@@ -139,7 +139,7 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
                 layer_row(x + r * ldx, y + r * ldy, d, eps, w, b, &mean[r], &invstd[r],
                           stream)
         if stream:
-            bn_row_fence_f32()
+            bn_fence()
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t ldx,
@@ -192,7 +192,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             row_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, d, 0.0 if rms else mean[r],
                     invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream)
         if stream:
-            bn_row_fence_f32()
+            bn_fence()
     for j in range(d):   # chunk partials in chunk order: the same sums for any thread count
         dweight[j] = 0
     for s in range(nchunks):
@@ -254,6 +254,8 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
             seg_affine_stream(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
         else:
             seg_affine(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
+    if stream:
+        bn_fence()
 
 
 cdef void group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
@@ -288,6 +290,8 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
     for j in range(cg - 1, -1, -1):
         seg_bwd_dx(dy + j * s, x + j * s, dx + j * s, 1, s, 0, 0, 0, mean,
                    (w[c0 + j] if w != NULL else 1.0) * invstd, q, r, stream)
+    if stream:
+        bn_fence()
 
 
 cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
@@ -351,6 +355,7 @@ cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_
             shift[j] = b[j] if b != NULL else 0.0
     if stream:
         cl_affine_stream(x, c, y, c, s, c, cm, scale, shift)
+        bn_fence()
     else:
         cl_affine(x, c, y, c, s, c, cm, scale, shift)
     free(buf)
@@ -396,6 +401,8 @@ cdef inline int sample_backward(const floating *dy, const floating *x, floating 
             qv[j] = q
             rv[j] = r
     cl_bwd_dx(dy, c, x, c, dx, c, s, c, mv, kv, qv, rv, stream)
+    if stream:
+        bn_fence()
     free(buf)
     return 0
 

@@ -7,12 +7,7 @@ and calls these with element strides; here nothing is validated again.
 cimport numpy as cnp
 from cython cimport floating
 
-from cython.parallel cimport prange
-
-from bncore._kernels cimport (
-    SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
-)
-from bncore._openmp cimport work_threads
+from bncore._kernels cimport bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats
 
 cnp.import_array()
 
@@ -68,25 +63,3 @@ def merge_moments(double na, cnp.ndarray mean_a, cnp.ndarray m2_a, double nb,
 def simd_level():
     """The SIMD code path the kernels take on this CPU."""
     return bn_simd_level().decode()
-
-
-def sample_moments(cnp.ndarray x, Py_ssize_t nsamples, Py_ssize_t nrows, Py_ssize_t nch,
-                   cnp.ndarray mean, cnp.ndarray m2, int n_threads):
-    """Per-(sample, channel) moments of nsamples C-contiguous (nrows, nch) samples, one
-    sample per thread in one parallel region; mean, m2: float64 (nsamples * nch,)."""
-    cdef Py_ssize_t n, step = nrows * nch, fails = 0
-    cdef void *px = cnp.PyArray_DATA(x)
-    cdef double *pm = f64_ptr(mean)
-    cdef double *pm2 = f64_ptr(m2)
-    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
-    cdef int nt = work_threads(n_threads, nsamples, nsamples * step, SERIAL_ELEMS)
-    with nogil:
-        for n in prange(nsamples, schedule='static', num_threads=nt):
-            if is_f32:
-                fails += _rows(<const float *>px + n * step, nrows, nch, nch, pm + n * nch,
-                               pm2 + n * nch, 1) != 0
-            else:
-                fails += _rows(<const double *>px + n * step, nrows, nch, nch, pm + n * nch,
-                               pm2 + n * nch, 1) != 0
-    if fails:
-        raise MemoryError("bncore: out of memory for per-thread partial statistics")

@@ -96,6 +96,35 @@ def test_float32_mean_1e6_std_0p1(shape, axis):
         assert abs(float(var[c]) - exact) <= 1e-4 * exact
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_short_planes_sample_by_sample(dtype):
+    """N >= 128 short planes are reduced sample by sample (memory order) instead of
+    channel by channel: exact at a 1e6 offset, the same bits for any thread count, and
+    batch_norm's saved statistics are these moments."""
+    x = (1e6 + RNG.normal(0, 0.5, (300, 5, 7, 9))).astype(dtype)
+    x[:, 2] = 1e6 + 0.25              # a constant channel
+    mean, var = bncore.moments(x, axis=(0, 2, 3), n_threads=1)
+    x64 = x.astype(np.float64)
+    for c in range(5):
+        values = x64[:, c].ravel()
+        emean, evar = exact_moments(values)
+        digits = 6 if dtype == np.float32 else 15
+        assert abs(Fraction(float(mean[c])) - emean) <= abs(emean) * Fraction(1, 10 ** digits)
+        if evar == 0:
+            assert var[c] == 0
+        else:
+            rel = 1e-5 if dtype == np.float32 else 1e-11
+            assert abs(Fraction(float(var[c])) - evar) <= evar * Fraction(rel)
+    for nt in (2, 3, 8):
+        got = bncore.moments(x, axis=(0, 2, 3), n_threads=nt)
+        assert np.array_equal(got[0], mean) and np.array_equal(got[1], var)
+    y, bm, binv = bncore.batch_norm_forward(x, n_threads=2)
+    np.testing.assert_array_equal(bm, mean)
+    assert np.all(y[:, 2] == 0)          # constant channel: exactly bias (0)
+    yr, _, _ = ref.batch_norm_forward(x)   # its float64 mean rounds at ~1e6 * 2**-52 * log n
+    np.testing.assert_allclose(y, yr, atol=1e-5 if dtype == np.float32 else 3e-8)
+
+
 def test_moments_of_a_broadcast_view_larger_than_2_31():
     base = RNG.normal(5.0, 1.0, (1, 64))
     x = np.broadcast_to(base, (2 ** 26, 64))          # 2**32 elements, no memory behind them

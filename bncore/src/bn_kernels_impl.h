@@ -33,10 +33,14 @@
 #else
 #define BN_PUT4(q, v, stream) BN_STORE4((q), (v))
 #endif
+/* Store eight floats at q: streaming when nt (q 16-byte aligned), else ordinary. */
 #if BN_HAVE_STREAM
-#define BN_FENCE(stream) do { if (stream) _mm_sfence(); } while (0)
+#define BN_PUT8F(q, v, nt) do { bn_v8f u_ = (v); if (nt) { \
+        _mm_stream_ps((q), (__m128){u_[0], u_[1], u_[2], u_[3]}); \
+        _mm_stream_ps((q) + 4, (__m128){u_[4], u_[5], u_[6], u_[7]}); } \
+        else memcpy((q), &u_, sizeof u_); } while (0)
 #else
-#define BN_FENCE(stream) ((void)0)
+#define BN_PUT8F(q, v, nt) do { bn_v8f u_ = (v); memcpy((q), &u_, sizeof u_); } while (0)
 #endif
 #define BN_STORE4(p, v) do { bn_v4d v_ = (v); BN_T *p_ = (p); \
         p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
@@ -119,9 +123,8 @@ static BN_CLONES void BN_NAME(bn_affine)(const BN_T *restrict x, BN_T *restrict 
 }
 
 /* bn_affine over nseg segments of len values (x and y with their own strides): one call
- * per channel instead of one per plane. With stream, y is written with non-temporal
- * stores: for outputs far larger than the caches it skips the read-for-ownership and does
- * not evict the x that is about to be read again from L2. */
+ * per channel instead of one per plane. With stream, y's whole lines are written with
+ * streaming stores (see bn_stream_span; the caller fences). */
 BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
                                            ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
                                            double mean, double scale, double shift, int stream)
@@ -130,8 +133,8 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
     /* float32 arithmetic, 8 lanes, ~3x less work than a round trip through double. The
      * mean is split as hi + lo (two floats): x - hi is exact near the mean (Sterbenz), so
      * ((x - hi) - lo) carries the deviation to float precision even at a 1e6 offset, and
-     * x == mean gives exactly shift. Head, body and tail evaluate the same float
-     * expression, so where the aligned body starts cannot change a bit. */
+     * x == mean gives exactly shift. Vector and scalar elements evaluate the same float
+     * expression, so where the streamed lines start cannot change a bit. */
     const float hi = (float)mean, lo = (float)(mean - (double)hi);
     const float k = (float)scale, b = (float)shift;
     const bn_v8f vhi = {hi, hi, hi, hi, hi, hi, hi, hi}, vlo = {lo, lo, lo, lo, lo, lo, lo, lo};
@@ -139,23 +142,12 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const float *p = x + s * sx;
         float *q = y + s * sy;
-        ptrdiff_t i = 0;
-        if (stream)
-            for (; i < len && ((uintptr_t)(q + i) & 15); i++) q[i] = ((p[i] - hi) - lo) * k + b;
-        for (; i + 8 <= len; i += 8) {
-            bn_v8f v;
-            memcpy(&v, p + i, sizeof v);
-            v = ((v - vhi) - vlo) * vk + vb;
-#if BN_HAVE_STREAM
-            if (stream && !((uintptr_t)(q + i) & 15)) {
-                _mm_stream_ps(q + i, (__m128){v[0], v[1], v[2], v[3]});
-                _mm_stream_ps(q + i + 4, (__m128){v[4], v[5], v[6], v[7]});
-                continue;
-            }
-#endif
-            memcpy(q + i, &v, sizeof v);
-        }
-        for (; i < len; i++) q[i] = ((p[i] - hi) - lo) * k + b;
+#define BN_SCALAR(i) q[i] = ((p[i] - hi) - lo) * k + b
+#define BN_VEC(i, nt) do { bn_v8f v_; memcpy(&v_, p + (i), sizeof v_); \
+        BN_PUT8F(q + (i), ((v_ - vhi) - vlo) * vk + vb, nt); } while (0)
+        BN_SPAN_LOOP(q, len, stream, 8, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
     }
 #else
     bn_v4d m = {mean, mean, mean, mean}, k = {scale, scale, scale, scale};
@@ -163,15 +155,13 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *p = x + s * sx;
         BN_T *q = y + s * sy;
-        ptrdiff_t i = 0;
-        if (stream)   /* scalar head up to a 16-byte boundary */
-            for (; i < len && ((uintptr_t)(q + i) & 15); i++)
-                q[i] = (BN_T)(((double)p[i] - mean) * scale + shift);
-        for (; i + 4 <= len; i += 4) BN_PUT4(q + i, (BN_LOAD4(p + i) - m) * k + b, stream);
-        for (; i < len; i++) q[i] = (BN_T)(((double)p[i] - mean) * scale + shift);
+#define BN_SCALAR(i) q[i] = (BN_T)(((double)p[i] - mean) * scale + shift)
+#define BN_VEC(i, nt) BN_PUT4(q + (i), (BN_LOAD4(p + (i)) - m) * k + b, nt)
+        BN_SPAN_LOOP(q, len, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
     }
 #endif
-    BN_FENCE(stream);
 }
 
 static BN_CLONES void BN_NAME(bn_seg_affine)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
@@ -249,15 +239,12 @@ BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *g = dy + s * sdy, *p = x + s * sx;
         BN_T *o = dx + s * sdx;
-        ptrdiff_t i = 0;
-        if (stream)
-            for (; i < len && ((uintptr_t)(o + i) & 15); i++)
-                o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r);
-        for (; i + 4 <= len; i += 4)
-            BN_PUT4(o + i, kk * BN_LOAD4(g + i) + qq * (BN_LOAD4(p + i) - m) + rr, stream);
-        for (; i < len; i++) o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r);
+#define BN_SCALAR(i) o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r)
+#define BN_VEC(i, nt) BN_PUT4(o + (i), kk * BN_LOAD4(g + (i)) + qq * (BN_LOAD4(p + (i)) - m) + rr, nt)
+        BN_SPAN_LOOP(o, len, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
     }
-    BN_FENCE(stream);
 }
 
 static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
@@ -333,17 +320,14 @@ BN_INLINE void BN_NAME(bn_cl_affine_body)(const BN_T *x, ptrdiff_t ldx, BN_T *y,
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *p = x + r * ldx;
         BN_T *q = y + r * ldy;
-        ptrdiff_t c = 0;
-        for (; c + 4 <= nch; c += 4) {
-            bn_v4d m, k, b;
-            memcpy(&m, mean + c, 32);
-            memcpy(&k, scale + c, 32);
-            memcpy(&b, shift + c, 32);
-            BN_PUT4(q + c, (BN_LOAD4(p + c) - m) * k + b, stream);
-        }
-        for (; c < nch; c++) q[c] = (BN_T)(((double)p[c] - mean[c]) * scale[c] + shift[c]);
+#define BN_SCALAR(c) q[c] = (BN_T)(((double)p[c] - mean[c]) * scale[c] + shift[c])
+#define BN_VEC(c, nt) do { bn_v4d m_, k_, b_; memcpy(&m_, mean + (c), 32); \
+        memcpy(&k_, scale + (c), 32); memcpy(&b_, shift + (c), 32); \
+        BN_PUT4(q + (c), (BN_LOAD4(p + (c)) - m_) * k_ + b_, nt); } while (0)
+        BN_SPAN_LOOP(q, nch, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
     }
-    BN_FENCE(stream);
 }
 
 static BN_CLONES void BN_NAME(bn_cl_affine)(const BN_T *x, ptrdiff_t ldx, BN_T *y, ptrdiff_t ldy,
@@ -411,63 +395,43 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *g = dy + r * lddy, *p = x + r * ldx;
         BN_T *o = dx + r * lddx;
-        ptrdiff_t c = 0;
-        for (; c + 4 <= nch; c += 4) {
-            bn_v4d m, kk, qq, rr;
-            memcpy(&m, mean + c, 32); memcpy(&kk, k + c, 32);
-            memcpy(&qq, q + c, 32); memcpy(&rr, r_ + c, 32);
-            BN_PUT4(o + c, kk * BN_LOAD4(g + c) + qq * (BN_LOAD4(p + c) - m) + rr, stream);
-        }
-        for (; c < nch; c++)
-            o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c]);
+#define BN_SCALAR(c) o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c])
+#define BN_VEC(c, nt) do { bn_v4d m_, k_, q_, r2_; memcpy(&m_, mean + (c), 32); \
+        memcpy(&k_, k + (c), 32); memcpy(&q_, q + (c), 32); memcpy(&r2_, r_ + (c), 32); \
+        BN_PUT4(o + (c), k_ * BN_LOAD4(g + (c)) + q_ * (BN_LOAD4(p + (c)) - m_) + r2_, nt); \
+    } while (0)
+        BN_SPAN_LOOP(o, nch, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
     }
-    BN_FENCE(stream);
 }
 
 /* ---- row-norm family (rownorm) ---- */
 
 /* Layer and RMS norm over rows of d contiguous values (bncore/_rownorm.pyx). Statistics
  * come from bn_seg_moments / bn_seg_sumsq; these are the elementwise passes. With stream
- * set, outputs go out with non-temporal stores (16-byte aligned vectors; scalar head and
- * tail), same bits either way: for outputs far larger than the caches they skip the
- * read-for-ownership of y, a third of the memory traffic of a forward pass. The row
- * kernels do not fence (a fence per short row costs more than the stores save): the
- * caller runs bn_row_fence once after its last row. */
-
-/* Order this thread's non-temporal stores before what follows (end of a chunk of rows). */
-static inline void BN_NAME(bn_row_fence)(void)
-{
-#if BN_HAVE_STREAM
-    _mm_sfence();
-#endif
-}
+ * set, the rows' whole output lines go out with streaming stores (bn_stream_span; the
+ * caller runs bn_fence once after its last row), same bits either way. */
 
 /* y = ((x - mean) * invstd) * w[i] + b[i]; w and/or b may be NULL. For float the
  * arithmetic is float, 8 lanes, with the mean split hi + lo as in bn_seg_affine (exact
  * near the mean at any offset; x == mean gives exactly b[i]); for double it is double. */
-#if BN_T_IS_FLOAT
-#define BN_ROW_PUT8(q, v, stream) do { \
-        if (BN_HAVE_STREAM && (stream) && !((uintptr_t)(q) & 15)) { \
-            BN_STREAM8((q), (v)); \
-        } else memcpy((q), &(v), sizeof(v)); } while (0)
-#if BN_HAVE_STREAM
-#define BN_STREAM8(q, v) do { _mm_stream_ps((q), (__m128){(v)[0], (v)[1], (v)[2], (v)[3]}); \
-        _mm_stream_ps((q) + 4, (__m128){(v)[4], (v)[5], (v)[6], (v)[7]}); } while (0)
-#else
-#define BN_STREAM8(q, v) memcpy((q), &(v), sizeof(v))
-#endif
+/* The span loop of bn_row_affine with the expression inline: VEXPR of v (x), ww (w) and
+ * bb (b) vectors at i, SEXPR of element i. */
 #define BN_ROW_AFFINE_LOOP(VEXPR, SEXPR) do { \
-        ptrdiff_t i = 0; \
-        if (stream) for (; i < n && ((uintptr_t)(y + i) & 15); i++) y[i] = (SEXPR); \
-        for (; i + 8 <= n; i += 8) { \
-            bn_v8f v, ww, bb; \
-            memcpy(&v, x + i, sizeof v); \
-            if (w) memcpy(&ww, w + i, sizeof ww); \
-            if (b) memcpy(&bb, b + i, sizeof bb); \
-            v = (VEXPR); \
-            BN_ROW_PUT8(y + i, v, stream); \
-        } \
+        ptrdiff_t lo_, hi_, i; \
+        bn_stream_span(y, n, sizeof(*y), stream, &lo_, &hi_); \
+        for (i = 0; i + BN_RW <= lo_; i += BN_RW) BN_ROW_VEC(VEXPR, 0); \
+        for (; i < lo_; i++) y[i] = (SEXPR); \
+        for (; i < hi_; i += BN_RW) BN_ROW_VEC(VEXPR, 1); \
+        for (; i + BN_RW <= n; i += BN_RW) BN_ROW_VEC(VEXPR, 0); \
         for (; i < n; i++) y[i] = (SEXPR); } while (0)
+#if BN_T_IS_FLOAT
+#define BN_RW 8
+#define BN_ROW_VEC(VEXPR, nt) do { bn_v8f v, ww, bb; memcpy(&v, x + i, sizeof v); \
+        if (w) memcpy(&ww, w + i, sizeof ww); \
+        if (b) memcpy(&bb, b + i, sizeof bb); \
+        BN_PUT8F(y + i, (VEXPR), nt); } while (0)
 
 BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restrict y,
                                            ptrdiff_t n, double mean, double invstd,
@@ -486,20 +450,12 @@ BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restric
     else
         BN_ROW_AFFINE_LOOP(((v - vhi) - vlo) * vs, ((x[i] - hi) - lo) * s);
 }
-#undef BN_ROW_AFFINE_LOOP
-#undef BN_ROW_PUT8
-#undef BN_STREAM8
 #else
-#define BN_ROW_AFFINE_LOOP(VEXPR, SEXPR) do { \
-        ptrdiff_t i = 0; \
-        if (stream) for (; i < n && ((uintptr_t)(y + i) & 15); i++) y[i] = (SEXPR); \
-        for (; i + 4 <= n; i += 4) { \
-            bn_v4d v = BN_LOAD4(x + i), ww, bb; \
-            if (w) memcpy(&ww, w + i, sizeof ww); \
-            if (b) memcpy(&bb, b + i, sizeof bb); \
-            BN_PUT4(y + i, (VEXPR), stream); \
-        } \
-        for (; i < n; i++) y[i] = (SEXPR); } while (0)
+#define BN_RW 4
+#define BN_ROW_VEC(VEXPR, nt) do { bn_v4d v = BN_LOAD4(x + i), ww, bb; \
+        if (w) memcpy(&ww, w + i, sizeof ww); \
+        if (b) memcpy(&bb, b + i, sizeof bb); \
+        BN_PUT4(y + i, (VEXPR), nt); } while (0)
 
 BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restrict y,
                                            ptrdiff_t n, double mean, double invstd,
@@ -516,8 +472,10 @@ BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restric
     else
         BN_ROW_AFFINE_LOOP((v - vm) * vs, (x[i] - mean) * invstd);
 }
-#undef BN_ROW_AFFINE_LOOP
 #endif
+#undef BN_ROW_AFFINE_LOOP
+#undef BN_ROW_VEC
+#undef BN_RW
 
 static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restrict y,
                                             ptrdiff_t n, double mean, double invstd,
@@ -585,21 +543,18 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
     const double q = -invstd * invstd * mgx, r = -invstd * mg;
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
 #define BN_ROW_DX(i) ((BN_T)((double)dy[i] * w[i] * invstd + (((double)x[i] - mean) * q + r)))
-    i = 0;
-    if (stream)
-        for (; i < d && ((uintptr_t)(dx + i) & 15); i++) dx[i] = BN_ROW_DX(i);
-    for (; i + 4 <= d; i += 4) {
-        bn_v4d ww;
-        memcpy(&ww, w + i, 32);
-        BN_PUT4(dx + i, BN_LOAD4(dy + i) * ww * s + ((BN_LOAD4(x + i) - m) * vq + vr), stream);
-    }
-    for (; i < d; i++) dx[i] = BN_ROW_DX(i);
+#define BN_ROW_DXV(j, nt) do { bn_v4d ww; memcpy(&ww, w + (j), 32); \
+        BN_PUT4(dx + (j), BN_LOAD4(dy + (j)) * ww * s + ((BN_LOAD4(x + (j)) - m) * vq + vr), nt); \
+    } while (0)
+#define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
+    BN_SPAN_LOOP(dx, d, stream, 4, BN_ROW_DXS, BN_ROW_DXV);
 #undef BN_ROW_DX
+#undef BN_ROW_DXV
+#undef BN_ROW_DXS
 }
 
 #undef BN_LOAD4
 #undef BN_PUT4
-#undef BN_FENCE
 #undef BN_STORE4
 #undef BN_NAME
 #undef BN_CAT
