@@ -223,8 +223,15 @@ def matching_view(arr, axis, like):
         return v
     if like.kind == "planes":
         return _try_view(np.ascontiguousarray(arr), axis)
+    return _rows_copy(arr, axis, like)
+
+
+def _rows_copy(arr, axis, like):
+    """A copy of ``arr`` with the channel axis innermost, as a rows View shaped like
+    ``like``. Built directly: with one channel, _try_view would call such a copy planes."""
     moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
-    return _try_view(np.moveaxis(moved, -1, axis), axis)
+    y = np.moveaxis(moved, -1, axis)
+    return View(y, "rows", like.outer, like.nch, 1, like.nch, 1)
 
 
 def output_like(view, dtype, out, axis):
@@ -245,11 +252,13 @@ def output_like(view, dtype, out, axis):
             return out, v
     y = np.empty_like(view.arr)
     v = _try_view(y, axis)
-    if v is None or v.kind != view.kind:
-        y = np.empty(view.arr.shape, view.arr.dtype) if view.kind == "planes" else \
-            np.moveaxis(np.empty(np.moveaxis(view.arr, axis, -1).shape, view.arr.dtype), -1, axis)
-        v = _try_view(y, axis)
-    return y, v
+    if v is not None and v.kind == view.kind:
+        return y, v
+    if view.kind == "planes":
+        y = np.empty(view.arr.shape, view.arr.dtype)
+        return y, _contiguous_view(y, axis)
+    y = np.moveaxis(np.empty(np.moveaxis(view.arr, axis, -1).shape, view.arr.dtype), -1, axis)
+    return y, View(y, "rows", view.outer, view.nch, 1, view.nch, 1)
 
 
 def finish_output(y, out, dtype):

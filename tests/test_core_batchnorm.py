@@ -261,6 +261,28 @@ def test_streamed_outputs_match_unstreamed(shape, axis):
     assert np.array_equal(dxe[:5], dxe_small)
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_one_channel_broadcast_input_fills_every_output(axis):
+    """A stride-0 x with one channel is a 'rows' view (channel innermost); a fresh output
+    of its shape looked like 'planes', and the kernel, given the planes strides for rows,
+    wrote every row onto y[0] and left the rest unwritten (found by hypothesis)."""
+    x = np.broadcast_to(np.float32(0.7), (1, 4))
+    x2 = np.broadcast_to(np.arange(4, dtype=np.float32), (1, 4))
+    for xx in (x, x2):
+        c = xx.shape[axis]
+        rm, rv = np.full(c, 0.1), np.full(c, 2.0)
+        for _ in range(3):
+            junk = np.full(4, 5.0, np.float32)   # leave recognisable values to reuse
+            del junk
+            y = bncore.batch_norm(xx, rm, rv, training=False, axis=axis)
+            close(y, ref.batch_norm(xx, rm, rv, training=False, axis=axis), np.float32)
+            dy = np.broadcast_to(np.float32(1.0), xx.shape)
+            inv = 1 / np.sqrt(rv + 1e-5)
+            dx = bncore.batch_norm_backward(dy, xx, rm, inv, training=False, axis=axis)[0]
+            close(dx, ref.batch_norm_backward(dy, xx, rm, inv, training=False, axis=axis)[0],
+                  np.float32)
+
+
 def test_out_and_in_place():
     x = make((4, 3, 5, 5), np.float32, "C", offset=1.0)
     out = np.empty_like(x)
