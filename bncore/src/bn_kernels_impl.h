@@ -74,17 +74,28 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
      * computed as (x - pivot) - mean0, both steps exact or nearly so */
     double mean0 = (bn_v4d_total((a0 + a1) + (a2 + a3)) + t) / n;
     bn_v4d m = {mean0, mean0, mean0, mean0};
-    bn_v4d d0 = {0}, d1 = {0}, q0 = {0}, q1 = {0};
+    /* four accumulator pairs: with two, the adds into q were the critical path */
+    bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     double td = 0, tq = 0;
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
-        for (; i + 8 <= len; i += 8) {
-            bn_v4d u = (BN_LOAD4(p + i) - k) - m, v = (BN_LOAD4(p + i + 4) - k) - m;
+        for (; i + 16 <= len; i += 16) {
+            bn_v4d u0 = (BN_LOAD4(p + i) - k) - m, u1 = (BN_LOAD4(p + i + 4) - k) - m;
+            bn_v4d u2 = (BN_LOAD4(p + i + 8) - k) - m, u3 = (BN_LOAD4(p + i + 12) - k) - m;
+            d0 += u0;
+            d1 += u1;
+            d2 += u2;
+            d3 += u3;
+            q0 += u0 * u0;
+            q1 += u1 * u1;
+            q2 += u2 * u2;
+            q3 += u3 * u3;
+        }
+        for (; i + 4 <= len; i += 4) {
+            bn_v4d u = (BN_LOAD4(p + i) - k) - m;
             d0 += u;
-            d1 += v;
             q0 += u * u;
-            q1 += v * v;
         }
         for (; i < len; i++) {
             double u = ((double)p[i] - pivot) - mean0;
@@ -92,7 +103,8 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
             tq += u * u;
         }
     }
-    bn_finish_block(n, mean0, bn_v4d_total(d0 + d1) + td, bn_v4d_total(q0 + q1) + tq, mean, m2);
+    bn_finish_block(n, mean0, bn_v4d_total((d0 + d1) + (d2 + d3)) + td,
+                    bn_v4d_total((q0 + q1) + (q2 + q3)) + tq, mean, m2);
 }
 
 /* IN: nseg segments as above. OUT: sum of squares (RMS norm). */
