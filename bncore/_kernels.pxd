@@ -314,14 +314,16 @@ cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,
     return max(s, 1)
 
 
-cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch) noexcept nogil:
+cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
+    """Rows per statistics block: a block of up to CHANNEL_BLOCK channels fills L1 (32 KiB),
+    where its second pass reads it."""
     cdef Py_ssize_t cb = min(nch, <Py_ssize_t>CHANNEL_BLOCK)
-    return max(16, (<Py_ssize_t>(2 * BLOCK)) // max(cb, 1))
+    return max(16, (<Py_ssize_t>(16 * BLOCK)) // max(cb * itemsize, 1))
 
 
 cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
     """Row chunks for channels-last statistics, from the shape alone."""
-    cdef Py_ssize_t min_rows = max(rows_per_block(nch), CHUNK_ELEMS // max(nch, 1))
+    cdef Py_ssize_t min_rows = max(rows_per_block(nch, 8), CHUNK_ELEMS // max(nch, 1))
     cdef Py_ssize_t s = (nrows + min_rows - 1) // min_rows
     return max(1, min(s, <Py_ssize_t>MAX_CHUNKS))
 
@@ -335,13 +337,15 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
 
     ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0.
     """
-    cdef Py_ssize_t rb = rows_per_block(nch), r, c0, cb, nr
+    cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, cb, nr
     cdef double *bm = work + 3 * CHANNEL_BLOCK
     cdef double *bm2 = bm + CHANNEL_BLOCK
     r = r0
     while r < r1:
         nr = min(rb, r1 - r)
-        if r + nr < r1:   # overlap the next row block's fetch with this block's passes
+        # double: overlap the next row block's fetch with this block's passes (float's
+        # first pass sweeps rows in order, which the hardware prefetcher follows)
+        if floating is double and r + nr < r1:
             if ld == nch:
                 prefetch_seg(x + (r + nr) * ld, 1, min(rb, r1 - r - nr) * nch, 0)
             else:

@@ -1,4 +1,5 @@
 """moments and Moments against NumPy, the float64 reference and exact rational arithmetic."""
+import math
 import pickle
 from fractions import Fraction
 
@@ -123,6 +124,45 @@ def test_many_short_planes_sample_by_sample(dtype):
     assert np.all(y[:, 2] == 0)          # constant channel: exactly bias (0)
     yr, _, _ = ref.batch_norm_forward(x)   # its float64 mean rounds at ~1e6 * 2**-52 * log n
     np.testing.assert_allclose(y, yr, atol=1e-5 if dtype == np.float32 else 3e-8)
+
+
+def _oracle_moments(values):
+    """Mean and biased variance of float values in float64: fsum is correctly rounded, so
+    both are within a few float64 ulps of the exact values."""
+    v = np.asarray(values, np.float64)
+    mean = math.fsum(v) / v.size
+    return mean, math.fsum((v - mean) ** 2) / v.size
+
+
+@pytest.mark.parametrize("nch", [3, 37, 64, 200])
+@pytest.mark.parametrize("kind", ["normal", "offset", "huge", "constant"])
+def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
+    """Channels-last float32 statistics (a float first pass for the shift, a double second
+    pass) are the float64 statistics rounded once: within one float32 ulp of them, at a 1e6
+    offset, for values whose float sums overflow, for constant channels; over several row
+    blocks and chunks and every channel tile width (64, 16, 4, 1)."""
+    rows = 3003
+    if kind == "normal":
+        x = RNG.normal(0.5, 2.0, (rows, nch))
+    elif kind == "offset":
+        x = 1e6 + RNG.normal(0, 0.1, (rows, nch))
+    elif kind == "huge":   # a float sum of 128 of these overflows; the mean does not
+        x = RNG.uniform(2e38, 3.4e38, (rows, nch)) * RNG.choice([-1, 1], nch)
+    else:
+        x = np.broadcast_to(RNG.uniform(-3e38, 3e38, nch), (rows, nch))
+    x = np.ascontiguousarray(x, np.float32)
+    with np.errstate(over="ignore"):
+        for axes, view in [(0, x), ((0, 1), x.reshape(7, rows // 7, nch)[:, ::2])]:
+            mean, var = bncore.moments(view, axis=axes)
+            flat = view.reshape(-1, nch)
+            for c in range(nch):
+                emean, evar = _oracle_moments(flat[:, c])
+                for got, want in ((mean[c], emean), (var[c], evar)):
+                    want32 = np.float32(want)
+                    if np.isinf(want32) or kind == "constant":
+                        assert got == want32, (c, got, want)
+                    else:
+                        assert abs(float(got) - want) <= np.spacing(abs(want32)), (c, got, want)
 
 
 def test_moments_of_a_broadcast_view_larger_than_2_31():

@@ -133,21 +133,28 @@ BN_INLINE double bn_pivot(double first)
 }
 
 /* Merge a block (nb, mb, m2b) into (na, *mean, *m2) (Chan et al. 1979): the one merge
- * formula in bncore; every merge goes through here. With an infinite mean on either side
- * delta is not finite: the mean is then the weighted sum (inf + inf = inf, inf - inf = nan,
- * as NumPy's mean gives) and M2 is nan. */
+ * formula in bncore; every merge goes through here, with its weights f = nb / (na + nb)
+ * and g = na * f (computed once when many channels share the counts). With an infinite
+ * mean on either side delta is not finite: the mean is then the weighted sum (inf + inf =
+ * inf, inf - inf = nan, as NumPy's mean gives) and M2 is nan. */
+BN_INLINE void bn_merge_weighted(double na, double nb, double f, double g, double *mean,
+                                 double *m2, double mb, double m2b)
+{
+    double delta = mb - *mean;
+    if (isfinite(delta)) {
+        *mean += delta * f;
+        *m2 += m2b + delta * delta * g;
+    } else {
+        *mean = (na * *mean + nb * mb) / (na + nb);
+        *m2 = NAN;
+    }
+}
+
 BN_INLINE void bn_merge_values(double na, double nb, double *mean, double *m2, double mb,
                                double m2b)
 {
-    double n = na + nb;
-    double delta = mb - *mean;
-    if (isfinite(delta)) {
-        *mean += delta * (nb / n);
-        *m2 += m2b + delta * delta * (na * (nb / n));
-    } else {
-        *mean = (na * *mean + nb * mb) / n;
-        *m2 = NAN;
-    }
+    double f = nb / (na + nb);
+    bn_merge_weighted(na, nb, f, na * f, mean, m2, mb, m2b);
 }
 
 BN_INLINE void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
@@ -169,7 +176,9 @@ static BN_CLONES void bn_chan_merge_vec(double na, double *restrict mean, double
         for (ptrdiff_t c = 0; c < nch; c++) { mean[c] = mb[c]; m2[c] = m2b[c]; }
         return;
     }
-    for (ptrdiff_t c = 0; c < nch; c++) bn_merge_values(na, nb, &mean[c], &m2[c], mb[c], m2b[c]);
+    double f = nb / (na + nb), g = na * f;
+    for (ptrdiff_t c = 0; c < nch; c++)
+        bn_merge_weighted(na, nb, f, g, &mean[c], &m2[c], mb[c], m2b[c]);
 }
 
 BN_INLINE double bn_v4d_total(bn_v4d v)
