@@ -16,6 +16,7 @@ Tiling (see DESIGN.md "Kernels and numerics"):
 """
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport isfinite
 from libc.stdlib cimport malloc, free
 
 from bncore._openmp cimport work_threads
@@ -68,8 +69,9 @@ cdef extern from "bn_kernels.h" nogil:
                        double k, double q, double r)
     void bn_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, double mean,
                        double k, double q, double r)
-    void bn_cl_moments_f32(const float *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                           double *work, const double *pivot, double *mean, double *m2)
+    void bn_cl_moments_shift_f32(const float *x, Py_ssize_t nrows, Py_ssize_t nch,
+                                 Py_ssize_t ld, const double *K, const double *pivot,
+                                 const float *next, Py_ssize_t nnext, double *mean, double *m2)
     void bn_cl_moments_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
                            double *work, const double *pivot, double *mean, double *m2)
     void bn_cl_affine_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
@@ -190,15 +192,6 @@ cdef inline void bwd_dx(const floating *dy, const floating *x, floating *dx, Py_
         bn_bwd_dx_f32(dy, x, dx, n, mean, k, q, r)
     else:
         bn_bwd_dx_f64(dy, x, dx, n, mean, k, q, r)
-
-
-cdef inline void cl_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                            double *work, const double *pivot, double *mean,
-                            double *m2) noexcept nogil:
-    if floating is float:
-        bn_cl_moments_f32(x, nrows, nch, ld, work, pivot, mean, m2)
-    else:
-        bn_cl_moments_f64(x, nrows, nch, ld, work, pivot, mean, m2)
 
 
 cdef inline void cl_affine(const floating *x, Py_ssize_t ldx, floating *y, Py_ssize_t ldy,
@@ -337,23 +330,38 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
 
     ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0.
     """
-    cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, cb, nr
+    cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, c, cb, nr, nnext
+    cdef double *K = work
     cdef double *bm = work + 3 * CHANNEL_BLOCK
     cdef double *bm2 = bm + CHANNEL_BLOCK
+    cdef const float *nxt
     r = r0
     while r < r1:
         nr = min(rb, r1 - r)
-        # double: overlap the next row block's fetch with this block's passes (float's
-        # first pass sweeps rows in order, which the hardware prefetcher follows)
-        if floating is double and r + nr < r1:
+        nnext = min(rb, r1 - r - nr)
+        # double: overlap the next row block's fetch with this block's passes (the float
+        # kernel prefetches it itself, spread over its row steps)
+        if floating is double and nnext > 0:
             if ld == nch:
-                prefetch_seg(x + (r + nr) * ld, 1, min(rb, r1 - r - nr) * nch, 0)
+                prefetch_seg(x + (r + nr) * ld, 1, nnext * nch, 0)
             else:
-                prefetch_seg(x + (r + nr) * ld, min(rb, r1 - r - nr), nch, ld)
+                prefetch_seg(x + (r + nr) * ld, nnext, nch, ld)
         c0 = 0
         while c0 < nch:
             cb = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0)
-            cl_moments(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
+            if floating is float:
+                # shifts: the pivots for the chunk's first block, then its running means
+                for c in range(cb):
+                    K[c] = pivot[c0 + c]
+                    if r > r0 and isfinite(pivot[c0 + c] + mean[c0 + c]):
+                        K[c] = <double><float>(pivot[c0 + c] + mean[c0 + c])
+                nxt = NULL
+                if nnext > 0 and ld == nch and cb == nch:
+                    nxt = <const float *>(x + (r + nr) * ld)
+                bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
+                                        nnext * nch * <Py_ssize_t>sizeof(float), bm, bm2)
+            else:
+                bn_cl_moments_f64(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
             bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
             c0 += cb
         r += nr

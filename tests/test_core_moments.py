@@ -128,19 +128,23 @@ def test_many_short_planes_sample_by_sample(dtype):
 
 def _oracle_moments(values):
     """Mean and biased variance of float values in float64: fsum is correctly rounded, so
-    both are within a few float64 ulps of the exact values."""
+    both are within a few float64 ulps of the exact values (NumPy's for inf and nan)."""
     v = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(v)):
+        with np.errstate(invalid="ignore"):
+            return np.mean(v), np.var(v)
     mean = math.fsum(v) / v.size
     return mean, math.fsum((v - mean) ** 2) / v.size
 
 
 @pytest.mark.parametrize("nch", [3, 37, 64, 200])
-@pytest.mark.parametrize("kind", ["normal", "offset", "huge", "constant"])
+@pytest.mark.parametrize("kind", ["normal", "offset", "huge", "constant", "step", "nonfinite"])
 def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
-    """Channels-last float32 statistics (a float first pass for the shift, a double second
-    pass) are the float64 statistics rounded once: within one float32 ulp of them, at a 1e6
-    offset, for values whose float sums overflow, for constant channels; over several row
-    blocks and chunks and every channel tile width (64, 16, 4, 1)."""
+    """Channels-last float32 statistics (one pass in double around a float shift: the pivot,
+    then each chunk's running mean) are the float64 statistics rounded once: within one
+    float32 ulp of them, at a 1e6 offset, for values whose float sums overflow, for constant
+    channels, after a step far from the running mean; over several row blocks and chunks
+    and every channel tile width (32, 4, 1)."""
     rows = 3003
     if kind == "normal":
         x = RNG.normal(0.5, 2.0, (rows, nch))
@@ -148,8 +152,16 @@ def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
         x = 1e6 + RNG.normal(0, 0.1, (rows, nch))
     elif kind == "huge":   # a float sum of 128 of these overflows; the mean does not
         x = RNG.uniform(2e38, 3.4e38, (rows, nch)) * RNG.choice([-1, 1], nch)
-    else:
+    elif kind == "constant":
         x = np.broadcast_to(RNG.uniform(-3e38, 3e38, nch), (rows, nch))
+    elif kind == "step":   # the running mean is a poor shift after the step
+        x = RNG.normal(0, 1, (rows, nch))
+        x[rows // 3:] = 1e6 + RNG.normal(0, 0.05, (rows - rows // 3, nch))
+    else:   # inf in a later chunk, inf and -inf in two chunks, nan
+        x = RNG.normal(0, 1, (rows, nch))
+        x[2500, 0] = x[2900, 1] = np.inf
+        x[5, 1] = -np.inf
+        x[1700, 2] = np.nan
     x = np.ascontiguousarray(x, np.float32)
     with np.errstate(over="ignore"):
         for axes, view in [(0, x), ((0, 1), x.reshape(7, rows // 7, nch)[:, ::2])]:
@@ -159,8 +171,8 @@ def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
                 emean, evar = _oracle_moments(flat[:, c])
                 for got, want in ((mean[c], emean), (var[c], evar)):
                     want32 = np.float32(want)
-                    if np.isinf(want32) or kind == "constant":
-                        assert got == want32, (c, got, want)
+                    if not np.isfinite(want32) or kind == "constant":
+                        assert got == want32 or np.isnan(got) and np.isnan(want), (c, got)
                     else:
                         assert abs(float(got) - want) <= np.spacing(abs(want32)), (c, got, want)
 

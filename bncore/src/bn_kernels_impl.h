@@ -280,104 +280,91 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T
  * handled one by one with the same arithmetic. */
 
 #if BN_T_IS_FLOAT
-/* Channels-last block moments for float input: the corrected two-pass of the design notes,
- * arranged for a CPU whose floating-point add ports, not memory, were the limit (the
- * double version converted every value twice and ran at ~1 cycle per value).
- * Pass 1 sweeps the rows of up to 64 channels in float, 8 lanes, with no conversion, for
- * a shift per channel: K = the float nearest pivot + mean(x - pivot). K only has to be near
- * the block mean (pass 2 corrects it exactly); a float sum of a block is within ~1e-5 of
- * the spread of x - pivot. K is a float, so u = x - K is exact in double, and a constant
- * block gives u == 0: mean == value and M2 == 0 exactly, as before. A float sum that
- * overflowed (finite values near FLT_MAX) is redone in double; inf and nan in x give a
- * non-finite K and propagate as in the double version.
- * Pass 2 accumulates sum(u) and sum(u*u) in double over 16-channel tiles from L1. */
+/* Channels-last block moments for float input, in one pass over memory.
+ * The double kernel below (two passes, every value converted twice, column tiles) ran at
+ * ~1 cycle per value hot and 3.5 cold: the FP add ports and a column walk the hardware
+ * prefetcher cannot follow. Here each value is read and converted once:
+ * - shift: the caller passes K[c], a float near the channel's mean: the pivot for a
+ *   chunk's first block, then the chunk's running mean. u = x - K is exact in double, and
+ *   sum(u), sum(u*u) in double give mean = K + sum(u)/n, M2 = sum(u*u) - sum(u)^2/n.
+ * - accuracy: the cancellation costs eps * n * (mean - K)^2, and the channel's M2 holds at
+ *   least ~(mean - K)^2: K is a value of the channel (the pivot) or the mean of n' >= n of
+ *   its values, and merging those with this block adds n*n'/(n+n') * (mean - K)^2. So the
+ *   relative error stays near n * eps (1e-14). Rounding K to float adds at most half the
+ *   float spacing at the mean, the resolution of the data itself. A constant channel has
+ *   K == its value in every block: u == 0, mean == value and M2 == 0 exactly. inf and nan
+ *   propagate through sum(u) as in numpy (a finite K keeps an inf mean inf). u and u*u
+ *   cannot overflow in double.
+ * - memory: 32-channel tiles walk the block's rows from L1/L2 while the next block
+ *   (`next`, `nnext` contiguous bytes, or NULL) is prefetched in address order, two lines
+ *   per row step, so reading memory overlaps the arithmetic. */
 
-/* K[0..w) for channels [0, w) of the block (w <= 64). */
-BN_INLINE void bn_cl_shift_f32(const float *x, ptrdiff_t nrows, ptrdiff_t w, ptrdiff_t ld,
-                               const double *restrict pivot, double *restrict K)
+/* sum(u) and sum(u*u), u = x - K, for nv vectors of 4 channels (nv = 8 or 1, constant at
+ * each call), prefetching two lines of [*pf, pe) per row. */
+BN_INLINE void bn_cl_sums_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int nv,
+                              const double *restrict K, double *restrict sd,
+                              double *restrict sdd, const char **pf, const char *pe)
 {
-    float acc[64] __attribute__((aligned(32))) = {0};
-    float pv[64] __attribute__((aligned(32))) = {0};
-    int ok = 1;
-    for (ptrdiff_t i = 0; i < w; i++) pv[i] = (float)pivot[i];
-    if (w == 64) {   /* the whole tile in eight registers */
-        bn_v8f a[8] = {{0}}, p[8];
-        memcpy(p, pv, sizeof p);
-        for (ptrdiff_t r = 0; r < nrows; r++)
-            for (int j = 0; j < 8; j++) {
-                bn_v8f v;
-                memcpy(&v, x + r * ld + 8 * j, sizeof v);
-                a[j] += v - p[j];
-            }
-        memcpy(acc, a, sizeof a);
-    } else {
-        for (ptrdiff_t r = 0; r < nrows; r++)
-            for (ptrdiff_t i = 0; i < w; i++) acc[i] += x[r * ld + i] - pv[i];
+    bn_v4d d[8] = {{0}}, q[8] = {{0}}, m[8];
+    memcpy(m, K, (size_t)nv * sizeof(bn_v4d));
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        if (*pf < pe) {
+            __builtin_prefetch(*pf, 0, 3);
+            __builtin_prefetch(*pf + 64, 0, 3);
+            *pf += 128;
+        }
+        for (int j = 0; j < nv; j++) {
+            bn_v4d u = BN_LOAD4(x + r * ld + 4 * j) - m[j];
+            d[j] += u;
+            q[j] += u * u;
+        }
     }
-    for (ptrdiff_t i = 0; i < w; i++) {
-        K[i] = (double)(float)(pivot[i] + (double)(acc[i] / (float)nrows));
-        ok &= isfinite(K[i]) != 0;
-    }
-    if (ok)
-        return;
-    for (ptrdiff_t i = 0; i < w; i++) {   /* overflow, inf or nan: sum in double */
-        double a = 0;
-        for (ptrdiff_t r = 0; r < nrows; r++) a += (double)x[r * ld + i];
-        K[i] = (double)(float)(a / (double)nrows);
-    }
+    memcpy(sd, d, (size_t)nv * sizeof(bn_v4d));
+    memcpy(sdd, q, (size_t)nv * sizeof(bn_v4d));
 }
 
-/* IN: nrows rows of nch channels, ld apart, per-channel pivots (work is unused, kept for
- * the ABI). OUT: per-channel mean[c] of (x - pivot[c]) and m2[c] of the block. */
-static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptrdiff_t nch,
-                                            ptrdiff_t ld, double *restrict work,
-                                            const double *restrict pivot,
-                                            double *restrict mean, double *restrict m2)
+/* Moments of channels [0, w) of the block (w = 32, 4 or 1) into mean (relative to pivot)
+ * and m2. */
+BN_INLINE void bn_cl_tile_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int w,
+                              const double *restrict K, const double *restrict pivot,
+                              double *restrict mean, double *restrict m2, const char **pf,
+                              const char *pe)
 {
-    (void)work;
-    double n = (double)nrows, K[64] __attribute__((aligned(32)));
-    for (ptrdiff_t c0 = 0; c0 < nch; c0 += 64) {
-        ptrdiff_t w = nch - c0 < 64 ? nch - c0 : 64, c = 0;
-        const float *xs = x + c0;
-        bn_cl_shift_f32(xs, nrows, w, ld, pivot + c0, K);
-        for (; c + 16 <= w; c += 16) {
-            bn_v4d d[4] = {{0}}, q[4] = {{0}}, m[4];
-            memcpy(m, K + c, sizeof m);
-            for (ptrdiff_t r = 0; r < nrows; r++)
-                for (int j = 0; j < 4; j++) {
-                    bn_v4d u = BN_LOAD4(xs + r * ld + c + 4 * j) - m[j];
-                    d[j] += u;
-                    q[j] += u * u;
-                }
-            for (int j = 0; j < 4; j++)
-                for (int k = 0; k < 4; k++) {
-                    ptrdiff_t i = c + 4 * j + k;
-                    bn_finish_block(n, K[i] - pivot[c0 + i], d[j][k], q[j][k], &mean[c0 + i],
-                                    &m2[c0 + i]);
-                }
+    double sd[32] __attribute__((aligned(32))), sdd[32] __attribute__((aligned(32)));
+    double n = (double)nrows;
+    if (w == 1) {
+        double a = 0, b = 0;
+        for (ptrdiff_t r = 0; r < nrows; r++) {
+            double u = (double)x[r * ld] - K[0];
+            a += u;
+            b += u * u;
         }
-        for (; c + 4 <= w; c += 4) {
-            bn_v4d d = {0}, q = {0}, m;
-            memcpy(&m, K + c, sizeof m);
-            for (ptrdiff_t r = 0; r < nrows; r++) {
-                bn_v4d u = BN_LOAD4(xs + r * ld + c) - m;
-                d += u;
-                q += u * u;
-            }
-            for (int k = 0; k < 4; k++)
-                bn_finish_block(n, K[c + k] - pivot[c0 + c + k], d[k], q[k], &mean[c0 + c + k],
-                                &m2[c0 + c + k]);
-        }
-        for (; c < w; c++) {
-            double d = 0, q = 0;
-            for (ptrdiff_t r = 0; r < nrows; r++) {
-                double u = (double)xs[r * ld + c] - K[c];
-                d += u;
-                q += u * u;
-            }
-            bn_finish_block(n, K[c] - pivot[c0 + c], d, q, &mean[c0 + c], &m2[c0 + c]);
-        }
+        sd[0] = a;
+        sdd[0] = b;
+    } else {
+        bn_cl_sums_f32(x, nrows, ld, w / 4, K, sd, sdd, pf, pe);
     }
+    for (int i = 0; i < w; i++)
+        bn_finish_block(n, K[i] - pivot[i], sd[i], sdd[i], &mean[i], &m2[i]);
+}
+
+/* IN: nrows rows of nch channels, ld apart; K[nch] float shifts (see above); pivot[nch];
+ * next: the next block to prefetch (nnext bytes) or NULL. OUT: per-channel mean[c] of
+ * (x - pivot[c]) and m2[c] of the block. */
+static BN_CLONES void bn_cl_moments_shift_f32(const float *x, ptrdiff_t nrows, ptrdiff_t nch,
+                                             ptrdiff_t ld, const double *restrict K,
+                                             const double *restrict pivot,
+                                             const float *next, ptrdiff_t nnext,
+                                             double *restrict mean, double *restrict m2)
+{
+    const char *pf = (const char *)next, *pe = next ? pf + nnext : NULL;
+    ptrdiff_t c = 0;
+    for (; c + 32 <= nch; c += 32)
+        bn_cl_tile_f32(x + c, nrows, ld, 32, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
+    for (; c + 4 <= nch; c += 4)
+        bn_cl_tile_f32(x + c, nrows, ld, 4, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
+    for (; c < nch; c++)
+        bn_cl_tile_f32(x + c, nrows, ld, 1, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
 }
 #else
 /* IN: nrows rows of nch channels, ld apart, per-channel pivots (work is unused, kept for
