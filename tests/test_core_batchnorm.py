@@ -91,6 +91,31 @@ def test_training_forward_backward_match_reference(shape, axis, dtype, layout):
     close(db, dbr, dtype, scale=np.sum(np.abs(dy.astype(float))))
 
 
+@pytest.mark.parametrize("nch", [3, 37, 64, 200])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_large_forward_backward(nch, dtype):
+    """Channels-last rows over many row blocks and parallel chunks, every channel tile width
+    (32, 4, 1) and the prefetch of the next block: against the float64 reference, and the
+    same bits for any thread count."""
+    x = make((7, 429, nch), dtype, "C", offset=1e3)
+    dy = make((7, 429, nch), dtype, "C", seed=3)
+    w, b = affine(nch, dtype)
+    y, m, s = bncore.batch_norm_forward(x, w, b, axis=-1)
+    yr, mr, sr = ref.batch_norm_forward(x, w, b, axis=-1)
+    close(y, yr, dtype)
+    close(m, mr, dtype, scale=1e3)
+    close(s, sr, dtype, scale=np.max(sr))
+    dx, dw, db = bncore.batch_norm_backward(dy, x, m, s, w, axis=-1)
+    dxr, dwr, dbr = ref.batch_norm_backward(dy, x, m, s, w, axis=-1)
+    total = np.sum(np.abs(dy.astype(float)))
+    close(dx, dxr, dtype, scale=np.max(np.abs(dxr)) + np.max(np.abs(dy.astype(float))))
+    close(dw, dwr, dtype, scale=total / nch)
+    close(db, dbr, dtype, scale=total / nch)
+    for nt in (1, 3):
+        got = bncore.batch_norm_backward(dy, x, m, s, w, axis=-1, n_threads=nt)
+        assert all(np.array_equal(a, g) for a, g in zip((dx, dw, db), got))
+
+
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_eval_forward_backward_match_reference(shape, axis, dtype):

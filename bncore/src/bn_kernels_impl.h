@@ -308,11 +308,7 @@ BN_INLINE void bn_cl_sums_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int
     bn_v4d d[8] = {{0}}, q[8] = {{0}}, m[8];
     memcpy(m, K, (size_t)nv * sizeof(bn_v4d));
     for (ptrdiff_t r = 0; r < nrows; r++) {
-        if (*pf < pe) {
-            __builtin_prefetch(*pf, 0, 3);
-            __builtin_prefetch(*pf + 64, 0, 3);
-            *pf += 128;
-        }
+        bn_prefetch_step(pf, pe);
         for (int j = 0; j < nv; j++) {
             bn_v4d u = BN_LOAD4(x + r * ld + 4 * j) - m[j];
             d[j] += u;
@@ -409,7 +405,6 @@ static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptr
 
 #endif
 
-#define BN_CL_ROWS 16   /* rows per block of the channels-last elementwise loops */
 
 /* y[r, c] = (x[r, c] - mean[c]) * scale[c] + shift[c]. Row by row, so each output line
  * is written whole (which streaming stores need); the per-channel vectors come from L1. */
@@ -450,33 +445,60 @@ static BN_CLONES void BN_NAME(bn_cl_affine_stream)(const BN_T *x, ptrdiff_t ldx,
     BN_NAME(bn_cl_affine_body)(x, ldx, y, ldy, nrows, nch, mean, scale, shift, 1);
 }
 
-/* Accumulate per channel: sum_dy[c] += dy[r, c]; sum_dy_xmu[c] += dy[r, c]*(x[r, c]-mean[c]). */
+/* Accumulate per channel: sum_dy[c] += dy[r, c]; sum_dy_xmu[c] += dy[r, c]*(x[r, c]-mean[c]).
+ * Blocks of rows (16 KiB of each array) are walked by tiles of 32 channels (16 register
+ * accumulators) from L1, while the next block of both arrays is prefetched in address
+ * order (when their rows are contiguous), as in the float moments kernel. */
+BN_INLINE void BN_NAME(bn_cl_bwd_tile)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
+                                       ptrdiff_t ldx, ptrdiff_t nrows, int nv,
+                                       const double *restrict mean, double *restrict sum_dy,
+                                       double *restrict sum_dy_xmu, const char **pg,
+                                       const char *eg, const char **px, const char *ex)
+{
+    bn_v4d a[8] = {{0}}, b[8] = {{0}}, m[8], t;
+    memcpy(m, mean, (size_t)nv * sizeof(bn_v4d));
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        bn_prefetch_step(pg, eg);
+        bn_prefetch_step(px, ex);
+        for (int j = 0; j < nv; j++) {
+            bn_v4d g = BN_LOAD4(dy + r * lddy + 4 * j);
+            a[j] += g;
+            b[j] += g * (BN_LOAD4(x + r * ldx + 4 * j) - m[j]);
+        }
+    }
+    for (int j = 0; j < nv; j++) {
+        memcpy(&t, sum_dy + 4 * j, 32); t += a[j]; memcpy(sum_dy + 4 * j, &t, 32);
+        memcpy(&t, sum_dy_xmu + 4 * j, 32); t += b[j]; memcpy(sum_dy_xmu + 4 * j, &t, 32);
+    }
+}
+
 static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
                                              ptrdiff_t ldx, ptrdiff_t nrows, ptrdiff_t nch,
                                              const double *restrict mean,
                                              double *restrict sum_dy,
                                              double *restrict sum_dy_xmu)
 {
-    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += BN_CL_ROWS) {
-        ptrdiff_t r1 = r0 + BN_CL_ROWS < nrows ? r0 + BN_CL_ROWS : nrows, c = 0;
-        for (; c + 8 <= nch; c += 8) {
-            bn_v4d m0, m1, a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, t;
-            memcpy(&m0, mean + c, 32); memcpy(&m1, mean + c + 4, 32);
-            for (ptrdiff_t r = r0; r < r1; r++) {
-                bn_v4d g0 = BN_LOAD4(dy + r * lddy + c);
-                bn_v4d g1 = BN_LOAD4(dy + r * lddy + c + 4);
-                a0 += g0;
-                a1 += g1;
-                b0 += g0 * (BN_LOAD4(x + r * ldx + c) - m0);
-                b1 += g1 * (BN_LOAD4(x + r * ldx + c + 4) - m1);
-            }
-            memcpy(&t, sum_dy + c, 32); t += a0; memcpy(sum_dy + c, &t, 32);
-            memcpy(&t, sum_dy + c + 4, 32); t += a1; memcpy(sum_dy + c + 4, &t, 32);
-            memcpy(&t, sum_dy_xmu + c, 32); t += b0; memcpy(sum_dy_xmu + c, &t, 32);
-            memcpy(&t, sum_dy_xmu + c + 4, 32); t += b1; memcpy(sum_dy_xmu + c + 4, &t, 32);
+    ptrdiff_t rb = 16384 / (nch * (ptrdiff_t)sizeof(BN_T));
+    int contiguous = lddy == nch && ldx == nch;
+    if (rb < 16) rb = 16;
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += rb) {
+        ptrdiff_t nr = nrows - r0 < rb ? nrows - r0 : rb, nn = nrows - r0 - nr, c = 0;
+        const char *pg = NULL, *eg = NULL, *px = NULL, *ex = NULL;
+        if (contiguous && nn > 0) {
+            size_t bytes = (size_t)((nn < rb ? nn : rb) * nch) * sizeof(BN_T);
+            pg = (const char *)(dy + (r0 + nr) * lddy);
+            px = (const char *)(x + (r0 + nr) * ldx);
+            eg = pg + bytes;
+            ex = px + bytes;
         }
+        for (; c + 32 <= nch; c += 32)
+            BN_NAME(bn_cl_bwd_tile)(dy + r0 * lddy + c, lddy, x + r0 * ldx + c, ldx, nr, 8,
+                                    mean + c, sum_dy + c, sum_dy_xmu + c, &pg, eg, &px, ex);
+        for (; c + 4 <= nch; c += 4)
+            BN_NAME(bn_cl_bwd_tile)(dy + r0 * lddy + c, lddy, x + r0 * ldx + c, ldx, nr, 1,
+                                    mean + c, sum_dy + c, sum_dy_xmu + c, &pg, eg, &px, ex);
         for (; c < nch; c++)
-            for (ptrdiff_t r = r0; r < r1; r++) {
+            for (ptrdiff_t r = r0; r < r0 + nr; r++) {
                 double g = (double)dy[r * lddy + c];
                 sum_dy[c] += g;
                 sum_dy_xmu[c] += g * ((double)x[r * ldx + c] - mean[c]);
