@@ -308,15 +308,21 @@ cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
-    """Rows per statistics block: a block of up to CHANNEL_BLOCK channels fills L1 (32 KiB),
-    where its second pass reads it."""
+    """Rows per statistics block of up to CHANNEL_BLOCK channels: the block fills L1
+    (32 KiB). double: its second pass reads it there. float (one pass): the next block,
+    prefetched meanwhile, lands there; and at least 128 rows, so that the per-block work
+    per channel (shift, merge) is spread over 128 rows when channels are many."""
     cdef Py_ssize_t cb = min(nch, <Py_ssize_t>CHANNEL_BLOCK)
-    return max(16, (<Py_ssize_t>(16 * BLOCK)) // max(cb * itemsize, 1))
+    cdef Py_ssize_t rows = (<Py_ssize_t>(16 * BLOCK)) // max(cb * itemsize, 1)
+    return max(16 if itemsize == 8 else 128, rows)
 
 
 cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
-    """Row chunks for channels-last statistics, from the shape alone."""
-    cdef Py_ssize_t min_rows = max(rows_per_block(nch, 8), CHUNK_ELEMS // max(nch, 1))
+    """Row chunks for channels-last statistics and passes, from the shape alone: at least
+    CHUNK_ELEMS values each, and (up to 8 chunks) 512 rows, since merging the chunks costs
+    about as much per channel as reducing a few hundred rows of it."""
+    cdef Py_ssize_t min_rows = max(rows_per_block(nch, 8), CHUNK_ELEMS // max(nch, 1),
+                                   min(512, nrows // 8))
     cdef Py_ssize_t s = (nrows + min_rows - 1) // min_rows
     return max(1, min(s, <Py_ssize_t>MAX_CHUNKS))
 
@@ -355,11 +361,13 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
                     K[c] = pivot[c0 + c]
                     if r > r0 and isfinite(pivot[c0 + c] + mean[c0 + c]):
                         K[c] = <double><float>(pivot[c0 + c] + mean[c0 + c])
+                # the next row block (contiguous rows), prefetched in address order: the
+                # part of it in proportion to this channel block
                 nxt = NULL
-                if nnext > 0 and ld == nch and cb == nch:
-                    nxt = <const float *>(x + (r + nr) * ld)
+                if nnext > 0 and ld == nch:
+                    nxt = <const float *>(x + (r + nr) * ld) + nnext * c0
                 bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
-                                        nnext * nch * <Py_ssize_t>sizeof(float), bm, bm2)
+                                        nnext * cb * <Py_ssize_t>sizeof(float), bm, bm2)
             else:
                 bn_cl_moments_f64(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
             bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
