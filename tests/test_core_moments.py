@@ -137,15 +137,8 @@ def _oracle_moments(values):
     return mean, math.fsum((v - mean) ** 2) / v.size
 
 
-@pytest.mark.parametrize("nch", [3, 37, 64, 200])
-@pytest.mark.parametrize("kind", ["normal", "offset", "huge", "constant", "step", "nonfinite"])
-def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
-    """Channels-last float32 statistics (one pass in double around a float shift: the pivot,
-    then each chunk's running mean) are the float64 statistics rounded once: within one
-    float32 ulp of them, at a 1e6 offset, for values whose float sums overflow, for constant
-    channels, after a step far from the running mean; over several row blocks and chunks
-    and every channel tile width (32, 4, 1)."""
-    rows = 3003
+def _float32_channels(kind, rows, nch):
+    """(rows, nch) float32 values of one kind, for the exactness tests below."""
     if kind == "normal":
         x = RNG.normal(0.5, 2.0, (rows, nch))
     elif kind == "offset":
@@ -162,19 +155,53 @@ def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
         x[2500, 0] = x[2900, 1] = np.inf
         x[5, 1] = -np.inf
         x[1700, 2] = np.nan
-    x = np.ascontiguousarray(x, np.float32)
+    return np.ascontiguousarray(x, np.float32)
+
+
+def _assert_rounds_oracle(mean, var, flat, kind):
+    """mean/var within one float32 ulp of the float64 statistics of each column of flat."""
+    for c in range(flat.shape[1]):
+        emean, evar = _oracle_moments(flat[:, c])
+        for got, want in ((mean[c], emean), (var[c], evar)):
+            with np.errstate(over="ignore"):   # a float64 variance past FLT_MAX: inf
+                want32 = np.float32(want)
+            if not np.isfinite(want32) or kind == "constant":
+                assert got == want32 or np.isnan(got) and np.isnan(want), (c, got)
+            else:
+                assert abs(float(got) - want) <= np.spacing(abs(want32)), (c, got, want)
+
+
+KINDS = ["normal", "offset", "huge", "constant", "step", "nonfinite"]
+
+
+@pytest.mark.parametrize("nch", [3, 37, 64, 200])
+@pytest.mark.parametrize("kind", KINDS)
+def test_channels_last_float32_rounds_the_exact_statistics(nch, kind):
+    """Channels-last float32 statistics (one pass in double around a float shift: the pivot,
+    then each chunk's running mean) are the float64 statistics rounded once: within one
+    float32 ulp of them, at a 1e6 offset, for values whose float sums overflow, for constant
+    channels, after a step far from the running mean, with inf and nan; over several row
+    blocks and chunks and every channel tile width (32, 4, 1)."""
+    rows = 3003
+    x = _float32_channels(kind, rows, nch)
     with np.errstate(over="ignore"):
         for axes, view in [(0, x), ((0, 1), x.reshape(7, rows // 7, nch)[:, ::2])]:
             mean, var = bncore.moments(view, axis=axes)
-            flat = view.reshape(-1, nch)
-            for c in range(nch):
-                emean, evar = _oracle_moments(flat[:, c])
-                for got, want in ((mean[c], emean), (var[c], evar)):
-                    want32 = np.float32(want)
-                    if not np.isfinite(want32) or kind == "constant":
-                        assert got == want32 or np.isnan(got) and np.isnan(want), (c, got)
-                    else:
-                        assert abs(float(got) - want) <= np.spacing(abs(want32)), (c, got, want)
+            _assert_rounds_oracle(mean, var, view.reshape(-1, nch), kind)
+
+
+@pytest.mark.parametrize("inner", [1000, 64, 7])
+@pytest.mark.parametrize("kind", KINDS)
+def test_planes_float32_rounds_the_exact_statistics(inner, kind):
+    """NCHW float32 statistics (blocks of planes: a float pass for a float shift, then sums
+    in double around it; the double passes where the float sum overflows or meets inf and
+    nan) are the float64 statistics rounded once, for long, short and odd planes."""
+    rows = 3003 * 8 // inner * inner if inner != 7 else 3003
+    x = _float32_channels(kind, rows, 4)               # (N * inner, C) values per channel
+    planes = np.ascontiguousarray(x.reshape(rows // inner, inner, 4).transpose(0, 2, 1))
+    with np.errstate(over="ignore"):
+        mean, var = bncore.moments(planes, axis=(0, 2))
+    _assert_rounds_oracle(mean, var, planes.transpose(0, 2, 1).reshape(-1, 4), kind)
 
 
 def test_moments_of_a_broadcast_view_larger_than_2_31():

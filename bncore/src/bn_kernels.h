@@ -17,6 +17,9 @@
  *   block gives mean == value and M2 == 0 exactly (d is a small multiple of one ulp, so
  *   every sum is exact), which is what makes a constant channel normalise to exactly
  *   `bias`. Blocks are combined with Chan's merge, bn_chan_merge(), defined once below.
+ *   Channels-last float blocks are the exception: one pass around a float shift near the
+ *   mean (the pivot, then the running mean), which is as exact there (see
+ *   bn_cl_moments_shift_f32) and reads memory once without a second walk.
  * - Every kernel is compiled twice (x86-64-v3 = AVX2+FMA, and the baseline) with GCC's
  *   target_clones and picked by the loader (ifunc), unless the build was told otherwise.
  */

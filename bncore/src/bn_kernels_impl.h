@@ -46,6 +46,89 @@
         p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
     } while (0)
 
+/* sum(u) and sum(u*u) over nseg segments (as bn_seg_moments) of the deviations
+ * u = (x - k) - m, or u = x - k when only_k (a constant at each call: no subtraction of m).
+ * Four accumulator pairs: with two, the adds into q were the critical path. */
+BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                   ptrdiff_t stride, double k, double m, int only_k,
+                                   double *sd, double *sdd)
+{
+    bn_v4d kk = {k, k, k, k}, mm = {m, m, m, m};
+    bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    double td = 0, tq = 0;
+#define BN_DEV(v) (only_k ? (v) - kk : ((v) - kk) - mm)
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *p = x + s * stride;
+        ptrdiff_t i = 0;
+        for (; i + 16 <= len; i += 16) {
+            bn_v4d u0 = BN_DEV(BN_LOAD4(p + i)), u1 = BN_DEV(BN_LOAD4(p + i + 4));
+            bn_v4d u2 = BN_DEV(BN_LOAD4(p + i + 8)), u3 = BN_DEV(BN_LOAD4(p + i + 12));
+            d0 += u0;
+            d1 += u1;
+            d2 += u2;
+            d3 += u3;
+            q0 += u0 * u0;
+            q1 += u1 * u1;
+            q2 += u2 * u2;
+            q3 += u3 * u3;
+        }
+        for (; i + 4 <= len; i += 4) {
+            bn_v4d u = BN_DEV(BN_LOAD4(p + i));
+            d0 += u;
+            q0 += u * u;
+        }
+        for (; i < len; i++) {
+            double u = only_k ? (double)p[i] - k : ((double)p[i] - k) - m;
+            td += u;
+            tq += u * u;
+        }
+    }
+#undef BN_DEV
+    *sd = bn_v4d_total((d0 + d1) + (d2 + d3)) + td;
+    *sdd = bn_v4d_total((q0 + q1) + (q2 + q3)) + tq;
+}
+
+#if BN_T_IS_FLOAT
+/* Moments of nseg segments (as bn_seg_moments) in one double pass around a float shift K:
+ * K = the float nearest pivot + mean(x - pivot), the mean from a float pass (8 lanes, no
+ * conversion; within ~1e-5 of the spread of x - pivot). u = x - K is exact in double;
+ * mean = K + sum(u)/n, M2 = sum(u*u) - sum(u)^2/n (the corrected two-pass, with one
+ * conversion and one subtraction per value instead of two and three: the FP add ports
+ * were the limit). A constant segment set: a zero float sum when the pivot is its value,
+ * else K within a few ulps of it, so u has a few bits and every sum is exact: M2 == 0,
+ * mean == value. Returns 0, computing nothing, when K is not finite (a float sum that
+ * overflowed, inf or nan): the caller's double passes handle those as before. */
+BN_INLINE int BN_NAME(bn_seg_shifted)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                      ptrdiff_t stride, double pivot, double n, double *mean,
+                                      double *m2)
+{
+    float pf = (float)pivot, ts = 0;
+    bn_v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, pv = {pf, pf, pf, pf, pf, pf, pf, pf}, v;
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const float *p = x + s * stride;
+        ptrdiff_t i = 0;
+        for (; i + 32 <= len; i += 32) {   /* four chains: the adds' latency is the limit */
+            memcpy(&v, p + i, sizeof v); s0 += v - pv;
+            memcpy(&v, p + i + 8, sizeof v); s1 += v - pv;
+            memcpy(&v, p + i + 16, sizeof v); s2 += v - pv;
+            memcpy(&v, p + i + 24, sizeof v); s3 += v - pv;
+        }
+        for (; i + 8 <= len; i += 8) { memcpy(&v, p + i, sizeof v); s0 += v - pv; }
+        for (; i < len; i++) ts += p[i] - pf;
+    }
+    s0 = (s0 + s1) + (s2 + s3);
+    double tot = ((double)s0[0] + (double)s0[4]) + ((double)s0[1] + (double)s0[5]) +
+                 ((double)s0[2] + (double)s0[6]) + ((double)s0[3] + (double)s0[7]) + ts;
+    double K = (double)(float)(pivot + tot / n);
+    if (!isfinite(K))
+        return 0;
+    double sd, sdd;
+    BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd);
+    bn_finish_block(n, K - pivot, sd, sdd, mean, m2);
+    return 1;
+}
+#endif
+
 /* IN: nseg segments of len values, stride elements apart, and a pivot. OUT: the mean of
  * (x - pivot) and the M2 of x. Sixteen double lanes in four vector registers; the lane of
  * a value and the order of every addition depend on (nseg, len) only. */
@@ -58,6 +141,12 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
     double t = 0;
     double n = (double)nseg * (double)len;
     if (n == 0) { *mean = 0; *m2 = 0; return; }
+#if BN_T_IS_FLOAT
+    /* float: the shift from a float pass (8 lanes, no conversion), the sums in double
+     * around it; the double first pass below only when that shift is not finite */
+    if (BN_NAME(bn_seg_shifted)(x, nseg, len, stride, pivot, n, mean, m2))
+        return;
+#endif
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
@@ -73,38 +162,9 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
     /* mean0 relative to the pivot; deviations below use the absolute x - (pivot + mean0)
      * computed as (x - pivot) - mean0, both steps exact or nearly so */
     double mean0 = (bn_v4d_total((a0 + a1) + (a2 + a3)) + t) / n;
-    bn_v4d m = {mean0, mean0, mean0, mean0};
-    /* four accumulator pairs: with two, the adds into q were the critical path */
-    bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-    double td = 0, tq = 0;
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        const BN_T *p = x + s * stride;
-        ptrdiff_t i = 0;
-        for (; i + 16 <= len; i += 16) {
-            bn_v4d u0 = (BN_LOAD4(p + i) - k) - m, u1 = (BN_LOAD4(p + i + 4) - k) - m;
-            bn_v4d u2 = (BN_LOAD4(p + i + 8) - k) - m, u3 = (BN_LOAD4(p + i + 12) - k) - m;
-            d0 += u0;
-            d1 += u1;
-            d2 += u2;
-            d3 += u3;
-            q0 += u0 * u0;
-            q1 += u1 * u1;
-            q2 += u2 * u2;
-            q3 += u3 * u3;
-        }
-        for (; i + 4 <= len; i += 4) {
-            bn_v4d u = (BN_LOAD4(p + i) - k) - m;
-            d0 += u;
-            q0 += u * u;
-        }
-        for (; i < len; i++) {
-            double u = ((double)p[i] - pivot) - mean0;
-            td += u;
-            tq += u * u;
-        }
-    }
-    bn_finish_block(n, mean0, bn_v4d_total((d0 + d1) + (d2 + d3)) + td,
-                    bn_v4d_total((q0 + q1) + (q2 + q3)) + tq, mean, m2);
+    double sd, sdd;
+    BN_NAME(bn_seg_dev)(x, nseg, len, stride, pivot, mean0, 0, &sd, &sdd);
+    bn_finish_block(n, mean0, sd, sdd, mean, m2);
 }
 
 /* IN: nseg segments as above. OUT: sum of squares (RMS norm). */
