@@ -5,9 +5,11 @@ Design notes
 ------------
 - Layer / RMS norm: rows of D contiguous values. A row is normalised right after its
   statistics, while it is in L1/L2, so x is read from memory once and y written once.
-  Row statistics are the block moments of bncore._kernels (one block for D <= BLOCK,
-  else BLOCK-sized blocks merged with the one Chan merge), so long rows keep two-pass
-  accuracy. Rows are the parallel unit: each row's result comes from one thread.
+  Rows of D <= BLOCK go to bn_rows_norm, which stages groups of rows so that their short
+  dependency chains overlap (float layer norm: one double pass around the row's first
+  value, exact to far below a float ulp, see there); longer rows take BLOCK-sized block
+  moments merged with the one Chan merge. Rows are the parallel unit: each row's result
+  comes from one thread.
 - Backward: dweight/dbias are column sums over rows. Rows are cut into chunks fixed by
   the shape (at most MAX_CHUNKS), each with its own float64 partial vectors (O(D)),
   summed in chunk order after the parallel loop: bitwise identical for any thread count.
@@ -39,7 +41,7 @@ from bncore._kernels cimport (
     bn_fence, bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
-    row_affine, row_bwd, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
+    row_affine, row_bwd, rows_norm, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
 )
 from bncore._openmp cimport work_threads
@@ -125,19 +127,24 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
                        Py_ssize_t ldx, Py_ssize_t ldy, double eps, const floating *w,
                        const floating *b, double *mean, double *invstd, bint rms,
                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r1
+    cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r0, r1
     cdef Py_ssize_t ahead = rows_ahead(d, sizeof(floating))
     cdef bint stream = big_output(nrows * d, sizeof(floating))
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     for s in prange(nchunks, schedule='static', num_threads=nt):
+        r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
-        for r in range(s * nrows // nchunks, r1):
-            prefetch_row(x, r + ahead, r1, ldx, d)
-            if rms:
-                rms_row(x + r * ldx, y + r * ldy, d, eps, w, &invstd[r], stream)
-            else:
-                layer_row(x + r * ldx, y + r * ldy, d, eps, w, b, &mean[r], &invstd[r],
-                          stream)
+        if d <= BLOCK:   # rows of one statistics block: staged in groups (bn_rows_norm)
+            rows_norm(x + r0 * ldx, y + r0 * ldy, r1 - r0, d, ldx, ldy, eps, w, b,
+                      NULL if rms else mean + r0, invstd + r0, rms, stream)
+        else:
+            for r in range(r0, r1):
+                prefetch_row(x, r + ahead, r1, ldx, d)
+                if rms:
+                    rms_row(x + r * ldx, y + r * ldy, d, eps, w, &invstd[r], stream)
+                else:
+                    layer_row(x + r * ldx, y + r * ldy, d, eps, w, b, &mean[r], &invstd[r],
+                              stream)
         if stream:
             bn_fence()
 

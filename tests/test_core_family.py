@@ -1,5 +1,7 @@
 """layer, RMS, group and instance norm against the float64 reference, PyTorch 2.13 and
 finite differences; both layouts, odd sizes, large offsets, errors, determinism."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,60 @@ def test_constant_rows_normalise_to_exactly_bias(dtype):
     xl = np.full((5, 9), 0.1, dtype)
     b9 = np.arange(9, dtype=dtype)
     assert np.all(bncore.layer_norm(xl, 9, bias=b9) == b9)
+
+
+def _float32_rows(kind, nrows, d, rng):
+    if kind == "normal":
+        return rng.normal(0.5, 2.0, (nrows, d)).astype(np.float32)
+    if kind == "offset":
+        return (1e6 + rng.normal(0, 0.1, (nrows, d))).astype(np.float32)
+    if kind == "outlier":   # the first value (the pivot) is far from the row's mean
+        x = rng.normal(0, 1, (nrows, d))
+        x[:, 0] = rng.choice([-1, 1], nrows) * 10.0 ** rng.uniform(1, 7, nrows)
+        return x.astype(np.float32)
+    if kind == "huge":   # squares far past FLT_MAX; the float64 statistics are finite
+        return (rng.uniform(1e38, 3.4e38, (nrows, d)) * rng.choice([-1, 1], (nrows, d))
+                ).astype(np.float32)
+    if kind == "constant":
+        return np.repeat(rng.uniform(-1e30, 1e30, (nrows, 1)), d, axis=1).astype(np.float32)
+    x = rng.normal(0, 1, (nrows, d)).astype(np.float32)   # one of inf, -inf, nan per row
+    x[np.arange(nrows), rng.integers(0, d, nrows)] = rng.choice([np.inf, -np.inf, np.nan],
+                                                               nrows)
+    return x
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 100, 768, 2048, 3001])
+@pytest.mark.parametrize("kind", ["normal", "offset", "outlier", "huge", "constant",
+                                  "nonfinite"])
+def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
+    """layer_norm_forward's float32 mean and invstd (eps=0) are the exact statistics of
+    each float32 row (math.fsum) rounded: within one float32 ulp. Rows up to 2048 values
+    take one pass in double around their first value, whose error grows with that value's
+    distance from the mean (outlier: the worst case, up to 1e7 against N(0, 1)); inf and
+    nan propagate as in NumPy's mean; constant rows give exactly their value, and y
+    exactly the bias."""
+    rng = np.random.default_rng(d)
+    x = _float32_rows(kind, 33, d, rng)
+    _, mean, invstd = bncore.layer_norm_forward(x, d, eps=0.0)
+    bias = rng.normal(size=d).astype(np.float32)
+    y = bncore.layer_norm(x, d, bias=bias)
+    assert mean.dtype == invstd.dtype == np.float32
+    for r in range(x.shape[0]):
+        v = x[r].astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            with np.errstate(invalid="ignore"):
+                assert mean[r] == np.mean(v) or np.isnan(mean[r]) and np.isnan(np.mean(v))
+            assert np.isnan(invstd[r])
+            continue
+        em = math.fsum(v) / d
+        ev = math.fsum((v - em) ** 2) / d
+        assert abs(mean[r] - em) <= np.spacing(np.float32(abs(em))), (r, mean[r], em)
+        if kind == "constant" or d == 1:
+            assert mean[r] == x[r, 0] and np.isinf(invstd[r])
+            assert np.all(y[r] == bias)
+        else:
+            es = 1.0 / math.sqrt(ev)
+            assert abs(invstd[r] - es) <= np.spacing(np.float32(es)), (r, invstd[r], es)
 
 
 @pytest.mark.parametrize("axis", [1, -1])

@@ -132,9 +132,9 @@ BN_INLINE int BN_NAME(bn_seg_shifted)(const float *x, ptrdiff_t nseg, ptrdiff_t 
 /* IN: nseg segments of len values, stride elements apart, and a pivot. OUT: the mean of
  * (x - pivot) and the M2 of x. Sixteen double lanes in four vector registers; the lane of
  * a value and the order of every addition depend on (nseg, len) only. */
-static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
-                                             ptrdiff_t stride, double pivot, double *mean,
-                                             double *m2)
+BN_INLINE void BN_NAME(bn_seg_moments_body)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                            ptrdiff_t stride, double pivot, double *mean,
+                                            double *m2)
 {
     bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     bn_v4d k = {pivot, pivot, pivot, pivot};
@@ -167,9 +167,16 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
     bn_finish_block(n, mean0, sd, sdd, mean, m2);
 }
 
+static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                             ptrdiff_t stride, double pivot, double *mean,
+                                             double *m2)
+{
+    BN_NAME(bn_seg_moments_body)(x, nseg, len, stride, pivot, mean, m2);
+}
+
 /* IN: nseg segments as above. OUT: sum of squares (RMS norm). */
-static BN_CLONES double BN_NAME(bn_seg_sumsq)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
-                                             ptrdiff_t stride)
+BN_INLINE double BN_NAME(bn_seg_sumsq_body)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                            ptrdiff_t stride)
 {
     bn_v4d a0 = {0}, a1 = {0};
     double t = 0;
@@ -184,6 +191,12 @@ static BN_CLONES double BN_NAME(bn_seg_sumsq)(const BN_T *x, ptrdiff_t nseg, ptr
         for (; i < len; i++) t += (double)p[i] * (double)p[i];
     }
     return bn_v4d_total(a0 + a1) + t;
+}
+
+static BN_CLONES double BN_NAME(bn_seg_sumsq)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                             ptrdiff_t stride)
+{
+    return BN_NAME(bn_seg_sumsq_body)(x, nseg, len, stride);
 }
 
 /* y = (x - mean) * scale + shift over n contiguous values. Subtracting first keeps full
@@ -668,6 +681,76 @@ static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restr
 {
     BN_NAME(bn_row_affine_body)(x, y, n, mean, invstd, w, b, stream);
 }
+
+/* Layer norm (rms = 0) or RMS norm (rms = 1) of nrows rows of d values (x and y rows ldx
+ * and ldy elements apart; d no more than one statistics block), staged over groups of up
+ * to 16 rows (about 16 KiB): each stage (statistics, then 1/sqrt, then bn_row_affine) runs
+ * over every row of the group before the next begins. A row's statistics end in a chain of
+ * dependent steps (horizontal sums, divisions, a square root) that at small d costs more
+ * than its arithmetic; rows of one stage are independent, so their chains overlap. RMS
+ * rows and double rows get bn_seg_sumsq / bn_seg_moments' bits; float layer-norm rows one
+ * pass (below). While a group is worked on, the next group's rows are prefetched. mean
+ * may be NULL (rms); invstd gets 1 / sqrt(var + eps), or 1 / sqrt(mean(x^2) + eps). */
+#define BN_ROWS_GROUP 16
+static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nrows,
+                                           ptrdiff_t d, ptrdiff_t ldx, ptrdiff_t ldy,
+                                           double eps, const BN_T *w, const BN_T *b,
+                                           double *mean, double *invstd, int rms, int stream)
+{
+    const double n = (double)d;
+    ptrdiff_t rows = 16384 / (d * (ptrdiff_t)sizeof(BN_T) + 1);
+    rows = rows < 1 ? 1 : rows > BN_ROWS_GROUP ? BN_ROWS_GROUP : rows;
+    double m[BN_ROWS_GROUP], q[BN_ROWS_GROUP], s[BN_ROWS_GROUP];
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += rows) {
+        const ptrdiff_t nr = nrows - r0 < rows ? nrows - r0 : rows;
+        const BN_T *xg = x + r0 * ldx;
+        for (ptrdiff_t i = 0; i < nr && r0 + rows + i < nrows; i++) {  /* the next group */
+            const char *p = (const char *)(xg + (rows + i) * ldx);
+            for (ptrdiff_t o = 0; o < d * (ptrdiff_t)sizeof(BN_T); o += 64)
+                __builtin_prefetch(p + o, 0, 3);
+        }
+        if (rms) {
+            for (ptrdiff_t i = 0; i < nr; i++)
+                q[i] = BN_NAME(bn_seg_sumsq_body)(xg + i * ldx, 1, d, 0);
+        } else {
+#if BN_T_IS_FLOAT
+            /* One double pass around the pivot, the row's first value (x - pivot is exact
+             * in double): M2 = sum(u^2) - sum(u)^2/n, with a relative error of about
+             * (d/16) * eps * sum(u^2) / M2. That ratio is 1 + z^2, z the pivot's distance
+             * from the mean in standard deviations, and a value of the row lies within
+             * sqrt(d - 1) of them (Samuelson), so the error is below d^2/16 * eps: 3e-11
+             * at d = BLOCK, a thousandth of a float32 ulp. A constant row gives u == 0:
+             * M2 == 0 and mean == its value exactly. Squares of float differences cannot
+             * overflow a double; inf and nan reach sum(u) as they reach NumPy's mean
+             * (inf, or nan for inf - inf) and make M2 nan. */
+            for (ptrdiff_t i = 0; i < nr; i++) {
+                const BN_T *p = xg + i * ldx;
+                double pivot = bn_pivot((double)p[0]), sd, sdd;
+                BN_NAME(bn_seg_dev)(p, 1, d, 0, pivot, 0.0, 1, &sd, &sdd);
+                q[i] = sdd - sd * (sd / n);
+                q[i] = q[i] < 0 ? 0.0 : q[i];   /* < 0 only by rounding; nan is kept */
+                m[i] = pivot + sd / n;
+            }
+#else
+            for (ptrdiff_t i = 0; i < nr; i++) {
+                double pivot = bn_pivot((double)xg[i * ldx]);
+                BN_NAME(bn_seg_moments_body)(xg + i * ldx, 1, d, 0, pivot, &m[i], &q[i]);
+                m[i] += pivot;
+            }
+#endif
+        }
+        for (ptrdiff_t i = 0; i < nr; i++)
+            s[i] = 1.0 / sqrt(q[i] / n + eps);
+        for (ptrdiff_t i = 0; i < nr; i++) {
+            invstd[r0 + i] = s[i];
+            if (!rms)
+                mean[r0 + i] = m[i];
+            BN_NAME(bn_row_affine_body)(xg + i * ldx, y + (r0 + i) * ldy, d, rms ? 0.0 : m[i],
+                                        s[i], w, rms ? NULL : b, stream);
+        }
+    }
+}
+#undef BN_ROWS_GROUP
 
 /* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
  *   g = dy * w, xhat = (x - mean) * invstd,
