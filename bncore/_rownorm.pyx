@@ -6,10 +6,11 @@ Design notes
 - Layer / RMS norm: rows of D contiguous values. A row is normalised right after its
   statistics, while it is in L1/L2, so x is read from memory once and y written once.
   Rows of D <= BLOCK go to bn_rows_norm, which stages groups of rows so that their short
-  dependency chains overlap (float layer norm: one double pass around the row's first
-  value, exact to far below a float ulp, see there); longer rows take BLOCK-sized block
-  moments merged with the one Chan merge. Rows are the parallel unit: each row's result
-  comes from one thread.
+  dependency chains overlap; longer rows go one by one through run_moments. Float runs
+  of up to BN_RUN_MAX values (layer-norm rows, group-norm groups) take one double pass
+  around their first value (bn_run_moments: exact to far below a float ulp, see there);
+  longer or double ones BLOCK-sized block moments merged with the one Chan merge. Rows
+  are the parallel unit: each row's result comes from one thread.
 - Backward: dweight/dbias are column sums over rows. Rows are cut into chunks fixed by
   the shape (at most MAX_CHUNKS), each with its own float64 partial vectors (O(D)),
   summed in chunk order after the parallel loop: bitwise identical for any thread count.
@@ -37,7 +38,8 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
+    BLOCK, BN_RUN_MAX, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
+    bn_run_moments_f32,
     bn_fence, bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
@@ -73,11 +75,16 @@ cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil
 
 cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
                              double *m2) noexcept nogil:
-    """Mean and M2 of n contiguous values: one block moments call when the run fits one
-    block (what plane_block_stats gives for it, without the bookkeeping), else blocks
-    merged with the Chan merge."""
+    """Mean and M2 of n contiguous values: floats up to BN_RUN_MAX in one double pass
+    (bn_run_moments), else one block moments call when the run fits one block (what
+    plane_block_stats gives for it, without the bookkeeping), else blocks merged with the
+    Chan merge."""
     cdef bn_moments st
     cdef double pivot
+    if floating is float:
+        if n <= BN_RUN_MAX:
+            bn_run_moments_f32(x, n, mean, m2)
+            return
     if n <= BLOCK:
         pivot = bn_pivot(<double>x[0])
         seg_moments(x, 1, n, 0, pivot, mean, m2)

@@ -250,21 +250,12 @@ def _float32_rows(kind, nrows, d, rng):
     return x
 
 
-@pytest.mark.parametrize("d", [1, 7, 64, 100, 768, 2048, 3001])
-@pytest.mark.parametrize("kind", ["normal", "offset", "outlier", "huge", "constant",
-                                  "nonfinite"])
-def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
-    """layer_norm_forward's float32 mean and invstd (eps=0) are the exact statistics of
-    each float32 row (math.fsum) rounded: within one float32 ulp. Rows up to 2048 values
-    take one pass in double around their first value, whose error grows with that value's
-    distance from the mean (outlier: the worst case, up to 1e7 against N(0, 1)); inf and
-    nan propagate as in NumPy's mean; constant rows give exactly their value, and y
-    exactly the bias."""
-    rng = np.random.default_rng(d)
-    x = _float32_rows(kind, 33, d, rng)
-    _, mean, invstd = bncore.layer_norm_forward(x, d, eps=0.0)
-    bias = rng.normal(size=d).astype(np.float32)
-    y = bncore.layer_norm(x, d, bias=bias)
+def _check_float32_statistics(x, mean, invstd, y, bias, kind):
+    """Per row of x: mean and invstd (eps=0) within one float32 ulp of the exact
+    statistics (math.fsum); non-finite rows as NumPy's mean; constant rows exactly (y is
+    the bias, a vector for every row or one row per row)."""
+    d = x.shape[1]
+    bias = np.broadcast_to(bias, x.shape)
     assert mean.dtype == invstd.dtype == np.float32
     for r in range(x.shape[0]):
         v = x[r].astype(np.float64)
@@ -278,10 +269,56 @@ def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
         assert abs(mean[r] - em) <= np.spacing(np.float32(abs(em))), (r, mean[r], em)
         if kind == "constant" or d == 1:
             assert mean[r] == x[r, 0] and np.isinf(invstd[r])
-            assert np.all(y[r] == bias)
+            assert np.all(y[r] == bias[r])
         else:
             es = 1.0 / math.sqrt(ev)
             assert abs(invstd[r] - es) <= np.spacing(np.float32(es)), (r, invstd[r], es)
+
+
+KINDS = ["normal", "offset", "outlier", "huge", "constant", "nonfinite"]
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 100, 768, 2048, 3001, 32768, 32769])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
+    """layer_norm_forward's float32 mean and invstd (eps=0) are the exact statistics of
+    each float32 row rounded. Rows up to BN_RUN_MAX (32768) values take one pass in double
+    around their first value, whose error grows with that value's distance from the mean
+    (outlier: the worst case, up to 1e7 against N(0, 1)); longer ones L1 blocks merged with
+    Chan's formula; inf and nan propagate as in NumPy's mean; constant rows give exactly
+    their value, and y exactly the bias."""
+    rng = np.random.default_rng(d)
+    x = _float32_rows(kind, 33 if d < 10000 else 9, d, rng)
+    _, mean, invstd = bncore.layer_norm_forward(x, d, eps=0.0)
+    bias = rng.normal(size=d).astype(np.float32)
+    y = bncore.layer_norm(x, d, bias=bias)
+    _check_float32_statistics(x, mean, invstd, y, bias, kind)
+
+
+@pytest.mark.parametrize("cg,s", [(2, 1568), (1, 3136), (2, 3136), (1, 32768), (3, 10923)],
+                         ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("op", ["group", "instance"])
+def test_group_runs_float32_statistics_round_the_exact_ones(op, kind, cg, s):
+    """The (sample, group) runs of NCHW group norm (cg channels of s values) and instance
+    norm (a plane of cg * s values) have the statistics of layer-norm rows: one double
+    pass up to BN_RUN_MAX values (3136, 6272, 32768), blocks beyond (32769)."""
+    rng = np.random.default_rng(cg * s)
+    rows = _float32_rows(kind, 6, cg * s, rng)      # 3 samples x 2 groups, a row each
+    if op == "group":
+        x = rows.reshape(3, 2 * cg, s)
+        bias = rng.normal(size=2 * cg).astype(np.float32)
+        _, mean, invstd = bncore.group_norm_forward(x, 2, eps=0.0)
+        y = bncore.group_norm(x, 2, bias=bias)
+        row_bias = np.repeat(bias, s).reshape(2, -1)
+    else:
+        x = rows.reshape(3, 2, cg * s)
+        bias = rng.normal(size=2).astype(np.float32)
+        _, mean, invstd = bncore.instance_norm_forward(x, eps=0.0)
+        y = bncore.instance_norm(x, bias=bias)
+        row_bias = np.repeat(bias, cg * s).reshape(2, -1)
+    _check_float32_statistics(rows, mean.ravel(), invstd.ravel(), y.reshape(6, -1),
+                              np.tile(row_bias, (3, 1)), kind)
 
 
 @pytest.mark.parametrize("axis", [1, -1])

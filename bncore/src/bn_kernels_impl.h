@@ -174,6 +174,38 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
     BN_NAME(bn_seg_moments_body)(x, nseg, len, stride, pivot, mean, m2);
 }
 
+#if BN_T_IS_FLOAT
+/* Mean and M2 of n contiguous floats, n <= BN_RUN_MAX, in one double pass around the
+ * pivot, the run's first value (x - pivot is exact in double): M2 = sum(u^2) - sum(u)^2/n,
+ * with a relative error of about (n/16) * eps * sum(u^2) / M2. That ratio is 1 + z^2, z
+ * the pivot's distance from the mean in standard deviations, and a value of the run lies
+ * within sqrt(n - 1) of them (Samuelson), so the error is below n^2/16 * eps: 3e-11 at
+ * n = BLOCK, 7e-9 (an eighth of a float32 ulp) at BN_RUN_MAX. Layer-norm rows and the
+ * (sample, group) runs of group and instance norm, which read each value once here
+ * instead of twice (float shift pass, then double pass). A constant run gives u == 0:
+ * M2 == 0 and mean == its value exactly. Squares of float differences cannot overflow a
+ * double; inf and nan reach sum(u) as they reach NumPy's mean (inf, or nan for inf - inf)
+ * and make M2 nan. */
+#ifndef BN_RUN_MAX
+#define BN_RUN_MAX 32768
+#endif
+BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t n, double *mean,
+                                            double *m2)
+{
+    double pivot = bn_pivot((double)x[0]), sd, sdd, q;
+    BN_NAME(bn_seg_dev)(x, 1, n, 0, pivot, 0.0, 1, &sd, &sdd);
+    q = sdd - sd * (sd / (double)n);
+    *m2 = q < 0 ? 0.0 : q;   /* < 0 only by rounding; nan is kept */
+    *mean = pivot + sd / (double)n;
+}
+
+static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t n, double *mean,
+                                             double *m2)
+{
+    BN_NAME(bn_run_moments_body)(x, n, mean, m2);
+}
+#endif
+
 /* IN: nseg segments as above. OUT: sum of squares (RMS norm). */
 BN_INLINE double BN_NAME(bn_seg_sumsq_body)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
                                             ptrdiff_t stride)
@@ -689,7 +721,7 @@ static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restr
  * dependent steps (horizontal sums, divisions, a square root) that at small d costs more
  * than its arithmetic; rows of one stage are independent, so their chains overlap. RMS
  * rows and double rows get bn_seg_sumsq / bn_seg_moments' bits; float layer-norm rows one
- * pass (below). No software prefetch: the hardware's follows the rows, and fetching
+ * pass (bn_run_moments). No software prefetch: the hardware's follows the rows, and fetching
  * the next group ahead ran 6-10% slower (d = 64, 768). mean may be NULL (rms); invstd
  * gets 1 / sqrt(var + eps), or 1 / sqrt(mean(x^2) + eps). */
 #define BN_ROWS_GROUP 16
@@ -710,23 +742,8 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
                 q[i] = BN_NAME(bn_seg_sumsq_body)(xg + i * ldx, 1, d, 0);
         } else {
 #if BN_T_IS_FLOAT
-            /* One double pass around the pivot, the row's first value (x - pivot is exact
-             * in double): M2 = sum(u^2) - sum(u)^2/n, with a relative error of about
-             * (d/16) * eps * sum(u^2) / M2. That ratio is 1 + z^2, z the pivot's distance
-             * from the mean in standard deviations, and a value of the row lies within
-             * sqrt(d - 1) of them (Samuelson), so the error is below d^2/16 * eps: 3e-11
-             * at d = BLOCK, a thousandth of a float32 ulp. A constant row gives u == 0:
-             * M2 == 0 and mean == its value exactly. Squares of float differences cannot
-             * overflow a double; inf and nan reach sum(u) as they reach NumPy's mean
-             * (inf, or nan for inf - inf) and make M2 nan. */
-            for (ptrdiff_t i = 0; i < nr; i++) {
-                const BN_T *p = xg + i * ldx;
-                double pivot = bn_pivot((double)p[0]), sd, sdd;
-                BN_NAME(bn_seg_dev)(p, 1, d, 0, pivot, 0.0, 1, &sd, &sdd);
-                q[i] = sdd - sd * (sd / n);
-                q[i] = q[i] < 0 ? 0.0 : q[i];   /* < 0 only by rounding; nan is kept */
-                m[i] = pivot + sd / n;
-            }
+            for (ptrdiff_t i = 0; i < nr; i++)   /* one double pass (bn_run_moments) */
+                BN_NAME(bn_run_moments_body)(xg + i * ldx, d, &m[i], &q[i]);
 #else
             for (ptrdiff_t i = 0; i < nr; i++) {
                 double pivot = bn_pivot((double)xg[i * ldx]);
