@@ -17,8 +17,10 @@ Every call arrives as a canonical view (see bncore._kernels):
   per-chunk partial states merged in chunk order, then one normalising pass; loops run
   across channels so they vectorise.
 
-y = (x - mean) * (weight * invstd) + bias is evaluated in double: exact at large offsets,
-and a constant channel (mean == x, exactly) gives exactly bias.
+y = (x - mean) * (weight * invstd) + bias subtracts first: full precision at large offsets,
+and a constant channel (mean == x, exactly) gives exactly bias. double input is computed
+in double; float input in float, 8 lanes, with the mean split as hi + lo, by the same
+expression in both layouts (planes and rows give the same bits).
 
 # IN: x/dy (read only), mean/var/invstd when given; OUT: y/dx, statistics, dweight/dbias.
 """

@@ -286,6 +286,23 @@ def test_streamed_outputs_match_unstreamed(shape, axis):
     assert np.array_equal(dxe[:5], dxe_small)
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (4, 37, 5, 6), (3, 64, 9, 9), (2, 300, 7, 5),
+                                   (64, 300, 15, 17), (2, 9000, 3, 1)], ids=str)
+def test_float32_eval_same_bits_in_both_layouts(shape):
+    """float32 y = (x - mean) * k + b is one float expression (mean split as hi + lo) in
+    both the NCHW plane kernel and the channels-last row kernel, whatever the channel
+    count (vector tiles, scalar tails, tiles of 256 channels, 9000 channels of one row
+    each), the alignment of rows and whether stores stream (64x300x15x17 is 19 MiB)."""
+    x = make(shape, np.float32, "C", offset=1e6, seed=4)
+    c = shape[1]
+    rm, rv = 1e6 + RNG.normal(size=c), RNG.uniform(0.5, 4, c)
+    w, b = RNG.normal(size=c), RNG.normal(size=c)
+    y = bncore.batch_norm(x, rm, rv, w, b)
+    y_cl = bncore.batch_norm(np.ascontiguousarray(np.moveaxis(x, 1, -1)), rm, rv, w, b, axis=-1)
+    assert np.array_equal(np.moveaxis(y_cl, -1, 1), y)
+    close(y, ref.batch_norm(x, rm, rv, w, b), np.float32)
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_one_channel_broadcast_input_fills_every_output(axis):
     """A stride-0 x with one channel is a 'rows' view (channel innermost); a fresh output
