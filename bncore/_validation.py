@@ -65,6 +65,8 @@ def resolve_threads(n_threads):
 
 
 def check_eps(eps, name="eps"):
+    if type(eps) is float and 0.0 <= eps < math.inf:   # the common case, without the rest
+        return eps
     if isinstance(eps, (str, bytes)):   # float("1e-5") would parse; a string is a mistake
         raise TypeError(f"{name} must be a real number >= 0, got {eps!r}")
     try:
@@ -77,6 +79,8 @@ def check_eps(eps, name="eps"):
 
 
 def check_real(value, name):
+    if type(value) is float and value == value:
+        return value
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
@@ -103,12 +107,15 @@ def param_vector(p, name, shape):
     """weight/bias/saved statistics: None, or a real array of ``shape`` as float64 C-order."""
     if p is None:
         return None
-    arr = np.asarray(p)
-    if arr.dtype.kind not in "fiu" or arr.dtype.itemsize > 8:
-        raise TypeError(f"{name} must be a real float array, got dtype {arr.dtype}")
+    arr = p if type(p) is np.ndarray else np.asarray(p)
+    dt = arr.dtype
+    if dt.kind not in "fiu" or dt.itemsize > 8:
+        raise TypeError(f"{name} must be a real float array, got dtype {dt}")
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=_F64)
+    if dt == _F64 and arr.flags.c_contiguous:
+        return arr
+    return arr.astype(_F64, order="C")
 
 
 def running_stat(r, name, shape):
