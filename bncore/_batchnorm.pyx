@@ -12,7 +12,11 @@ Every call arrives as a canonical view (see bncore._kernels):
   three times. Backward does the same per channel: sum(dy), sum(dy*(x-mean)), then dx.
   Channels are the parallel unit, so each result comes from one thread: bitwise
   identical for any thread count. A few huge channels (plane_chunks > 1) are reduced in
-  chunks instead and normalised in a second pass.
+  chunks instead and normalised in a second pass. A float channel of at most BN_RUN_MAX
+  values (small batches, where the cost is per call) takes one double pass around a float
+  shift instead of the block statistics (bn_run_moments: the batch statistics exact to
+  far below a float32 ulp, and to a few float64 ulps for typical data; moments() and
+  Moments keep the two-pass blocks, whose float64 results are exact for any data).
 - rows (R, C), channels contiguous (channels-last): statistics over row chunks with
   per-chunk partial states merged in chunk order, then one normalising pass; loops run
   across channels so they vectorise.
@@ -31,7 +35,8 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments, bwd_sums, cl_affine,
+    BN_RUN_MAX, CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
+    bn_run_moments_f32, bwd_sums, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
     seg_bwd_dx,
@@ -102,7 +107,10 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     st.n = 0
     st.mean = 0
     st.m2 = 0
-    plane_block_stats(x, outer, inner, so, 0, nb, &st)
+    if floating is float and outer * inner <= BN_RUN_MAX:   # small: one pass (see notes)
+        bn_run_moments_f32(x, outer, inner, so, &st.shift, &st.mean, &st.m2)
+    else:
+        plane_block_stats(x, outer, inner, so, 0, nb, &st)
     mean[0] = st.mean + st.shift
     var[0] = st.m2 / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)

@@ -38,7 +38,8 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_moments_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride,
                             double pivot, double *mean, double *m2)
     const Py_ssize_t BN_RUN_MAX
-    void bn_run_moments_f32(const float *x, Py_ssize_t n, double *mean, double *m2)
+    void bn_run_moments_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
+                            Py_ssize_t stride, double *shift, double *mean, double *m2)
     double bn_seg_sumsq_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     double bn_seg_sumsq_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double scale,

@@ -83,7 +83,8 @@ cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
     cdef double pivot
     if floating is float:
         if n <= BN_RUN_MAX:
-            bn_run_moments_f32(x, n, mean, m2)
+            bn_run_moments_f32(x, 1, n, 0, &pivot, mean, m2)
+            mean[0] += pivot
             return
     if n <= BLOCK:
         pivot = bn_pivot(<double>x[0])

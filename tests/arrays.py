@@ -20,6 +20,7 @@ Layouts (all hold the same values for the same seed):
   for ``axis=1``, a channels-last view of NCHW memory for ``axis=-1``.
 """
 import dataclasses
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -193,3 +194,54 @@ def fraction_moments(values):
 def rel_err(got, exact):
     """|got - exact| / |exact| in exact arithmetic (got a float, exact a Fraction)."""
     return abs(Fraction(float(got)) - exact) / abs(exact)
+
+
+# ------------------------------------------------------------ float32 statistics
+
+KINDS = ("normal", "offset", "outlier", "huge", "constant", "nonfinite")
+
+
+def float32_rows(kind, nrows, d, rng):
+    """nrows rows of d float32 values of one of KINDS (worst cases of one-pass statistics)."""
+    if kind == "normal":
+        return rng.normal(0.5, 2.0, (nrows, d)).astype(np.float32)
+    if kind == "offset":
+        return (1e6 + rng.normal(0, 0.1, (nrows, d))).astype(np.float32)
+    if kind == "outlier":   # the first value, inside a one-pass shift, is far from the mean
+        x = rng.normal(0, 1, (nrows, d))
+        x[:, 0] = rng.choice([-1, 1], nrows) * 10.0 ** rng.uniform(1, 7, nrows)
+        return x.astype(np.float32)
+    if kind == "huge":   # squares far past FLT_MAX; the float64 statistics are finite
+        return (rng.uniform(1e38, 3.4e38, (nrows, d)) * rng.choice([-1, 1], (nrows, d))
+                ).astype(np.float32)
+    if kind == "constant":
+        return np.repeat(rng.uniform(-1e30, 1e30, (nrows, 1)), d, axis=1).astype(np.float32)
+    x = rng.normal(0, 1, (nrows, d)).astype(np.float32)   # one of inf, -inf, nan per row
+    x[np.arange(nrows), rng.integers(0, d, nrows)] = rng.choice([np.inf, -np.inf, np.nan],
+                                                               nrows)
+    return x
+
+
+def check_float32_statistics(x, mean, invstd, y, bias, kind):
+    """Per row of x: mean and invstd (eps=0) within one float32 ulp of the exact
+    statistics (math.fsum); non-finite rows as NumPy's mean; constant rows exactly (y is
+    the bias, a vector for every row or one row per row)."""
+    d = x.shape[1]
+    bias = np.broadcast_to(bias, x.shape)
+    assert mean.dtype == invstd.dtype == np.float32
+    for r in range(x.shape[0]):
+        v = x[r].astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            with np.errstate(invalid="ignore"):
+                assert mean[r] == np.mean(v) or np.isnan(mean[r]) and np.isnan(np.mean(v))
+            assert np.isnan(invstd[r])
+            continue
+        em = math.fsum(v) / d
+        ev = math.fsum((v - em) ** 2) / d
+        assert abs(mean[r] - em) <= np.spacing(np.float32(abs(em))), (r, mean[r], em)
+        if kind == "constant" or d == 1:
+            assert mean[r] == x[r, 0] and np.isinf(invstd[r])
+            assert np.all(y[r] == bias[r])
+        else:
+            es = 1.0 / math.sqrt(ev)
+            assert abs(invstd[r] - es) <= np.spacing(np.float32(es)), (r, invstd[r], es)

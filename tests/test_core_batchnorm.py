@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import bncore
 from bncore import _reference as ref
 
+from arrays import KINDS, check_float32_statistics, exact_moments, float32_rows
+
 RNG = np.random.default_rng(20261125)
 
 # (shape as seen by the user, channel axis)
@@ -284,6 +286,32 @@ def test_streamed_outputs_match_unstreamed(shape, axis):
     dxe_small, _, _ = bncore.batch_norm_backward(dy[:5], x[:5], rm, 1 / np.sqrt(rv + 1e-5), w,
                                                  axis=axis, training=False)
     assert np.array_equal(dxe[:5], dxe_small)
+
+
+@pytest.mark.parametrize("planes,inner", [(8, 64), (4, 7), (16, 2048), (2, 16385)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_float32_statistics_round_the_exact_ones(kind, planes, inner):
+    """float32 channels of up to BN_RUN_MAX (32768) values take one double pass around a
+    float shift, larger ones (32770) the block statistics. Either way the saved mean and
+    invstd (eps=0) are the exact statistics rounded to float32, inf and nan propagate as in
+    NumPy, a constant channel gives exactly the bias, and the float64 running statistics
+    of typical data are the exact ones to float64 precision (momentum 1: the batch's)."""
+    rng = np.random.default_rng(planes * inner)
+    rows = float32_rows(kind, 3, planes * inner, rng)       # 3 channels, a row each
+    x = np.ascontiguousarray(rows.reshape(3, planes, inner).transpose(1, 0, 2))
+    bias = rng.normal(size=3).astype(np.float32)
+    rm, rv = np.zeros(3), np.zeros(3)
+    _, mean, invstd = bncore.batch_norm_forward(x, eps=0.0, running_mean=rm, running_var=rv,
+                                                momentum=1.0)
+    y = bncore.batch_norm(x, None, None, bias=bias, training=True)
+    y_rows = np.ascontiguousarray(y.transpose(1, 0, 2)).reshape(3, -1)
+    check_float32_statistics(rows, mean, invstd, y_rows, bias[:, None], kind)
+    if kind in ("normal", "offset"):
+        n = rows.shape[1]
+        for c in range(3):
+            emean, evar = exact_moments(rows[c])
+            assert abs(rm[c] - float(emean)) <= 1e-15 * abs(float(emean))
+            assert abs(rv[c] - float(evar) * n / (n - 1)) <= 1e-13 * float(evar)
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 7, 9), (4, 37, 5, 6), (3, 64, 9, 9), (2, 300, 7, 5),

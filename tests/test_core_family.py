@@ -1,6 +1,5 @@
 """layer, RMS, group and instance norm against the float64 reference, PyTorch 2.13 and
 finite differences; both layouts, odd sizes, large offsets, errors, determinism."""
-import math
 
 import numpy as np
 import pytest
@@ -9,6 +8,8 @@ import torch.nn.functional as F
 
 import bncore
 from bncore import _reference as ref
+
+from arrays import KINDS, check_float32_statistics, float32_rows
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-2}
 
@@ -230,54 +231,6 @@ def test_constant_rows_normalise_to_exactly_bias(dtype):
     assert np.all(bncore.layer_norm(xl, 9, bias=b9) == b9)
 
 
-def _float32_rows(kind, nrows, d, rng):
-    if kind == "normal":
-        return rng.normal(0.5, 2.0, (nrows, d)).astype(np.float32)
-    if kind == "offset":
-        return (1e6 + rng.normal(0, 0.1, (nrows, d))).astype(np.float32)
-    if kind == "outlier":   # the first value (the pivot) is far from the row's mean
-        x = rng.normal(0, 1, (nrows, d))
-        x[:, 0] = rng.choice([-1, 1], nrows) * 10.0 ** rng.uniform(1, 7, nrows)
-        return x.astype(np.float32)
-    if kind == "huge":   # squares far past FLT_MAX; the float64 statistics are finite
-        return (rng.uniform(1e38, 3.4e38, (nrows, d)) * rng.choice([-1, 1], (nrows, d))
-                ).astype(np.float32)
-    if kind == "constant":
-        return np.repeat(rng.uniform(-1e30, 1e30, (nrows, 1)), d, axis=1).astype(np.float32)
-    x = rng.normal(0, 1, (nrows, d)).astype(np.float32)   # one of inf, -inf, nan per row
-    x[np.arange(nrows), rng.integers(0, d, nrows)] = rng.choice([np.inf, -np.inf, np.nan],
-                                                               nrows)
-    return x
-
-
-def _check_float32_statistics(x, mean, invstd, y, bias, kind):
-    """Per row of x: mean and invstd (eps=0) within one float32 ulp of the exact
-    statistics (math.fsum); non-finite rows as NumPy's mean; constant rows exactly (y is
-    the bias, a vector for every row or one row per row)."""
-    d = x.shape[1]
-    bias = np.broadcast_to(bias, x.shape)
-    assert mean.dtype == invstd.dtype == np.float32
-    for r in range(x.shape[0]):
-        v = x[r].astype(np.float64)
-        if not np.all(np.isfinite(v)):
-            with np.errstate(invalid="ignore"):
-                assert mean[r] == np.mean(v) or np.isnan(mean[r]) and np.isnan(np.mean(v))
-            assert np.isnan(invstd[r])
-            continue
-        em = math.fsum(v) / d
-        ev = math.fsum((v - em) ** 2) / d
-        assert abs(mean[r] - em) <= np.spacing(np.float32(abs(em))), (r, mean[r], em)
-        if kind == "constant" or d == 1:
-            assert mean[r] == x[r, 0] and np.isinf(invstd[r])
-            assert np.all(y[r] == bias[r])
-        else:
-            es = 1.0 / math.sqrt(ev)
-            assert abs(invstd[r] - es) <= np.spacing(np.float32(es)), (r, invstd[r], es)
-
-
-KINDS = ["normal", "offset", "outlier", "huge", "constant", "nonfinite"]
-
-
 @pytest.mark.parametrize("d", [1, 7, 64, 100, 768, 2048, 3001, 32768, 32769])
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
@@ -288,11 +241,11 @@ def test_layer_norm_float32_statistics_round_the_exact_ones(kind, d):
     Chan's formula; inf and nan propagate as in NumPy's mean; constant rows give exactly
     their value, and y exactly the bias."""
     rng = np.random.default_rng(d)
-    x = _float32_rows(kind, 33 if d < 10000 else 9, d, rng)
+    x = float32_rows(kind, 33 if d < 10000 else 9, d, rng)
     _, mean, invstd = bncore.layer_norm_forward(x, d, eps=0.0)
     bias = rng.normal(size=d).astype(np.float32)
     y = bncore.layer_norm(x, d, bias=bias)
-    _check_float32_statistics(x, mean, invstd, y, bias, kind)
+    check_float32_statistics(x, mean, invstd, y, bias, kind)
 
 
 @pytest.mark.parametrize("cg,s", [(2, 1568), (1, 3136), (2, 3136), (1, 32768), (3, 10923)],
@@ -304,7 +257,7 @@ def test_group_runs_float32_statistics_round_the_exact_ones(op, kind, cg, s):
     norm (a plane of cg * s values) have the statistics of layer-norm rows: one double
     pass up to BN_RUN_MAX values (3136, 6272, 32768), blocks beyond (32769)."""
     rng = np.random.default_rng(cg * s)
-    rows = _float32_rows(kind, 6, cg * s, rng)      # 3 samples x 2 groups, a row each
+    rows = float32_rows(kind, 6, cg * s, rng)      # 3 samples x 2 groups, a row each
     if op == "group":
         x = rows.reshape(3, 2 * cg, s)
         bias = rng.normal(size=2 * cg).astype(np.float32)
@@ -317,7 +270,7 @@ def test_group_runs_float32_statistics_round_the_exact_ones(op, kind, cg, s):
         _, mean, invstd = bncore.instance_norm_forward(x, eps=0.0)
         y = bncore.instance_norm(x, bias=bias)
         row_bias = np.repeat(bias, cg * s).reshape(2, -1)
-    _check_float32_statistics(rows, mean.ravel(), invstd.ravel(), y.reshape(6, -1),
+    check_float32_statistics(rows, mean.ravel(), invstd.ravel(), y.reshape(6, -1),
                               np.tile(row_bias, (3, 1)), kind)
 
 

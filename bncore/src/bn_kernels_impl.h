@@ -175,34 +175,47 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
 }
 
 #if BN_T_IS_FLOAT
-/* Mean and M2 of n contiguous floats, n <= BN_RUN_MAX, in one double pass around the
- * pivot, the run's first value (x - pivot is exact in double): M2 = sum(u^2) - sum(u)^2/n,
- * with a relative error of about (n/16) * eps * sum(u^2) / M2. That ratio is 1 + z^2, z
- * the pivot's distance from the mean in standard deviations, and a value of the run lies
- * within sqrt(n - 1) of them (Samuelson), so the error is below n^2/16 * eps: 3e-11 at
- * n = BLOCK, 7e-9 (an eighth of a float32 ulp) at BN_RUN_MAX. Layer-norm rows and the
- * (sample, group) runs of group and instance norm, which read each value once here
- * instead of twice (float shift pass, then double pass). A constant run gives u == 0:
- * M2 == 0 and mean == its value exactly. Squares of float differences cannot overflow a
- * double; inf and nan reach sum(u) as they reach NumPy's mean (inf, or nan for inf - inf)
- * and make M2 nan. */
+/* Moments of n = nseg * len floats (segments as bn_seg_moments), n <= BN_RUN_MAX, in one
+ * double pass around a shift K: the float nearest the mean of the first (up to 16)
+ * values, or 0 where that is not finite. u = x - K is exact in double; mean (of x - K) =
+ * sum(u)/n, M2 = sum(u^2) - sum(u)^2/n, with a relative error of about
+ * sqrt(n/16) * eps * sum(u^2) / M2 (n/16 at worst). That ratio is 1 + z^2, z = K's
+ * distance from the mean in standard deviations: about 1/4 for a shift averaging 16
+ * values, so the statistics are as exact as the corrected two-pass ones (the float64
+ * running statistics of a float32 batch are exact to two ulps), and never worse than
+ * z^2 <= n since K lies among the values of the run, within sqrt(n - 1) standard
+ * deviations of their mean (Samuelson): below n^2/16 * eps, 7e-9 (an eighth of a float32
+ * ulp) at BN_RUN_MAX. Layer-norm rows, the (sample, group) runs of group and instance norm
+ * and batch-norm channels that small, which read each value once here instead of twice
+ * (float shift pass, then double pass). A constant run gives K == its value, u == 0:
+ * M2 == 0 and mean == K exactly. Squares of float differences cannot overflow a double;
+ * inf and nan reach sum(u) as they reach NumPy's mean (inf, or nan for inf - inf) and
+ * make M2 nan. */
 #ifndef BN_RUN_MAX
 #define BN_RUN_MAX 32768
 #endif
-BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t n, double *mean,
+BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                            ptrdiff_t stride, double *shift, double *mean,
                                             double *m2)
 {
-    double pivot = bn_pivot((double)x[0]), sd, sdd, q;
-    BN_NAME(bn_seg_dev)(x, 1, n, 0, pivot, 0.0, 1, &sd, &sdd);
-    q = sdd - sd * (sd / (double)n);
+    const double n = (double)nseg * (double)len;
+    const ptrdiff_t k = len < 16 ? len : 16;
+    double sd, sdd, q, K = 0;
+    for (ptrdiff_t i = 0; i < k; i++)
+        K += (double)x[i];
+    K = bn_pivot((double)(float)(K / (double)k));
+    BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd);
+    q = sdd - sd * (sd / n);
     *m2 = q < 0 ? 0.0 : q;   /* < 0 only by rounding; nan is kept */
-    *mean = pivot + sd / (double)n;
+    *mean = sd / n;
+    *shift = K;
 }
 
-static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t n, double *mean,
+static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                             ptrdiff_t stride, double *shift, double *mean,
                                              double *m2)
 {
-    BN_NAME(bn_run_moments_body)(x, n, mean, m2);
+    BN_NAME(bn_run_moments_body)(x, nseg, len, stride, shift, mean, m2);
 }
 #endif
 
@@ -787,8 +800,11 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
                 q[i] = BN_NAME(bn_seg_sumsq_body)(xg + i * ldx, 1, d, 0);
         } else {
 #if BN_T_IS_FLOAT
-            for (ptrdiff_t i = 0; i < nr; i++)   /* one double pass (bn_run_moments) */
-                BN_NAME(bn_run_moments_body)(xg + i * ldx, d, &m[i], &q[i]);
+            for (ptrdiff_t i = 0; i < nr; i++) {   /* one double pass (bn_run_moments) */
+                double shift;
+                BN_NAME(bn_run_moments_body)(xg + i * ldx, 1, d, 0, &shift, &m[i], &q[i]);
+                m[i] += shift;
+            }
 #else
             for (ptrdiff_t i = 0; i < nr; i++) {
                 double pivot = bn_pivot((double)xg[i * ldx]);
