@@ -199,11 +199,16 @@ BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t nseg, ptrd
                                             double *m2)
 {
     const double n = (double)nseg * (double)len;
-    const ptrdiff_t k = len < 16 ? len : 16;
     double sd, sdd, q, K = 0;
-    for (ptrdiff_t i = 0; i < k; i++)
-        K += (double)x[i];
-    K = bn_pivot((double)(float)(K / (double)k));
+    if (len >= 16) {   /* a tree, not a chain of 16 adds: short rows feel its latency */
+        bn_v4d a = BN_LOAD4(x), b = BN_LOAD4(x + 4), c = BN_LOAD4(x + 8), d = BN_LOAD4(x + 12);
+        K = bn_v4d_total((a + b) + (c + d)) * 0.0625;
+    } else {
+        for (ptrdiff_t i = 0; i < len; i++)
+            K += (double)x[i];
+        K /= (double)len;
+    }
+    K = bn_pivot((double)(float)K);
     BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd);
     q = sdd - sd * (sd / n);
     *m2 = q < 0 ? 0.0 : q;   /* < 0 only by rounding; nan is kept */
