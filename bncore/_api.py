@@ -353,6 +353,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, axis, n_threads)
+        if res is not None:
+            return res[0]
     return _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
                     axis, out, n_threads)[0]
 
@@ -379,8 +384,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, training=True, running_mean
     >>> mean.shape, invstd.dtype
     ((3,), dtype('float32'))
     """
-    y, mean, invstd = _forward(x, weight, bias, training, running_mean, running_var, momentum,
-                               eps, axis, out, n_threads)
+    res = None
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, axis, n_threads)
+    if res is None:
+        res = _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
+                       axis, out, n_threads)
+    y, mean, invstd = res
     sdt = np.float32 if y.dtype.itemsize <= 4 else np.float64
     return y, mean.astype(sdt), invstd.astype(sdt)
 

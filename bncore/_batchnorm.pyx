@@ -31,7 +31,7 @@ expression in both layouts (planes and rows give the same bits).
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
@@ -41,7 +41,7 @@ from bncore._kernels cimport (
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
     seg_bwd_dx,
 )
-from bncore._openmp cimport work_threads
+from bncore._openmp cimport omp_get_max_threads, work_threads
 
 cnp.import_array()
 
@@ -348,13 +348,181 @@ def update_running(cnp.ndarray r, cnp.ndarray batch, double momentum, double fac
     (NumPy's mixed-dtype expressions cost microseconds each; this is the hot path of small
     training calls.) Other dtypes take the NumPy route in the caller.
     """
-    cdef Py_ssize_t n = r.shape[0], i, st = r.strides[0]
-    cdef char *p = <char *>cnp.PyArray_DATA(r)
-    cdef const double *b = <double *>cnp.PyArray_DATA(batch)
+    running_update(<char *>cnp.PyArray_DATA(r), r.strides[0],
+                   cnp.PyArray_TYPE(r) == cnp.NPY_FLOAT32, r.shape[0],
+                   <double *>cnp.PyArray_DATA(batch), momentum, factor)
+
+
+cdef inline void running_update(char *p, Py_ssize_t st, bint is_f32, Py_ssize_t n,
+                                const double *b, double momentum,
+                                double factor) noexcept nogil:
+    """r = (1 - momentum) * r + momentum * factor * b over n values st bytes apart."""
+    cdef Py_ssize_t i
     cdef double keep = 1.0 - momentum, take = momentum * factor
-    if cnp.PyArray_TYPE(r) == cnp.NPY_FLOAT32:
+    if is_f32:
         for i in range(n):
             (<float *>(p + i * st))[0] = <float>(keep * (<float *>(p + i * st))[0] + take * b[i])
     else:
         for i in range(n):
             (<double *>(p + i * st))[0] = keep * (<double *>(p + i * st))[0] + take * b[i]
+
+
+# ------------------------------------------------------------------ the common call, fast
+
+cdef inline int plain_vector(object a, Py_ssize_t n) except -2:
+    """The type number of ``a`` if it is a plain (n,) float32/float64 array (exact ndarray,
+    C-contiguous, aligned, native byte order), else -1."""
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != n
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr)
+            or not cnp.PyArray_ISNOTSWAPPED(arr)):
+        return -1
+    t = cnp.PyArray_TYPE(arr)
+    return t if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 else -1
+
+
+cdef inline void as_doubles(object a, int t, double *dst, Py_ssize_t n) noexcept:
+    """dst[i] = a[i] for a plain vector (see plain_vector) of type t."""
+    cdef Py_ssize_t i
+    cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32:
+        for i in range(n):
+            dst[i] = (<float *>p)[i]
+    else:
+        for i in range(n):
+            dst[i] = (<double *>p)[i]
+
+
+def forward_common(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                   axis, n_threads):
+    """batch_norm_forward for the common call, without the Python layer's overhead, or None.
+
+    The common call: x an exact ndarray, float32/float64, C-contiguous, aligned, native,
+    at least 2-D and not empty; an int axis in range; eps a finite float >= 0 (momentum a
+    float, not NaN, when running stats are updated); weight, bias, running_mean and
+    running_var None or plain (C,) float32/float64 vectors (running stats writeable when
+    updated, both present in eval); more than one value per channel in training;
+    n_threads None or an int >= 1. Anything else returns None before touching anything,
+    and the caller takes the general path (bncore._api), which also raises every error.
+    Same kernels and the same bits as that path. Returns (y, mean, invstd) (float64 (C,)).
+    """
+    cdef cnp.ndarray arr, y, mean, invstd
+    cdef int xt, wt = -1, bt = -1, mt = -1, vt = -1, nd, ax, nt
+    cdef Py_ssize_t nch, outer = 1, inner = 1, i, m
+    cdef cnp.npy_intp dim
+    cdef bint train, update, rows
+    cdef double ep, mom = 0.0
+    cdef double *buf
+    cdef double *pw
+    cdef double *pb
+    cdef double *pv
+    cdef int rc
+    if type(x) is not cnp.ndarray or type(axis) is not int or type(eps) is not float:
+        return None
+    arr = <cnp.ndarray>x
+    xt = cnp.PyArray_TYPE(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    if ((xt != cnp.NPY_FLOAT32 and xt != cnp.NPY_FLOAT64) or nd < 2
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr)
+            or not cnp.PyArray_ISNOTSWAPPED(arr) or cnp.PyArray_SIZE(arr) == 0):
+        return None
+    if not -nd <= axis < nd:
+        return None
+    ax = axis % nd
+    ep = eps
+    if not (ep >= 0.0 and isfinite(ep)):
+        return None
+    if n_threads is None:
+        nt = omp_get_max_threads()
+    elif type(n_threads) is int and n_threads >= 1:
+        nt = n_threads
+    else:
+        return None
+    nch = cnp.PyArray_DIM(arr, ax)
+    for i in range(ax):
+        outer *= cnp.PyArray_DIM(arr, i)
+    for i in range(ax + 1, nd):
+        inner *= cnp.PyArray_DIM(arr, i)
+    train = bool(training)
+    if weight is not None and (wt := plain_vector(weight, nch)) < 0:
+        return None
+    if bias is not None and (bt := plain_vector(bias, nch)) < 0:
+        return None
+    if running_mean is not None and (mt := plain_vector(running_mean, nch)) < 0:
+        return None
+    if running_var is not None and (vt := plain_vector(running_var, nch)) < 0:
+        return None
+    update = train and (running_mean is not None or running_var is not None)
+    if train:
+        if outer * inner == 1:
+            return None
+        if update:
+            if type(momentum) is not float or momentum != momentum:
+                return None
+            mom = momentum
+            if ((mt >= 0 and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean))
+                    or (vt >= 0 and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var))):
+                return None
+    elif mt < 0 or vt < 0:
+        return None
+    # valid: nothing below can fail but for memory
+    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dim = nch
+    mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    buf = <double *>malloc(3 * nch * sizeof(double))
+    if buf == NULL:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    pv = buf
+    pw = NULL
+    pb = NULL
+    if wt >= 0:
+        pw = buf + nch
+        as_doubles(weight, wt, pw, nch)
+    if bt >= 0:
+        pb = buf + 2 * nch
+        as_doubles(bias, bt, pb, nch)
+    if not train:
+        as_doubles(running_mean, mt, <double *>cnp.PyArray_DATA(mean), nch)
+        as_doubles(running_var, vt, pv, nch)
+    rows = inner == 1
+    with nogil:
+        if rows and xt == cnp.NPY_FLOAT32:
+            rc = forward_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y),
+                              outer, nch, nch, nch, <double *>cnp.PyArray_DATA(mean), pv,
+                              <double *>cnp.PyArray_DATA(invstd), pw, pb, train, ep, nt)
+        elif rows:
+            rc = forward_rows(<const double *>cnp.PyArray_DATA(arr),
+                              <double *>cnp.PyArray_DATA(y), outer, nch, nch, nch,
+                              <double *>cnp.PyArray_DATA(mean), pv,
+                              <double *>cnp.PyArray_DATA(invstd), pw, pb, train, ep, nt)
+        elif xt == cnp.NPY_FLOAT32:
+            rc = forward_planes(<const float *>cnp.PyArray_DATA(arr),
+                                <float *>cnp.PyArray_DATA(y), outer, nch, inner, nch * inner,
+                                inner, nch * inner, inner, <double *>cnp.PyArray_DATA(mean),
+                                pv, <double *>cnp.PyArray_DATA(invstd), pw, pb, train, ep, nt)
+        else:
+            rc = forward_planes(<const double *>cnp.PyArray_DATA(arr),
+                                <double *>cnp.PyArray_DATA(y), outer, nch, inner, nch * inner,
+                                inner, nch * inner, inner, <double *>cnp.PyArray_DATA(mean),
+                                pv, <double *>cnp.PyArray_DATA(invstd), pw, pb, train, ep, nt)
+        if rc == 0 and update:
+            m = outer * inner
+            if mt >= 0:
+                running_update(<char *>cnp.PyArray_DATA(<cnp.ndarray>running_mean),
+                               cnp.PyArray_ITEMSIZE(<cnp.ndarray>running_mean),
+                               mt == cnp.NPY_FLOAT32, nch, <double *>cnp.PyArray_DATA(mean),
+                               mom, 1.0)
+            if vt >= 0:
+                running_update(<char *>cnp.PyArray_DATA(<cnp.ndarray>running_var),
+                               cnp.PyArray_ITEMSIZE(<cnp.ndarray>running_var),
+                               vt == cnp.NPY_FLOAT32, nch, pv, mom,
+                               <double>m / <double>(m - 1))
+    free(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    return y, mean, invstd

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import bncore
+from bncore import _batchnorm
 from bncore import _reference as ref
 
 from arrays import KINDS, check_float32_statistics, exact_moments, float32_rows
@@ -286,6 +287,75 @@ def test_streamed_outputs_match_unstreamed(shape, axis):
     dxe_small, _, _ = bncore.batch_norm_backward(dy[:5], x[:5], rm, 1 / np.sqrt(rv + 1e-5), w,
                                                  axis=axis, training=False)
     assert np.array_equal(dxe[:5], dxe_small)
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 32, 8, 8), 1), ((5, 7), 1), ((6, 5, 4), -1),
+                                        ((4, 3, 5, 7), 2), ((3, 9, 4, 5), -3),
+                                        ((16, 48, 40, 40), 1)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_common_call_fast_path_matches_general_path(shape, axis, dtype, training):
+    """batch_norm and batch_norm_forward take the common call (plain arrays, out=None) in
+    one Cython step (_batchnorm.forward_common); with out= they take the general path.
+    Both must give the same bits: y, saved statistics and running statistics."""
+    c = shape[axis]
+    x = make(shape, dtype, "C", offset=3.0)
+    x0 = x.copy()
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=c).astype(np.float32)          # float32 params for float64 x too
+    b = rng.normal(size=c)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.uniform(1, 2, c)
+    assert _batchnorm.forward_common(x, rm.copy(), rv.copy(), w, b, training, 0.1, 1e-5,
+                                     axis, None) is not None
+    for nt in (None, 1, 2):
+        rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+        fast = bncore.batch_norm_forward(x, w, b, training=training, running_mean=rm1,
+                                         running_var=rv1, axis=axis, n_threads=nt)
+        slow = bncore.batch_norm_forward(x, w, b, training=training, running_mean=rm2,
+                                         running_var=rv2, axis=axis, n_threads=nt,
+                                         out=np.empty_like(x))
+        for a, b_ in zip(fast + (rm1, rv1), slow + (rm2, rv2)):
+            assert a.dtype == b_.dtype and np.array_equal(a, b_)
+        assert np.array_equal(bncore.batch_norm(x, rm.copy(), rv.copy(), w, b, training,
+                                                axis=axis, n_threads=nt), fast[0])
+        if not training:
+            assert np.array_equal(rm1, rm) and np.array_equal(rv1, rv)
+    assert np.array_equal(x, x0)
+
+
+@pytest.mark.parametrize("kind", ["strided", "float16", "swapped_weight", "int_eps",
+                                  "numpy_axis", "bool_threads", "readonly_running",
+                                  "one_per_channel", "empty", "2d_weight"])
+def test_fast_path_declines_all_but_the_common_call(kind):
+    """Anything but the common call returns None from forward_common, untouched, so that
+    the general path handles it (and raises the errors)."""
+    x, c = make((4, 3, 5, 5), np.float32, "C"), 3
+    w, rm, rv = np.ones(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
+    args = dict(x=x, running_mean=rm, running_var=rv, weight=w, bias=None, training=True,
+                momentum=0.1, eps=1e-5, axis=1, n_threads=None)
+    if kind == "strided":
+        args["x"] = x[:, :, ::2]
+    elif kind == "float16":
+        args["x"] = x.astype(np.float16)
+    elif kind == "swapped_weight":
+        args["weight"] = w.astype(">f4")
+    elif kind == "int_eps":
+        args["eps"] = 0
+    elif kind == "numpy_axis":
+        args["axis"] = np.int64(1)
+    elif kind == "bool_threads":
+        args["n_threads"] = True
+    elif kind == "readonly_running":
+        rm.flags.writeable = False
+    elif kind == "one_per_channel":
+        args["x"] = x[:1, :, :1, :1].copy()
+    elif kind == "empty":
+        args["x"] = x[:0]
+    else:
+        args["weight"] = w.reshape(1, c)
+    before = [a.copy() for a in (rm, rv)]
+    assert _batchnorm.forward_common(**args) is None
+    assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1])
 
 
 @pytest.mark.parametrize("planes,inner", [(8, 64), (4, 7), (16, 2048), (2, 16385)], ids=str)
