@@ -31,7 +31,7 @@ expression in both layouts (planes and rows give the same bits).
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite, sqrt
+from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
@@ -41,7 +41,8 @@ from bncore._kernels cimport (
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
     seg_bwd_dx,
 )
-from bncore._openmp cimport omp_get_max_threads, work_threads
+from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_vector
+from bncore._openmp cimport work_threads
 
 cnp.import_array()
 
@@ -369,34 +370,6 @@ cdef inline void running_update(char *p, Py_ssize_t st, bint is_f32, Py_ssize_t 
 
 # ------------------------------------------------------------------ the common call, fast
 
-cdef inline int plain_vector(object a, Py_ssize_t n) except -2:
-    """The type number of ``a`` if it is a plain (n,) float32/float64 array (exact ndarray,
-    C-contiguous, aligned, native byte order), else -1."""
-    cdef cnp.ndarray arr
-    cdef int t
-    if type(a) is not cnp.ndarray:
-        return -1
-    arr = <cnp.ndarray>a
-    if (cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != n
-            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr)
-            or not cnp.PyArray_ISNOTSWAPPED(arr)):
-        return -1
-    t = cnp.PyArray_TYPE(arr)
-    return t if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 else -1
-
-
-cdef inline void as_doubles(object a, int t, double *dst, Py_ssize_t n) noexcept:
-    """dst[i] = a[i] for a plain vector (see plain_vector) of type t."""
-    cdef Py_ssize_t i
-    cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>a)
-    if t == cnp.NPY_FLOAT32:
-        for i in range(n):
-            dst[i] = (<float *>p)[i]
-    else:
-        for i in range(n):
-            dst[i] = (<double *>p)[i]
-
-
 def forward_common(x, running_mean, running_var, weight, bias, training, momentum, eps,
                    axis, n_threads):
     """batch_norm_forward for the common call, without the Python layer's overhead, or None.
@@ -421,27 +394,13 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     cdef double *pb
     cdef double *pv
     cdef int rc
-    if type(x) is not cnp.ndarray or type(axis) is not int or type(eps) is not float:
+    ax = plain_channel_axis(x, axis, eps, n_threads, &nt)
+    if ax < 0:
         return None
     arr = <cnp.ndarray>x
     xt = cnp.PyArray_TYPE(arr)
     nd = cnp.PyArray_NDIM(arr)
-    if ((xt != cnp.NPY_FLOAT32 and xt != cnp.NPY_FLOAT64) or nd < 2
-            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr)
-            or not cnp.PyArray_ISNOTSWAPPED(arr) or cnp.PyArray_SIZE(arr) == 0):
-        return None
-    if not -nd <= axis < nd:
-        return None
-    ax = axis % nd
     ep = eps
-    if not (ep >= 0.0 and isfinite(ep)):
-        return None
-    if n_threads is None:
-        nt = omp_get_max_threads()
-    elif type(n_threads) is int and n_threads >= 1:
-        nt = n_threads
-    else:
-        return None
     nch = cnp.PyArray_DIM(arr, ax)
     for i in range(ax):
         outer *= cnp.PyArray_DIM(arr, i)

@@ -75,6 +75,10 @@ def _rows(a, nrows, d):
 
 
 def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.forward_common(x, normalized_shape, weight, bias, eps, n_threads, rms)
+        if res is not None:
+            return res
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
     if rms and eps is None:   # PyTorch: the machine epsilon of the input's dtype
@@ -479,18 +483,23 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     >>> mean.shape, invstd.dtype
     ((2, 3), dtype('float32'))
     """
-    sp = _Spatial(x, axis)
-    g = _check_groups(num_groups, sp.c)
-    w = param_vector(weight, "weight", (sp.c,))
-    b = param_vector(bias, "bias", (sp.c,))
-    eps = check_eps(eps)
-    out = check_out(out, sp.shape, sp.dtype)
-    nt = resolve_threads(n_threads)
-    if sp.n and (sp.c // g) * sp.s == 1:
-        raise ValueError(f"expected more than 1 value per group, got x of shape {sp.shape} "
-                         f"with num_groups={g}")
-    y, mean, var = _spatial_forward(sp, g, w, b, eps, out, nt)
-    sdt = _stat_dtype(sp.dtype)
+    res = None
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
+    if res is None:
+        sp = _Spatial(x, axis)
+        g = _check_groups(num_groups, sp.c)
+        w = param_vector(weight, "weight", (sp.c,))
+        b = param_vector(bias, "bias", (sp.c,))
+        eps = check_eps(eps)
+        out = check_out(out, sp.shape, sp.dtype)
+        nt = resolve_threads(n_threads)
+        if sp.n and (sp.c // g) * sp.s == 1:
+            raise ValueError(f"expected more than 1 value per group, got x of shape "
+                             f"{sp.shape} with num_groups={g}")
+        res = _spatial_forward(sp, g, w, b, eps, out, nt)
+    y, mean, var = res
+    sdt = _stat_dtype(y.dtype)
     return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
 
 
@@ -530,6 +539,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     >>> bool(abs(y[0, :2].mean()) < 1e-12)
     True
     """
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
+        if res is not None:
+            return res[0]
     return group_norm_forward(x, num_groups, weight, bias, eps, axis=axis, out=out,
                               n_threads=n_threads)[0]
 
@@ -603,9 +616,14 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
     >>> mean.shape
     (2, 3)
     """
-    sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
-    y, mean, var = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
-    sdt = _stat_dtype(sp.dtype)
+    res = None
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads)
+    if res is None:
+        sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
+        res = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
+    y, mean, var = res
+    sdt = _stat_dtype(y.dtype)
     return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
 
 
@@ -657,6 +675,10 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return _api.batch_norm(x, running_mean, running_var, weight, bias, training=False,
                                eps=eps, axis=axis, out=out, n_threads=n_threads)
     rm, rv = running_mean, running_var
+    if out is None and rm is None and rv is None:   # the common call in one Cython step
+        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads)
+        if res is not None:
+            return res[0]
     sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
     if rm is not None or rv is not None:
         momentum = check_real(momentum, "momentum")

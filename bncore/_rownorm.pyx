@@ -34,6 +34,7 @@ Design notes
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
@@ -45,6 +46,9 @@ from bncore._kernels cimport (
     prefetch_seg,
     row_affine, row_bwd, rows_norm, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
+)
+from bncore._fastpath cimport (
+    as_doubles, plain_channel_axis, plain_eps, plain_threads, plain_type, plain_vector,
 )
 from bncore._openmp cimport work_threads
 
@@ -178,6 +182,101 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssi
         else:
             forward_rows(<const double *>px, <double *>py, nrows, d, ldx, ldy, eps,
                          <const double *>pw, <const double *>pb, pm, pi, rms, n_threads)
+
+
+cdef inline bint plain_param(object a, cnp.ndarray x, int k) noexcept:
+    """Whether ``a`` is a plain array (bncore._fastpath) of x's dtype and trailing k dims:
+    a weight/bias the row kernels read as it is."""
+    cdef cnp.ndarray p
+    cdef int i, nd = cnp.PyArray_NDIM(x)
+    if plain_type(a) != cnp.PyArray_TYPE(x):
+        return False
+    p = <cnp.ndarray>a
+    if cnp.PyArray_NDIM(p) != k:
+        return False
+    for i in range(k):
+        if cnp.PyArray_DIM(p, i) != cnp.PyArray_DIM(x, nd - k + i):
+            return False
+    return True
+
+
+def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
+    """Layer/RMS norm forward for the common call, without the Python layer's overhead, or
+    None.
+
+    The common call: x an exact ndarray, float32/float64, C-contiguous, aligned, native and
+    not empty; normalized_shape an int or a tuple of ints equal to x's trailing dims; weight
+    and bias None or plain arrays of x's dtype and those dims (see plain_param); eps a
+    finite float >= 0 (or None for RMS norm: the dtype's machine epsilon); n_threads None
+    or an int >= 1. Anything else returns None and the caller takes the general path
+    (bncore._family), which also raises every error. Same kernel and bits as that path.
+    Returns (y, mean or None, invstd, lead shape); mean/invstd float64 (rows,).
+    """
+    cdef cnp.ndarray arr, y, invstd, mean = None
+    cdef int xt, nd, k, i, nt
+    cdef Py_ssize_t nrows = 1, d = 1
+    cdef cnp.npy_intp dim
+    cdef double ep
+    cdef void *pw = NULL
+    cdef void *pb = NULL
+    cdef double *pm = NULL
+    xt = plain_type(x)
+    nt = plain_threads(n_threads)
+    if xt < 0 or nt < 0:
+        return None
+    arr = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(arr)
+    if cnp.PyArray_SIZE(arr) == 0:
+        return None
+    if type(normalized_shape) is int:
+        k = 1
+        if nd < 1 or cnp.PyArray_DIM(arr, nd - 1) != <Py_ssize_t>normalized_shape:
+            return None
+    elif type(normalized_shape) is tuple:
+        k = len(<tuple>normalized_shape)
+        if k < 1 or k > nd:
+            return None
+        for i in range(k):
+            v = (<tuple>normalized_shape)[i]
+            if type(v) is not int or cnp.PyArray_DIM(arr, nd - k + i) != <Py_ssize_t>v:
+                return None
+    else:
+        return None
+    if eps is None and rms:
+        ep = FLT_EPSILON if xt == cnp.NPY_FLOAT32 else DBL_EPSILON
+    elif plain_eps(eps):
+        ep = eps
+    else:
+        return None
+    if weight is not None:
+        if not plain_param(weight, arr, k):
+            return None
+        pw = cnp.PyArray_DATA(<cnp.ndarray>weight)
+    if bias is not None and not rms:
+        if not plain_param(bias, arr, k):
+            return None
+        pb = cnp.PyArray_DATA(<cnp.ndarray>bias)
+    for i in range(nd - k):
+        nrows *= cnp.PyArray_DIM(arr, i)
+    for i in range(nd - k, nd):
+        d *= cnp.PyArray_DIM(arr, i)
+    # valid: nothing below can fail but for memory
+    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dim = nrows
+    invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    if not rms:
+        mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+        pm = <double *>cnp.PyArray_DATA(mean)
+    with nogil:
+        if xt == cnp.NPY_FLOAT32:
+            forward_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y),
+                         nrows, d, d, d, ep, <const float *>pw, <const float *>pb, pm,
+                         <double *>cnp.PyArray_DATA(invstd), rms, nt)
+        else:
+            forward_rows(<const double *>cnp.PyArray_DATA(arr), <double *>cnp.PyArray_DATA(y),
+                         nrows, d, d, d, ep, <const double *>pw, <const double *>pb, pm,
+                         <double *>cnp.PyArray_DATA(invstd), rms, nt)
+    return y, mean, invstd, x.shape[:nd - k]
 
 
 # ------------------------------------------------------------------ layer / RMS backward
@@ -514,3 +613,94 @@ def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, 
                            s, pm, pi, pw, ps, psx, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
+
+
+def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
+    """Group norm forward (num_groups None: instance norm, a group per channel) for the
+    common call, without the Python layer's overhead, or None.
+
+    The common call: x a plain array (bncore._fastpath), at least 2-D, not empty, with the
+    channel axis (an int) 1 or last; num_groups an int dividing C; more than one value per
+    group (instance norm: more than one spatial value); weight and bias None or plain (C,)
+    vectors; eps a finite float >= 0; n_threads None or an int >= 1. Anything else returns
+    None and the caller takes the general path (bncore._family), which also raises every
+    error. Same kernels and bits as that path. Returns (y, mean, biased var), the latter
+    float64 (N, G).
+    """
+    cdef cnp.ndarray arr, y, mean, var
+    cdef int xt, wt = -1, bt = -1, nd, ax, nt, i, rc = 0
+    cdef Py_ssize_t n, c, g, s = 1
+    cdef cnp.npy_intp dims[2]
+    cdef bint cl, is_f32
+    cdef double ep
+    cdef double *buf
+    cdef double *pw = NULL
+    cdef double *pb = NULL
+    ax = plain_channel_axis(x, axis, eps, n_threads, &nt)
+    if ax < 0:
+        return None
+    arr = <cnp.ndarray>x
+    xt = cnp.PyArray_TYPE(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    if ax != 1 and ax != nd - 1:
+        return None
+    n = cnp.PyArray_DIM(arr, 0)
+    c = cnp.PyArray_DIM(arr, ax)
+    for i in range(1, nd):
+        if i != ax:
+            s *= cnp.PyArray_DIM(arr, i)
+    cl = ax == nd - 1 and nd > 2 and s > 1    # (N, S, C); else (N, C, S) memory
+    if num_groups is None:
+        g = c
+        if s == 1:
+            return None
+    elif type(num_groups) is int and 1 <= num_groups <= c and c % num_groups == 0:
+        g = num_groups
+        if (c // g) * s == 1:
+            return None
+    else:
+        return None
+    if weight is not None and (wt := plain_vector(weight, c)) < 0:
+        return None
+    if bias is not None and (bt := plain_vector(bias, c)) < 0:
+        return None
+    # valid: nothing below can fail but for memory
+    ep = eps
+    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dims[0] = n
+    dims[1] = g
+    mean = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    var = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    buf = <double *>malloc(2 * c * sizeof(double))
+    if buf == NULL:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    if wt >= 0:
+        pw = buf
+        as_doubles(weight, wt, pw, c)
+    if bt >= 0:
+        pb = buf + c
+        as_doubles(bias, bt, pb, c)
+    is_f32 = xt == cnp.NPY_FLOAT32
+    with nogil:
+        if cl and is_f32:
+            rc = samples_forward(<const float *>cnp.PyArray_DATA(arr),
+                                 <float *>cnp.PyArray_DATA(y), n, s, c, g, ep, pw, pb,
+                                 <double *>cnp.PyArray_DATA(mean),
+                                 <double *>cnp.PyArray_DATA(var), nt)
+        elif cl:
+            rc = samples_forward(<const double *>cnp.PyArray_DATA(arr),
+                                 <double *>cnp.PyArray_DATA(y), n, s, c, g, ep, pw, pb,
+                                 <double *>cnp.PyArray_DATA(mean),
+                                 <double *>cnp.PyArray_DATA(var), nt)
+        elif is_f32:
+            group_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y), n, g,
+                       c // g, s, ep, pw, pb, <double *>cnp.PyArray_DATA(mean),
+                       <double *>cnp.PyArray_DATA(var), nt)
+        else:
+            group_rows(<const double *>cnp.PyArray_DATA(arr), <double *>cnp.PyArray_DATA(y), n,
+                       g, c // g, s, ep, pw, pb, <double *>cnp.PyArray_DATA(mean),
+                       <double *>cnp.PyArray_DATA(var), nt)
+    free(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")
+    return y, mean, var

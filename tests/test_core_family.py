@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import bncore
 from bncore import _reference as ref
+from bncore import _rownorm
 
 from arrays import KINDS, check_float32_statistics, float32_rows
 
@@ -288,6 +289,119 @@ def test_large_offset_float32(axis):
     _, _, s = bncore.layer_norm_forward(xl, 512, eps=0.0)
     np.testing.assert_allclose(1 / s.astype(np.float64) ** 2, xl.astype(np.float64).var(1),
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ns", [((8, 768), 768), ((3, 4, 5, 6), (5, 6)), ((2, 9), (9,)),
+                                      ((300, 64), 64)], ids=str)
+def test_row_norms_common_call_matches_general_path(dtype, shape, ns):
+    """layer_norm/rms_norm (and their _forward) take the common call (plain arrays, out=None)
+    in one Cython step; with out= the general path. The same bits either way."""
+    x = data(shape, dtype)
+    nsh = (ns,) if np.ndim(ns) == 0 else ns
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=nsh).astype(dtype), rng.normal(size=nsh).astype(dtype)
+    assert _rownorm.forward_common(x, ns, w, b, 1e-5, None, False) is not None
+    for nt in (None, 1, 2):
+        for rms in (False, True):
+            if rms:
+                fast = bncore.rms_norm_forward(x, ns, w, n_threads=nt)
+                slow = bncore.rms_norm_forward(x, ns, w, n_threads=nt, out=np.empty_like(x))
+                plain = bncore.rms_norm(x, ns, w, n_threads=nt)
+            else:
+                fast = bncore.layer_norm_forward(x, ns, w, b, n_threads=nt)
+                slow = bncore.layer_norm_forward(x, ns, w, b, n_threads=nt,
+                                                 out=np.empty_like(x))
+                plain = bncore.layer_norm(x, ns, w, b, n_threads=nt)
+            for a, b_ in zip(fast, slow):
+                assert a.dtype == b_.dtype and a.shape == b_.shape and np.array_equal(a, b_)
+            assert np.array_equal(plain, fast[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis,groups", [((2, 8, 9, 7), 1, 4), ((3, 5, 6, 8), -1, 2),
+                                               ((4, 6), 1, 3), ((2, 1, 1, 6), -1, 3),
+                                               ((2, 7, 300), 1, 7)], ids=str)
+def test_group_norms_common_call_matches_general_path(dtype, shape, axis, groups):
+    """group_norm, instance_norm and their _forward take the common call in one Cython
+    step (_rownorm.group_common); with out= the general path. The same bits either way."""
+    x = data(shape, dtype)
+    c = shape[axis]
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=c).astype(np.float32), rng.normal(size=c)
+    assert _rownorm.group_common(x, groups, w, b, 1e-5, axis, None) is not None
+    for nt in (None, 1, 2):
+        fast = bncore.group_norm_forward(x, groups, w, b, axis=axis, n_threads=nt)
+        slow = bncore.group_norm_forward(x, groups, w, b, axis=axis, n_threads=nt,
+                                         out=np.empty_like(x))
+        for a, b_ in zip(fast, slow):
+            assert a.dtype == b_.dtype and a.shape == b_.shape and np.array_equal(a, b_)
+        assert np.array_equal(bncore.group_norm(x, groups, w, b, axis=axis, n_threads=nt),
+                              fast[0])
+        if int(np.prod(shape)) // (shape[0] * c) > 1:
+            fast = bncore.instance_norm_forward(x, w, b, axis=axis, n_threads=nt)
+            slow = bncore.instance_norm_forward(x, w, b, axis=axis, n_threads=nt,
+                                                out=np.empty_like(x))
+            for a, b_ in zip(fast, slow):
+                assert a.dtype == b_.dtype and np.array_equal(a, b_)
+            assert np.array_equal(bncore.instance_norm(x, weight=w, bias=b, axis=axis,
+                                                       n_threads=nt), fast[0])
+
+
+@pytest.mark.parametrize("kind", ["strided", "float16", "other_dtype_weight", "list_shape",
+                                  "shape_mismatch", "int_eps", "rms_none_eps_layer",
+                                  "bool_threads", "empty", "subclass"])
+def test_row_fast_path_declines_all_but_the_common_call(kind):
+    x, w, b = data((4, 6), np.float32), np.ones(6, np.float32), np.zeros(6, np.float32)
+    args = dict(x=x, normalized_shape=6, weight=w, bias=b, eps=1e-5, n_threads=None, rms=False)
+    if kind == "strided":
+        args["x"] = data((4, 12), np.float32)[:, ::2]
+    elif kind == "float16":
+        args["x"] = x.astype(np.float16)
+    elif kind == "other_dtype_weight":
+        args["weight"] = w.astype(np.float64)
+    elif kind == "list_shape":
+        args["normalized_shape"] = [6]
+    elif kind == "shape_mismatch":
+        args["normalized_shape"] = 5
+    elif kind == "int_eps":
+        args["eps"] = 0
+    elif kind == "rms_none_eps_layer":
+        args["eps"] = None
+    elif kind == "bool_threads":
+        args["n_threads"] = True
+    elif kind == "empty":
+        args["x"] = x[:0]
+    else:
+        args["x"] = x.view(np.matrix)
+    assert _rownorm.forward_common(**args) is None
+
+
+@pytest.mark.parametrize("kind", ["axis2", "groups_not_divisor", "bool_groups", "one_per_group",
+                                  "instance_one_spatial", "swapped_bias", "numpy_axis",
+                                  "fortran", "neg_eps"])
+def test_group_fast_path_declines_all_but_the_common_call(kind):
+    x, w = data((2, 6, 4, 4), np.float32), np.ones(6, np.float32)
+    args = dict(x=x, num_groups=3, weight=w, bias=None, eps=1e-5, axis=1, n_threads=None)
+    if kind == "axis2":
+        args["axis"] = 2
+    elif kind == "groups_not_divisor":
+        args["num_groups"] = 4
+    elif kind == "bool_groups":
+        args["num_groups"] = True
+    elif kind == "one_per_group":
+        args["x"], args["num_groups"] = data((2, 6), np.float32), 6
+    elif kind == "instance_one_spatial":
+        args["x"], args["num_groups"] = data((2, 6, 1), np.float32), None
+    elif kind == "swapped_bias":
+        args["bias"] = w.astype(">f4")
+    elif kind == "numpy_axis":
+        args["axis"] = np.int64(1)
+    elif kind == "fortran":
+        args["x"] = np.asfortranarray(x)
+    else:
+        args["eps"] = -1.0
+    assert _rownorm.group_common(**args) is None
 
 
 def test_bitwise_identical_for_any_thread_count():

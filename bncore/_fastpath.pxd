@@ -1,0 +1,79 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""What the one-step ("common call") entry points of the kernel modules accept.
+
+``_batchnorm.forward_common``, ``_rownorm.forward_common`` and ``_rownorm.group_common``
+run the everyday call (plain arrays, float eps, no out=) without the Python layer's
+overhead, which is most of a small call's cost. They accept only arguments that these
+helpers call plain, and return None for anything else before touching anything: the
+general Python path (bncore._api, bncore._family) then handles it and raises every error.
+So there is one place that rejects input, and the fast path can never accept what it would
+reject.
+"""
+cimport numpy as cnp
+from libc.math cimport isfinite
+
+from bncore._openmp cimport omp_get_max_threads
+
+
+cdef inline int plain_type(object a) noexcept:
+    """The type number of ``a`` if it is an exact ndarray of float32/float64, C-contiguous,
+    aligned and in native byte order; else -1."""
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    arr = <cnp.ndarray>a
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr)
+            or not cnp.PyArray_ISNOTSWAPPED(arr)):
+        return -1
+    t = cnp.PyArray_TYPE(arr)
+    return t if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 else -1
+
+
+cdef inline int plain_vector(object a, Py_ssize_t n) noexcept:
+    """plain_type of ``a`` if it is also one-dimensional of length n; else -1."""
+    cdef int t = plain_type(a)
+    if t < 0 or cnp.PyArray_NDIM(<cnp.ndarray>a) != 1 or cnp.PyArray_DIM(<cnp.ndarray>a, 0) != n:
+        return -1
+    return t
+
+
+cdef inline void as_doubles(object a, int t, double *dst, Py_ssize_t n) noexcept:
+    """dst[i] = a[i] for a plain vector of type t (exact: float32 widens)."""
+    cdef Py_ssize_t i
+    cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32:
+        for i in range(n):
+            dst[i] = (<float *>p)[i]
+    else:
+        for i in range(n):
+            dst[i] = (<double *>p)[i]
+
+
+cdef inline int plain_threads(object n_threads) noexcept:
+    """n_threads None (OpenMP's default) or an int >= 1 as a thread count; else -1."""
+    if n_threads is None:
+        return omp_get_max_threads()
+    if type(n_threads) is int and 1 <= n_threads <= 65536:
+        return <int>n_threads
+    return -1
+
+
+cdef inline bint plain_eps(object eps) noexcept:
+    """Whether eps is a float, finite and >= 0."""
+    return type(eps) is float and <double>eps >= 0.0 and isfinite(<double>eps)
+
+
+cdef inline int plain_channel_axis(object x, object axis, object eps, object n_threads,
+                                   int *nt) noexcept:
+    """For the channel-axis ops: the axis (normalised, >= 0) if x is a plain array of at
+    least 2 dims and not empty, axis an int in range, eps plain and n_threads plain (its
+    count stored in nt); else -1."""
+    cdef int nd
+    nt[0] = plain_threads(n_threads)
+    if plain_type(x) < 0 or nt[0] < 0 or type(axis) is not int or not plain_eps(eps):
+        return -1
+    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if nd < 2 or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0 or not -nd <= axis < nd:
+        return -1
+    return <int>(axis % nd)
