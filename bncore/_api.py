@@ -429,6 +429,13 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
     >>> bool(np.allclose(dx, 0))
     True
     """
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _batchnorm.backward_common(dy, x, save_mean, save_invstd, weight, training, axis,
+                                         n_threads)
+        if res is not None:
+            dx, dweight, dbias = res
+            sdt = np.float32 if dx.dtype.itemsize <= 4 else np.float64
+            return dx, dweight.astype(sdt), dbias.astype(sdt)
     arr, dtype = float_input(x)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")

@@ -41,7 +41,7 @@ from bncore._kernels cimport (
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
     seg_bwd_dx,
 )
-from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_vector
+from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_eps, plain_like, plain_vector
 from bncore._openmp cimport work_threads
 
 cnp.import_array()
@@ -394,8 +394,8 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     cdef double *pb
     cdef double *pv
     cdef int rc
-    ax = plain_channel_axis(x, axis, eps, n_threads, &nt)
-    if ax < 0:
+    ax = plain_channel_axis(x, axis, n_threads, &nt)
+    if ax < 0 or not plain_eps(eps):
         return None
     arr = <cnp.ndarray>x
     xt = cnp.PyArray_TYPE(arr)
@@ -485,3 +485,79 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     return y, mean, invstd
+
+
+def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_threads):
+    """batch_norm_backward for the common call, without the Python layer's overhead, or
+    None: x plain (see forward_common), dy a plain array of x's dtype and shape, save_mean
+    and save_invstd plain (C,) vectors, weight None or one, an int axis, n_threads None or
+    an int >= 1. Anything else returns None and the general path (bncore._api) takes the
+    call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
+    cdef cnp.ndarray arr, dx, dweight, dbias
+    cdef int xt, mt, st, wt = -1, nd, ax, nt, rc
+    cdef Py_ssize_t nch, outer = 1, inner = 1, i
+    cdef cnp.npy_intp dim
+    cdef bint train
+    cdef double *buf
+    cdef double *pw = NULL
+    ax = plain_channel_axis(x, axis, n_threads, &nt)
+    if ax < 0 or not plain_like(dy, x):
+        return None
+    arr = <cnp.ndarray>x
+    xt = cnp.PyArray_TYPE(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    nch = cnp.PyArray_DIM(arr, ax)
+    mt = plain_vector(save_mean, nch)
+    st = plain_vector(save_invstd, nch)
+    if mt < 0 or st < 0 or (weight is not None and (wt := plain_vector(weight, nch)) < 0):
+        return None
+    for i in range(ax):
+        outer *= cnp.PyArray_DIM(arr, i)
+    for i in range(ax + 1, nd):
+        inner *= cnp.PyArray_DIM(arr, i)
+    train = bool(training)
+    # valid: nothing below can fail but for memory
+    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dim = nch
+    dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+    dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+    buf = <double *>malloc(3 * nch * sizeof(double))
+    if buf == NULL:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    as_doubles(save_mean, mt, buf, nch)
+    as_doubles(save_invstd, st, buf + nch, nch)
+    if wt >= 0:
+        pw = buf + 2 * nch
+        as_doubles(weight, wt, pw, nch)
+    with nogil:
+        if inner == 1 and xt == cnp.NPY_FLOAT32:
+            rc = backward_rows(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                               <const float *>cnp.PyArray_DATA(arr),
+                               <float *>cnp.PyArray_DATA(dx), outer, nch, nch, nch, nch, buf,
+                               buf + nch, pw, train, <double *>cnp.PyArray_DATA(dweight),
+                               <double *>cnp.PyArray_DATA(dbias), nt)
+        elif inner == 1:
+            rc = backward_rows(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                               <const double *>cnp.PyArray_DATA(arr),
+                               <double *>cnp.PyArray_DATA(dx), outer, nch, nch, nch, nch, buf,
+                               buf + nch, pw, train, <double *>cnp.PyArray_DATA(dweight),
+                               <double *>cnp.PyArray_DATA(dbias), nt)
+        elif xt == cnp.NPY_FLOAT32:
+            rc = backward_planes(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                                 <const float *>cnp.PyArray_DATA(arr),
+                                 <float *>cnp.PyArray_DATA(dx), outer, nch, inner, nch * inner,
+                                 inner, nch * inner, inner, nch * inner, inner, buf, buf + nch,
+                                 pw, train, <double *>cnp.PyArray_DATA(dweight),
+                                 <double *>cnp.PyArray_DATA(dbias), nt)
+        else:
+            rc = backward_planes(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                                 <const double *>cnp.PyArray_DATA(arr),
+                                 <double *>cnp.PyArray_DATA(dx), outer, nch, inner,
+                                 nch * inner, inner, nch * inner, inner, nch * inner, inner,
+                                 buf, buf + nch, pw, train,
+                                 <double *>cnp.PyArray_DATA(dweight),
+                                 <double *>cnp.PyArray_DATA(dbias), nt)
+    free(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    return dx, dweight, dbias

@@ -109,6 +109,13 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
 
 
 def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads, rms):
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.backward_common(dy, x, mean, invstd, normalized_shape, weight,
+                                       n_threads, rms)
+        if res is not None:
+            dx, dweight, dbias = res
+            shape = x.shape[x.ndim - _trailing(normalized_shape):]
+            return _row_grads(dx, dweight, dbias, shape)
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
     g = same_float_input(dy, "dy", dtype, arr.shape)
@@ -135,9 +142,19 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
                           None if m is None else m.reshape(nrows), s.reshape(nrows),
                           np.ones(d) if w is None else w.reshape(d), dweight, dbias, rms, nt)
         dx = finish_output(dx, out, dtype)
-    sdt = _stat_dtype(dtype)
+    return _row_grads(dx, dweight, dbias, shape)
+
+
+def _trailing(normalized_shape):
+    """How many trailing dims a (checked) normalized_shape names."""
+    return 1 if type(normalized_shape) is int else len(normalized_shape)
+
+
+def _row_grads(dx, dweight, dbias, shape):
+    """(dx, dweight, dbias) of a row norm, the float64 (d,) sums shaped and typed."""
+    sdt = _stat_dtype(dx.dtype)
     return (dx, dweight.reshape(shape).astype(sdt),
-            None if rms else dbias.reshape(shape).astype(sdt))
+            None if dbias is None else dbias.reshape(shape).astype(sdt))
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
@@ -437,6 +454,12 @@ _INSTANCE = object()   # num_groups of instance norm: one group per channel
 
 def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_threads):
     """Group norm backward; ``num_groups`` _INSTANCE: instance norm (a group per channel)."""
+    if out is None:   # the common call in one Cython step (None: anything else)
+        res = _rownorm.group_backward_common(
+            dy, x, mean, invstd, None if num_groups is _INSTANCE else num_groups, weight,
+            axis, n_threads)
+        if res is not None:
+            return _group_grads(*res)
     sp = _Spatial(x, axis)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
     gk = sp.like(dy, "dy")
@@ -451,16 +474,19 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
     if sp.data.size == 0:
         z = np.zeros(sp.c, sdt)
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
-    sdy = np.empty((sp.n, sp.c), _F64)
-    sdyx = np.empty((sp.n, sp.c), _F64)
+    dweight = np.empty(sp.c, _F64)
+    dbias = np.empty(sp.c, _F64)
     dxk, direct = sp.output(out, sp.arr, gk)
     _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd, w,
-                            sdy, sdyx, nt)
-    # dweight = sum over n of sum(dy * xhat) per (n, c): sum(dy * (x - mean)) * invstd
-    inv_nc = np.repeat(invstd, sp.c // g, axis=1)
-    dweight = (sdyx * inv_nc).sum(axis=0)
+                            dweight, dbias, nt)
     dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype)
-    return dx, dweight.astype(sdt), sdy.sum(axis=0).astype(sdt)
+    return _group_grads(dx, dweight, dbias)
+
+
+def _group_grads(dx, dweight, dbias):
+    """(dx, dweight, dbias) with the float64 (C,) sums in the statistics dtype."""
+    sdt = _stat_dtype(dx.dtype)
+    return dx, dweight.astype(sdt), dbias.astype(sdt)
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,

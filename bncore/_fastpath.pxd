@@ -64,16 +64,58 @@ cdef inline bint plain_eps(object eps) noexcept:
     return type(eps) is float and <double>eps >= 0.0 and isfinite(<double>eps)
 
 
-cdef inline int plain_channel_axis(object x, object axis, object eps, object n_threads,
-                                   int *nt) noexcept:
+cdef inline int plain_channel_axis(object x, object axis, object n_threads, int *nt) noexcept:
     """For the channel-axis ops: the axis (normalised, >= 0) if x is a plain array of at
-    least 2 dims and not empty, axis an int in range, eps plain and n_threads plain (its
-    count stored in nt); else -1."""
+    least 2 dims and not empty, axis an int in range and n_threads plain (its count stored
+    in nt); else -1."""
     cdef int nd
     nt[0] = plain_threads(n_threads)
-    if plain_type(x) < 0 or nt[0] < 0 or type(axis) is not int or not plain_eps(eps):
+    if plain_type(x) < 0 or nt[0] < 0 or type(axis) is not int:
         return -1
     nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
     if nd < 2 or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0 or not -nd <= axis < nd:
         return -1
     return <int>(axis % nd)
+
+
+cdef inline bint plain_like(object a, object x) noexcept:
+    """Whether ``a`` (dy) is a plain array of x's type and shape (x plain)."""
+    cdef int i, nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if plain_type(a) != cnp.PyArray_TYPE(<cnp.ndarray>x) or cnp.PyArray_NDIM(<cnp.ndarray>a) != nd:
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != cnp.PyArray_DIM(<cnp.ndarray>x, i):
+            return False
+    return True
+
+
+cdef inline int plain_dims(object a, object x, int lo, int hi) noexcept:
+    """plain_type of ``a`` if its shape is x.shape[lo:hi] (saved statistics, weights);
+    else -1."""
+    cdef int i, t = plain_type(a)
+    if t < 0 or cnp.PyArray_NDIM(<cnp.ndarray>a) != hi - lo:
+        return -1
+    for i in range(lo, hi):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i - lo) != cnp.PyArray_DIM(<cnp.ndarray>x, i):
+            return -1
+    return t
+
+
+cdef inline int trailing_dims(object x, object normalized_shape) noexcept:
+    """For the row ops: how many trailing dims of x (plain) normalized_shape names, if it
+    is an int or a tuple of ints equal to them; else -1."""
+    cdef int i, k, nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if type(normalized_shape) is int:
+        if nd < 1 or cnp.PyArray_DIM(<cnp.ndarray>x, nd - 1) != <Py_ssize_t>normalized_shape:
+            return -1
+        return 1
+    if type(normalized_shape) is not tuple:
+        return -1
+    k = len(<tuple>normalized_shape)
+    if k < 1 or k > nd:
+        return -1
+    for i in range(k):
+        v = (<tuple>normalized_shape)[i]
+        if type(v) is not int or cnp.PyArray_DIM(<cnp.ndarray>x, nd - k + i) != <Py_ssize_t>v:
+            return -1
+    return k

@@ -48,7 +48,8 @@ from bncore._kernels cimport (
     seg_sumsq,
 )
 from bncore._fastpath cimport (
-    as_doubles, plain_channel_axis, plain_eps, plain_threads, plain_type, plain_vector,
+    as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_threads,
+    plain_type, plain_vector, trailing_dims,
 )
 from bncore._openmp cimport work_threads
 
@@ -187,17 +188,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssi
 cdef inline bint plain_param(object a, cnp.ndarray x, int k) noexcept:
     """Whether ``a`` is a plain array (bncore._fastpath) of x's dtype and trailing k dims:
     a weight/bias the row kernels read as it is."""
-    cdef cnp.ndarray p
-    cdef int i, nd = cnp.PyArray_NDIM(x)
-    if plain_type(a) != cnp.PyArray_TYPE(x):
-        return False
-    p = <cnp.ndarray>a
-    if cnp.PyArray_NDIM(p) != k:
-        return False
-    for i in range(k):
-        if cnp.PyArray_DIM(p, i) != cnp.PyArray_DIM(x, nd - k + i):
-            return False
-    return True
+    cdef int nd = cnp.PyArray_NDIM(x)
+    return plain_dims(a, x, nd - k, nd) == cnp.PyArray_TYPE(x)
 
 
 def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
@@ -228,19 +220,8 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
     nd = cnp.PyArray_NDIM(arr)
     if cnp.PyArray_SIZE(arr) == 0:
         return None
-    if type(normalized_shape) is int:
-        k = 1
-        if nd < 1 or cnp.PyArray_DIM(arr, nd - 1) != <Py_ssize_t>normalized_shape:
-            return None
-    elif type(normalized_shape) is tuple:
-        k = len(<tuple>normalized_shape)
-        if k < 1 or k > nd:
-            return None
-        for i in range(k):
-            v = (<tuple>normalized_shape)[i]
-            if type(v) is not int or cnp.PyArray_DIM(arr, nd - k + i) != <Py_ssize_t>v:
-                return None
-    else:
+    k = trailing_dims(x, normalized_shape)
+    if k < 0:
         return None
     if eps is None and rms:
         ep = FLT_EPSILON if xt == cnp.NPY_FLOAT32 else DBL_EPSILON
@@ -581,36 +562,58 @@ def group_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c, Py_s
         raise MemoryError("bncore: out of memory for per-sample work arrays")
 
 
+cdef int group_bwd_run(const void *pg, const void *px, void *pd, bint is_f32, bint cl,
+                       Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t g,
+                       const double *pm, const double *pi, const double *pw,
+                       double *dweight, double *dbias, int n_threads) noexcept nogil:
+    """The group backward kernel on either layout, then dweight = sum over samples of
+    sum(dy * (x - mean)) * invstd per channel and dbias = sum over samples of sum(dy), the
+    per-(n, c) sums added in sample order. -1 if out of memory."""
+    cdef Py_ssize_t t, j, cg = c // g
+    cdef int rc = 0
+    cdef double *sdy = <double *>malloc(2 * n * c * sizeof(double))
+    cdef double *sdyx
+    if sdy == NULL:
+        return -1
+    sdyx = sdy + n * c
+    if cl and is_f32:
+        rc = samples_backward(<const float *>pg, <const float *>px, <float *>pd, n, s, c, g,
+                              pm, pi, pw, sdy, sdyx, n_threads)
+    elif cl:
+        rc = samples_backward(<const double *>pg, <const double *>px, <double *>pd, n, s, c,
+                              g, pm, pi, pw, sdy, sdyx, n_threads)
+    elif is_f32:
+        group_rows_bwd(<const float *>pg, <const float *>px, <float *>pd, n, g, cg, s, pm, pi,
+                       pw, sdy, sdyx, n_threads)
+    else:
+        group_rows_bwd(<const double *>pg, <const double *>px, <double *>pd, n, g, cg, s, pm,
+                       pi, pw, sdy, sdyx, n_threads)
+    for j in range(c):
+        dweight[j] = 0
+        dbias[j] = 0
+    for t in range(n):
+        for j in range(c):
+            dweight[j] += sdyx[t * c + j] * pi[t * g + j // cg]
+            dbias[j] += sdy[t * c + j]
+    free(sdy)
+    return rc
+
+
 def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t c,
                    Py_ssize_t s, Py_ssize_t g, bint channels_last, cnp.ndarray mean,
-                   cnp.ndarray invstd, weight, cnp.ndarray sdy, cnp.ndarray sdyx,
+                   cnp.ndarray invstd, weight, cnp.ndarray dweight, cnp.ndarray dbias,
                    int n_threads):
     """Group norm backward on the layout of group_forward (dy, x, dx alike; dx may be dy).
     mean, invstd: float64 (N*G,); weight: float64 (C,) or None.
-    OUT: dx; sdy = sum(dy) and sdyx = sum(dy*(x-mean)) per (n, c): float64 (N*C,)."""
-    cdef void *pg = cnp.PyArray_DATA(dy)
-    cdef void *px = cnp.PyArray_DATA(x)
-    cdef void *pd = cnp.PyArray_DATA(dx)
-    cdef const double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef const double *pi = <double *>cnp.PyArray_DATA(invstd)
+    OUT: dx; dweight, dbias: float64 (C,) (see group_bwd_run)."""
+    cdef int rc
     cdef const double *pw = f64_or_null(weight)
-    cdef double *ps = <double *>cnp.PyArray_DATA(sdy)
-    cdef double *psx = <double *>cnp.PyArray_DATA(sdyx)
-    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
-    cdef int rc = 0
     with nogil:
-        if channels_last and is_f32:
-            rc = samples_backward(<const float *>pg, <const float *>px, <float *>pd, n, s, c,
-                                  g, pm, pi, pw, ps, psx, n_threads)
-        elif channels_last:
-            rc = samples_backward(<const double *>pg, <const double *>px, <double *>pd, n, s,
-                                  c, g, pm, pi, pw, ps, psx, n_threads)
-        elif is_f32:
-            group_rows_bwd(<const float *>pg, <const float *>px, <float *>pd, n, g, c // g, s,
-                           pm, pi, pw, ps, psx, n_threads)
-        else:
-            group_rows_bwd(<const double *>pg, <const double *>px, <double *>pd, n, g, c // g,
-                           s, pm, pi, pw, ps, psx, n_threads)
+        rc = group_bwd_run(cnp.PyArray_DATA(dy), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
+                           cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32, channels_last, n, c, s, g,
+                           <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd),
+                           pw, <double *>cnp.PyArray_DATA(dweight),
+                           <double *>cnp.PyArray_DATA(dbias), n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
 
@@ -636,8 +639,8 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     cdef double *buf
     cdef double *pw = NULL
     cdef double *pb = NULL
-    ax = plain_channel_axis(x, axis, eps, n_threads, &nt)
-    if ax < 0:
+    ax = plain_channel_axis(x, axis, n_threads, &nt)
+    if ax < 0 or not plain_eps(eps):
         return None
     arr = <cnp.ndarray>x
     xt = cnp.PyArray_TYPE(arr)
@@ -704,3 +707,140 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     return y, mean, var
+
+
+def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bint rms):
+    """Layer/RMS norm backward for the common call, without the Python layer's overhead, or
+    None: x, normalized_shape and n_threads as forward_common accepts them, dy a plain array
+    of x's dtype and shape, mean (layer norm) and invstd plain arrays of x's leading dims,
+    weight None or a plain array of the trailing dims. Anything else returns None and the
+    general path (bncore._family) takes the call. Returns (dx, dweight, dbias or None),
+    the latter float64 (d,)."""
+    cdef cnp.ndarray arr, dx, dweight, dbias = None
+    cdef int xt, nd, k, nt, mt = -1, st, wt = -1, rc
+    cdef Py_ssize_t nrows = 1, d = 1, i
+    cdef cnp.npy_intp dim
+    cdef double *buf
+    cdef double *pm = NULL
+    xt = plain_type(x)
+    nt = plain_threads(n_threads)
+    if xt < 0 or nt < 0 or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0 or not plain_like(dy, x):
+        return None
+    arr = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(arr)
+    k = trailing_dims(x, normalized_shape)
+    if k < 0:
+        return None
+    st = plain_dims(invstd, x, 0, nd - k)
+    if not rms:
+        mt = plain_dims(mean, x, 0, nd - k)
+    if st < 0 or (not rms and mt < 0):
+        return None
+    if weight is not None and (wt := plain_dims(weight, x, nd - k, nd)) < 0:
+        return None
+    for i in range(nd - k):
+        nrows *= cnp.PyArray_DIM(arr, i)
+    for i in range(nd - k, nd):
+        d *= cnp.PyArray_DIM(arr, i)
+    # valid: nothing below can fail but for memory
+    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dim = d
+    dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+    if not rms:
+        dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+    buf = <double *>malloc((2 * nrows + d) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError("bncore: out of memory for per-row work arrays")
+    as_doubles(invstd, st, buf, nrows)
+    if not rms:
+        pm = buf + nrows
+        as_doubles(mean, mt, pm, nrows)
+    if wt >= 0:
+        as_doubles(weight, wt, buf + 2 * nrows, d)
+    else:
+        for i in range(d):
+            buf[2 * nrows + i] = 1.0
+    with nogil:
+        if xt == cnp.NPY_FLOAT32:
+            rc = backward_rows(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                               <const float *>cnp.PyArray_DATA(arr),
+                               <float *>cnp.PyArray_DATA(dx), nrows, d, d, d, d, pm, buf,
+                               buf + 2 * nrows, <double *>cnp.PyArray_DATA(dweight),
+                               NULL if rms else <double *>cnp.PyArray_DATA(dbias), rms, nt)
+        else:
+            rc = backward_rows(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
+                               <const double *>cnp.PyArray_DATA(arr),
+                               <double *>cnp.PyArray_DATA(dx), nrows, d, d, d, d, pm, buf,
+                               buf + 2 * nrows, <double *>cnp.PyArray_DATA(dweight),
+                               NULL if rms else <double *>cnp.PyArray_DATA(dbias), rms, nt)
+    free(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-chunk partial sums")
+    return dx, dweight, dbias
+
+
+def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threads):
+    """Group norm backward (num_groups None: instance norm) for the common call, or None:
+    x, num_groups, axis and n_threads as group_common accepts them (the value-count rule
+    aside), dy a plain array of x's dtype and shape, mean and invstd plain (N, G) arrays,
+    weight None or a plain (C,) vector. Anything else returns None and the general path
+    (bncore._family) takes the call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
+    cdef cnp.ndarray arr, dx, dweight, dbias
+    cdef int xt, nd, ax, nt, mt, st, wt = -1, i, rc = 0
+    cdef Py_ssize_t n, c, g, s = 1
+    cdef cnp.npy_intp dim
+    cdef bint cl
+    cdef double *buf
+    cdef double *pw = NULL
+    ax = plain_channel_axis(x, axis, n_threads, &nt)
+    if ax < 0 or not plain_like(dy, x):
+        return None
+    arr = <cnp.ndarray>x
+    xt = cnp.PyArray_TYPE(arr)
+    nd = cnp.PyArray_NDIM(arr)
+    if ax != 1 and ax != nd - 1:
+        return None
+    n = cnp.PyArray_DIM(arr, 0)
+    c = cnp.PyArray_DIM(arr, ax)
+    for i in range(1, nd):
+        if i != ax:
+            s *= cnp.PyArray_DIM(arr, i)
+    cl = ax == nd - 1 and nd > 2 and s > 1
+    if num_groups is None:
+        g = c
+    elif type(num_groups) is int and 1 <= num_groups <= c and c % num_groups == 0:
+        g = num_groups
+    else:
+        return None
+    if weight is not None and (wt := plain_vector(weight, c)) < 0:
+        return None
+    mt = plain_type(mean)
+    st = plain_type(invstd)
+    if mt < 0 or st < 0:
+        return None
+    for a in (mean, invstd):
+        if (cnp.PyArray_NDIM(<cnp.ndarray>a) != 2 or cnp.PyArray_DIM(<cnp.ndarray>a, 0) != n
+                or cnp.PyArray_DIM(<cnp.ndarray>a, 1) != g):
+            return None
+    # valid: nothing below can fail but for memory
+    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dim = c
+    dweight = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    dbias = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    buf = <double *>malloc((2 * n * g + c) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")
+    as_doubles(mean, mt, buf, n * g)
+    as_doubles(invstd, st, buf + n * g, n * g)
+    if wt >= 0:
+        pw = buf + 2 * n * g
+        as_doubles(weight, wt, pw, c)
+    with nogil:
+        rc = group_bwd_run(cnp.PyArray_DATA(<cnp.ndarray>dy), cnp.PyArray_DATA(arr),
+                           cnp.PyArray_DATA(dx), xt == cnp.NPY_FLOAT32, cl, n, c, s, g, buf,
+                           buf + n * g, pw, <double *>cnp.PyArray_DATA(dweight),
+                           <double *>cnp.PyArray_DATA(dbias), nt)
+    free(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")
+    return dx, dweight, dbias
