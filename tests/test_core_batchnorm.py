@@ -323,6 +323,28 @@ def test_common_call_fast_path_matches_general_path(shape, axis, dtype, training
     assert np.array_equal(x, x0)
 
 
+@pytest.mark.parametrize("shape,axis", [((8, 32, 8, 8), 1), ((5, 7), 1), ((6, 5, 4), -1),
+                                        ((4, 3, 5, 7), 2), ((16, 48, 40, 40), 1)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_common_call_matches_general_path(shape, axis, dtype, training):
+    """batch_norm_backward takes the common call in one Cython step (backward_common), the
+    general path with out=: the same bits."""
+    c = shape[axis]
+    x, dy = make(shape, dtype, "C", offset=3.0), make(shape, dtype, "C", seed=5)
+    w = np.random.default_rng(8).normal(size=c).astype(np.float32)
+    _, m, s = bncore.batch_norm_forward(x, w, axis=axis)
+    assert _batchnorm.backward_common(dy, x, m, s, w, training, axis, None) is not None
+    assert _batchnorm.backward_common(dy[..., :1], x, m, s, w, training, axis, None) is None
+    for nt in (None, 1, 2):
+        fast = bncore.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis,
+                                          n_threads=nt)
+        slow = bncore.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis,
+                                          n_threads=nt, out=np.empty_like(x))
+        for a, b_ in zip(fast, slow):
+            assert a.dtype == b_.dtype and np.array_equal(a, b_)
+
+
 @pytest.mark.parametrize("kind", ["strided", "float16", "swapped_weight", "int_eps",
                                   "numpy_axis", "bool_threads", "readonly_running",
                                   "one_per_channel", "empty", "2d_weight"])

@@ -348,6 +348,45 @@ def test_group_norms_common_call_matches_general_path(dtype, shape, axis, groups
                                                        n_threads=nt), fast[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_common_calls_match_general_path(dtype):
+    """Every backward op takes the common call in one Cython step, the general path with
+    out=: the same bits (row norms with one and two normalised dims; group and instance norm
+    in both layouts)."""
+    rng = np.random.default_rng(4)
+    for shape, ns in (((8, 768), 768), ((3, 4, 5, 6), (5, 6))):
+        x, dy = data(shape, dtype), data(shape, dtype, seed=6)
+        nsh = (ns,) if np.ndim(ns) == 0 else ns
+        w = rng.normal(size=nsh).astype(np.float32)
+        _, m, s = bncore.layer_norm_forward(x, ns, w)
+        _, r = bncore.rms_norm_forward(x, ns, w)
+        assert _rownorm.backward_common(dy, x, m, s, ns, w, None, False) is not None
+        assert _rownorm.backward_common(dy, x, m[:1], s, ns, w, None, False) is None
+        pairs = [(bncore.layer_norm_backward(dy, x, m, s, ns, w),
+                  bncore.layer_norm_backward(dy, x, m, s, ns, w, out=np.empty_like(x))),
+                 (bncore.rms_norm_backward(dy, x, r, ns, w),
+                  bncore.rms_norm_backward(dy, x, r, ns, w, out=np.empty_like(x)))]
+        for fast, slow in pairs:
+            for a, b_ in zip(fast, slow):
+                assert a.dtype == b_.dtype and np.array_equal(a, b_)
+    for shape, axis, groups in (((2, 8, 9, 7), 1, 4), ((3, 5, 6, 8), -1, 2)):
+        x, dy = data(shape, dtype), data(shape, dtype, seed=6)
+        w = rng.normal(size=shape[axis])
+        _, m, s = bncore.group_norm_forward(x, groups, w, axis=axis)
+        _, mi, si = bncore.instance_norm_forward(x, w, axis=axis)
+        assert _rownorm.group_backward_common(dy, x, m, s, groups, w, axis, None) is not None
+        assert _rownorm.group_backward_common(dy, x, m, s, groups, w, 2, None) is None
+        pairs = [(bncore.group_norm_backward(dy, x, m, s, groups, w, axis=axis),
+                  bncore.group_norm_backward(dy, x, m, s, groups, w, axis=axis,
+                                             out=np.empty_like(x))),
+                 (bncore.instance_norm_backward(dy, x, mi, si, w, axis=axis),
+                  bncore.instance_norm_backward(dy, x, mi, si, w, axis=axis,
+                                                out=np.empty_like(x)))]
+        for fast, slow in pairs:
+            for a, b_ in zip(fast, slow):
+                assert a.dtype == b_.dtype and np.array_equal(a, b_)
+
+
 @pytest.mark.parametrize("kind", ["strided", "float16", "other_dtype_weight", "list_shape",
                                   "shape_mismatch", "int_eps", "rms_none_eps_layer",
                                   "bool_threads", "empty", "subclass"])
