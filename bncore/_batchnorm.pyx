@@ -36,10 +36,10 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     BN_RUN_MAX, CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
-    bn_run_moments_f32, bwd_sums, cl_affine,
+    bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
-    seg_bwd_dx,
+    seg_bwd_dx, seg_bwd_sums,
 )
 from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_eps, plain_like, plain_vector
 from bncore._openmp cimport work_threads
@@ -235,10 +235,8 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
                                   double w, bint training, double *dweight,
                                   double *dbias, bint stream) noexcept nogil:
     """The two sums of one channel, then its dx while dy and x are still in L2."""
-    cdef Py_ssize_t n
     cdef double sdy = 0, sdyx = 0, k, q, r
-    for n in range(outer):
-        bwd_sums(dy + n * gso, x + n * so, inner, mean, &sdy, &sdyx)
+    seg_bwd_sums(dy, x, outer, inner, gso, so, mean, &sdy, &sdyx)
     dbias[0] = sdy
     dweight[0] = sdyx * invstd
     if dx == NULL:

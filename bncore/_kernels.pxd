@@ -64,10 +64,12 @@ cdef extern from "bn_kernels.h" nogil:
                            const double *w, const double *b)
     void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
                            const double *w, const double *b)
-    void bn_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t n, double mean,
-                         double *sum_dy, double *sum_dy_xmu)
-    void bn_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t n, double mean,
-                         double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t nseg, Py_ssize_t len,
+                             Py_ssize_t sdy, Py_ssize_t sx, double mean, double *sum_dy,
+                             double *sum_dy_xmu)
+    void bn_seg_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t nseg,
+                             Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, double mean,
+                             double *sum_dy, double *sum_dy_xmu)
     void bn_bwd_dx_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, double mean,
                        double k, double q, double r)
     void bn_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, double mean,
@@ -181,12 +183,13 @@ cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double
         bn_affine_vec_f64(x, y, n, mean, invstd, w, b)
 
 
-cdef inline void bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
-                          double *sum_dy, double *sum_dy_xmu) noexcept nogil:
+cdef inline void seg_bwd_sums(const floating *dy, const floating *x, Py_ssize_t nseg,
+                              Py_ssize_t length, Py_ssize_t sdy, Py_ssize_t sx, double mean,
+                              double *sum_dy, double *sum_dy_xmu) noexcept nogil:
     if floating is float:
-        bn_bwd_sums_f32(dy, x, n, mean, sum_dy, sum_dy_xmu)
+        bn_seg_bwd_sums_f32(dy, x, nseg, length, sdy, sx, mean, sum_dy, sum_dy_xmu)
     else:
-        bn_bwd_sums_f64(dy, x, n, mean, sum_dy, sum_dy_xmu)
+        bn_seg_bwd_sums_f64(dy, x, nseg, length, sdy, sx, mean, sum_dy, sum_dy_xmu)
 
 
 cdef inline void bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,

@@ -41,7 +41,7 @@ from libc.stdlib cimport free, malloc
 from bncore._kernels cimport (
     BLOCK, BN_RUN_MAX, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
     bn_run_moments_f32,
-    bn_fence, bwd_sums,
+    bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
     row_affine, row_bwd, rows_norm, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
@@ -376,7 +376,7 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
     for j in range(cg):
         sdy[j] = 0
         sdyx[j] = 0
-        bwd_sums(dy + j * s, x + j * s, s, mean, &sdy[j], &sdyx[j])
+        seg_bwd_sums(dy + j * s, x + j * s, 1, s, 0, 0, mean, &sdy[j], &sdyx[j])
         wj = w[c0 + j] if w != NULL else 1.0
         a += wj * sdy[j]
         bs += wj * sdyx[j]

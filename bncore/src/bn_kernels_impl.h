@@ -339,27 +339,55 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
         for (ptrdiff_t i = 0; i < n; i++) y[i] = (BN_T)(((double)x[i] - mean) * invstd);
 }
 
-/* IN: dy, x, n values of one channel, its mean. OUT (accumulated): sum(dy), sum(dy*(x-mean)). */
-static BN_CLONES void BN_NAME(bn_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
-                                          double mean, double *sum_dy, double *sum_dy_xmu)
+/* IN: nseg segments of len values of dy and x (sdy and sx elements apart) and the
+ * channel's mean. OUT (accumulated): sum(dy), sum(dy*(x-mean)). Four accumulator pairs
+ * (with two, the adds were the critical path) carried across segments and reduced once: a
+ * channel of short planes (7x7, 8x8) is one call, not one per plane. Lanes depend on the
+ * shape only. */
+BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
+                                             ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
+                                             double mean, double *sum_dy,
+                                             double *sum_dy_xmu)
 {
-    bn_v4d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, m = {mean, mean, mean, mean};
+    bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    const bn_v4d m = {mean, mean, mean, mean};
     double ta = 0, tb = 0;
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        bn_v4d g0 = BN_LOAD4(dy + i), g1 = BN_LOAD4(dy + i + 4);
-        a0 += g0;
-        a1 += g1;
-        b0 += g0 * (BN_LOAD4(x + i) - m);
-        b1 += g1 * (BN_LOAD4(x + i + 4) - m);
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const BN_T *g = dy + s * sdy, *p = x + s * sx;
+        ptrdiff_t i = 0;
+        for (; i + 16 <= len; i += 16) {
+            bn_v4d g0 = BN_LOAD4(g + i), g1 = BN_LOAD4(g + i + 4);
+            bn_v4d g2 = BN_LOAD4(g + i + 8), g3 = BN_LOAD4(g + i + 12);
+            a0 += g0;
+            a1 += g1;
+            a2 += g2;
+            a3 += g3;
+            b0 += g0 * (BN_LOAD4(p + i) - m);
+            b1 += g1 * (BN_LOAD4(p + i + 4) - m);
+            b2 += g2 * (BN_LOAD4(p + i + 8) - m);
+            b3 += g3 * (BN_LOAD4(p + i + 12) - m);
+        }
+        for (; i + 4 <= len; i += 4) {
+            bn_v4d g0 = BN_LOAD4(g + i);
+            a0 += g0;
+            b0 += g0 * (BN_LOAD4(p + i) - m);
+        }
+        for (; i < len; i++) {
+            double v = (double)g[i];
+            ta += v;
+            tb += v * ((double)p[i] - mean);
+        }
     }
-    for (; i < n; i++) {
-        double g = (double)dy[i];
-        ta += g;
-        tb += g * ((double)x[i] - mean);
-    }
-    *sum_dy += bn_v4d_total(a0 + a1) + ta;
-    *sum_dy_xmu += bn_v4d_total(b0 + b1) + tb;
+    *sum_dy += bn_v4d_total((a0 + a1) + (a2 + a3)) + ta;
+    *sum_dy_xmu += bn_v4d_total((b0 + b1) + (b2 + b3)) + tb;
+}
+
+static BN_CLONES void BN_NAME(bn_seg_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
+                                              ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
+                                              double mean, double *sum_dy,
+                                              double *sum_dy_xmu)
+{
+    BN_NAME(bn_seg_bwd_sums_body)(dy, x, nseg, len, sdy, sx, mean, sum_dy, sum_dy_xmu);
 }
 
 /* dx = k*dy + q*(x - mean) + r over nseg segments of len values (batch-norm training
