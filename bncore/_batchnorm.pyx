@@ -35,7 +35,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BN_RUN_MAX, CHUNK_ELEMS, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
+    BN_RUN_MAX, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
@@ -45,6 +45,10 @@ from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_eps, plain_l
 from bncore._openmp cimport work_threads
 
 cnp.import_array()
+
+
+cdef enum:
+    AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
 
 
 cdef inline double *f64_or_null(object a):
@@ -72,9 +76,10 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     if not fused:
         for c in range(nch):
             invstd[c] = 1.0 / sqrt(var[c] + eps)
-        # (n, c) planes in memory order, in chunks of about CHUNK_ELEMS values (one fence
-        # per chunk: a fence per small plane would wait on memory every few hundred bytes)
-        nchunks = min(outer * nch, max(1, outer * nch * inner // CHUNK_ELEMS))
+        # (n, c) planes in memory order, in chunks of about AFFINE_CHUNK values (one fence
+        # per chunk: a fence per small plane would wait on memory every few hundred bytes;
+        # and enough chunks to share out evenly: 3 chunks on 2 threads ran 2:1)
+        nchunks = min(outer * nch, max(1, outer * nch * inner // AFFINE_CHUNK))
         nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
         for s in prange(nchunks, schedule='static', num_threads=nt):
             t1 = (s + 1) * (outer * nch) // nchunks
