@@ -234,6 +234,10 @@ def family_cases():
         spatial_norm("group_norm", big, "NHWC", 1.3),
         spatial_norm("instance_norm", big, "NCHW", 3.0),
         spatial_norm("instance_norm", big, "NHWC", 5.0, quick=True),
+        # small calls (per-request inference): never slower than PyTorch
+        row_norm("layer_norm", (8, 768), 1.0),
+        layer_norm_backward_case((8, 768), 1.0),
+        spatial_norm("group_norm", (1, 64, 16, 16), "NCHW", 1.0),
     ]
 
 
@@ -258,6 +262,7 @@ def all_cases():
         bn_train(big, "NCHW", f64, None),
         bn_train(big, "NHWC", f64, None),
         bn_backward(small, "NCHW", f64, None),
+        bn_backward((8, 32, 8, 8), "NCHW", f32, 1.0),
     ] + family_cases()
 
 
