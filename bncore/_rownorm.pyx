@@ -618,6 +618,31 @@ def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, 
         raise MemoryError("bncore: out of memory for per-sample work arrays")
 
 
+cdef inline int group_layout(cnp.ndarray x, int ax, object num_groups, Py_ssize_t *n,
+                             Py_ssize_t *c, Py_ssize_t *s, Py_ssize_t *g, bint *cl) noexcept:
+    """For the group entry points: N, C, S (the values per channel of a sample), G (C for
+    num_groups None: instance norm) and whether memory is (N, S, C) (else (N, C, S)) of a
+    plain x with channel axis ax; -1 if ax is not 1 or the last, or num_groups is not an
+    int dividing C."""
+    cdef int i, nd = cnp.PyArray_NDIM(x)
+    if ax != 1 and ax != nd - 1:
+        return -1
+    n[0] = cnp.PyArray_DIM(x, 0)
+    c[0] = cnp.PyArray_DIM(x, ax)
+    s[0] = 1
+    for i in range(1, nd):
+        if i != ax:
+            s[0] *= cnp.PyArray_DIM(x, i)
+    cl[0] = ax == nd - 1 and nd > 2 and s[0] > 1
+    if num_groups is None:
+        g[0] = c[0]
+    elif type(num_groups) is int and 1 <= num_groups <= c[0] and c[0] % num_groups == 0:
+        g[0] = num_groups
+    else:
+        return -1
+    return 0
+
+
 def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     """Group norm forward (num_groups None: instance norm, a group per channel) for the
     common call, without the Python layer's overhead, or None.
@@ -645,23 +670,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     arr = <cnp.ndarray>x
     xt = cnp.PyArray_TYPE(arr)
     nd = cnp.PyArray_NDIM(arr)
-    if ax != 1 and ax != nd - 1:
-        return None
-    n = cnp.PyArray_DIM(arr, 0)
-    c = cnp.PyArray_DIM(arr, ax)
-    for i in range(1, nd):
-        if i != ax:
-            s *= cnp.PyArray_DIM(arr, i)
-    cl = ax == nd - 1 and nd > 2 and s > 1    # (N, S, C); else (N, C, S) memory
-    if num_groups is None:
-        g = c
-        if s == 1:
-            return None
-    elif type(num_groups) is int and 1 <= num_groups <= c and c % num_groups == 0:
-        g = num_groups
-        if (c // g) * s == 1:
-            return None
-    else:
+    if group_layout(arr, ax, num_groups, &n, &c, &s, &g, &cl) < 0 or (c // g) * s == 1:
         return None
     if weight is not None and (wt := plain_vector(weight, c)) < 0:
         return None
@@ -798,19 +807,7 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     arr = <cnp.ndarray>x
     xt = cnp.PyArray_TYPE(arr)
     nd = cnp.PyArray_NDIM(arr)
-    if ax != 1 and ax != nd - 1:
-        return None
-    n = cnp.PyArray_DIM(arr, 0)
-    c = cnp.PyArray_DIM(arr, ax)
-    for i in range(1, nd):
-        if i != ax:
-            s *= cnp.PyArray_DIM(arr, i)
-    cl = ax == nd - 1 and nd > 2 and s > 1
-    if num_groups is None:
-        g = c
-    elif type(num_groups) is int and 1 <= num_groups <= c and c % num_groups == 0:
-        g = num_groups
-    else:
+    if group_layout(arr, ax, num_groups, &n, &c, &s, &g, &cl) < 0:
         return None
     if weight is not None and (wt := plain_vector(weight, c)) < 0:
         return None
