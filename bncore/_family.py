@@ -509,24 +509,29 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     >>> mean.shape, invstd.dtype
     ((2, 3), dtype('float32'))
     """
-    res = None
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
-    if res is None:
-        sp = _Spatial(x, axis)
-        g = _check_groups(num_groups, sp.c)
-        w = param_vector(weight, "weight", (sp.c,))
-        b = param_vector(bias, "bias", (sp.c,))
-        eps = check_eps(eps)
-        out = check_out(out, sp.shape, sp.dtype)
-        nt = resolve_threads(n_threads)
-        if sp.n and (sp.c // g) * sp.s == 1:
-            raise ValueError(f"expected more than 1 value per group, got x of shape "
-                             f"{sp.shape} with num_groups={g}")
-        res = _spatial_forward(sp, g, w, b, eps, out, nt)
-    y, mean, var = res
+    y, mean, var = _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads)
     sdt = _stat_dtype(y.dtype)
     return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
+
+
+def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):
+    """(y, mean, biased var) of group norm: the common call in one Cython step, else the
+    general path (which raises every error)."""
+    if out is None:
+        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
+        if res is not None:
+            return res
+    sp = _Spatial(x, axis)
+    g = _check_groups(num_groups, sp.c)
+    w = param_vector(weight, "weight", (sp.c,))
+    b = param_vector(bias, "bias", (sp.c,))
+    eps = check_eps(eps)
+    out = check_out(out, sp.shape, sp.dtype)
+    nt = resolve_threads(n_threads)
+    if sp.n and (sp.c // g) * sp.s == 1:
+        raise ValueError(f"expected more than 1 value per group, got x of shape {sp.shape} "
+                         f"with num_groups={g}")
+    return _spatial_forward(sp, g, w, b, eps, out, nt)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
@@ -565,12 +570,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     >>> bool(abs(y[0, :2].mean()) < 1e-12)
     True
     """
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
-        if res is not None:
-            return res[0]
-    return group_norm_forward(x, num_groups, weight, bias, eps, axis=axis, out=out,
-                              n_threads=n_threads)[0]
+    return _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads)[0]
 
 
 def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, axis=1, out=None,

@@ -656,7 +656,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     float64 (N, G).
     """
     cdef cnp.ndarray arr, y, mean, var
-    cdef int xt, wt = -1, bt = -1, nd, ax, nt, i, rc = 0
+    cdef int xt, wt = -1, bt = -1, nd, ax, nt, rc = 0
     cdef Py_ssize_t n, c, g, s = 1
     cdef cnp.npy_intp dims[2]
     cdef bint cl, is_f32
@@ -795,7 +795,7 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     weight None or a plain (C,) vector. Anything else returns None and the general path
     (bncore._family) takes the call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
     cdef cnp.ndarray arr, dx, dweight, dbias
-    cdef int xt, nd, ax, nt, mt, st, wt = -1, i, rc = 0
+    cdef int xt, nd, ax, nt, mt, st, wt = -1, rc = 0
     cdef Py_ssize_t n, c, g, s = 1
     cdef cnp.npy_intp dim
     cdef bint cl
