@@ -1,0 +1,60 @@
+"""python -m bncore bench: the verdict logic, and one tiny real run end to end.
+
+Timings themselves are not checked (they belong to the benchmarks); what is checked is
+that the table and the JSON say what the measured samples say.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from bncore import _bench
+
+
+@pytest.mark.parametrize("target, speedup, ceiling, want", [
+    (None, 2.0, 3.0, None),
+    (1.5, None, None, None),
+    (1.5, 1.5, 3.0, "PASS"),
+    (1.5, 2.0, 1.0, "PASS"),     # above the ceiling is still a pass (the copy was slow)
+    (1.5, 1.2, 3.0, "MISS"),
+    (1.5, 1.2, 1.4, "MISS>"),    # the target is out of reach of a copy-speed kernel
+    (1.5, 1.2, 1.5, "MISS"),
+])
+def test_verdict(target, speedup, ceiling, want):
+    assert _bench._verdict(target, speedup, ceiling) == want
+
+
+def test_list_and_filter(capsys):
+    assert _bench.main(["--list", "--filter", "8x32x8x8"]) == 0
+    out = capsys.readouterr().out.split("\n")
+    names = [s for s in out if s]
+    assert names and all("8x32x8x8" in s for s in names)
+    assert _bench.main(["--list", "--filter", "no such case"]) == 2
+
+
+def test_tiny_run_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = _bench.main(["--filter", "bn train fwd 8x32x8x8", "--repeat", "2",
+                      "--min-time", "0.001", "--no-reference", "--json", str(path)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    (row,) = data["rows"]
+    assert row["case"] in table and "ceiling" in table
+    for side in ("bncore", "torch", "copy"):
+        assert len(row["samples_s"][side]) == 2 and min(row["samples_s"][side]) > 0
+    med = {k: float(np.median(v)) for k, v in row["samples_s"].items()}
+    assert row["bncore_s"] == pytest.approx(med["bncore"])
+    assert row["speedup"] == pytest.approx(med["torch"] / med["bncore"])
+    assert row["ceiling"] == pytest.approx(med["torch"] / med["copy"])
+    assert row["verdict"] == _bench._verdict(row["target"], row["speedup"], row["ceiling"])
+    # bncore and PyTorch computed the same thing (checked before any timing)
+    assert row["max_rel_diff_vs_peer"] < 1e-4
+    assert data["meta"]["threads"] == row["threads"]
+
+
+def test_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        _bench.main(["--threads", "0"])
+    with pytest.raises(SystemExit):
+        _bench.main(["--repeat", "0"])
