@@ -121,6 +121,12 @@ def moments(x, axis=None, *, ddof=0, keepdims=False, n_threads=None):
     >>> mean
     array([ 7.5, 11.5, 15.5], dtype=float32)
     """
+    r = _stats.moments_common(x, axis, ddof, keepdims, n_threads)
+    return r if r is not None else _moments_general(x, axis, ddof, keepdims, n_threads)
+
+
+def _moments_general(x, axis, ddof, keepdims, n_threads):
+    """moments() for every call (the common one also runs in _stats.moments_common)."""
     arr, dtype = _stats_input(x)
     axes = _reduce_axes(axis, arr.ndim)
     ddof = check_real(ddof, "ddof")

@@ -7,6 +7,7 @@ and calls these with element strides; here nothing is validated again.
 cimport numpy as cnp
 from cython cimport floating
 
+from bncore._fastpath cimport plain_threads, plain_type
 from bncore._kernels cimport bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats
 
 cnp.import_array()
@@ -51,6 +52,102 @@ def channel_moments(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t 
             rc = _planes(<const double *>px, outer, nch, inner, so, sc, pm, pm2, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-thread partial statistics")
+
+
+def moments_common(x, axis, ddof, keepdims, n_threads):
+    """moments() for the common call, without the Python layer's overhead, or None.
+
+    The common call: x a plain array (see bncore._fastpath) and not empty; axis None, an
+    int, or a tuple of distinct ints, all in range, leaving the kept axes adjacent (the
+    batch-norm (0, 2, 3), or a row's last axis); ddof an int below the count; keepdims a
+    bool; n_threads None or an int >= 1. Anything else returns None before touching
+    anything, and bncore._api.moments takes the general path, which warns and raises.
+    Same view, kernel and bits as that path.
+    """
+    cdef cnp.ndarray arr, mean, m2, mo, vo
+    cdef int xt, nd, nt, i, a, k0, k1
+    cdef Py_ssize_t outer = 1, nch = 1, inner = 1, count
+    cdef bint reduced[32]
+    cdef cnp.npy_intp kshape[32]
+    cdef int knd = 0
+    cdef double dof
+    cdef cnp.npy_intp n1
+    cdef double *pm
+    cdef double *pv
+    cdef Py_ssize_t c
+    xt = plain_type(x)
+    nt = plain_threads(n_threads)
+    if xt < 0 or nt < 0 or type(keepdims) is not bool or type(ddof) is not int:
+        return None
+    arr = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(arr)
+    if nd < 1 or nd > 32 or cnp.PyArray_SIZE(arr) == 0:
+        return None
+    for i in range(nd):
+        reduced[i] = axis is None
+    if type(axis) is int:
+        axis = (axis,)
+    if axis is not None:
+        if type(axis) is not tuple or len(<tuple>axis) == 0:
+            return None
+        for v in <tuple>axis:
+            if type(v) is not int or not -nd <= v < nd:
+                return None
+            a = <int>(v % nd)
+            if reduced[a]:
+                return None
+            reduced[a] = True
+    k0 = nd
+    k1 = -1
+    for i in range(nd):
+        if not reduced[i]:
+            k0 = min(k0, i)
+            k1 = i
+    for i in range(k0, k1 + 1):   # the kept axes must be adjacent
+        if reduced[i]:
+            return None
+    for i in range(nd):
+        if i < k0:
+            outer *= cnp.PyArray_DIM(arr, i)
+        elif i <= k1:
+            nch *= cnp.PyArray_DIM(arr, i)
+        else:
+            inner *= cnp.PyArray_DIM(arr, i)
+    if k1 < 0:                    # everything reduced: one channel of all values
+        outer, inner = 1, outer
+    count = outer * inner
+    if ddof >= count:
+        return None
+    dof = <double>(count - <Py_ssize_t>ddof)
+    for i in range(nd):
+        if not reduced[i]:
+            kshape[knd] = cnp.PyArray_DIM(arr, i)
+            knd += 1
+        elif keepdims:
+            kshape[knd] = 1
+            knd += 1
+    n1 = nch
+    mean = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    m2 = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
+    if inner == 1:
+        channel_moments(arr, outer, nch, 1, nch, 1, mean, m2, nt)
+    else:
+        channel_moments(arr, outer, nch, inner, nch * inner, inner, mean, m2, nt)
+    mo = cnp.PyArray_EMPTY(knd, kshape, xt, 0)
+    vo = cnp.PyArray_EMPTY(knd, kshape, xt, 0)
+    pm = f64_ptr(mean)
+    pv = f64_ptr(m2)
+    if xt == cnp.NPY_FLOAT32:
+        for c in range(nch):
+            (<float *>cnp.PyArray_DATA(mo))[c] = <float>pm[c]
+            (<float *>cnp.PyArray_DATA(vo))[c] = <float>(pv[c] / dof)
+    else:
+        for c in range(nch):
+            (<double *>cnp.PyArray_DATA(mo))[c] = pm[c]
+            (<double *>cnp.PyArray_DATA(vo))[c] = pv[c] / dof
+    if knd == 0:
+        return mo[()], vo[()]
+    return mo, vo
 
 
 def merge_moments(double na, cnp.ndarray mean_a, cnp.ndarray m2_a, double nb,

@@ -369,3 +369,92 @@ def test_layouts_helper_keeps_values():
     for kind in ("C", "F", "strided_c", "strided_n", "transposed", "flipped", "swapped",
                  "chmem"):
         np.testing.assert_array_equal(layout(a, kind), a)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 6, 3, 5), (300, 9), (2, 3, 4, 5, 6)])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_common_call_fast_path_matches_general_path(dtype, shape, keepdims):
+    """moments() takes the common call (a plain array, kept axes adjacent, int ddof) in one
+    Cython step (_stats.moments_common): the same bits, shapes and dtypes as the general
+    path, for every reduction it accepts; the rest it declines."""
+    from bncore import _api, _stats
+    rng = np.random.default_rng(len(shape) * 7 + keepdims)
+    x = (rng.normal(size=shape) * 3 + 1e4).astype(dtype)
+    nd = len(shape)
+    specs = {None, tuple(range(nd)), -1, 0}
+    for a in range(nd if nd > 1 else 0):
+        specs.add(tuple(b for b in range(nd) if b != a))   # all but one: batch norm
+    if nd >= 3:
+        specs.add((0, nd - 1))                             # keeps the middle axes
+    taken = 0
+    for axis in sorted(specs, key=repr):
+        for ddof in (0, 1):
+            got = _stats.moments_common(x, axis, ddof, keepdims, None)
+            want = _api._moments_general(x, axis, ddof, keepdims, None)
+            if got is None:   # declined: only a ddof that leaves no degrees of freedom
+                n = x.size if axis is None else np.prod(
+                    [shape[a] for a in ((axis,) if np.ndim(axis) == 0 else axis)])
+                assert ddof >= n, (axis, ddof)
+                continue
+            taken += 1
+            for g, w in zip(got, want):
+                assert type(g) is type(w) and np.shape(g) == np.shape(w), axis
+                assert np.asarray(g).dtype == np.asarray(w).dtype == np.dtype(dtype)
+                assert np.array_equal(g, w), (axis, ddof)
+            assert np.array_equal(bncore.moments(x, axis, ddof=ddof, keepdims=keepdims)[1],
+                                  want[1])
+    assert taken >= len(specs)
+
+
+@pytest.mark.parametrize("kind", [
+    "list", "strided", "float16", "int", "swapped", "empty", "axis_np_int", "axis_list",
+    "axis_repeat", "axis_range", "axis_apart", "axis_empty", "ddof_float", "ddof_all",
+    "keepdims_int", "threads_bool", "threads_zero", "matrix"])
+def test_moments_fast_path_declines_all_but_the_common_call(kind):
+    """Anything but the common call returns None from moments_common (the general path
+    then handles it, warns or raises); the public function still answers as before."""
+    from bncore import _stats
+    x = np.random.default_rng(5).normal(size=(4, 3, 5)).astype(np.float32)
+    args = dict(x=x, axis=(0, 2), ddof=0, keepdims=False, n_threads=None)
+    if kind == "list":
+        args["x"] = x.tolist()
+    elif kind == "strided":
+        args["x"] = x[:, :, ::2]
+    elif kind == "float16":
+        args["x"] = x.astype(np.float16)
+    elif kind == "int":
+        args["x"] = (x * 10).astype(np.int32)
+    elif kind == "swapped":
+        args["x"] = x.astype(x.dtype.newbyteorder())
+    elif kind == "empty":
+        args["x"] = x[:0]
+    elif kind == "axis_np_int":
+        args["axis"] = np.int64(1)
+    elif kind == "axis_list":
+        args["axis"] = [0, 2]
+    elif kind == "axis_repeat":
+        args["axis"] = (0, 0)
+    elif kind == "axis_range":
+        args["axis"] = (0, 3)
+    elif kind == "axis_apart":
+        args["axis"] = 1          # keeps axes 0 and 2: not adjacent (a copy)
+    elif kind == "axis_empty":
+        args["axis"] = ()
+    elif kind == "ddof_float":
+        args["ddof"] = 1.0
+    elif kind == "ddof_all":
+        args["ddof"] = 20
+    elif kind == "keepdims_int":
+        args["keepdims"] = 1
+    elif kind == "threads_bool":
+        args["n_threads"] = True
+    elif kind == "threads_zero":
+        args["n_threads"] = 0
+    elif kind == "matrix":
+        args["x"] = x[0].view(np.matrix)
+        args["axis"] = 0
+    before = np.array(args["x"], copy=True) if kind != "list" else None
+    assert _stats.moments_common(**args) is None
+    if before is not None:
+        assert np.array_equal(np.asarray(args["x"]), before)
