@@ -3,8 +3,8 @@
 
 ``_batchnorm.forward_common`` / ``backward_common``, ``_rownorm.forward_common`` /
 ``backward_common`` / ``group_common`` / ``group_backward_common`` and
-``_stats.moments_common`` run the everyday call (plain arrays, float eps, no out=) without the Python layer's
-overhead, which is most of a small call's cost. They accept only arguments that these
+``_stats.moments_common`` run the everyday call (plain arrays, float eps, no out=)
+without the Python layer's overhead, which is most of a small call's cost. They accept only arguments that these
 helpers call plain, and return None for anything else before touching anything: the
 general Python path (bncore._api, bncore._family) then handles it and raises every error.
 So there is one place that rejects input, and the fast path can never accept what it would
