@@ -23,6 +23,13 @@ _F64 = np.dtype(np.float64)
 
 # ------------------------------------------------------------------ moments
 
+def invstd_of(var, eps):
+    """1 / sqrt(var + eps), silently inf where that is 1/0 (a constant channel or group
+    with eps=0): as the kernels compute it, and as PyTorch returns it."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
 def _reduce_axes(axis, ndim):
     if axis is None:
         return tuple(range(ndim))
@@ -302,7 +309,7 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
             mean.fill(np.nan)
             invstd.fill(np.nan)
         else:
-            invstd[...] = 1.0 / np.sqrt(var + eps)
+            invstd[...] = invstd_of(var, eps)
         return y, mean, invstd
     v = canonical_view(arr, ax)
     y, yv = output_like(v, dtype, out, ax)

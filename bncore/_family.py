@@ -511,7 +511,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     """
     y, mean, var = _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads)
     sdt = _stat_dtype(y.dtype)
-    return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
+    return y, mean.astype(sdt), _api.invstd_of(var, eps).astype(sdt)
 
 
 def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):
@@ -650,7 +650,7 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
         res = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
     y, mean, var = res
     sdt = _stat_dtype(y.dtype)
-    return y, mean.astype(sdt), (1.0 / np.sqrt(var + eps)).astype(sdt)
+    return y, mean.astype(sdt), _api.invstd_of(var, eps).astype(sdt)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,

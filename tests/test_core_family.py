@@ -1,6 +1,8 @@
 """layer, RMS, group and instance norm against the float64 reference, PyTorch 2.13 and
 finite differences; both layouts, odd sizes, large offsets, errors, determinism."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -273,6 +275,30 @@ def test_group_runs_float32_statistics_round_the_exact_ones(op, kind, cg, s):
         row_bias = np.repeat(bias, cg * s).reshape(2, -1)
     check_float32_statistics(rows, mean.ravel(), invstd.ravel(), y.reshape(6, -1),
                               np.tile(row_bias, (3, 1)), kind)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_constant_input_with_zero_eps_gives_inf_invstd_without_warnings(dtype):
+    """A constant channel, group, instance or row with eps=0 has variance 0: every
+    *_forward returns invstd = inf (as PyTorch does) and none warns, whichever path (the
+    kernels, or NumPy for empty batch-norm input) computes it."""
+    x4 = np.full((2, 4, 3, 3), 5.0, dtype)
+    calls = {
+        "batch": lambda: bncore.batch_norm_forward(x4, eps=0.0)[2],
+        "batch eval empty": lambda: bncore.batch_norm_forward(
+            x4[:0], running_mean=np.zeros(4), running_var=np.zeros(4), training=False,
+            eps=0.0)[2],
+        "group": lambda: bncore.group_norm_forward(x4, 2, eps=0.0)[2],
+        "instance": lambda: bncore.instance_norm_forward(x4, eps=0.0)[2],
+        "instance NHWC": lambda: bncore.instance_norm_forward(x4, axis=-1, eps=0.0)[2],
+        "layer": lambda: bncore.layer_norm_forward(x4, (3, 3), eps=0.0)[2],
+        "rms": lambda: bncore.rms_norm_forward(np.zeros_like(x4), (3, 3), eps=0.0)[1],
+    }
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            invstd = call()
+        assert invstd.size and np.all(np.isposinf(invstd)), name
 
 
 @pytest.mark.parametrize("axis", [1, -1])
