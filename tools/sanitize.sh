@@ -6,7 +6,7 @@
 #                                (RSS leak windows: ASan's quarantine grows RSS; GIL and
 #                                speed-up timings; the 2 GiB array) - about 10-15 minutes
 #   tools/sanitize.sh --quick    core, bad-input, thread-determinism and property tests
-#                                (hypothesis "dev" profile): a few minutes, what CI runs
+#                                (hypothesis "quick" profile): a few minutes, what CI runs
 #   tools/sanitize.sh [--quick] -- PYTEST_ARGS...   extra arguments for pytest (e.g. -x)
 #
 # The sources are copied to a temporary folder and built there, so the normal in-place
@@ -74,7 +74,8 @@ for t in tests/test_memory.py::test_no_leak_over_many_calls \
          tests/test_reliability.py::test_no_leak_over_100k_calls; do
     [ -f "${t%%::*}" ] && deselect+=(--deselect "$t")
 done
-unset CI   # the hypothesis "ci" profile is too slow under ASan; --quick picks "dev"
+unset CI   # the hypothesis "ci" profile is too slow under ASan: 40 derandomised examples
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-quick}"
 
 # --- run under the sanitizers
 asan=$(gcc -print-file-name=libasan.so)
