@@ -225,6 +225,59 @@ def spatial_norm(op, shape, layout, target, groups=32, quick=False):
     return Case(name, shape, layout, "float32", target, build, quick=quick)
 
 
+def _torch_backward(forward, dy, inputs):
+    """PyTorch's backward of forward(*inputs) for output gradient dy, timed alone: the
+    graph is built once and run again on every call (retain_graph), as a training step
+    runs it."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    y = forward(*leaves)
+    return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+
+def family_backward(op, shape, layout, groups=32, quick=False):
+    """rms_norm / group_norm / instance_norm backward (float32; no target: the issue names
+    none), PyTorch's through autograd."""
+    def build(nt):
+        x, dy = _array(shape, np.float32, layout), _array(shape, np.float32, layout, seed=1)
+        if op == "rms_norm":
+            d = shape[-1]
+            w = _array((d,), np.float32, seed=2)
+            _, inv = bncore.rms_norm_forward(x, d, w, 1e-6)
+            calls = {"bncore": lambda: bncore.rms_norm_backward(dy, x, inv, d, w,
+                                                                n_threads=nt),
+                     "reference": lambda: ref.rms_norm_backward(dy, x, inv, d, w)}
+            if torch is not None:
+                calls["torch"] = _torch_backward(lambda a, b: F.rms_norm(a, (d,), b, 1e-6),
+                                                 torch.from_numpy(dy),
+                                                 (torch.from_numpy(x), torch.from_numpy(w)))
+            return x, calls
+        axis, c = _axis(layout), shape[1]
+        w, b = _array((c,), np.float32, seed=2), _array((c,), np.float32, seed=3)
+        if op == "group_norm":
+            _, m, inv = bncore.group_norm_forward(x, groups, w, b, axis=axis)
+            calls = {"bncore": lambda: bncore.group_norm_backward(
+                         dy, x, m, inv, groups, w, axis=axis, n_threads=nt),
+                     "reference": lambda: ref.group_norm_backward(dy, x, m, inv, groups, w,
+                                                                  axis=axis)}
+            fwd = lambda a, wt, bt: F.group_norm(a, groups, wt, bt)   # noqa: E731
+        else:
+            _, m, inv = bncore.instance_norm_forward(x, w, b, axis=axis)
+            calls = {"bncore": lambda: bncore.instance_norm_backward(
+                         dy, x, m, inv, w, axis=axis, n_threads=nt),
+                     "reference": lambda: ref.instance_norm_backward(dy, x, m, inv, w,
+                                                                     axis=axis)}
+            fwd = lambda a, wt, bt: F.instance_norm(a, weight=wt, bias=bt)   # noqa: E731
+        if torch is not None:
+            calls["torch"] = _torch_backward(
+                fwd, _to_torch(dy, layout),
+                (_to_torch(x, layout), torch.from_numpy(w), torch.from_numpy(b)))
+        return x, calls
+    name = {"rms_norm": "rms_norm backward", "group_norm": f"group_norm G={groups} backward",
+            "instance_norm": "instance_norm backward"}[op]
+    return Case(name, shape, layout, "float32", None, build, traffic="read+copy",
+                quick=quick)
+
+
 def family_cases():
     """The row-norm family, when this build of bncore has it (else [] and a note)."""
     if not hasattr(bncore, "layer_norm"):
@@ -240,6 +293,12 @@ def family_cases():
         spatial_norm("group_norm", big, "NHWC", 1.3),
         spatial_norm("instance_norm", big, "NCHW", 3.0),
         spatial_norm("instance_norm", big, "NHWC", 5.0, quick=True),
+        # the other backward passes (no targets)
+        family_backward("rms_norm", rows, "rows"),
+        family_backward("group_norm", big, "NCHW"),
+        family_backward("group_norm", big, "NHWC"),
+        family_backward("instance_norm", big, "NCHW"),
+        family_backward("instance_norm", big, "NHWC"),
         # small calls (per-request inference): never slower than PyTorch
         row_norm("layer_norm", (8, 768), 1.0),
         layer_norm_backward_case((8, 768), 1.0),
@@ -386,7 +445,8 @@ def _ms(s, width=9, digits=3):
 
 def print_table(rows, out=None):
     out = sys.stdout if out is None else out   # at call time: redirect_stdout works
-    head = (f"{'case':42s} {'bncore ms':>9s} {'ref ms':>9s} {'peer ms':>9s} {'peer':5s}"
+    wc = max([42] + [len(r["case"]) for r in rows])
+    head = (f"{'case':{wc}s} {'bncore ms':>9s} {'ref ms':>9s} {'peer ms':>9s} {'peer':5s}"
             f" {'speedup':>8s} {'target':>7s} {'':5s} {'GB/s':>6s} {'% copy':>6s}"
             f" {'ceiling':>7s}")
     print(head, file=out)
@@ -396,7 +456,7 @@ def print_table(rows, out=None):
         tg = "-" if r["target"] is None else f">={r['target']:.1f}x"
         noisy = "~" if r["spread"] > NOISY else " "
         ceil = "-" if r.get("ceiling") is None else f"{r['ceiling']:.2f}x"
-        print(f"{r['case']:42s} {_ms(r['bncore_s'])}{noisy}{_ms(r['reference_s'], 9, 2)}"
+        print(f"{r['case']:{wc}s} {_ms(r['bncore_s'])}{noisy}{_ms(r['reference_s'], 9, 2)}"
               f" {_ms(r['peer_s'])} {r['peer'] or '-':5s} {sp:>8s} {tg:>7s}"
               f" {r['verdict'] or '':5s} {r['gb_per_s']:6.1f} {r['pct_of_copy']:5.0f}%"
               f" {ceil:>7s}",

@@ -58,3 +58,19 @@ def test_bad_options(capsys):
         _bench.main(["--threads", "0"])
     with pytest.raises(SystemExit):
         _bench.main(["--repeat", "0"])
+
+
+@pytest.mark.parametrize("op, shape, layout", [
+    ("rms_norm", (16, 24), "rows"),
+    ("group_norm", (2, 8, 5, 5), "NCHW"),
+    ("group_norm", (2, 8, 5, 5), "NHWC"),
+    ("instance_norm", (2, 8, 5, 5), "NCHW"),
+    ("instance_norm", (2, 8, 5, 5), "NHWC"),
+])
+def test_family_backward_cases_compare_like_with_like(op, shape, layout):
+    """The backward rows PyTorch times through autograd compute what bncore computes (the
+    run's own check of the first output, dx), in both layouts."""
+    case = _bench.family_backward(op, shape, layout, groups=4)
+    row = _bench.run_case(case, 1, 1, 0.001, reference=False)
+    assert row["peer"] == "torch" and row["target"] is None and row["verdict"] is None
+    assert row["max_rel_diff_vs_peer"] < 1e-4, row["max_rel_diff_vs_peer"]
