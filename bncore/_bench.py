@@ -513,15 +513,18 @@ def plot(rows, path):
         print("--plot: no case has a peer to compare with", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
-    colors = ["tab:green" if r["verdict"] == "PASS" else "tab:red" if r["verdict"] == "MISS"
-              else "tab:gray" for r in rows]
-    ax.barh([r["case"] for r in rows], [r["speedup"] for r in rows], color=colors)
+    color = {"PASS": "tab:green", "MISS": "tab:red", "MISS>": "tab:orange"}
+    ax.barh([r["case"] for r in rows], [r["speedup"] for r in rows],
+            color=[color.get(r["verdict"], "tab:gray") for r in rows])
     for i, r in enumerate(rows):
         if r["target"]:
             ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1.5)
+        if r.get("ceiling"):
+            ax.plot([r["ceiling"]] * 2, [i - 0.4, i + 0.4], color="tab:blue", lw=1.5, ls=":")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
-    ax.set_xlabel("speedup over the peer (peer time / bncore time; black tick: target)")
+    ax.set_xlabel("speedup over the peer (peer time / bncore time)\nblack tick: target; "
+                  "dotted: copy ceiling; orange: a miss with the target above the ceiling")
     ax.set_title(f"bncore {bncore.__version__}, {rows[0]['threads']} threads")
     ax.invert_yaxis()
     fig.tight_layout()
