@@ -28,7 +28,6 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__SSE2__)

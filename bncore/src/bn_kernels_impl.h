@@ -563,74 +563,40 @@ static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptr
 /* float: the arithmetic of bn_seg_affine (8 float lanes, the mean split as hi + lo, see
  * there), so both layouts give the same bits, at a third of the instructions of a round
  * trip through double (in cache that ran at ~1.6 cycles per value, the whole cost of a
- * channels-last eval). The per-channel floats are made once per call, for every channel
- * (on the stack up to BN_CL_TILE channels, else on the heap), and the rows are walked
- * whole. (Made per tile of 256 channels for each block of 32 KiB of rows, as before, they
- * cost about 0.75 instructions a value at 1024 channels, half as much as the affine; that
- * remains the fallback if the heap fails.) */
-#define BN_CL_TILE 256
-/* y rows [r0, r1) x channels [c0, c0 + tc) from per-channel floats hi..b (indexed from c0) */
-BN_INLINE void bn_cl_affine_rows_f32(const float *x, ptrdiff_t ldx, float *y, ptrdiff_t ldy,
-                                     ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0, ptrdiff_t tc,
-                                     const float *restrict hi, const float *restrict lo,
-                                     const float *restrict k, const float *restrict b,
-                                     int stream)
-{
-    for (ptrdiff_t r = r0; r < r1; r++) {
-        const float *p = x + r * ldx + c0;
-        float *q = y + r * ldy + c0;
-#define BN_SCALAR(c) q[c] = ((p[c] - hi[c]) - lo[c]) * k[c] + b[c]
-#define BN_VEC(c, nt) do { bn_v8f v_, h_, l_, k_, b_; memcpy(&v_, p + (c), sizeof v_); \
-        memcpy(&h_, hi + (c), sizeof h_); memcpy(&l_, lo + (c), sizeof l_); \
-        memcpy(&k_, k + (c), sizeof k_); memcpy(&b_, b + (c), sizeof b_); \
-        BN_PUT8F(q + (c), ((v_ - h_) - l_) * k_ + b_, nt); } while (0)
-        BN_SPAN_LOOP(q, tc, stream, 8, BN_SCALAR, BN_VEC);
-#undef BN_SCALAR
-#undef BN_VEC
-    }
-}
-
-/* The per-channel floats of channels [c0, c0 + tc): hi + lo = mean, k = scale, b = shift. */
-BN_INLINE void bn_cl_affine_params_f32(const double *restrict mean,
-                                       const double *restrict scale,
-                                       const double *restrict shift, ptrdiff_t c0,
-                                       ptrdiff_t tc, float *restrict hi, float *restrict lo,
-                                       float *restrict k, float *restrict b)
-{
-    for (ptrdiff_t c = 0; c < tc; c++) {
-        hi[c] = (float)mean[c0 + c];
-        lo[c] = (float)(mean[c0 + c] - (double)hi[c]);
-        k[c] = (float)scale[c0 + c];
-        b[c] = (float)shift[c0 + c];
-    }
-}
-
+ * channels-last eval). The per-channel floats are made once per tile of up to BN_CL_TILE
+ * channels (32 KiB on the stack), and the tile is applied to every row: rows of up to
+ * BN_CL_TILE channels are walked whole, wider ones in bands of 8 KiB per row. (Made per
+ * tile of 256 channels for each block of 32 KiB of rows, as before, the floats cost about
+ * 0.75 instructions a value at 1024 channels, half as much as the affine itself.) */
+#define BN_CL_TILE 2048
 BN_INLINE void BN_NAME(bn_cl_affine_body)(const float *x, ptrdiff_t ldx, float *y,
                                           ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
                                           const double *restrict mean,
                                           const double *restrict scale,
                                           const double *restrict shift, int stream)
 {
-    float tile[4 * BN_CL_TILE] __attribute__((aligned(32)));
-    float *f = nch <= BN_CL_TILE ? tile : (float *)malloc(4 * (size_t)nch * sizeof(float));
-    if (f) {   /* every channel's floats at once, whole rows */
-        bn_cl_affine_params_f32(mean, scale, shift, 0, nch, f, f + nch, f + 2 * nch,
-                                f + 3 * nch);
-        bn_cl_affine_rows_f32(x, ldx, y, ldy, 0, nrows, 0, nch, f, f + nch, f + 2 * nch,
-                              f + 3 * nch, stream);
-        if (f != tile)
-            free(f);
-        return;
-    }
-    const ptrdiff_t rb = nch >= 8192 ? 1 : 8192 / nch;
-    float *hi = tile, *lo = tile + BN_CL_TILE, *k = tile + 2 * BN_CL_TILE;
-    float *b = tile + 3 * BN_CL_TILE;
-    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += rb) {
-        const ptrdiff_t r1 = nrows - r0 < rb ? nrows : r0 + rb;
-        for (ptrdiff_t c0 = 0; c0 < nch; c0 += BN_CL_TILE) {
-            const ptrdiff_t tc = nch - c0 < BN_CL_TILE ? nch - c0 : BN_CL_TILE;
-            bn_cl_affine_params_f32(mean, scale, shift, c0, tc, hi, lo, k, b);
-            bn_cl_affine_rows_f32(x, ldx, y, ldy, r0, r1, c0, tc, hi, lo, k, b, stream);
+    float f[4 * BN_CL_TILE] __attribute__((aligned(32)));
+    for (ptrdiff_t c0 = 0; c0 < nch; c0 += BN_CL_TILE) {
+        const ptrdiff_t tc = nch - c0 < BN_CL_TILE ? nch - c0 : BN_CL_TILE;
+        float *restrict hi = f, *restrict lo = f + tc, *restrict k = f + 2 * tc;
+        float *restrict b = f + 3 * tc;
+        for (ptrdiff_t c = 0; c < tc; c++) {
+            hi[c] = (float)mean[c0 + c];
+            lo[c] = (float)(mean[c0 + c] - (double)hi[c]);
+            k[c] = (float)scale[c0 + c];
+            b[c] = (float)shift[c0 + c];
+        }
+        for (ptrdiff_t r = 0; r < nrows; r++) {
+            const float *p = x + r * ldx + c0;
+            float *q = y + r * ldy + c0;
+#define BN_SCALAR(c) q[c] = ((p[c] - hi[c]) - lo[c]) * k[c] + b[c]
+#define BN_VEC(c, nt) do { bn_v8f v_, h_, l_, k_, b_; memcpy(&v_, p + (c), sizeof v_); \
+        memcpy(&h_, hi + (c), sizeof h_); memcpy(&l_, lo + (c), sizeof l_); \
+        memcpy(&k_, k + (c), sizeof k_); memcpy(&b_, b + (c), sizeof b_); \
+        BN_PUT8F(q + (c), ((v_ - h_) - l_) * k_ + b_, nt); } while (0)
+            BN_SPAN_LOOP(q, tc, stream, 8, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
         }
     }
 }
