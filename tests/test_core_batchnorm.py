@@ -411,7 +411,7 @@ def test_training_float32_statistics_round_the_exact_ones(kind, planes, inner):
 def test_float32_eval_same_bits_in_both_layouts(shape):
     """float32 y = (x - mean) * k + b is one float expression (mean split as hi + lo) in
     both the NCHW plane kernel and the channels-last row kernel, whatever the channel
-    count (vector tiles, scalar tails, tiles of 256 channels, 9000 channels of one row
+    count (vector tiles, scalar tails, 9000 channels: tiles of 2048 channels, one row
     each), the alignment of rows and whether stores stream (64x300x15x17 is 19 MiB)."""
     x = make(shape, np.float32, "C", offset=1e6, seed=4)
     c = shape[1]
