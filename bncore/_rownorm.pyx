@@ -448,13 +448,14 @@ cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_
             cm[j] = mean[gi]
             scale[j] = (w[j] if w != NULL else 1.0) * invstd
             shift[j] = b[j] if b != NULL else 0.0
-    # last rows first: the statistics read them last, so they are the ones still in L2
-    # (a sample of (56, 56, 64) float32 is 800 KB); 2-4% faster (paired in-process runs)
+    # in memory order: the sample's rows are one span for the kernel (see bn_cl_affine).
+    # Last-read rows first (still in L2) measured 1.02-1.04x over rows walked forward one
+    # by one, but no faster than the one span (0.995x group, 1.11x instance, paired runs)
     if stream:
-        cl_affine_stream(x + (s - 1) * c, -c, y + (s - 1) * c, -c, s, c, cm, scale, shift)
+        cl_affine_stream(x, c, y, c, s, c, cm, scale, shift)
         bn_fence()
     else:
-        cl_affine(x + (s - 1) * c, -c, y + (s - 1) * c, -c, s, c, cm, scale, shift)
+        cl_affine(x, c, y, c, s, c, cm, scale, shift)
     free(buf)
     return 0
 

@@ -563,11 +563,18 @@ static BN_CLONES void BN_NAME(bn_cl_moments)(const BN_T *x, ptrdiff_t nrows, ptr
 /* float: the arithmetic of bn_seg_affine (8 float lanes, the mean split as hi + lo, see
  * there), so both layouts give the same bits, at a third of the instructions of a round
  * trip through double (in cache that ran at ~1.6 cycles per value, the whole cost of a
- * channels-last eval). The per-channel floats are made once per tile of up to BN_CL_TILE
- * channels (32 KiB on the stack), and the tile is applied to every row: rows of up to
- * BN_CL_TILE channels are walked whole, wider ones in bands of 8 KiB per row. (Made per
- * tile of 256 channels for each block of 32 KiB of rows, as before, the floats cost about
- * 0.75 instructions a value at 1024 channels, half as much as the affine itself.) */
+ * channels-last eval). The per-channel floats are made once per call (32 KiB on the
+ * stack; made per tile of 256 channels for each block of 32 KiB of rows, as before, they
+ * cost about 0.75 instructions a value at 1024 channels, half as much as the affine).
+ * - Contiguous rows (x and y rows nch apart), the usual case: one span of nrows * nch
+ *   values, the channel index wrapping at each row's end, so streaming stores cover every
+ *   whole line of the output. Row by row, a row of 64 floats starting 16 bytes into a line
+ *   (NumPy's alignment) left a line at each row boundary to two ordinary partial writes,
+ *   one in four of y's lines read for ownership, and 8 of its 64 values to scalar code:
+ *   5% (eval) to 9% (training) slower at (32, 56, 56, 64) in paired in-process runs
+ *   (alternated processes could not tell them apart: within their noise).
+ * - Rows apart (views), or wider than BN_CL_TILE - 8 channels: row by row, in tiles of up
+ *   to BN_CL_TILE channels (bands of 8 KiB per row when wider). */
 #define BN_CL_TILE 2048
 BN_INLINE void BN_NAME(bn_cl_affine_body)(const float *x, ptrdiff_t ldx, float *y,
                                           ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
@@ -576,6 +583,32 @@ BN_INLINE void BN_NAME(bn_cl_affine_body)(const float *x, ptrdiff_t ldx, float *
                                           const double *restrict shift, int stream)
 {
     float f[4 * BN_CL_TILE] __attribute__((aligned(32)));
+    if (ldx == nch && ldy == nch && nch + 8 <= BN_CL_TILE) {
+        /* the floats of channel c % nch at every c < nch + 8: a vector of 8 starting at
+         * any channel reads its lanes' parameters contiguously, across a row's end too */
+        const ptrdiff_t e = nch + 8;
+        float *restrict hi = f, *restrict lo = f + e, *restrict k = f + 2 * e;
+        float *restrict b = f + 3 * e;
+        ptrdiff_t j = 0;   /* the channel of the next value */
+        for (ptrdiff_t c = 0; c < e; c++) {
+            const ptrdiff_t cc = c % nch;
+            hi[c] = (float)mean[cc];
+            lo[c] = (float)(mean[cc] - (double)hi[c]);
+            k[c] = (float)scale[cc];
+            b[c] = (float)shift[cc];
+        }
+#define BN_SCALAR(i) do { y[i] = ((x[i] - hi[j]) - lo[j]) * k[j] + b[j]; \
+        if (++j == nch) j = 0; } while (0)
+#define BN_VEC(i, nt) do { bn_v8f v_, h_, l_, k_, b_; memcpy(&v_, x + (i), sizeof v_); \
+        memcpy(&h_, hi + j, sizeof h_); memcpy(&l_, lo + j, sizeof l_); \
+        memcpy(&k_, k + j, sizeof k_); memcpy(&b_, b + j, sizeof b_); \
+        BN_PUT8F(y + (i), ((v_ - h_) - l_) * k_ + b_, nt); \
+        j += 8; while (j >= nch) j -= nch; } while (0)   /* once, unless nch < 8 */
+        BN_SPAN_LOOP(y, nrows * nch, stream, 8, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
+        return;
+    }
     for (ptrdiff_t c0 = 0; c0 < nch; c0 += BN_CL_TILE) {
         const ptrdiff_t tc = nch - c0 < BN_CL_TILE ? nch - c0 : BN_CL_TILE;
         float *restrict hi = f, *restrict lo = f + tc, *restrict k = f + 2 * tc;
