@@ -33,13 +33,14 @@ Design notes
 """
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BLOCK, BN_RUN_MAX, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge, bn_moments, bn_pivot,
+    BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge,
+    bn_chan_merge_vec, bn_moments, bn_pivot, rows_chunk_stats, rows_chunks,
     bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
@@ -51,7 +52,7 @@ from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_threads,
     plain_type, plain_vector, trailing_dims,
 )
-from bncore._openmp cimport work_threads
+from bncore._openmp cimport bncore_barrier, omp_get_num_threads, omp_get_thread_num, work_threads
 
 cnp.import_array()
 
@@ -421,70 +422,176 @@ cdef inline void group_moments(const double *cmean, const double *cm2, Py_ssize_
         var[gi] = st.m2 / <double>(cg * s)
 
 
+cdef inline void group_affine(const double *gmean, const double *gvar, Py_ssize_t g,
+                              Py_ssize_t cg, double eps, const double *w, const double *b,
+                              double *cmean, double *scale, double *shift) noexcept nogil:
+    """Per-channel mean, scale and shift of the affine, from the group statistics."""
+    cdef Py_ssize_t gi, j
+    cdef double invstd
+    for gi in range(g):
+        invstd = 1.0 / sqrt(gvar[gi] + eps)
+        for j in range(gi * cg, (gi + 1) * cg):
+            cmean[j] = gmean[gi]
+            scale[j] = (w[j] if w != NULL else 1.0) * invstd
+            shift[j] = b[j] if b != NULL else 0.0
+
+
 cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c,
                                Py_ssize_t g, double eps, const double *w, const double *b,
                                double *mean, double *var, bint stream) noexcept nogil:
     """Group norm of one channels-last sample (s rows of c channels) on this thread."""
-    cdef Py_ssize_t cg = c // g, j, gi
-    cdef double invstd
     cdef double *buf = <double *>malloc(4 * c * sizeof(double))
-    cdef double *cm
-    cdef double *cm2
-    cdef double *scale
-    cdef double *shift
     if buf == NULL:
         return -1
-    cm = buf
-    cm2 = buf + c
-    scale = buf + 2 * c
-    shift = buf + 3 * c
-    if rows_stats(x, s, c, c, cm, cm2, 1) != 0:
+    if rows_stats(x, s, c, c, buf, buf + c, 1) != 0:
         free(buf)
         return -1
-    group_moments(cm, cm2, g, cg, s, mean, var)
-    for gi in range(g):
-        invstd = 1.0 / sqrt(var[gi] + eps)
-        for j in range(gi * cg, (gi + 1) * cg):
-            cm[j] = mean[gi]
-            scale[j] = (w[j] if w != NULL else 1.0) * invstd
-            shift[j] = b[j] if b != NULL else 0.0
+    group_moments(buf, buf + c, g, c // g, s, mean, var)
+    group_affine(mean, var, g, c // g, eps, w, b, buf, buf + 2 * c, buf + 3 * c)
     # in memory order: the sample's rows are one span for the kernel (see bn_cl_affine).
     # Last-read rows first (still in L2) measured 1.02-1.04x over rows walked forward one
     # by one, but no faster than the one span (0.995x group, 1.11x instance, paired runs)
     if stream:
-        cl_affine_stream(x, c, y, c, s, c, cm, scale, shift)
+        cl_affine_stream(x, c, y, c, s, c, buf, buf + 2 * c, buf + 3 * c)
         bn_fence()
     else:
-        cl_affine(x, c, y, c, s, c, cm, scale, shift)
+        cl_affine(x, c, y, c, s, c, buf, buf + 2 * c, buf + 3 * c)
     free(buf)
     return 0
 
 
-cdef inline int sample_backward(const floating *dy, const floating *x, floating *dx,
-                                Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
-                                const double *invstd, const double *w, double *sdy,
-                                double *sdyx, bint stream) noexcept nogil:
-    """Group norm backward of one channels-last sample on this thread: per-channel sums
-    (sdy, sdyx: c values), group sums, then dx over the sample's rows."""
+cdef int samples_team(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
+                      Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                      const double *b, double *mean, double *var, int nt,
+                      bint stream) noexcept nogil:
+    """Group norm of channels-last samples one after another, every thread on each: a
+    thread reduces its share of the sample's row chunks (rows_chunks), waits for the
+    others (one barrier), merges all the chunks in chunk order by itself (the chunks,
+    pivots and merges of rows_stats: the same bits as sample_forward), then normalises
+    its own rows. Partials alternate between two slots by sample parity, so a thread
+    may start the next sample while another still merges this one."""
+    cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
+    cdef double *part = <double *>malloc((2 * nchunks * per + nt * (5 * c + 2 * g))
+                                         * sizeof(double))
+    if part == NULL:
+        return -1
+    with parallel(num_threads=nt):
+        team_forward(x, y, n, s, c, g, eps, w, b, mean, var, part, omp_get_thread_num(),
+                     omp_get_num_threads(), stream)
+    free(part)
+    return 0
+
+
+cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
+                       Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                       const double *b, double *mean, double *var, double *part, int tid,
+                       int team, bint stream) noexcept nogil:
+    """Thread tid's part of samples_team."""
+    cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
+    cdef Py_ssize_t k, t, j, r0, r1
+    cdef Py_ssize_t k0 = tid * nchunks // team, k1 = (tid + 1) * nchunks // team
+    cdef double *mine = part + 2 * nchunks * per + tid * (5 * c + 2 * g)
+    cdef double *gm = mine + 5 * c      # mine: pivot, cm, cm2, scale, shift (c); gm: g, g
+    cdef double *slot
+    cdef double *p
+    cdef const floating *xt
+    for t in range(n):
+        xt = x + t * s * c
+        slot = part + (t % 2) * nchunks * per
+        for j in range(c):
+            mine[j] = bn_pivot(<double>xt[j])
+        for k in range(k0, k1):
+            p = slot + k * per
+            rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
+                             p + 2 * c, mine, p, p + c)
+        bncore_barrier()
+        for j in range(c):
+            mine[c + j] = slot[j]
+            mine[2 * c + j] = slot[c + j]
+        for k in range(1, nchunks):
+            bn_chan_merge_vec(<double>(k * s // nchunks), mine + c, mine + 2 * c,
+                              <double>((k + 1) * s // nchunks - k * s // nchunks),
+                              slot + k * per, slot + k * per + c, c)
+        for j in range(c):
+            mine[c + j] += mine[j]
+        group_moments(mine + c, mine + 2 * c, g, c // g, s, gm, gm + g)
+        if tid == 0:
+            for j in range(g):
+                mean[t * g + j] = gm[j]
+                var[t * g + j] = gm[g + j]
+        group_affine(gm, gm + g, g, c // g, eps, w, b, mine + c, mine + 3 * c,
+                     mine + 4 * c)
+        r0 = k0 * s // nchunks
+        r1 = k1 * s // nchunks
+        if r1 > r0 and stream:
+            cl_affine_stream(xt + r0 * c, c, y + (t * s + r0) * c, c, r1 - r0, c, mine + c,
+                             mine + 3 * c, mine + 4 * c)
+        elif r1 > r0:
+            cl_affine(xt + r0 * c, c, y + (t * s + r0) * c, c, r1 - r0, c, mine + c,
+                      mine + 3 * c, mine + 4 * c)
+    if stream:
+        bn_fence()
+
+
+cdef inline bint team_pays(Py_ssize_t n, Py_ssize_t nchunks, int nt, int ntt) noexcept nogil:
+    """Whether every thread on each sample (ntt threads over its nchunks row chunks)
+    finishes sooner than a sample per thread (nt threads): ceil(n / nt) rounds of whole
+    samples against n samples of ceil(nchunks / ntt) chunks in nchunks, with a 10% margin
+    for the barriers. True with fewer samples than threads (batch-1 inference) or a last
+    round that only some threads fill."""
+    return ntt > 1 and (10 * n * ((nchunks + ntt - 1) // ntt)
+                        < 9 * nchunks * ((n + nt - 1) // nt))
+
+
+cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
+                         Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                         const double *b, double *mean, double *var,
+                         int n_threads) noexcept nogil:
+    """Group norm of n channels-last samples: a sample per thread, or every thread on
+    each sample when that leaves fewer threads idle (team_pays). The same bits."""
+    cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
+    cdef bint stream = big_output(n * s * c, sizeof(floating))
+    cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
+    cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
+    if team_pays(n, nchunks, nt, ntt):
+        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntt, stream)
+    for t in prange(n, schedule='static', num_threads=nt):
+        fails += sample_forward(x + t * s * c, y + t * s * c, s, c, g, eps, w, b,
+                                mean + t * g, var + t * g, stream) != 0
+    return -1 if fails else 0
+
+
+cdef inline void chunk_bwd_sums(const floating *dy, const floating *x, Py_ssize_t s,
+                                Py_ssize_t c, Py_ssize_t nchunks, Py_ssize_t k,
+                                const double *cmean, double *sums) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mean)) per channel over row chunk k of a sample, from
+    zero, into sums[0:c] and sums[c:2c]."""
+    cdef Py_ssize_t j, r0 = k * s // nchunks, r1 = (k + 1) * s // nchunks
+    for j in range(2 * c):
+        sums[j] = 0
+    cl_bwd_sums(dy + r0 * c, c, x + r0 * c, c, r1 - r0, c, cmean, sums, sums + c)
+
+
+cdef inline void merge_bwd_sums(const double *sums, Py_ssize_t nchunks, Py_ssize_t c,
+                                double *sdy, double *sdyx) noexcept nogil:
+    """The chunk sums (2c each) added in chunk order: the same for any thread count."""
+    cdef Py_ssize_t j, k
+    for j in range(c):
+        sdy[j] = sums[j]
+        sdyx[j] = sums[c + j]
+    for k in range(1, nchunks):
+        for j in range(c):
+            sdy[j] += sums[2 * c * k + j]
+            sdyx[j] += sums[2 * c * k + c + j]
+
+
+cdef inline void group_dx_coefficients(const double *sdy, const double *sdyx, Py_ssize_t s,
+                                       Py_ssize_t c, Py_ssize_t g, const double *invstd,
+                                       const double *w, double *kv, double *qv,
+                                       double *rv) noexcept nogil:
+    """dx = kv * dy + qv * (x - mean) + rv per channel, from a sample's channel sums."""
     cdef Py_ssize_t cg = c // g, j, gi
     cdef double a, bs, wj, m = <double>(cg * s), q, r
-    cdef double *buf = <double *>malloc(4 * c * sizeof(double))
-    cdef double *mv
-    cdef double *kv
-    cdef double *qv
-    cdef double *rv
-    if buf == NULL:
-        return -1
-    mv = buf
-    kv = buf + c
-    qv = buf + 2 * c
-    rv = buf + 3 * c
-    for gi in range(g):
-        for j in range(gi * cg, (gi + 1) * cg):
-            mv[j] = mean[gi]
-            sdy[j] = 0
-            sdyx[j] = 0
-    cl_bwd_sums(dy, c, x, c, s, c, mv, sdy, sdyx)
     for gi in range(g):
         a = 0
         bs = 0
@@ -498,33 +605,103 @@ cdef inline int sample_backward(const floating *dy, const floating *x, floating 
             kv[j] = (w[j] if w != NULL else 1.0) * invstd[gi]
             qv[j] = q
             rv[j] = r
-    cl_bwd_dx(dy, c, x, c, dx, c, s, c, mv, kv, qv, rv, stream)
+
+
+cdef inline void channel_means(const double *mean, Py_ssize_t c, Py_ssize_t g,
+                               double *cmean) noexcept nogil:
+    cdef Py_ssize_t j, cg = c // g
+    for j in range(c):
+        cmean[j] = mean[j // cg]
+
+
+cdef inline int sample_backward(const floating *dy, const floating *x, floating *dx,
+                                Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                                const double *invstd, const double *w, double *sdy,
+                                double *sdyx, bint stream) noexcept nogil:
+    """Group norm backward of one channels-last sample on this thread: per-channel sums
+    by row chunk (sdy, sdyx: c values, the chunks added in order as samples_bwd_team
+    does), group sums, then dx over the sample's rows."""
+    cdef Py_ssize_t nchunks = rows_chunks(s, c), k
+    cdef double *buf = <double *>malloc((4 + 2 * nchunks) * c * sizeof(double))
+    if buf == NULL:
+        return -1
+    channel_means(mean, c, g, buf)
+    for k in range(nchunks):
+        chunk_bwd_sums(dy, x, s, c, nchunks, k, buf, buf + 4 * c + 2 * c * k)
+    merge_bwd_sums(buf + 4 * c, nchunks, c, sdy, sdyx)
+    group_dx_coefficients(sdy, sdyx, s, c, g, invstd, w, buf + c, buf + 2 * c, buf + 3 * c)
+    cl_bwd_dx(dy, c, x, c, dx, c, s, c, buf, buf + c, buf + 2 * c, buf + 3 * c, stream)
     if stream:
         bn_fence()
     free(buf)
     return 0
 
 
-cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
-                         Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
-                         const double *b, double *mean, double *var,
-                         int n_threads) noexcept nogil:
-    cdef Py_ssize_t t, fails = 0
-    cdef bint stream = big_output(n * s * c, sizeof(floating))
-    cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
-    for t in prange(n, schedule='static', num_threads=nt):
-        fails += sample_forward(x + t * s * c, y + t * s * c, s, c, g, eps, w, b,
-                                mean + t * g, var + t * g, stream) != 0
-    return -1 if fails else 0
+cdef int samples_bwd_team(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                          Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                          const double *invstd, const double *w, double *sdy, double *sdyx,
+                          int nt, bint stream) noexcept nogil:
+    """Group norm backward of channels-last samples one after another, every thread on
+    each (as samples_team): chunk sums of its own row chunks, a barrier, the chunks
+    added in order by each thread (the same bits as sample_backward), then dx of its
+    own rows. Chunk sums alternate between two slots by sample parity."""
+    cdef double *part = <double *>malloc((4 * rows_chunks(s, c) + 6 * nt) * c
+                                         * sizeof(double))
+    if part == NULL:
+        return -1
+    with parallel(num_threads=nt):
+        team_backward(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx, part,
+                      omp_get_thread_num(), omp_get_num_threads(), stream)
+    free(part)
+    return 0
+
+
+cdef void team_backward(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                        Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                        const double *invstd, const double *w, double *sdy, double *sdyx,
+                        double *part, int tid, int team, bint stream) noexcept nogil:
+    """Thread tid's part of samples_bwd_team."""
+    cdef Py_ssize_t nchunks = rows_chunks(s, c), k, t, r0, r1
+    cdef Py_ssize_t k0 = tid * nchunks // team, k1 = (tid + 1) * nchunks // team
+    cdef double *mine = part + (4 * nchunks + 6 * tid) * c  # means, k, q, r, sdy, sdyx (c)
+    cdef double *slot
+    cdef const floating *gt
+    cdef const floating *xt
+    for t in range(n):
+        gt = dy + t * s * c
+        xt = x + t * s * c
+        slot = part + (t % 2) * 2 * nchunks * c
+        channel_means(mean + t * g, c, g, mine)
+        for k in range(k0, k1):
+            chunk_bwd_sums(gt, xt, s, c, nchunks, k, mine, slot + 2 * c * k)
+        bncore_barrier()
+        merge_bwd_sums(slot, nchunks, c, mine + 4 * c, mine + 5 * c)
+        if tid == 0:
+            for k in range(c):
+                sdy[t * c + k] = mine[4 * c + k]
+                sdyx[t * c + k] = mine[5 * c + k]
+        group_dx_coefficients(mine + 4 * c, mine + 5 * c, s, c, g, invstd + t * g, w,
+                              mine + c, mine + 2 * c, mine + 3 * c)
+        r0 = k0 * s // nchunks
+        r1 = k1 * s // nchunks
+        if r1 > r0:
+            cl_bwd_dx(gt + r0 * c, c, xt + r0 * c, c, dx + (t * s + r0) * c, c, r1 - r0, c,
+                      mine, mine + c, mine + 2 * c, mine + 3 * c, stream)
+    if stream:
+        bn_fence()
 
 
 cdef int samples_backward(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
                           Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
                           const double *invstd, const double *w, double *sdy, double *sdyx,
                           int n_threads) noexcept nogil:
-    cdef Py_ssize_t t, fails = 0
+    cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
     cdef bint stream = big_output(n * s * c, sizeof(floating))
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
+    cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
+    if team_pays(n, nchunks, nt, ntt):
+        return samples_bwd_team(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx, ntt,
+                                stream)
     for t in prange(n, schedule='static', num_threads=nt):
         fails += sample_backward(dy + t * s * c, x + t * s * c, dx + t * s * c, s, c, g,
                                  mean + t * g, invstd + t * g, w, sdy + t * c, sdyx + t * c,

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import bncore
+from bncore import _reference as ref
 
 SHAPE = (8, 64, 16, 16)          # 131,072 values: several chunks per thread
 
@@ -149,6 +150,56 @@ def test_bitwise_identical_for_any_n_threads(name, dtype):
     assert all(a.size > 0 for a in base)
     for nt in (2, 3, 8, None):
         assert identical(base, ops[name](nt)), f"{name} ({dtype}) differs with {nt} threads"
+
+
+# Channels-last group and instance norm run a sample per thread, or put every thread on
+# each sample when that leaves fewer threads idle (fewer samples than threads, as in
+# batch-1 inference, or a last round that only some threads fill). Each case has several
+# row chunks per sample (rows_chunks: 4 for 3,136 rows of 64 channels, 2 for 16,384 of 5
+# and 9,216 of 12), so both ways run across n_threads: n=1 is shared by any team of 2 or
+# more; n=3 is shared by 2 threads and runs a sample per thread with 3.
+FEW_SAMPLES = [((1, 56, 56, 64), 8), ((3, 56, 56, 64), 32), ((1, 128, 128, 5), 5),
+               ((1, 96, 96, 12), 4)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape,groups", FEW_SAMPLES)
+def test_channels_last_samples_shared_by_the_threads(shape, groups, dtype):
+    rng = np.random.default_rng(5)
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    c = shape[-1]
+    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+
+    def run(nt):
+        y, m, s = bncore.group_norm_forward(x, groups, w, b, axis=-1, n_threads=nt)
+        grads = bncore.group_norm_backward(dy, x, m, s, groups, w, axis=-1, n_threads=nt)
+        yi, mi, si = bncore.instance_norm_forward(x, w, b, axis=-1, n_threads=nt)
+        gradsi = bncore.instance_norm_backward(dy, x, mi, si, w, axis=-1, n_threads=nt)
+        return (y, m, s) + tuple(grads) + (yi, mi, si) + tuple(gradsi)
+
+    base = run(1)
+    for nt in (2, 3, 8):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    xx = x.copy()   # in place, shared by the threads
+    bncore.group_norm(xx, groups, w, b, axis=-1, out=xx, n_threads=2)
+    assert np.array_equal(xx, base[0])
+    gg = dy.copy()
+    bncore.group_norm_backward(gg, x, base[1], base[2], groups, w, axis=-1, out=gg,
+                               n_threads=2)
+    assert np.array_equal(gg, base[3])
+    # and the values are right: the float64 reference
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    ry, rm, rs = ref.group_norm_forward(x, groups, w, b, axis=-1)
+    for got, want in zip(base[:3], (ry, rm, rs)):
+        np.testing.assert_allclose(got, want, **tol)
+    for got, want in zip(base[3:6], ref.group_norm_backward(dy, x, rm, rs, groups, w, axis=-1)):
+        np.testing.assert_allclose(got, want, **tol)
+    ry, rm, rs = ref.instance_norm_forward(x, w, b, axis=-1)
+    for got, want in zip(base[6:9], (ry, rm, rs)):
+        np.testing.assert_allclose(got, want, **tol)
+    for got, want in zip(base[9:], ref.instance_norm_backward(dy, x, rm, rs, w, axis=-1)):
+        np.testing.assert_allclose(got, want, **tol)
 
 
 _DIGEST_SCRIPT = """
