@@ -14,7 +14,7 @@ from .common import channel_axis, data
 DTYPES = ["float32", "float64"]
 THREADS = [1, 2]
 ROW_SHAPES = [(8192, 768), (65536, 64)]            # transformer rows; many short rows
-SPATIAL_SHAPES = [(32, 64, 56, 56), (8, 32, 16, 16)]
+SPATIAL_SHAPES = [(32, 64, 56, 56), (8, 32, 16, 16), (1, 64, 56, 56)]   # ...; batch 1
 LAYOUTS = ["NCHW", "NHWC"]
 GROUPS = 32
 

@@ -74,3 +74,17 @@ def test_family_backward_cases_compare_like_with_like(op, shape, layout):
     row = _bench.run_case(case, 1, 1, 0.001, reference=False)
     assert row["peer"] == "torch" and row["target"] is None and row["verdict"] is None
     assert row["max_rel_diff_vs_peer"] < 1e-4, row["max_rel_diff_vs_peer"]
+
+
+def test_the_noted_pytorch_fault_is_real():
+    """The batch-1 channels-last instance_norm backward row says PyTorch's gradients are
+    wrong there: the run's own check of dx sees it (here at a small shape), while bncore's
+    agree with the float64 reference (test_threads: samples shared by the threads). If a
+    PyTorch upgrade fixes it, this fails: drop the note (TORCH_IN_BWD_CL_N1)."""
+    case = _bench.family_backward("instance_norm", (1, 8, 5, 5), "NHWC", target=1.0,
+                                  peer_note=_bench.TORCH_IN_BWD_CL_N1)
+    row = _bench.run_case(case, 1, 1, 0.001, reference=False)
+    assert row["peer_note"] == _bench.TORCH_IN_BWD_CL_N1
+    assert row["max_rel_diff_vs_peer"] > 0.1, row["max_rel_diff_vs_peer"]
+    ok = _bench.family_backward("instance_norm", (2, 8, 5, 5), "NHWC")   # batch 2: right
+    assert _bench.run_case(ok, 1, 1, 0.001, reference=False)["max_rel_diff_vs_peer"] < 1e-4
