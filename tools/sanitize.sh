@@ -60,10 +60,10 @@ done
 # --- what to run
 if [ "$quick" = 1 ]; then
     tests=(tests/test_core_batchnorm.py tests/test_core_moments.py tests/test_core_family.py
-           tests/test_bad_input.py tests/test_properties.py
+           tests/test_bad_input.py tests/test_properties.py tests/test_outputs.py
            "tests/test_threads.py::test_bitwise_identical_for_any_n_threads"
+           "tests/test_threads.py::test_channels_last_samples_shared_by_the_threads"
            "tests/test_threads.py::test_eight_python_threads_at_once_give_the_serial_results")
-    export HYPOTHESIS_PROFILE=dev
 else
     tests=(tests)
 fi
@@ -96,7 +96,7 @@ LD_PRELOAD="$asan $ubsan" python3 -m pytest -q -p no:cacheprovider "${tests[@]}"
     "${deselect[@]}" "${pytest_extra[@]}" || status=$?
 
 # --- sanitizer reports: ours when a stack frame is in bncore's sources or .so files
-ours='(bncore/src/|bncore/_[a-z]+\.(c|pyx)|/_(batchnorm|stats|rownorm|openmp)\.cpython)'
+ours='(bncore/src/|bncore/_[a-z]+\.(c|pyx)|/_(batchnorm|stats|rownorm|openmp|outputs)\.cpython)'
 reports=$(find "$logs" -type f | sort)
 nreports=$(printf '%s' "$reports" | grep -c . || true)
 bad=0
