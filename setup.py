@@ -21,7 +21,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["_openmp", "_stats", "_batchnorm", "_rownorm"]
+MODULES = ["_openmp", "_outputs", "_stats", "_batchnorm", "_rownorm"]
 
 OPENMP_PROBE = r"""
 #include <omp.h>

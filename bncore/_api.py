@@ -470,7 +470,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
         return dx, dweight.astype(sdt), dbias.astype(sdt)
     v = canonical_view(arr, ax)
     gv = matching_view(g, ax, v)
-    dx, dv = output_like(gv, dtype, out, ax)
+    dx, dv = output_like(gv, dtype, out, ax, v.arr)
     _batchnorm.backward(gv.arr, v.arr, dx, v.outer, v.nch, v.inner, gv.so, gv.sc, v.so, v.sc,
                         dv.so, dv.sc, mean, invstd, w, training, dweight, dbias, nt)
     return finish_output(dx, out, dtype), dweight.astype(sdt), dbias.astype(sdt)

@@ -43,6 +43,7 @@ from bncore._kernels cimport (
 )
 from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_eps, plain_like, plain_vector
 from bncore._openmp cimport work_threads
+from bncore._outputs cimport empty_apart
 
 cnp.import_array()
 
@@ -432,7 +433,7 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     elif mt < 0 or vt < 0:
         return None
     # valid: nothing below can fail but for memory
-    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dim = nch
     mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
@@ -520,7 +521,7 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
         inner *= cnp.PyArray_DIM(arr, i)
     train = bool(training)
     # valid: nothing below can fail but for memory
-    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, dy, x)
     dim = nch
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)

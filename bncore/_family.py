@@ -18,6 +18,7 @@ import operator
 import numpy as np
 
 from bncore import _api, _rownorm
+from bncore._outputs import empty_like_apart
 from bncore._validation import (
     check_eps, check_out, check_real, check_writeable, finish_output, float_input,
     normalize_axis, param_vector, resolve_threads, running_stat, same_float_input,
@@ -99,7 +100,7 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
         y = out if out is not None else np.empty(arr.shape, dtype)
         return y, mean, invstd, lead
     xr, ldx = _rows(arr, nrows, d)
-    y = out if _direct_out(out, arr.dtype, arr) else np.empty(arr.shape, arr.dtype)
+    y = out if _direct_out(out, arr.dtype, arr) else empty_like_apart(arr.shape, arr.dtype, xr)
     # weight/bias in x's dtype: for float32 the elementwise pass is float arithmetic
     _rownorm.forward(xr, y, nrows, d, ldx, d, eps,
                      None if w is None else w.reshape(d).astype(arr.dtype),
@@ -137,7 +138,8 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     else:
         xr, ldx = _rows(arr, nrows, d)
         gr, ldg = _rows(g, nrows, d)
-        dx = out if _direct_out(out, arr.dtype, arr, g) else np.empty(arr.shape, arr.dtype)
+        dx = (out if _direct_out(out, arr.dtype, arr, g)
+              else empty_like_apart(arr.shape, arr.dtype, xr, gr))
         _rownorm.backward(gr, xr, dx, nrows, d, ldg, ldx, d,
                           None if m is None else m.reshape(nrows), s.reshape(nrows),
                           np.ones(d) if w is None else w.reshape(d), dweight, dbias, rms, nt)
@@ -412,13 +414,14 @@ class _Spatial:
         moved = (self.n, self.c) + self.shape[1:self.ax] + self.shape[self.ax + 1:]
         return np.moveaxis(a.reshape(moved), 1, self.ax)
 
-    def output(self, out, *inputs):
-        """(kernel-layout array to compute into, whether it is ``out`` itself)."""
+    def output(self, out, *inputs, dy=None):
+        """(kernel-layout array to compute into, whether it is ``out`` itself). A new one is
+        placed apart from the kernel's inputs, self.data and dy (bncore._outputs)."""
         if out is not None and out.dtype == self.data.dtype:
             view = self._moved(out)
             if view.flags.c_contiguous and _direct_out(view, self.data.dtype, *inputs):
                 return view.reshape(self.data.shape), True
-        return np.empty(self.data.shape, self.data.dtype), False
+        return empty_like_apart(self.data.shape, self.data.dtype, self.data, dy), False
 
 
 def _check_groups(num_groups, c):
@@ -476,7 +479,7 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
     dweight = np.empty(sp.c, _F64)
     dbias = np.empty(sp.c, _F64)
-    dxk, direct = sp.output(out, sp.arr, gk)
+    dxk, direct = sp.output(out, sp.arr, gk, dy=gk)
     _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd, w,
                             dweight, dbias, nt)
     dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype)

@@ -52,6 +52,7 @@ from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_threads,
     plain_type, plain_vector, trailing_dims,
 )
+from bncore._outputs cimport empty_apart
 from bncore._openmp cimport bncore_barrier, omp_get_num_threads, omp_get_thread_num, work_threads
 
 cnp.import_array()
@@ -243,7 +244,7 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
     for i in range(nd - k, nd):
         d *= cnp.PyArray_DIM(arr, i)
     # valid: nothing below can fail but for memory
-    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dim = nrows
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
@@ -858,7 +859,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
         return None
     # valid: nothing below can fail but for memory
     ep = eps
-    y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dims[0] = n
     dims[1] = g
     mean = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
@@ -932,7 +933,7 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
     for i in range(nd - k, nd):
         d *= cnp.PyArray_DIM(arr, i)
     # valid: nothing below can fail but for memory
-    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
     dim = d
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
@@ -1000,7 +1001,7 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
                 or cnp.PyArray_DIM(<cnp.ndarray>a, 1) != g):
             return None
     # valid: nothing below can fail but for memory
-    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(arr), xt, 0)
+    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
     dim = c
     dweight = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)

@@ -13,6 +13,7 @@ import operator
 import numpy as np
 
 from bncore import _openmp
+from bncore._outputs import empty_like_apart
 
 __all__ = [
     "float_input", "resolve_threads", "check_eps", "normalize_axis", "param_vector",
@@ -241,11 +242,12 @@ def _rows_copy(arr, axis, like):
     return View(y, "rows", like.outer, like.nch, 1, like.nch, 1)
 
 
-def output_like(view, dtype, out, axis):
-    """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout."""
+def output_like(view, dtype, out, axis, other=None):
+    """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout.
+    A new C-contiguous array is placed apart from view.arr and ``other`` (bncore._outputs)."""
     if out is None:
         if view.arr.flags.c_contiguous:
-            y = np.empty(view.arr.shape, view.arr.dtype)
+            y = empty_like_apart(view.arr.shape, view.arr.dtype, view.arr, other)
             return y, View(y, view.kind, view.outer, view.nch, view.inner, view.so, view.sc)
         y = np.empty_like(view.arr)
         v = _try_view(y, axis)

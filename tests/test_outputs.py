@@ -1,0 +1,138 @@
+"""Where bncore puts the arrays it allocates (bncore._outputs).
+
+A kernel that reads x[i] (and dy[i]) while it writes y[i] stalls when y starts 1..256
+bytes past x modulo 4096 (the core's store->load check sees only the low 12 address bits:
+"4K aliasing"; up to 1.99x measured), and the heap puts a page-multiple array allocated
+right after another 16 bytes past it modulo 4096. Outputs of 64 KiB or more therefore
+come from bncore's NumPy memory handler, which starts them clear of the inputs. Checked
+by making the heap's next block of the output's size trail an input on purpose (free a
+probe block, then place the input just before the probe's address) and calling the ops.
+"""
+import pickle
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import _outputs
+
+try:
+    from numpy._core.multiarray import get_handler_name
+except ImportError:   # NumPy 1.x
+    from numpy.core.multiarray import get_handler_name
+
+NEAR, SPAN = 256, 4096
+
+
+def trails(y, a):
+    d = (y.ctypes.data - a.ctypes.data) % SPAN
+    return 0 < d <= NEAR
+
+
+def input_before_next(shape, dtype, rel, keep):
+    """An array of shape/dtype that the heap's next block of that size would trail by
+    ``rel`` bytes (modulo 4096): a view into a buffer kept in ``keep``."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    values = np.random.default_rng(rel).normal(2.0, 1.5, shape).astype(dtype)
+    raw = np.empty(nbytes + 2 * SPAN, np.uint8)   # before the probe: nothing allocated
+    keep += [raw, values]                          # after it may take the probe's block
+    for _ in range(2):   # the first free of a big block raises glibc's mmap threshold:
+        probe = np.empty(nbytes, np.uint8)   # the second probe and what follows are heap
+        addr = probe.ctypes.data
+        del probe
+    start = (addr - rel - raw.ctypes.data) % SPAN
+    a = raw[start:start + nbytes].view(dtype).reshape(shape)
+    a[...] = values
+    return a
+
+
+def test_the_probe_makes_a_plain_allocation_trail():
+    """The test's own premise: without bncore's handler, the next array trails the input."""
+    keep = []
+    a = input_before_next((64, 1000), np.float32, 32, keep)
+    assert trails(np.empty((64, 1000), np.float32), a)
+
+
+@pytest.mark.parametrize("rel", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_like_apart_never_trails_its_inputs(rel, dtype):
+    keep, shape = [], (64, 1000)
+    a = input_before_next(shape, dtype, rel, keep)
+    y = _outputs.empty_like_apart(shape, dtype, a)
+    assert not trails(y, a)
+    b = input_before_next(shape, dtype, rel, keep)   # and two inputs
+    y2 = _outputs.empty_like_apart(shape, dtype, a, b)
+    assert not trails(y2, a) and not trails(y2, b)
+    for arr in (y, y2):   # an ordinary array that owns its memory
+        assert arr.shape == shape and arr.dtype == dtype
+        assert arr.flags.c_contiguous and arr.flags.writeable and arr.flags.owndata
+        assert arr.base is None and arr.ctypes.data % 64 == 0
+        assert get_handler_name(arr) == "bncore_apart"
+
+
+def test_apart_arrays_behave_like_any_other():
+    keep = []
+    a = input_before_next((300, 300), np.float32, 32, keep)
+    y = bncore.layer_norm(a, 300)
+    assert get_handler_name(y) == "bncore_apart" and not trails(y, a)
+    want = y.copy()
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(y)), want)
+    y.resize((600, 300), refcheck=False)   # realloc through the handler keeps the data
+    np.testing.assert_array_equal(y[:300], want)
+    y.resize((10, 300), refcheck=False)
+    np.testing.assert_array_equal(y, want[:10])
+    # the handler was only in place for bncore's own allocation
+    assert get_handler_name(np.empty(10**6)) != "bncore_apart"
+    # small outputs: NumPy's allocator
+    assert get_handler_name(bncore.layer_norm(a[:10, :100], 100)) != "bncore_apart"
+
+
+@pytest.mark.parametrize("rel", [16, 32, 128])
+def test_op_outputs_never_trail_their_inputs(rel):
+    """Every allocating entry point, fast path and general path, forward and backward."""
+    keep = []
+    nchw, nhwc, rows = (8, 16, 20, 20), (8, 20, 20, 16), (400, 128)
+    w16 = np.linspace(0.5, 1.5, 16).astype(np.float32)
+    wr = np.linspace(0.5, 1.5, 128).astype(np.float32)
+
+    def x_(shape):
+        return input_before_next(shape, np.float32, rel, keep)
+
+    checks = []
+    x = x_(nchw)
+    checks.append(("batch_norm", bncore.batch_norm(x, None, None, w16, training=True), x))
+    x = x_(nhwc)
+    y, m, s = bncore.batch_norm_forward(x, w16, axis=-1)
+    checks.append(("batch_norm_forward", y, x))
+    dy = x_(nhwc)
+    dx = bncore.batch_norm_backward(dy, x, m, s, w16, axis=-1)[0]
+    checks += [("batch_norm_backward/x", dx, x), ("batch_norm_backward/dy", dx, dy)]
+    x = x_(rows)
+    y, m, s = bncore.layer_norm_forward(x, 128, wr, wr)
+    checks.append(("layer_norm_forward", y, x))
+    dy = x_(rows)
+    dx = bncore.layer_norm_backward(dy, x, m, s, 128, wr)[0]
+    checks += [("layer_norm_backward/x", dx, x), ("layer_norm_backward/dy", dx, dy)]
+    x = x_(rows)
+    checks.append(("rms_norm", bncore.rms_norm(x, 128, wr), x))
+    x = x_(nhwc)
+    y, m, s = bncore.group_norm_forward(x, 4, w16, w16, axis=-1)
+    checks.append(("group_norm_forward", y, x))
+    dy = x_(nhwc)
+    dx = bncore.group_norm_backward(dy, x, m, s, 4, w16, axis=-1)[0]
+    checks += [("group_norm_backward/x", dx, x), ("group_norm_backward/dy", dx, dy)]
+    # the general path (eps given as an int is not the one-step call)
+    x = x_(nchw)
+    checks.append(("batch_norm, general", bncore.batch_norm(x, None, None, w16,
+                                                            training=True, eps=0), x))
+    x = x_(rows)
+    checks.append(("layer_norm, general", bncore.layer_norm(x, 128, wr, wr, eps=0), x))
+    x = x_(nchw)
+    checks.append(("group_norm, general", bncore.group_norm(x, 4, w16, w16, eps=0), x))
+    dy = x_(nchw)
+    _, m, s = bncore.batch_norm_forward(x, w16)
+    dx = bncore.batch_norm_backward(dy, x, m, s, w16, training=0)[0]
+    checks += [("batch_norm_backward, general/x", dx, x),
+               ("batch_norm_backward, general/dy", dx, dy)]
+    for name, out, inp in checks:
+        assert not trails(out, inp), f"{name}: the output trails its input"
