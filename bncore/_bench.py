@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from bncore._outputs import empty_like_apart
+
 import bncore
 from bncore import _openmp
 from bncore import _reference as ref
@@ -393,7 +395,9 @@ def run_case(case, nt, repeat, min_time, reference):
     agree = None if peer_key is None else _agreement(ours, calls[peer_key](), case.layout)
     del ours
     xc = np.ascontiguousarray(x)
-    dst = np.empty_like(xc)
+    # clear of xc modulo 4096 (bncore._outputs): a copy into a buffer allocated right
+    # after its source (16 bytes past it, modulo 4096) ran 4.3x slower on this machine
+    dst = empty_like_apart(xc.shape, xc.dtype, xc)
     if case.traffic == "copy":
         calls["copy"] = lambda: _openmp.threaded_copy(xc, dst, nt)
     elif case.traffic == "read":
