@@ -176,15 +176,16 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
 
 #if BN_T_IS_FLOAT
 /* Moments of n = nseg * len floats (segments as bn_seg_moments), n <= BN_RUN_MAX, in one
- * double pass around a shift K: the float nearest the mean of the first (up to 16)
- * values, or 0 where that is not finite. u = x - K is exact in double; mean (of x - K) =
+ * double pass around a shift K: a float near the mean of the first (up to 16) values
+ * (their sum in float lanes: within a few float ulps of it), or 0 where that is not
+ * finite. u = x - K is exact in double; mean (of x - K) =
  * sum(u)/n, M2 = sum(u^2) - sum(u)^2/n, with a relative error of about
  * sqrt(n/16) * eps * sum(u^2) / M2 (n/16 at worst). That ratio is 1 + z^2, z = K's
  * distance from the mean in standard deviations: about 1/4 for a shift averaging 16
  * values, so the statistics are as exact as the corrected two-pass ones (the float64
  * running statistics of a float32 batch are exact to two ulps), and never worse than
- * z^2 <= n since K lies among the values of the run, within sqrt(n - 1) standard
- * deviations of their mean (Samuelson): below n^2/16 * eps, 7e-9 (an eighth of a float32
+ * z^2 <= n (and a few float ulps) since K lies among the values of the run, within
+ * sqrt(n - 1) standard deviations of their mean (Samuelson): below n^2/16 * eps, 7e-9 (an eighth of a float32
  * ulp) at BN_RUN_MAX. Layer-norm rows, the (sample, group) runs of group and instance norm
  * and batch-norm channels that small, which read each value once here instead of twice
  * (float shift pass, then double pass). A constant run gives K == its value, u == 0:
@@ -194,26 +195,49 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
 #ifndef BN_RUN_MAX
 #define BN_RUN_MAX 32768
 #endif
-BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
-                                            ptrdiff_t stride, double *shift, double *mean,
-                                            double *m2)
+/* K and the sums sd = sum(u), sdd = sum(u^2), u = x - K, of bn_run_moments. */
+BN_INLINE void BN_NAME(bn_run_sums_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                         ptrdiff_t stride, double *shift, double *sd,
+                                         double *sdd)
 {
-    const double n = (double)nseg * (double)len;
-    double sd, sdd, q, K = 0;
-    if (len >= 16) {   /* a tree, not a chain of 16 adds: short rows feel its latency */
-        bn_v4d a = BN_LOAD4(x), b = BN_LOAD4(x + 4), c = BN_LOAD4(x + 8), d = BN_LOAD4(x + 12);
-        K = bn_v4d_total((a + b) + (c + d)) * 0.0625;
+    double K = 0;
+    if (len >= 16) {
+        /* a tree in float lanes (converting 16 values to double cost 7% of a 64-value
+         * layer-norm row): K need only be a float near the mean. Each value is scaled by
+         * 1/16 first (exact but for subnormals), so no partial sum can overflow */
+        const bn_v8f sixteenth = {0.0625f, 0.0625f, 0.0625f, 0.0625f,
+                                  0.0625f, 0.0625f, 0.0625f, 0.0625f};
+        bn_v8f a, b;
+        memcpy(&a, x, sizeof a);
+        memcpy(&b, x + 8, sizeof b);
+        a = a * sixteenth + b * sixteenth;
+        const bn_v4f h = {a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]};
+        K = (double)((h[0] + h[2]) + (h[1] + h[3]));
     } else {
         for (ptrdiff_t i = 0; i < len; i++)
             K += (double)x[i];
         K /= (double)len;
     }
     K = bn_pivot((double)(float)K);
-    BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd);
-    q = sdd - sd * (sd / n);
+    BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, sd, sdd);
+    *shift = K;
+}
+
+/* mean (relative to the shift) and M2 of n values from their sums (bn_run_sums_body). */
+BN_INLINE void bn_run_finish(double n, double sd, double sdd, double *mean, double *m2)
+{
+    const double q = sdd - sd * (sd / n);
     *m2 = q < 0 ? 0.0 : q;   /* < 0 only by rounding; nan is kept */
     *mean = sd / n;
-    *shift = K;
+}
+
+BN_INLINE void BN_NAME(bn_run_moments_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                            ptrdiff_t stride, double *shift, double *mean,
+                                            double *m2)
+{
+    double sd, sdd;
+    BN_NAME(bn_run_sums_body)(x, nseg, len, stride, shift, &sd, &sdd);
+    bn_run_finish((double)nseg * (double)len, sd, sdd, mean, m2);
 }
 
 static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
@@ -865,10 +889,13 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
                 q[i] = BN_NAME(bn_seg_sumsq_body)(xg + i * ldx, 1, d, 0);
         } else {
 #if BN_T_IS_FLOAT
-            for (ptrdiff_t i = 0; i < nr; i++) {   /* one double pass (bn_run_moments) */
-                double shift;
-                BN_NAME(bn_run_moments_body)(xg + i * ldx, 1, d, 0, &shift, &m[i], &q[i]);
-                m[i] += shift;
+            double k[BN_ROWS_GROUP];
+            for (ptrdiff_t i = 0; i < nr; i++)   /* one double pass (bn_run_moments) */
+                BN_NAME(bn_run_sums_body)(xg + i * ldx, 1, d, 0, &k[i], &m[i], &q[i]);
+            for (ptrdiff_t i = 0; i < nr; i++) {   /* divisions 4 rows to a vector */
+                double mi;
+                bn_run_finish(n, m[i], q[i], &mi, &q[i]);
+                m[i] = mi + k[i];
             }
 #else
             for (ptrdiff_t i = 0; i < nr; i++) {
