@@ -152,7 +152,11 @@ cdef object empty_apart(int nd, cnp.npy_intp *dims, int typenum, object a, objec
 def empty_like_apart(shape, dtype, a=None, b=None):
     """empty_apart for the Python layer: a C-contiguous array of shape and dtype."""
     cdef cnp.dtype dt = cnp.dtype(dtype)
-    cdef tuple sh = tuple(shape) if isinstance(shape, tuple) else (shape,)
+    cdef tuple sh
+    try:
+        sh = tuple(shape)
+    except TypeError:   # an int
+        sh = (shape,)
     cdef cnp.npy_intp dims[32]
     cdef int i
     if len(sh) > 32:
