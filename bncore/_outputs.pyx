@@ -17,7 +17,7 @@ allocated right after its input trails it by 16 bytes, and in a loop by 16 or 32
 alternate calls (most cases of `python -m bncore bench` did).
 
 So the outputs bncore allocates come from a NumPy memory handler (NEP 49) that asks the
-heap for 4 KiB + 64 bytes more and starts the array at the first of eight 64-byte
+heap for 4 KiB + 128 bytes more and starts the array at the first of eight 64-byte
 aligned places 512 bytes apart that trails none of the inputs (each input rules out at
 most two). The array owns its memory as any other (its handler frees it); the same size
 is asked for on every call of a loop, so the heap hands the same block back and no page
