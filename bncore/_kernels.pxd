@@ -425,6 +425,28 @@ cdef inline bint planes_by_sample(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t i
     return sc == inner and outer >= 128 and inner * itemsize < 4096 and nch > 1
 
 
+cdef inline void merge_row_chunks(const double *buf, Py_ssize_t per, Py_ssize_t nchunks,
+                                  Py_ssize_t nrows, Py_ssize_t unit, Py_ssize_t nch,
+                                  const double *pivot, double *mean,
+                                  double *m2) noexcept nogil:
+    """The states of nchunks chunks of nrows rows (chunk k: rows k * nrows // nchunks on,
+    unit values per row and channel; mean then M2 of nch channels at buf + k * per,
+    relative to pivot) merged in chunk order into mean (absolute) and m2. The one merge of
+    the chunked statistics: planes_stats, rows_stats and the channels-last group norm
+    that spreads a sample's chunks over threads (which must match rows_stats bit for bit)."""
+    cdef Py_ssize_t s, c, r0, r1
+    for c in range(nch):
+        mean[c] = buf[c]
+        m2[c] = buf[nch + c]
+    for s in range(1, nchunks):
+        r0 = s * nrows // nchunks
+        r1 = (s + 1) * nrows // nchunks
+        bn_chan_merge_vec(<double>(r0 * unit), mean, m2, <double>((r1 - r0) * unit),
+                          buf + s * per, buf + s * per + nch, nch)
+    for c in range(nch):
+        mean[c] += pivot[c]
+
+
 cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
                                        Py_ssize_t inner, Py_ssize_t so, double *mean,
                                        double *m2, int n_threads) noexcept nogil:
@@ -454,16 +476,7 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
                             &p[3 * nch + c])
             bn_chan_merge_vec(<double>((n - n0) * inner), p, p + nch, <double>inner,
                               p + 2 * nch, p + 3 * nch, nch)
-    for c in range(nch):
-        mean[c] = buf[c]
-        m2[c] = buf[nch + c]
-    for s in range(1, nchunks):
-        n0 = s * outer // nchunks
-        n1 = (s + 1) * outer // nchunks
-        bn_chan_merge_vec(<double>(n0 * inner), mean, m2, <double>((n1 - n0) * inner),
-                          buf + s * per, buf + s * per + nch, nch)
-    for c in range(nch):
-        mean[c] += pivot[c]
+    merge_row_chunks(buf, per, nchunks, outer, inner, nch, pivot, mean, m2)
     free(buf)
     return 0
 
@@ -474,7 +487,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
 
     Row chunks are reduced in parallel into partial states, merged in chunk order.
     """
-    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, r0, r1, c
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c
     cdef Py_ssize_t per = 2 * nch + 5 * CHANNEL_BLOCK
     cdef double *buf
     cdef double *p
@@ -490,16 +503,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
         p = buf + s * per
         rows_chunk_stats(x, s * nrows // nchunks, (s + 1) * nrows // nchunks, nch, ld,
                          p + 2 * nch, pivot, p, p + nch)
-    for c in range(nch):
-        mean[c] = buf[c]
-        m2[c] = buf[nch + c]
-    for s in range(1, nchunks):
-        r0 = s * nrows // nchunks
-        r1 = (s + 1) * nrows // nchunks
-        bn_chan_merge_vec(<double>r0, mean, m2, <double>(r1 - r0), buf + s * per,
-                          buf + s * per + nch, nch)
-    for c in range(nch):
-        mean[c] += pivot[c]
+    merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
     free(buf)
     return 0
 

@@ -40,7 +40,7 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge,
-    bn_chan_merge_vec, bn_moments, bn_pivot, rows_chunk_stats, rows_chunks,
+    bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks,
     bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
@@ -506,15 +506,7 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
             rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
                              p + 2 * c, mine, p, p + c)
         bncore_barrier()
-        for j in range(c):
-            mine[c + j] = slot[j]
-            mine[2 * c + j] = slot[c + j]
-        for k in range(1, nchunks):
-            bn_chan_merge_vec(<double>(k * s // nchunks), mine + c, mine + 2 * c,
-                              <double>((k + 1) * s // nchunks - k * s // nchunks),
-                              slot + k * per, slot + k * per + c, c)
-        for j in range(c):
-            mine[c + j] += mine[j]
+        merge_row_chunks(slot, per, nchunks, s, 1, c, mine, mine + c, mine + 2 * c)
         group_moments(mine + c, mine + 2 * c, g, c // g, s, gm, gm + g)
         if tid == 0:
             for j in range(g):
