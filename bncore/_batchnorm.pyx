@@ -15,8 +15,11 @@ Every call arrives as a canonical view (see bncore._kernels):
   chunks instead and normalised in a second pass. A float channel of at most BN_RUN_MAX
   values (small batches, where the cost is per call) takes one double pass around a float
   shift instead of the block statistics (bn_run_moments: the batch statistics exact to
-  far below a float32 ulp, and to a few float64 ulps for typical data; moments() and
-  Moments keep the two-pass blocks, whose float64 results are exact for any data).
+  far below a float32 ulp, and to a few float64 ulps for typical data); a larger float
+  channel takes that one pass per statistics block (each block around its own shift,
+  the blocks merged with Chan's formula: the same bound per block), so memory is read
+  once and each value converted once. moments() and Moments keep the two-pass blocks,
+  whose float64 results are exact for any data.
 - rows (R, C), channels contiguous (channels-last): statistics over row chunks with
   per-chunk partial states merged in chunk order, then one normalising pass; loops run
   across channels so they vectorise.
@@ -70,7 +73,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     if training and not fused:
-        if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads) != 0:
+        if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads, True) != 0:
             return -1
         for c in range(nch):
             var[c] = var[c] / m
@@ -117,7 +120,7 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     if floating is float and outer * inner <= BN_RUN_MAX:   # small: one pass (see notes)
         bn_run_moments_f32(x, outer, inner, so, &st.shift, &st.mean, &st.m2)
     else:
-        plane_block_stats(x, outer, inner, so, 0, nb, &st)
+        plane_block_stats(x, outer, inner, so, 0, nb, &st, True)
     mean[0] = st.mean + st.shift
     var[0] = st.m2 / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)

@@ -261,9 +261,26 @@ cdef inline Py_ssize_t plane_nblocks(Py_ssize_t outer, Py_ssize_t inner) noexcep
     return (outer + g - 1) // g
 
 
+cdef inline void block_moments(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
+                               Py_ssize_t stride, double pivot, bint one_pass, double *mean,
+                               double *m2) noexcept nogil:
+    """seg_moments (mean relative to pivot, M2), or with one_pass for float the one
+    double pass around the block's own float shift (bn_run_moments), its mean moved to
+    the pivot: each value read once instead of twice (float shift pass, double pass), as
+    exact as for the float runs of the normalisation ops (see there). The normalisation
+    ops' batch statistics take one_pass; moments() does not."""
+    cdef double shift
+    if floating is float:
+        if one_pass:
+            bn_run_moments_f32(x, nseg, length, stride, &shift, mean, m2)
+            mean[0] = mean[0] + (shift - pivot)
+            return
+    seg_moments(x, nseg, length, stride, pivot, mean, m2)
+
+
 cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize_t inner,
                                    Py_ssize_t so, Py_ssize_t b0, Py_ssize_t b1,
-                                   bn_moments *st) noexcept nogil:
+                                   bn_moments *st, bint one_pass=False) noexcept nogil:
     """Merge blocks [b0, b1) of the channel whose first plane is at ``x`` into ``st``.
 
     st.mean is relative to st.shift, the channel's pivot (its first value): every chunk of
@@ -279,13 +296,13 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
             p = b // bpp
             off = (b - p * bpp) * BLOCK
             length = min(<Py_ssize_t>BLOCK, inner - off)
-            if b + 1 < b1:   # overlap the next block's fetch with this block's two passes
+            if b + 1 < b1:   # overlap the next block's fetch with this block's passes
                 if off + length < inner:
                     prefetch_seg(x + p * so + off + length, 1,
                                  min(<Py_ssize_t>BLOCK, inner - off - length), 0)
                 else:
                     prefetch_seg(x + (p + 1) * so, 1, min(<Py_ssize_t>BLOCK, inner), 0)
-            seg_moments(x + p * so + off, 1, length, 0, pivot, &m, &m2)
+            block_moments(x + p * so + off, 1, length, 0, pivot, one_pass, &m, &m2)
             bn_chan_merge(st, <double>length, m, m2)
     else:
         g = BLOCK // inner
@@ -294,7 +311,7 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
             nplanes = min(g, outer - p)
             if b + 1 < b1:   # short planes far apart: fetch the next block early
                 prefetch_seg(x + (p + g) * so, min(g, outer - p - g), inner, so)
-            seg_moments(x + p * so, nplanes, inner, so, pivot, &m, &m2)
+            block_moments(x + p * so, nplanes, inner, so, pivot, one_pass, &m, &m2)
             bn_chan_merge(st, <double>(nplanes * inner), m, m2)
 
 
@@ -385,10 +402,11 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
 
 cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
                              Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, double *mean,
-                             double *m2, int n_threads) noexcept nogil:
-    """Per-channel mean and M2 of a planes view (outer, nch, inner). -1 if out of memory."""
+                             double *m2, int n_threads, bint one_pass=False) noexcept nogil:
+    """Per-channel mean and M2 of a planes view (outer, nch, inner). -1 if out of memory.
+    one_pass: float blocks in one pass around their own shifts (block_moments)."""
     if planes_by_sample(outer, nch, inner, sc, sizeof(floating)):
-        return planes_stats_by_sample(x, outer, nch, inner, so, mean, m2, n_threads)
+        return planes_stats_by_sample(x, outer, nch, inner, so, mean, m2, n_threads, one_pass)
     cdef Py_ssize_t nb = plane_nblocks(outer, inner)
     cdef Py_ssize_t nchunks = plane_chunks(outer, nch, inner), t, c, s
     cdef bn_moments *part
@@ -403,7 +421,7 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
         part[t].mean = 0
         part[t].m2 = 0
         plane_block_stats(x + c * sc, outer, inner, so, s * nb // nchunks,
-                          (s + 1) * nb // nchunks, &part[t])
+                          (s + 1) * nb // nchunks, &part[t], one_pass)
     for c in range(nch):
         for s in range(1, nchunks):
             bn_chan_merge(&part[c * nchunks], part[c * nchunks + s].n,
@@ -449,7 +467,8 @@ cdef inline void merge_row_chunks(const double *buf, Py_ssize_t per, Py_ssize_t 
 
 cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
                                        Py_ssize_t inner, Py_ssize_t so, double *mean,
-                                       double *m2, int n_threads) noexcept nogil:
+                                       double *m2, int n_threads,
+                                       bint one_pass=False) noexcept nogil:
     """planes_stats for a view with each sample's (nch, inner) planes contiguous: chunks of
     samples (from the shape alone) in parallel, each plane's moments merged into its
     channel's state in sample order, chunks merged in chunk order. -1 if out of memory."""
@@ -472,8 +491,8 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
         n1 = (s + 1) * outer // nchunks
         for n in range(n0, n1):
             for c in range(nch):
-                seg_moments(x + n * so + c * inner, 1, inner, 0, pivot[c], &p[2 * nch + c],
-                            &p[3 * nch + c])
+                block_moments(x + n * so + c * inner, 1, inner, 0, pivot[c], one_pass,
+                              &p[2 * nch + c], &p[3 * nch + c])
             bn_chan_merge_vec(<double>((n - n0) * inner), p, p + nch, <double>inner,
                               p + 2 * nch, p + 3 * nch, nch)
     merge_row_chunks(buf, per, nchunks, outer, inner, nch, pivot, mean, m2)

@@ -83,9 +83,9 @@ cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil
 cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
                              double *m2) noexcept nogil:
     """Mean and M2 of n contiguous values: floats up to BN_RUN_MAX in one double pass
-    (bn_run_moments), else one block moments call when the run fits one block (what
-    plane_block_stats gives for it, without the bookkeeping), else blocks merged with the
-    Chan merge."""
+    (bn_run_moments), longer float runs in that one pass per block merged with the Chan
+    merge; double runs in one block moments call when the run fits one block (what
+    plane_block_stats gives for it, without the bookkeeping), else blocks merged."""
     cdef bn_moments st
     cdef double pivot
     if floating is float:
@@ -101,7 +101,7 @@ cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
     st.n = 0
     st.mean = 0
     st.m2 = 0
-    plane_block_stats(x, 1, n, 0, 0, plane_nblocks(1, n), &st)
+    plane_block_stats(x, 1, n, 0, 0, plane_nblocks(1, n), &st, True)
     mean[0] = st.mean + st.shift
     m2[0] = st.m2
 

@@ -380,11 +380,14 @@ def test_fast_path_declines_all_but_the_common_call(kind):
     assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1])
 
 
-@pytest.mark.parametrize("planes,inner", [(8, 64), (4, 7), (16, 2048), (2, 16385)], ids=str)
+@pytest.mark.parametrize("planes,inner", [(8, 64), (4, 7), (16, 2048), (2, 16385), (160, 300)],
+                         ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_float32_statistics_round_the_exact_ones(kind, planes, inner):
     """float32 channels of up to BN_RUN_MAX (32768) values take one double pass around a
-    float shift, larger ones (32770) the block statistics. Either way the saved mean and
+    float shift, larger ones (32770) that pass per statistics block, each around its own
+    shift, merged; (160, 300) is read sample by sample (planes_by_sample), one such pass
+    per plane. Either way the saved mean and
     invstd (eps=0) are the exact statistics rounded to float32, inf and nan propagate as in
     NumPy, a constant channel gives exactly the bias, and the float64 running statistics
     of typical data are the exact ones to float64 precision (momentum 1: the batch's)."""
