@@ -366,11 +366,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
-                                        momentum, eps, axis, n_threads)
-        if res is not None:
-            return res[0]
+    # the common call in one Cython step (None: anything else)
+    res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, axis, n_threads, out)
+    if res is not None:
+        return res[0]
     return _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
                     axis, out, n_threads)[0]
 
@@ -397,10 +397,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, training=True, running_mean
     >>> mean.shape, invstd.dtype
     ((3,), dtype('float32'))
     """
-    res = None
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
-                                        momentum, eps, axis, n_threads)
+    # the common call in one Cython step (None: anything else)
+    res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, axis, n_threads, out)
     if res is None:
         res = _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
                        axis, out, n_threads)
@@ -442,13 +441,13 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
     >>> bool(np.allclose(dx, 0))
     True
     """
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _batchnorm.backward_common(dy, x, save_mean, save_invstd, weight, training, axis,
-                                         n_threads)
-        if res is not None:
-            dx, dweight, dbias = res
-            sdt = np.float32 if dx.dtype.itemsize <= 4 else np.float64
-            return dx, dweight.astype(sdt), dbias.astype(sdt)
+    # the common call in one Cython step (None: anything else)
+    res = _batchnorm.backward_common(dy, x, save_mean, save_invstd, weight, training, axis,
+                                     n_threads, out)
+    if res is not None:
+        dx, dweight, dbias = res
+        sdt = np.float32 if dx.dtype.itemsize <= 4 else np.float64
+        return dx, dweight.astype(sdt), dbias.astype(sdt)
     arr, dtype = float_input(x)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")

@@ -44,7 +44,9 @@ from bncore._kernels cimport (
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
     seg_bwd_dx, seg_bwd_sums,
 )
-from bncore._fastpath cimport as_doubles, plain_channel_axis, plain_eps, plain_like, plain_vector
+from bncore._fastpath cimport (
+    as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,
+)
 from bncore._openmp cimport work_threads
 from bncore._outputs cimport empty_apart
 
@@ -378,7 +380,7 @@ cdef inline void running_update(char *p, Py_ssize_t st, bint is_f32, Py_ssize_t 
 # ------------------------------------------------------------------ the common call, fast
 
 def forward_common(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   axis, n_threads):
+                   axis, n_threads, out=None):
     """batch_norm_forward for the common call, without the Python layer's overhead, or None.
 
     The common call: x an exact ndarray, float32/float64, C-contiguous, aligned, native,
@@ -391,7 +393,7 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     Same kernels and the same bits as that path. Returns (y, mean, invstd) (float64 (C,)).
     """
     cdef cnp.ndarray arr, y, mean, invstd
-    cdef int xt, wt = -1, bt = -1, mt = -1, vt = -1, nd, ax, nt
+    cdef int xt, wt = -1, bt = -1, mt = -1, vt = -1, nd, ax, nt, ot
     cdef Py_ssize_t nch, outer = 1, inner = 1, i, m
     cdef cnp.npy_intp dim
     cdef bint train, update, rows
@@ -435,8 +437,11 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
                 return None
     elif mt < 0 or vt < 0:
         return None
+    ot = plain_out(out, x, None, (weight, bias, running_mean, running_var))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
-    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
+    y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dim = nch
     mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
@@ -494,14 +499,15 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     return y, mean, invstd
 
 
-def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_threads):
+def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_threads,
+                    out=None):
     """batch_norm_backward for the common call, without the Python layer's overhead, or
     None: x plain (see forward_common), dy a plain array of x's dtype and shape, save_mean
     and save_invstd plain (C,) vectors, weight None or one, an int axis, n_threads None or
     an int >= 1. Anything else returns None and the general path (bncore._api) takes the
     call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
     cdef cnp.ndarray arr, dx, dweight, dbias
-    cdef int xt, mt, st, wt = -1, nd, ax, nt, rc
+    cdef int xt, mt, st, wt = -1, nd, ax, nt, rc, ot
     cdef Py_ssize_t nch, outer = 1, inner = 1, i
     cdef cnp.npy_intp dim
     cdef bint train
@@ -523,8 +529,11 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
     for i in range(ax + 1, nd):
         inner *= cnp.PyArray_DIM(arr, i)
     train = bool(training)
+    ot = plain_out(out, x, dy, (save_mean, save_invstd, weight))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
-    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, dy, x)
+    dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, dy, x)
     dim = nch
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)

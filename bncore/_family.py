@@ -76,10 +76,10 @@ def _rows(a, nrows, d):
 
 
 def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.forward_common(x, normalized_shape, weight, bias, eps, n_threads, rms)
-        if res is not None:
-            return res
+    # the common call in one Cython step (None: anything else)
+    res = _rownorm.forward_common(x, normalized_shape, weight, bias, eps, n_threads, rms, out)
+    if res is not None:
+        return res
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
     if rms and eps is None:   # PyTorch: the machine epsilon of the input's dtype
@@ -110,13 +110,13 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
 
 
 def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads, rms):
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.backward_common(dy, x, mean, invstd, normalized_shape, weight,
-                                       n_threads, rms)
-        if res is not None:
-            dx, dweight, dbias = res
-            shape = x.shape[x.ndim - _trailing(normalized_shape):]
-            return _row_grads(dx, dweight, dbias, shape)
+    # the common call in one Cython step (None: anything else)
+    res = _rownorm.backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads,
+                                   rms, out)
+    if res is not None:
+        dx, dweight, dbias = res
+        shape = x.shape[x.ndim - _trailing(normalized_shape):]
+        return _row_grads(dx, dweight, dbias, shape)
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
     g = same_float_input(dy, "dy", dtype, arr.shape)
@@ -457,12 +457,13 @@ _INSTANCE = object()   # num_groups of instance norm: one group per channel
 
 def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_threads):
     """Group norm backward; ``num_groups`` _INSTANCE: instance norm (a group per channel)."""
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.group_backward_common(
-            dy, x, mean, invstd, None if num_groups is _INSTANCE else num_groups, weight,
-            axis, n_threads)
-        if res is not None:
-            return _group_grads(*res)
+    # the common call in one Cython step (None: anything else)
+    # (num_groups None would be instance norm there: group norm's None goes on, and raises)
+    res = None if num_groups is None else _rownorm.group_backward_common(
+        dy, x, mean, invstd, None if num_groups is _INSTANCE else num_groups, weight, axis,
+        n_threads, out)
+    if res is not None:
+        return _group_grads(*res)
     sp = _Spatial(x, axis)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
     gk = sp.like(dy, "dy")
@@ -520,10 +521,11 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
 def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):
     """(y, mean, biased var) of group norm: the common call in one Cython step, else the
     general path (which raises every error)."""
-    if out is None:
-        res = _rownorm.group_common(x, num_groups, weight, bias, eps, axis, n_threads)
-        if res is not None:
-            return res
+    # (num_groups None would be instance norm there: it goes on, and raises)
+    res = None if num_groups is None else _rownorm.group_common(x, num_groups, weight, bias,
+                                                                eps, axis, n_threads, out)
+    if res is not None:
+        return res
     sp = _Spatial(x, axis)
     g = _check_groups(num_groups, sp.c)
     w = param_vector(weight, "weight", (sp.c,))
@@ -645,9 +647,8 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
     >>> mean.shape
     (2, 3)
     """
-    res = None
-    if out is None:   # the common call in one Cython step (None: anything else)
-        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads)
+    # the common call in one Cython step (None: anything else)
+    res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out)
     if res is None:
         sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
         res = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
@@ -704,8 +705,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return _api.batch_norm(x, running_mean, running_var, weight, bias, training=False,
                                eps=eps, axis=axis, out=out, n_threads=n_threads)
     rm, rv = running_mean, running_var
-    if out is None and rm is None and rv is None:   # the common call in one Cython step
-        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads)
+    if rm is None and rv is None:   # the common call in one Cython step
+        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out)
         if res is not None:
             return res[0]
     sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)

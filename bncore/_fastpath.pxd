@@ -3,9 +3,10 @@
 
 ``_batchnorm.forward_common`` / ``backward_common``, ``_rownorm.forward_common`` /
 ``backward_common`` / ``group_common`` / ``group_backward_common`` and
-``_stats.moments_common`` run the everyday call (plain arrays, float eps, no out=)
-without the Python layer's overhead, which is most of a small call's cost. They accept only arguments that these
-helpers call plain, and return None for anything else before touching anything: the
+``_stats.moments_common`` run the everyday call (plain arrays, float eps, out= None or
+plain, see plain_out) without the Python layer's overhead, which is most of a small call's
+cost. They accept only arguments that these helpers call plain, and return None for
+anything else before touching anything: the
 general Python path (bncore._api, bncore._family) then handles it and raises every error.
 So there is one place that rejects input, and the fast path can never accept what it would
 reject.
@@ -120,3 +121,33 @@ cdef inline int trailing_dims(object x, object normalized_shape) noexcept:
         if type(v) is not int or cnp.PyArray_DIM(<cnp.ndarray>x, nd - k + i) != <Py_ssize_t>v:
             return -1
     return k
+
+
+cdef inline bint _overlap(char *p, Py_ssize_t n, object a) noexcept:
+    """Whether [p, p + n) meets the memory of the plain (C-contiguous) array ``a``."""
+    cdef char *q = <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    return q < p + n and p < q + cnp.PyArray_NBYTES(<cnp.ndarray>a)
+
+
+cdef inline int plain_out(object out, object x, object dy, tuple params) noexcept:
+    """For an op's out=: 0 when out is None (a fresh output), 1 when the kernel can write
+    straight into it, else -1 (the general path takes the call). Straight in: a writeable
+    plain array of x's type and shape (x plain, hence C-contiguous: so is out) that is
+    either disjoint from x and dy (dy None or plain) or exactly one of them (the same
+    first element: in place; every kernel reads an element before it writes it), and
+    disjoint from every plain vector in ``params`` (weights, statistics: None skipped)."""
+    cdef char *p
+    cdef Py_ssize_t n
+    if out is None:
+        return 0
+    if not plain_like(out, x) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+        return -1
+    p = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
+    n = cnp.PyArray_NBYTES(<cnp.ndarray>out)
+    for a in (x, dy):
+        if a is not None and <char *>cnp.PyArray_DATA(<cnp.ndarray>a) != p and _overlap(p, n, a):
+            return -1
+    for a in params:
+        if a is not None and _overlap(p, n, a):
+            return -1
+    return 1

@@ -49,7 +49,7 @@ from bncore._kernels cimport (
     seg_sumsq,
 )
 from bncore._fastpath cimport (
-    as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_threads,
+    as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_out, plain_threads,
     plain_type, plain_vector, trailing_dims,
 )
 from bncore._outputs cimport empty_apart
@@ -194,7 +194,7 @@ cdef inline bint plain_param(object a, cnp.ndarray x, int k) noexcept:
     return plain_dims(a, x, nd - k, nd) == cnp.PyArray_TYPE(x)
 
 
-def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
+def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, out=None):
     """Layer/RMS norm forward for the common call, without the Python layer's overhead, or
     None.
 
@@ -207,7 +207,7 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
     Returns (y, mean or None, invstd, lead shape); mean/invstd float64 (rows,).
     """
     cdef cnp.ndarray arr, y, invstd, mean = None
-    cdef int xt, nd, k, i, nt
+    cdef int xt, nd, k, i, nt, ot
     cdef Py_ssize_t nrows = 1, d = 1
     cdef cnp.npy_intp dim
     cdef double ep
@@ -243,8 +243,11 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms):
         nrows *= cnp.PyArray_DIM(arr, i)
     for i in range(nd - k, nd):
         d *= cnp.PyArray_DIM(arr, i)
+    ot = plain_out(out, x, None, (weight, None if rms else bias))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
-    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
+    y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dim = nrows
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
@@ -816,7 +819,7 @@ cdef inline int group_layout(cnp.ndarray x, int ax, object num_groups, Py_ssize_
     return 0
 
 
-def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
+def group_common(x, num_groups, weight, bias, eps, axis, n_threads, out=None):
     """Group norm forward (num_groups None: instance norm, a group per channel) for the
     common call, without the Python layer's overhead, or None.
 
@@ -829,7 +832,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     float64 (N, G).
     """
     cdef cnp.ndarray arr, y, mean, var
-    cdef int xt, wt = -1, bt = -1, nd, ax, nt, rc = 0
+    cdef int xt, wt = -1, bt = -1, nd, ax, nt, rc = 0, ot
     cdef Py_ssize_t n, c, g, s = 1
     cdef cnp.npy_intp dims[2]
     cdef bint cl, is_f32
@@ -849,9 +852,12 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
         return None
     if bias is not None and (bt := plain_vector(bias, c)) < 0:
         return None
+    ot = plain_out(out, x, None, (weight, bias))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
     ep = eps
-    y = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
+    y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dims[0] = n
     dims[1] = g
     mean = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
@@ -891,7 +897,8 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads):
     return y, mean, var
 
 
-def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bint rms):
+def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bint rms,
+                    out=None):
     """Layer/RMS norm backward for the common call, without the Python layer's overhead, or
     None: x, normalized_shape and n_threads as forward_common accepts them, dy a plain array
     of x's dtype and shape, mean (layer norm) and invstd plain arrays of x's leading dims,
@@ -899,7 +906,7 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
     general path (bncore._family) takes the call. Returns (dx, dweight, dbias or None),
     the latter float64 (d,)."""
     cdef cnp.ndarray arr, dx, dweight, dbias = None
-    cdef int xt, nd, k, nt, mt = -1, st, wt = -1, rc
+    cdef int xt, nd, k, nt, mt = -1, st, wt = -1, rc, ot
     cdef Py_ssize_t nrows = 1, d = 1, i
     cdef cnp.npy_intp dim
     cdef double *buf
@@ -924,8 +931,11 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
         nrows *= cnp.PyArray_DIM(arr, i)
     for i in range(nd - k, nd):
         d *= cnp.PyArray_DIM(arr, i)
+    ot = plain_out(out, x, dy, (mean, invstd, weight))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
-    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
+    dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
     dim = d
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
@@ -961,14 +971,15 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
     return dx, dweight, dbias
 
 
-def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threads):
+def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threads,
+                          out=None):
     """Group norm backward (num_groups None: instance norm) for the common call, or None:
     x, num_groups, axis and n_threads as group_common accepts them (the value-count rule
     aside), dy a plain array of x's dtype and shape, mean and invstd plain (N, G) arrays,
     weight None or a plain (C,) vector. Anything else returns None and the general path
     (bncore._family) takes the call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
     cdef cnp.ndarray arr, dx, dweight, dbias
-    cdef int xt, nd, ax, nt, mt, st, wt = -1, rc = 0
+    cdef int xt, nd, ax, nt, mt, st, wt = -1, rc = 0, ot
     cdef Py_ssize_t n, c, g, s = 1
     cdef cnp.npy_intp dim
     cdef bint cl
@@ -992,8 +1003,11 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
         if (cnp.PyArray_NDIM(<cnp.ndarray>a) != 2 or cnp.PyArray_DIM(<cnp.ndarray>a, 0) != n
                 or cnp.PyArray_DIM(<cnp.ndarray>a, 1) != g):
             return None
+    ot = plain_out(out, x, dy, (mean, invstd, weight))
+    if ot < 0:
+        return None
     # valid: nothing below can fail but for memory
-    dx = empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
+    dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
     dim = c
     dweight = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)

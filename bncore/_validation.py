@@ -243,8 +243,9 @@ def _rows_copy(arr, axis, like):
 
 
 def output_like(view, dtype, out, axis, other=None):
-    """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout.
-    A new C-contiguous array is placed apart from view.arr and ``other`` (bncore._outputs)."""
+    """(array to compute into, its View): ``out`` itself when it fits ``view``'s layout and
+    is disjoint from view.arr and ``other`` or exactly one of them (in place), else a new
+    array, C-contiguous ones placed apart from view.arr and ``other`` (bncore._outputs)."""
     if out is None:
         if view.arr.flags.c_contiguous:
             y = empty_like_apart(view.arr.shape, view.arr.dtype, view.arr, other)
@@ -255,9 +256,10 @@ def output_like(view, dtype, out, axis, other=None):
             return y, v
     elif out.dtype == view.arr.dtype:
         v = _try_view(out, axis)
-        if v is not None and v.kind == view.kind and (
-                not np.may_share_memory(out, view.arr)
-                or (out.ctypes.data == view.arr.ctypes.data and out.strides == view.arr.strides)):
+        if v is not None and v.kind == view.kind and all(
+                a is None or not np.may_share_memory(out, a)
+                or (out.ctypes.data == a.ctypes.data and out.strides == a.strides)
+                for a in (view.arr, other)):
             return out, v
     y = np.empty_like(view.arr)
     v = _try_view(y, axis)

@@ -370,10 +370,24 @@ def call(fn, overrides, a):
     return kw, (lambda: target(fn)(a, **kw))
 
 
-@pytest.mark.parametrize("fn,overrides,exc,match", CASES)
-def test_rejected_with_a_clear_error_and_nothing_modified(fn, overrides, exc, match):
+def _with_and_without_out(cases):
+    """Each case with the good call's out= array, and again with out=None where the good
+    call has an out= and the case is not about it: a plain out= takes the one-step fast
+    path as out=None does (bncore._fastpath), so each path meets every case."""
+    a = fresh()
+    for p in cases:
+        fn, overrides = p.values[0], p.values[1]
+        yield pytest.param(*p.values, True, id=p.id)
+        if "out" in GOOD[fn](a) and "out" not in overrides:
+            yield pytest.param(*p.values, False, id=p.id + "-no-out")
+
+
+@pytest.mark.parametrize("fn,overrides,exc,match,with_out", list(_with_and_without_out(CASES)))
+def test_rejected_with_a_clear_error_and_nothing_modified(fn, overrides, exc, match, with_out):
     a = fresh()
     kw, run = call(fn, overrides, a)
+    if not with_out:
+        kw["out"] = None
     watched = dict(a) | {f"argument {k}": v for k, v in kw.items()}
     snaps = {k: _snapshot(v) for k, v in watched.items()}
     with pytest.raises(exc, match=match) as info:

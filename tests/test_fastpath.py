@@ -1,0 +1,181 @@
+"""The one-step ("common call") entry points take out= (bncore._fastpath.plain_out).
+
+Without it a caller who preallocated out= for per-request inference paid the whole Python
+layer, 6-12 us more per call than out=None on small inputs (3-4x the call). Now a plain
+out= (an exact, writeable, C-contiguous ndarray of x's dtype and shape) that is disjoint
+from the inputs, or exactly one of them, is written straight from the fast path; any other
+out= (overlapping an input partly, sharing memory with a weight or a statistic, a subclass,
+another dtype) goes on to the general path, which gives the same values or raises. Checked
+here directly on the entry points (a result, or None) and through the public API against
+out=None, bit for bit.
+"""
+import numpy as np
+import pytest
+
+import bncore
+from bncore import _batchnorm, _rownorm
+
+N, C, H, W, G = 4, 6, 5, 7, 3
+
+
+def _x(rng, shape=(N, C, H, W)):
+    return rng.normal(1.5, 2.0, shape).astype(np.float32)
+
+
+def _vec(rng, n=C, dtype=np.float32):
+    return rng.normal(size=n).astype(dtype)
+
+
+# Each op: a builder of its arrays (a dict: "inputs" names what out may be, "param" a
+# weight or statistic vector) and the fast entry point and the public call on them, each
+# taking (a, out). The calls read the dict when called, so a test can swap arrays in.
+def _bn_forward(rng):
+    a = dict(x=_x(rng), w=_vec(rng), b=_vec(rng), rm=_vec(rng, C, np.float64),
+             rv=np.abs(_vec(rng, C, np.float64)) + 0.5, inputs=("x",), param="w")
+    fast = lambda a, out: _batchnorm.forward_common(a["x"], a["rm"].copy(), a["rv"].copy(),
+                                                    a["w"], a["b"], True, 0.1, 1e-5, 1,
+                                                    None, out)
+    public = lambda a, out: bncore.batch_norm(a["x"], a["rm"].copy(), a["rv"].copy(),
+                                              a["w"], a["b"], training=True, out=out)
+    return a, fast, public
+
+
+def _bn_backward(rng):
+    a = dict(x=_x(rng), dy=_x(rng), w=_vec(rng), inputs=("dy", "x"), param="w")
+    _, a["m"], a["s"] = bncore.batch_norm_forward(a["x"])
+    fast = lambda a, out: _batchnorm.backward_common(a["dy"], a["x"], a["m"], a["s"], a["w"],
+                                                     True, 1, None, out)
+    public = lambda a, out: bncore.batch_norm_backward(a["dy"], a["x"], a["m"], a["s"],
+                                                       a["w"], out=out)[0]
+    return a, fast, public
+
+
+def _layer_norm(rng):
+    a = dict(x=_x(rng, (N, C, W)), w=_vec(rng, W), b=_vec(rng, W), inputs=("x",), param="w")
+    fast = lambda a, out: _rownorm.forward_common(a["x"], (W,), a["w"], a["b"], 1e-5, None,
+                                                  False, out)
+    public = lambda a, out: bncore.layer_norm(a["x"], (W,), a["w"], a["b"], out=out)
+    return a, fast, public
+
+
+def _layer_norm_backward(rng):
+    a = dict(x=_x(rng, (N, C, W)), dy=_x(rng, (N, C, W)), w=_vec(rng, W),
+             inputs=("dy", "x"), param="w")
+    _, a["m"], a["s"] = bncore.layer_norm_forward(a["x"], (W,), a["w"])
+    fast = lambda a, out: _rownorm.backward_common(a["dy"], a["x"], a["m"], a["s"], (W,),
+                                                   a["w"], None, False, out)
+    public = lambda a, out: bncore.layer_norm_backward(a["dy"], a["x"], a["m"], a["s"], (W,),
+                                                       a["w"], out=out)[0]
+    return a, fast, public
+
+
+def _rms_norm(rng):
+    a = dict(x=_x(rng, (N, C, W)), w=_vec(rng, W), inputs=("x",), param="w")
+    fast = lambda a, out: _rownorm.forward_common(a["x"], W, a["w"], None, None, None, True,
+                                                  out)
+    public = lambda a, out: bncore.rms_norm(a["x"], W, a["w"], out=out)
+    return a, fast, public
+
+
+def _group_norm(axis):
+    def build(rng):
+        x = _x(rng)
+        if axis == -1:
+            x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        a = dict(x=x, w=_vec(rng), b=_vec(rng), inputs=("x",), param="b")
+        fast = lambda a, out: _rownorm.group_common(a["x"], G, a["w"], a["b"], 1e-5, axis,
+                                                    None, out)
+        public = lambda a, out: bncore.group_norm(a["x"], G, a["w"], a["b"], axis=axis,
+                                                  out=out)
+        return a, fast, public
+    return build
+
+
+def _instance_norm_backward(rng):
+    a = dict(x=_x(rng), dy=_x(rng), w=_vec(rng), inputs=("dy", "x"), param="w")
+    _, a["m"], a["s"] = bncore.instance_norm_forward(a["x"])
+    fast = lambda a, out: _rownorm.group_backward_common(a["dy"], a["x"], a["m"], a["s"],
+                                                         None, a["w"], 1, None, out)
+    public = lambda a, out: bncore.instance_norm_backward(a["dy"], a["x"], a["m"], a["s"],
+                                                          a["w"], out=out)[0]
+    return a, fast, public
+
+
+OPS = {"batch_norm": _bn_forward, "batch_norm_backward": _bn_backward,
+       "layer_norm": _layer_norm, "layer_norm_backward": _layer_norm_backward,
+       "rms_norm": _rms_norm, "group_norm": _group_norm(1),
+       "group_norm-channels-last": _group_norm(-1),
+       "instance_norm_backward": _instance_norm_backward}
+
+
+def build(op):
+    """(arrays, fast, public, the out=None result)."""
+    a, fast, public = OPS[op](np.random.default_rng(7))
+    return a, fast, public, public(a, None)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_plain_out_is_written_by_the_fast_path(op):
+    a, fast, public, expected = build(op)
+    out = np.full_like(expected, np.nan)
+    res = fast(a, out)
+    assert res is not None, "the fast path refused a plain out="
+    assert res[0] is out
+    assert np.array_equal(out, expected)
+    out2 = np.full_like(expected, np.nan)
+    assert public(a, out2) is out2 and np.array_equal(out2, expected)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_out_may_be_an_input_itself(op):
+    """In place (out is x, or dy or x for a backward): the same bits as out=None."""
+    _, _, _, expected = build(op)
+    for name in OPS[op](np.random.default_rng(0))[0]["inputs"]:
+        a, fast, _, _ = build(op)
+        res = fast(a, a[name])
+        assert res is not None and res[0] is a[name]
+        assert np.array_equal(a[name], expected), f"in place on {name}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_an_out_that_overlaps_an_input_partly_takes_the_general_path(op):
+    a, fast, public, expected = build(op)
+    for name in a["inputs"]:
+        x = a[name]
+        buf = np.empty(x.size + 8, x.dtype)
+        moved = buf[:x.size].reshape(x.shape)   # the input moved into buf
+        moved[...] = x
+        out = buf[8:].reshape(x.shape)          # out 8 values further on
+        b = dict(a, **{name: moved})
+        assert fast(b, out) is None
+        assert public(b, out) is out
+        assert np.array_equal(out, expected), f"out overlapping {name}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_an_out_sharing_memory_with_a_weight_takes_the_general_path(op):
+    """A weight that is a slice of out: writing y into out must not change it first."""
+    a, fast, public, expected = build(op)
+    p = a[a["param"]]
+    out = np.empty_like(expected)
+    home = out.reshape(-1)[out.size - p.size:]   # the weight moved into out's last values
+    home[...] = p
+    b = dict(a, **{a["param"]: home.reshape(p.shape)})
+    assert fast(b, out) is None
+    assert public(b, out) is out
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_an_out_the_fast_path_cannot_take_still_works_or_raises(op):
+    a, fast, public, expected = build(op)
+    fortran = np.empty(expected.shape, expected.dtype, order="F")
+    assert fast(a, fortran) is None
+    assert public(a, fortran) is fortran and np.array_equal(fortran, expected)
+    other = np.empty(expected.shape, np.float64)
+    assert fast(a, other) is None
+    ro = np.empty_like(expected)
+    ro.flags.writeable = False
+    assert fast(a, ro) is None
+    with pytest.raises(ValueError, match="read-only"):
+        public(a, ro)
