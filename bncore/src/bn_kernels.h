@@ -51,6 +51,19 @@ typedef float bn_v8f __attribute__((vector_size(32)));
 #endif
 #define BN_INLINE static inline __attribute__((always_inline))
 
+/* a * b + c with one rounding (fused multiply-add), lane by lane on four doubles, and on
+ * one: the x86-64-v3 clone compiles BN_FMA4 to one vfmadd of four lanes, the baseline
+ * clone calls libm's fma(), which rounds alike, so both clones give the same bits
+ * (-ffp-contract=off keeps GCC from fusing any other a * b + c, which the baseline could
+ * not match). Arguments must be plain variables: each is named once per lane. On Zen 3 a
+ * multiply and an add are two operations and the adds share their two pipes with the
+ * float->double conversions, the kernels' bottleneck; the fused form moves the add to
+ * the multiply pipes (and is the more exact). */
+#define BN_FMA4(a, b, c) ((bn_v4d){__builtin_fma((a)[0], (b)[0], (c)[0]), \
+        __builtin_fma((a)[1], (b)[1], (c)[1]), __builtin_fma((a)[2], (b)[2], (c)[2]), \
+        __builtin_fma((a)[3], (b)[3], (c)[3])})
+#define BN_FMA(a, b, c) __builtin_fma((a), (b), (c))
+
 /* ---- streaming (non-temporal) stores
  * Outputs far larger than the caches are written with streaming stores: no
  * read-for-ownership of the output, and x, about to be read again from L2, is not

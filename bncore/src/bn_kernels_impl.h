@@ -67,20 +67,20 @@ BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
             d1 += u1;
             d2 += u2;
             d3 += u3;
-            q0 += u0 * u0;
-            q1 += u1 * u1;
-            q2 += u2 * u2;
-            q3 += u3 * u3;
+            q0 = BN_FMA4(u0, u0, q0);
+            q1 = BN_FMA4(u1, u1, q1);
+            q2 = BN_FMA4(u2, u2, q2);
+            q3 = BN_FMA4(u3, u3, q3);
         }
         for (; i + 4 <= len; i += 4) {
             bn_v4d u = BN_DEV(BN_LOAD4(p + i));
             d0 += u;
-            q0 += u * u;
+            q0 = BN_FMA4(u, u, q0);
         }
         for (; i < len; i++) {
             double u = only_k ? (double)p[i] - k : ((double)p[i] - k) - m;
             td += u;
-            tq += u * u;
+            tq = BN_FMA(u, u, tq);
         }
     }
 #undef BN_DEV
@@ -382,24 +382,26 @@ BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrd
         for (; i + 16 <= len; i += 16) {
             bn_v4d g0 = BN_LOAD4(g + i), g1 = BN_LOAD4(g + i + 4);
             bn_v4d g2 = BN_LOAD4(g + i + 8), g3 = BN_LOAD4(g + i + 12);
+            bn_v4d u0 = BN_LOAD4(p + i) - m, u1 = BN_LOAD4(p + i + 4) - m;
+            bn_v4d u2 = BN_LOAD4(p + i + 8) - m, u3 = BN_LOAD4(p + i + 12) - m;
             a0 += g0;
             a1 += g1;
             a2 += g2;
             a3 += g3;
-            b0 += g0 * (BN_LOAD4(p + i) - m);
-            b1 += g1 * (BN_LOAD4(p + i + 4) - m);
-            b2 += g2 * (BN_LOAD4(p + i + 8) - m);
-            b3 += g3 * (BN_LOAD4(p + i + 12) - m);
+            b0 = BN_FMA4(g0, u0, b0);
+            b1 = BN_FMA4(g1, u1, b1);
+            b2 = BN_FMA4(g2, u2, b2);
+            b3 = BN_FMA4(g3, u3, b3);
         }
         for (; i + 4 <= len; i += 4) {
-            bn_v4d g0 = BN_LOAD4(g + i);
+            bn_v4d g0 = BN_LOAD4(g + i), u0 = BN_LOAD4(p + i) - m;
             a0 += g0;
-            b0 += g0 * (BN_LOAD4(p + i) - m);
+            b0 = BN_FMA4(g0, u0, b0);
         }
         for (; i < len; i++) {
             double v = (double)g[i];
             ta += v;
-            tb += v * ((double)p[i] - mean);
+            tb = BN_FMA(v, (double)p[i] - mean, tb);
         }
     }
     *sum_dy += bn_v4d_total((a0 + a1) + (a2 + a3)) + ta;
@@ -426,8 +428,9 @@ BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *g = dy + s * sdy, *p = x + s * sx;
         BN_T *o = dx + s * sdx;
-#define BN_SCALAR(i) o[i] = (BN_T)(k * (double)g[i] + q * ((double)p[i] - mean) + r)
-#define BN_VEC(i, nt) BN_PUT4(o + (i), kk * BN_LOAD4(g + (i)) + qq * (BN_LOAD4(p + (i)) - m) + rr, nt)
+#define BN_SCALAR(i) o[i] = (BN_T)BN_FMA(k, (double)g[i], BN_FMA(q, (double)p[i] - mean, r))
+#define BN_VEC(i, nt) do { bn_v4d g_ = BN_LOAD4(g + (i)), u_ = BN_LOAD4(p + (i)) - m; \
+        u_ = BN_FMA4(qq, u_, rr); BN_PUT4(o + (i), BN_FMA4(kk, g_, u_), nt); } while (0)
         BN_SPAN_LOOP(o, len, stream, 4, BN_SCALAR, BN_VEC);
 #undef BN_SCALAR
 #undef BN_VEC
@@ -713,9 +716,9 @@ BN_INLINE void BN_NAME(bn_cl_bwd_tile)(const BN_T *dy, ptrdiff_t lddy, const BN_
         bn_prefetch_step(pg, eg);
         bn_prefetch_step(px, ex);
         for (int j = 0; j < nv; j++) {
-            bn_v4d g = BN_LOAD4(dy + r * lddy + 4 * j);
+            bn_v4d g = BN_LOAD4(dy + r * lddy + 4 * j), u = BN_LOAD4(x + r * ldx + 4 * j) - m[j];
             a[j] += g;
-            b[j] += g * (BN_LOAD4(x + r * ldx + 4 * j) - m[j]);
+            b[j] = BN_FMA4(g, u, b[j]);
         }
     }
     for (int j = 0; j < nv; j++) {
@@ -753,7 +756,7 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
             for (ptrdiff_t r = r0; r < r0 + nr; r++) {
                 double g = (double)dy[r * lddy + c];
                 sum_dy[c] += g;
-                sum_dy_xmu[c] += g * ((double)x[r * ldx + c] - mean[c]);
+                sum_dy_xmu[c] = BN_FMA(g, (double)x[r * ldx + c] - mean[c], sum_dy_xmu[c]);
             }
     }
 }
@@ -771,10 +774,12 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *g = dy + r * lddy, *p = x + r * ldx;
         BN_T *o = dx + r * lddx;
-#define BN_SCALAR(c) o[c] = (BN_T)(k[c] * (double)g[c] + q[c] * ((double)p[c] - mean[c]) + r_[c])
-#define BN_VEC(c, nt) do { bn_v4d m_, k_, q_, r2_; memcpy(&m_, mean + (c), 32); \
-        memcpy(&k_, k + (c), 32); memcpy(&q_, q + (c), 32); memcpy(&r2_, r_ + (c), 32); \
-        BN_PUT4(o + (c), k_ * BN_LOAD4(g + (c)) + q_ * (BN_LOAD4(p + (c)) - m_) + r2_, nt); \
+#define BN_SCALAR(c) o[c] = (BN_T)BN_FMA(k[c], (double)g[c], \
+        BN_FMA(q[c], (double)p[c] - mean[c], r_[c]))
+#define BN_VEC(c, nt) do { bn_v4d m_, k_, q_, r2_, g_ = BN_LOAD4(g + (c)), u_; \
+        memcpy(&m_, mean + (c), 32); memcpy(&k_, k + (c), 32); memcpy(&q_, q + (c), 32); \
+        memcpy(&r2_, r_ + (c), 32); u_ = BN_LOAD4(p + (c)) - m_; u_ = BN_FMA4(q_, u_, r2_); \
+        BN_PUT4(o + (c), BN_FMA4(k_, g_, u_), nt); \
     } while (0)
         BN_SPAN_LOOP(o, nch, stream, 4, BN_SCALAR, BN_VEC);
 #undef BN_SCALAR
@@ -944,15 +949,15 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
         bn_v4d w0, w1, a0, a1;
         memcpy(&w0, w + i, 32);
         memcpy(&w1, w + i + 4, 32);
-        bn_v4d p0 = g0 * w0, p1 = g1 * w1;
-        sg0 += p0;
-        sg1 += p1;
-        sx0 += p0 * u0;
-        sx1 += p1 * u1;
+        bn_v4d p0 = g0 * w0, p1 = g1 * w1, v0 = u0 * s, v1 = u1 * s;
+        sg0 = BN_FMA4(g0, w0, sg0);
+        sg1 = BN_FMA4(g1, w1, sg1);
+        sx0 = BN_FMA4(p0, u0, sx0);
+        sx1 = BN_FMA4(p1, u1, sx1);
         memcpy(&a0, dw + i, 32);
         memcpy(&a1, dw + i + 4, 32);
-        a0 += g0 * (u0 * s);
-        a1 += g1 * (u1 * s);
+        a0 = BN_FMA4(g0, v0, a0);
+        a1 = BN_FMA4(g1, v1, a1);
         memcpy(dw + i, &a0, 32);
         memcpy(dw + i + 4, &a1, 32);
         if (db) {
@@ -966,18 +971,20 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
     }
     for (; i < d; i++) {
         double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
-        tg += p;
-        tx += p * u;
-        dw[i] += g * (u * invstd);
+        tg = BN_FMA(g, w[i], tg);
+        tx = BN_FMA(p, u, tx);
+        dw[i] = BN_FMA(g, u * invstd, dw[i]);
         if (db) db[i] += g;
     }
     const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) / (double)d;
     const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd / (double)d;
     const double q = -invstd * invstd * mgx, r = -invstd * mg;
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
-#define BN_ROW_DX(i) ((BN_T)((double)dy[i] * w[i] * invstd + (((double)x[i] - mean) * q + r)))
-#define BN_ROW_DXV(j, nt) do { bn_v4d ww; memcpy(&ww, w + (j), 32); \
-        BN_PUT4(dx + (j), BN_LOAD4(dy + (j)) * ww * s + ((BN_LOAD4(x + (j)) - m) * vq + vr), nt); \
+#define BN_ROW_DX(i) ((BN_T)BN_FMA((double)dy[i], w[i] * invstd, \
+        BN_FMA((double)x[i] - mean, q, r)))
+#define BN_ROW_DXV(j, nt) do { bn_v4d ww, g_ = BN_LOAD4(dy + (j)), u_ = BN_LOAD4(x + (j)) - m; \
+        memcpy(&ww, w + (j), 32); ww = ww * s; u_ = BN_FMA4(u_, vq, vr); \
+        BN_PUT4(dx + (j), BN_FMA4(g_, ww, u_), nt); \
     } while (0)
 #define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
     BN_SPAN_LOOP(dx, d, stream, 4, BN_ROW_DXS, BN_ROW_DXV);
