@@ -1,0 +1,170 @@
+"""The two target_clones of each kernel give the same bits (README: "bitwise identical ...
+across machines").
+
+The build compiles every kernel twice, for x86-64-v3 (AVX2+FMA) and the baseline, and the
+loader picks one per machine. The compiler fuses nothing (-ffp-contract=off); the kernels'
+own fused multiply-adds (BN_FMA4) are vfmadd in the v3 clone and libm's fma() in the
+baseline, which must round alike. This compiles a small C program against the kernel
+header that calls both clones of the kernels with fused multiply-adds (and two without)
+on the same data, odd lengths, offsets and streaming on and off, and compares their
+outputs byte for byte. It needs the C compiler the build used and a CPU with AVX2+FMA
+(every CI machine: the suite fails, not skips, without them).
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+SRC = pathlib.Path(__file__).resolve().parent.parent / "bncore" / "src"
+
+HARNESS = r"""
+#define BNCORE_TARGET_CLONES 1
+#include "bn_kernels.h"
+#include <stdio.h>
+#include <stdlib.h>
+
+#define BOTH(ret, name, params) \
+    ret name##_d params __asm__(#name ".default"); \
+    ret name##_v params __asm__(#name ".arch_x86_64_v3");
+BOTH(void, bn_row_bwd_f32, (const float *, const float *, float *, ptrdiff_t, double, double,
+                            const double *, double *, double *, int, int))
+BOTH(void, bn_row_bwd_f64, (const double *, const double *, double *, ptrdiff_t, double,
+                            double, const double *, double *, double *, int, int))
+BOTH(void, bn_seg_bwd_dx_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
+                               ptrdiff_t, ptrdiff_t, ptrdiff_t, double, double, double,
+                               double, int))
+BOTH(void, bn_seg_bwd_sums_f32, (const float *, const float *, ptrdiff_t, ptrdiff_t,
+                                 ptrdiff_t, ptrdiff_t, double, double *, double *))
+BOTH(void, bn_seg_moments_f32, (const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double,
+                                double *, double *))
+BOTH(void, bn_seg_moments_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double,
+                                double *, double *))
+BOTH(void, bn_run_moments_f32, (const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double *,
+                                double *, double *))
+BOTH(void, bn_cl_bwd_sums_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t,
+                                ptrdiff_t, ptrdiff_t, const double *, double *, double *))
+BOTH(void, bn_cl_bwd_dx_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t, float *,
+                              ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
+                              const double *, const double *, const double *, int))
+BOTH(void, bn_rows_norm_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                              ptrdiff_t, double, const float *, const float *, double *,
+                              double *, int, int))
+BOTH(void, bn_seg_affine_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                               ptrdiff_t, double, double, double))
+
+enum { N = 4099, R = 37, C = 45 };
+static float xf[N + 64], gf[N + 64], of[2][2 * N];
+static double xd[N + 64], gd[N + 64], od[2][N + 64], w[N + 64], a[2][4 * N + 64];
+static int bad;
+
+static void same(const void *p, const void *q, size_t n, const char *what)
+{
+    if (memcmp(p, q, n)) { printf("MISMATCH %s\n", what); bad++; }
+}
+
+int main(void)
+{
+    srand(11);
+    for (int i = 0; i < N + 64; i++) {
+        xf[i] = (float)(1e3 + (double)rand() / RAND_MAX);
+        gf[i] = (float)((double)rand() / RAND_MAX - 0.5);
+        xd[i] = xf[i] * (1 + 1e-9 * i);
+        gd[i] = gf[i];
+        w[i] = 0.25 + 1e-3 * (i % 97);
+    }
+    /* force the dispatchers (and so both clones) to be emitted */
+    bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
+    bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
+    bn_seg_bwd_dx_f32(gf, xf, of[0], 1, 8, 0, 0, 0, 0, 1, 1, 1, 0);
+    bn_seg_bwd_sums_f32(gf, xf, 1, 8, 0, 0, 0, a[0], a[0] + 1);
+    bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
+    bn_seg_moments_f64(xd, 1, 8, 0, 0, a[0], a[0] + 1);
+    bn_run_moments_f32(xf, 1, 8, 0, a[0], a[0] + 1, a[0] + 2);
+    bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, w, a[0], a[0] + 4);
+    bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0);
+    bn_rows_norm_f32(xf, of[0], 2, 4, 4, 4, 1e-5, NULL, NULL, a[0], a[0] + 2, 0, 0);
+    bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
+    for (int off = 0; off < 3; off++)
+        for (int stream = 0; stream < 2; stream++) {
+            const float *x = xf + off, *g = gf + 2 * off;
+            for (int k = 0; k < 2; k++) {
+                memset(of[k], 0, sizeof of[k]);
+                memset(od[k], 0, sizeof od[k]);
+                memset(a[k], 0, sizeof a[k]);
+                for (int r = 0; r < 5; r++)
+                    (k ? bn_row_bwd_f32_v : bn_row_bwd_f32_d)(
+                        g + r * 771, x + r * 771, of[k] + off + r * 771, 771, 1e3 + 0.5, 3.3,
+                        w, a[k], a[k] + 771, r & 1, stream);
+            }
+            same(of[0], of[1], sizeof of[0], "bn_row_bwd_f32 dx");
+            same(a[0], a[1], 2 * 771 * sizeof(double), "bn_row_bwd_f32 dw/db");
+            for (int k = 0; k < 2; k++) {
+                memset(od[k], 0, sizeof od[k]);
+                memset(a[k], 0, sizeof a[k]);
+                (k ? bn_row_bwd_f64_v : bn_row_bwd_f64_d)(gd + off, xd, od[k] + off, 1001,
+                                                         1e3 + 0.5, 3.3, w, a[k], a[k] + 1001,
+                                                         0, stream);
+                memset(of[k], 0, sizeof of[k]);
+                (k ? bn_seg_bwd_dx_f32_v : bn_seg_bwd_dx_f32_d)(g, x, of[k] + off, 3, 1001,
+                                                               1003, 1002, 1001, 1e3 + 0.5,
+                                                               0.7, -0.3, 0.01, stream);
+                (k ? bn_seg_bwd_sums_f32_v : bn_seg_bwd_sums_f32_d)(g, x, 3, 1001, 1003, 1002,
+                                                                   1e3 + 0.5, a[k] + 2100,
+                                                                   a[k] + 2101);
+                (k ? bn_seg_moments_f32_v : bn_seg_moments_f32_d)(x, 3, 1001, 1002, 1e3,
+                                                                 a[k] + 2102, a[k] + 2103);
+                (k ? bn_seg_moments_f64_v : bn_seg_moments_f64_d)(xd + off, 3, 1001, 1002,
+                                                                 1e3, a[k] + 2104,
+                                                                 a[k] + 2105);
+                (k ? bn_run_moments_f32_v : bn_run_moments_f32_d)(x, 3, 1001, 1002,
+                                                                 a[k] + 2106, a[k] + 2107,
+                                                                 a[k] + 2108);
+                (k ? bn_cl_bwd_sums_f32_v : bn_cl_bwd_sums_f32_d)(g, C, x, C + 1, R, C, w,
+                                                                 a[k] + 2200, a[k] + 2300);
+                (k ? bn_cl_bwd_dx_f32_v : bn_cl_bwd_dx_f32_d)(g, C, x, C + 1,
+                                                             of[k] + 3100 + off, C, R, C, w,
+                                                             w + 1, w + 2, w + 3, stream);
+                (k ? bn_rows_norm_f32_v : bn_rows_norm_f32_d)(x, of[k] + 5000 + off, 9, 67,
+                                                             67, 67, 1e-5, gf, NULL,
+                                                             a[k] + 2400, a[k] + 2410, 0,
+                                                             stream);
+                (k ? bn_seg_affine_f32_v : bn_seg_affine_f32_d)(x, of[k] + 5700, 1, 150, 0,
+                                                               0, 1e3 + 0.5, 3.3, 0.1);
+            }
+            same(od[0], od[1], sizeof od[0], "bn_row_bwd_f64 dx");
+            same(of[0], of[1], sizeof of[0], "float outputs (seg_bwd_dx, cl_bwd_dx, "
+                 "rows_norm, seg_affine)");
+            same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db)");
+        }
+    printf(bad ? "FAILED\n" : "SAME\n");
+    return bad != 0;
+}
+"""
+
+
+def _compiler():
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return cc.split()[0]
+
+
+def _cpu_has_avx2_fma():
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return " avx2 " in flags and " fma " in flags
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="target_clones: Linux builds")
+def test_both_clones_give_the_same_bits(tmp_path):
+    assert shutil.which(_compiler()), f"no C compiler {_compiler()!r} (the build needs one)"
+    assert _cpu_has_avx2_fma(), "this CPU cannot run the x86-64-v3 clone"
+    src = tmp_path / "clones.c"
+    src.write_text(HARNESS)
+    exe = tmp_path / "clones"
+    subprocess.run([_compiler(), "-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off",
+                    "-Wno-psabi", f"-I{SRC}", str(src), "-o", str(exe), "-lm"],
+                   check=True, capture_output=True, timeout=300)
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("SAME"), res.stdout + res.stderr
