@@ -487,10 +487,11 @@ BN_INLINE void bn_cl_sums_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int
     memcpy(m, K, (size_t)nv * sizeof(bn_v4d));
     for (ptrdiff_t r = 0; r < nrows; r++) {
         bn_prefetch_step(pf, pe);
-        for (int j = 0; j < nv; j++) {
-            bn_v4d u = BN_LOAD4(x + r * ld + 4 * j) - m[j];
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) {   /* unrolled: the accumulators stay in registers */
+            bn_v4d u = BN_LOAD4(x + r * ld + 4 * j) - m[j], qj = q[j];
             d[j] += u;
-            q[j] += u * u;
+            q[j] = BN_FMA4(u, u, qj);
         }
     }
     memcpy(sd, d, (size_t)nv * sizeof(bn_v4d));
@@ -511,7 +512,7 @@ BN_INLINE void bn_cl_tile_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int
         for (ptrdiff_t r = 0; r < nrows; r++) {
             double u = (double)x[r * ld] - K[0];
             a += u;
-            b += u * u;
+            b = BN_FMA(u, u, b);
         }
         sd[0] = a;
         sdd[0] = b;
@@ -715,10 +716,12 @@ BN_INLINE void BN_NAME(bn_cl_bwd_tile)(const BN_T *dy, ptrdiff_t lddy, const BN_
     for (ptrdiff_t r = 0; r < nrows; r++) {
         bn_prefetch_step(pg, eg);
         bn_prefetch_step(px, ex);
-        for (int j = 0; j < nv; j++) {
+#pragma GCC unroll 8
+        for (int j = 0; j < nv; j++) {   /* unrolled: the accumulators stay in registers */
             bn_v4d g = BN_LOAD4(dy + r * lddy + 4 * j), u = BN_LOAD4(x + r * ldx + 4 * j) - m[j];
+            bn_v4d bj = b[j];
             a[j] += g;
-            b[j] = BN_FMA4(g, u, b[j]);
+            b[j] = BN_FMA4(g, u, bj);
         }
     }
     for (int j = 0; j < nv; j++) {
