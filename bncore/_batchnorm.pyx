@@ -42,7 +42,7 @@ from bncore._kernels cimport (
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
-    seg_bwd_dx, seg_bwd_sums,
+    seg_bwd_dx, seg_bwd_dx_many, seg_bwd_sums, seg_bwd_sums_many,
 )
 from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,
@@ -55,6 +55,11 @@ cnp.import_array()
 
 cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
+
+
+cdef enum:
+    SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
+    CHANNEL_GROUP = 8      # small channels per group
 
 
 cdef inline double *f64_or_null(object a):
@@ -103,11 +108,48 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
             if stream:
                 bn_fence()
         return 0
-    for c in prange(nch, schedule='static', num_threads=nt):
-        forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
-                        &var[c], &invstd[c], w[c] if w != NULL else 1.0,
-                        b[c] if b != NULL else 0.0, eps, stream)
+    cdef Py_ssize_t ng
+    if outer * inner > SMALL_CHANNEL:
+        for c in prange(nch, schedule='static', num_threads=nt):
+            forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
+                            &var[c], &invstd[c], w[c] if w != NULL else 1.0,
+                            b[c] if b != NULL else 0.0, eps, stream)
+        return 0
+    ng = channel_groups(nch, nt)
+    for t in prange(ng, schedule='static', num_threads=nt):
+        forward_group(x, y, t * nch // ng, (t + 1) * nch // ng, outer, inner, so, sc, yso,
+                      ysc, nb, mean, var, invstd, w, b, eps, stream)
     return 0
+
+
+cdef inline Py_ssize_t channel_groups(Py_ssize_t nch, int nt) noexcept nogil:
+    """Groups of at most CHANNEL_GROUP small channels, a multiple of nt of them (even
+    shares of the threads' work; a channel's result does not depend on its group)."""
+    cdef Py_ssize_t per = nt * CHANNEL_GROUP
+    return min(nch, nt * ((nch + per - 1) // per))
+
+
+cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py_ssize_t c1,
+                               Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t so,
+                               Py_ssize_t sc, Py_ssize_t yso, Py_ssize_t ysc, Py_ssize_t nb,
+                               double *mean, double *var, double *invstd, const double *w,
+                               const double *b, double eps, bint stream) noexcept nogil:
+    """forward_channel for small channels c0..c1-1 (together in L2), phase by phase: each
+    channel's statistics, then every variance and invstd (independent divisions and square
+    roots that overlap, where one channel at a time waited ~50 cycles on its own before
+    its affine could start: at 49 values a channel that was half the time), then each
+    affine. The same bits as forward_channel."""
+    cdef Py_ssize_t c
+    cdef double m = <double>outer * <double>inner
+    for c in range(c0, c1):
+        channel_stats(x + c * sc, outer, inner, so, nb, &mean[c], &var[c])
+    for c in range(c0, c1):
+        var[c] = var[c] / m
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+    for c in range(c1 - 1, c0 - 1, -1):
+        channel_affine(x + c * sc, y + c * ysc, outer, inner, so, yso, mean[c],
+                       (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0,
+                       stream)
 
 
 cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
@@ -115,6 +157,16 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
                                  Py_ssize_t nb, double *mean, double *var, double *invstd,
                                  double w, double b, double eps, bint stream) noexcept nogil:
     """Statistics of one channel, then normalise it while it is still in L2."""
+    channel_stats(x, outer, inner, so, nb, mean, var)
+    var[0] = var[0] / (<double>outer * <double>inner)
+    invstd[0] = 1.0 / sqrt(var[0] + eps)
+    channel_affine(x, y, outer, inner, so, yso, mean[0], w * invstd[0], b, stream)
+
+
+cdef inline void channel_stats(const floating *x, Py_ssize_t outer, Py_ssize_t inner,
+                               Py_ssize_t so, Py_ssize_t nb, double *mean,
+                               double *m2) noexcept nogil:
+    """The mean and M2 of one channel."""
     cdef bn_moments st
     st.n = 0
     st.mean = 0
@@ -124,16 +176,21 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     else:
         plane_block_stats(x, outer, inner, so, 0, nb, &st, True)
     mean[0] = st.mean + st.shift
-    var[0] = st.m2 / (<double>outer * <double>inner)
-    invstd[0] = 1.0 / sqrt(var[0] + eps)
-    # Last planes first: they were read last, so they are the ones still in L2.
+    m2[0] = st.m2
+
+
+cdef inline void channel_affine(const floating *x, floating *y, Py_ssize_t outer,
+                                Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso, double mean,
+                                double k, double b, bint stream) noexcept nogil:
+    """y = (x - mean) * k + b over one channel, last planes first: they were read last,
+    so they are the ones still in L2."""
     if stream:
         seg_affine_stream(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
-                          mean[0], w * invstd[0], b)
+                          mean, k, b)
         bn_fence()
     else:
-        seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
-                   mean[0], w * invstd[0], b)
+        seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso, mean,
+                   k, b)
 
 
 cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,
@@ -230,14 +287,53 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                          Py_ssize_t dsc, const double *mean, const double *invstd,
                          const double *w, bint training, double *dweight, double *dbias,
                          int n_threads) noexcept nogil:
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, t, ng
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
-    for c in prange(nch, schedule='static', num_threads=nt):
-        backward_channel(dy + c * gsc, x + c * sc, dx + c * dsc if dx != NULL else NULL,
-                         outer, inner, gso, so, dso, mean[c], invstd[c],
-                         w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c], stream)
+    if outer * inner > SMALL_CHANNEL:
+        for c in prange(nch, schedule='static', num_threads=nt):
+            backward_channel(dy + c * gsc, x + c * sc, dx + c * dsc if dx != NULL else NULL,
+                             outer, inner, gso, so, dso, mean[c], invstd[c],
+                             w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c],
+                             stream)
+        return 0
+    ng = channel_groups(nch, nt)
+    for t in prange(ng, schedule='static', num_threads=nt):
+        backward_group(dy, x, dx, t * nch // ng, (t + 1) * nch // ng, outer, inner, gso, gsc,
+                       so, sc, dso, dsc, mean, invstd, w, training, dweight, dbias, stream)
     return 0
+
+
+cdef inline void backward_group(const floating *dy, const floating *x, floating *dx,
+                                Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t outer,
+                                Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc,
+                                Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso, Py_ssize_t dsc,
+                                const double *mean, const double *invstd, const double *w,
+                                bint training, double *dweight, double *dbias,
+                                bint stream) noexcept nogil:
+    """backward_channel for small channels c0..c1-1 (at most CHANNEL_GROUP), phase by
+    phase (see forward_group), each phase one kernel call for the group: the sums, every
+    channel's coefficients (independent divisions), then each dx. Same bits."""
+    cdef Py_ssize_t c
+    cdef double kc[CHANNEL_GROUP]
+    cdef double qc[CHANNEL_GROUP]
+    cdef double rc[CHANNEL_GROUP]
+    for c in range(c0, c1):
+        dbias[c] = 0
+        dweight[c] = 0
+    seg_bwd_sums_many(dy + c0 * gsc, x + c0 * sc, c1 - c0, outer, inner, gso, so, gsc, sc,
+                      mean + c0, dbias + c0, dweight + c0)
+    if dx != NULL:
+        for c in range(c0, c1):
+            dx_coefficients(dbias[c], dweight[c], invstd[c], w[c] if w != NULL else 1.0,
+                            <double>outer * <double>inner, training, &kc[c - c0],
+                            &qc[c - c0], &rc[c - c0])
+        seg_bwd_dx_many(dy + c0 * gsc, x + c0 * sc, dx + c0 * dsc, c1 - c0, outer, inner,
+                        gso, so, dso, gsc, sc, dsc, mean + c0, kc, qc, rc, stream)
+        if stream:
+            bn_fence()
+    for c in range(c0, c1):
+        dweight[c] = dweight[c] * invstd[c]
 
 
 cdef inline void backward_channel(const floating *dy, const floating *x, floating *dx,

@@ -70,6 +70,24 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t nseg,
                              Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, double mean,
                              double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_sums_many_f32(const float *dy, const float *x, Py_ssize_t nch,
+                                  Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
+                                  Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
+                                  const double *mean, double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_sums_many_f64(const double *dy, const double *x, Py_ssize_t nch,
+                                  Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
+                                  Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
+                                  const double *mean, double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_dx_many_f32(const float *dy, const float *x, float *dx, Py_ssize_t nch,
+                                Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
+                                Py_ssize_t sx, Py_ssize_t sdx, Py_ssize_t gsc, Py_ssize_t sc,
+                                Py_ssize_t dsc, const double *mean, const double *k,
+                                const double *q, const double *r, int stream)
+    void bn_seg_bwd_dx_many_f64(const double *dy, const double *x, double *dx, Py_ssize_t nch,
+                                Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
+                                Py_ssize_t sx, Py_ssize_t sdx, Py_ssize_t gsc, Py_ssize_t sc,
+                                Py_ssize_t dsc, const double *mean, const double *k,
+                                const double *q, const double *r, int stream)
     void bn_bwd_dx_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, double mean,
                        double k, double q, double r)
     void bn_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, double mean,
@@ -190,6 +208,33 @@ cdef inline void seg_bwd_sums(const floating *dy, const floating *x, Py_ssize_t 
         bn_seg_bwd_sums_f32(dy, x, nseg, length, sdy, sx, mean, sum_dy, sum_dy_xmu)
     else:
         bn_seg_bwd_sums_f64(dy, x, nseg, length, sdy, sx, mean, sum_dy, sum_dy_xmu)
+
+
+cdef inline void seg_bwd_sums_many(const floating *dy, const floating *x, Py_ssize_t nch,
+                                   Py_ssize_t nseg, Py_ssize_t length, Py_ssize_t sdy,
+                                   Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
+                                   const double *mean, double *sum_dy,
+                                   double *sum_dy_xmu) noexcept nogil:
+    if floating is float:
+        bn_seg_bwd_sums_many_f32(dy, x, nch, nseg, length, sdy, sx, gsc, sc, mean, sum_dy,
+                                 sum_dy_xmu)
+    else:
+        bn_seg_bwd_sums_many_f64(dy, x, nch, nseg, length, sdy, sx, gsc, sc, mean, sum_dy,
+                                 sum_dy_xmu)
+
+
+cdef inline void seg_bwd_dx_many(const floating *dy, const floating *x, floating *dx,
+                                 Py_ssize_t nch, Py_ssize_t nseg, Py_ssize_t length,
+                                 Py_ssize_t sdy, Py_ssize_t sx, Py_ssize_t sdx, Py_ssize_t gsc,
+                                 Py_ssize_t sc, Py_ssize_t dsc, const double *mean,
+                                 const double *k, const double *q, const double *r,
+                                 bint stream) noexcept nogil:
+    if floating is float:
+        bn_seg_bwd_dx_many_f32(dy, x, dx, nch, nseg, length, sdy, sx, sdx, gsc, sc, dsc, mean,
+                               k, q, r, stream)
+    else:
+        bn_seg_bwd_dx_many_f64(dy, x, dx, nch, nseg, length, sdy, sx, sdx, gsc, sc, dsc, mean,
+                               k, q, r, stream)
 
 
 cdef inline void bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,

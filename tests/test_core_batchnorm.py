@@ -246,8 +246,11 @@ def test_large_mean_small_std_float32_variance(axis):
 
 
 @pytest.mark.parametrize("shape,axis", [((64, 64, 16, 16), 1), ((64, 16, 16, 64), -1),
-                                        ((8192, 64), 1), ((4, 3, 128, 128), 1)], ids=str)
+                                        ((8192, 64), 1), ((4, 3, 128, 128), 1),
+                                        ((2, 517, 7, 7), 1), ((4, 37, 15, 17), 1)], ids=str)
 def test_bitwise_identical_for_any_thread_count(shape, axis):
+    """(2, 517, 7, 7) and (4, 37, 15, 17): small channels go in groups whose number depends
+    on the thread count (channel_groups); a channel's bits must not."""
     x = make(shape, np.float32, "C", offset=5.0)
     dy = make(shape, np.float32, "C", seed=5)
     outs = []

@@ -437,6 +437,36 @@ BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *
     }
 }
 
+/* Small channels (batch 1, 7x7 planes) cost more per call than per value: nch channels
+ * (gsc, sc, dsc elements apart) in one call each, with the bodies above inlined. The
+ * same bits as one call per channel. sums: sum_dy[c], sum_dy_xmu[c] are added to. dx: the
+ * last channel first, each from its last plane down (they are the ones still in cache),
+ * coefficients k[c], q[c], r[c]. */
+static BN_CLONES void BN_NAME(bn_seg_bwd_sums_many)(const BN_T *dy, const BN_T *x, ptrdiff_t nch,
+                                                   ptrdiff_t nseg, ptrdiff_t len,
+                                                   ptrdiff_t sdy, ptrdiff_t sx, ptrdiff_t gsc,
+                                                   ptrdiff_t sc, const double *mean,
+                                                   double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < nch; c++)
+        BN_NAME(bn_seg_bwd_sums_body)(dy + c * gsc, x + c * sc, nseg, len, sdy, sx, mean[c],
+                                      &sum_dy[c], &sum_dy_xmu[c]);
+}
+
+static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x, BN_T *dx,
+                                                 ptrdiff_t nch, ptrdiff_t nseg, ptrdiff_t len,
+                                                 ptrdiff_t sdy, ptrdiff_t sx, ptrdiff_t sdx,
+                                                 ptrdiff_t gsc, ptrdiff_t sc, ptrdiff_t dsc,
+                                                 const double *mean, const double *k,
+                                                 const double *q, const double *r, int stream)
+{
+    const ptrdiff_t last = nseg - 1;
+    for (ptrdiff_t c = nch - 1; c >= 0; c--)
+        BN_NAME(bn_seg_bwd_dx_body)(dy + c * gsc + last * sdy, x + c * sc + last * sx,
+                                    dx + c * dsc + last * sdx, nseg, len, -sdy, -sx, -sdx,
+                                    mean[c], k[c], q[c], r[c], stream);
+}
+
 static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
                                         double mean, double k, double q, double r)
 {
