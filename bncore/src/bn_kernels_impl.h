@@ -794,8 +794,23 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
     }
 }
 
-/* dx[r, c] = k[c]*dy[r, c] + q[c]*(x[r, c] - mean[c]) + r_[c], row by row so output lines
- * are written whole; streaming stores when stream is set. */
+/* dx[r, c] = k[c]*dy[r, c] + q[c]*(x[r, c] - mean[c]) + r_[c]. Tiles of up to
+ * BN_CL_DX_TILE channels: the tile's four coefficients are first packed per group of four
+ * channels (one stream of loads instead of four pointers, which GCC kept reloading from
+ * the stack), then the rows of the tile are walked two at a time, each coefficient load
+ * serving both (loads were the limit: six per four values). With stream set, rows go one
+ * at a time and the whole output lines of a row whose tile segment is 16-byte aligned
+ * (32 for double: groups of four then never straddle a line) are written with streaming
+ * stores; the same bits either way. 0.45 -> 0.32 ns/value at 2048 channels, 0.35 -> 0.27
+ * at 64, one thread in cache. */
+#define BN_CL_DX_TILE 256
+#define BN_CL_DXV(o, g, p, j, nt) do { bn_v4d m_, k_, q_, r2_, g_ = BN_LOAD4((g) + (j)), \
+        u_ = BN_LOAD4((p) + (j)); const double *c_ = co + 4 * (j); \
+        memcpy(&m_, c_, 32); memcpy(&k_, c_ + 4, 32); memcpy(&q_, c_ + 8, 32); \
+        memcpy(&r2_, c_ + 12, 32); u_ = u_ - m_; u_ = BN_FMA4(q_, u_, r2_); \
+        BN_PUT4((o) + (j), BN_FMA4(k_, g_, u_), nt); } while (0)
+#define BN_CL_DXS(o, g, p, j) (o)[j] = (BN_T)BN_FMA(k[c0 + (j)], (double)(g)[j], \
+        BN_FMA(q[c0 + (j)], (double)(p)[j] - mean[c0 + (j)], r_[c0 + (j)]))
 static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
                                            ptrdiff_t ldx, BN_T *dx, ptrdiff_t lddx,
                                            ptrdiff_t nrows, ptrdiff_t nch,
@@ -804,21 +819,48 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
                                            const double *restrict q,
                                            const double *restrict r_, int stream)
 {
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const BN_T *g = dy + r * lddy, *p = x + r * ldx;
-        BN_T *o = dx + r * lddx;
-#define BN_SCALAR(c) o[c] = (BN_T)BN_FMA(k[c], (double)g[c], \
-        BN_FMA(q[c], (double)p[c] - mean[c], r_[c]))
-#define BN_VEC(c, nt) do { bn_v4d m_, k_, q_, r2_, g_ = BN_LOAD4(g + (c)), u_; \
-        memcpy(&m_, mean + (c), 32); memcpy(&k_, k + (c), 32); memcpy(&q_, q + (c), 32); \
-        memcpy(&r2_, r_ + (c), 32); u_ = BN_LOAD4(p + (c)) - m_; u_ = BN_FMA4(q_, u_, r2_); \
-        BN_PUT4(o + (c), BN_FMA4(k_, g_, u_), nt); \
-    } while (0)
-        BN_SPAN_LOOP(o, nch, stream, 4, BN_SCALAR, BN_VEC);
-#undef BN_SCALAR
-#undef BN_VEC
+    double co[4 * BN_CL_DX_TILE] __attribute__((aligned(32)));
+    const uintptr_t align = sizeof(BN_T) == 4 ? 15 : 31;
+    for (ptrdiff_t c0 = 0; c0 < nch; c0 += BN_CL_DX_TILE) {
+        const ptrdiff_t w = nch - c0 < BN_CL_DX_TILE ? nch - c0 : BN_CL_DX_TILE;
+        const ptrdiff_t w4 = w & ~(ptrdiff_t)3;
+        for (ptrdiff_t j = 0; j < w4; j += 4) {
+            memcpy(co + 4 * j, mean + c0 + j, 32);
+            memcpy(co + 4 * j + 4, k + c0 + j, 32);
+            memcpy(co + 4 * j + 8, q + c0 + j, 32);
+            memcpy(co + 4 * j + 12, r_ + c0 + j, 32);
+        }
+        ptrdiff_t row = 0;
+        if (!stream)
+            for (; row + 2 <= nrows; row += 2) {
+                const BN_T *g = dy + row * lddy + c0, *p = x + row * ldx + c0;
+                const BN_T *g2 = g + lddy, *p2 = p + ldx;
+                BN_T *o = dx + row * lddx + c0, *o2 = o + lddx;
+                for (ptrdiff_t j = 0; j < w4; j += 4) {
+                    BN_CL_DXV(o, g, p, j, 0);
+                    BN_CL_DXV(o2, g2, p2, j, 0);
+                }
+                for (ptrdiff_t j = w4; j < w; j++) {
+                    BN_CL_DXS(o, g, p, j);
+                    BN_CL_DXS(o2, g2, p2, j);
+                }
+            }
+        for (; row < nrows; row++) {
+            const BN_T *g = dy + row * lddy + c0, *p = x + row * ldx + c0;
+            BN_T *o = dx + row * lddx + c0;
+            ptrdiff_t lo = 0, hi = 0, j = 0;
+            if (stream && !((uintptr_t)o & align))
+                bn_stream_span(o, w4, sizeof(BN_T), 1, &lo, &hi);
+            for (; j < lo; j += 4) BN_CL_DXV(o, g, p, j, 0);
+            for (; j < hi; j += 4) BN_CL_DXV(o, g, p, j, 1);
+            for (; j < w4; j += 4) BN_CL_DXV(o, g, p, j, 0);
+            for (; j < w; j++) BN_CL_DXS(o, g, p, j);
+        }
     }
 }
+#undef BN_CL_DXV
+#undef BN_CL_DXS
+#undef BN_CL_DX_TILE
 
 /* ---- row-norm family (rownorm) ---- */
 
