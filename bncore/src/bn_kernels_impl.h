@@ -252,19 +252,27 @@ static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t nseg, pt
 BN_INLINE double BN_NAME(bn_seg_sumsq_body)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
                                             ptrdiff_t stride)
 {
-    bn_v4d a0 = {0}, a1 = {0};
+    /* four accumulator chains: with two, the latency of the adds was the limit */
+    bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     double t = 0;
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *p = x + s * stride;
         ptrdiff_t i = 0;
-        for (; i + 8 <= len; i += 8) {
-            bn_v4d u = BN_LOAD4(p + i), v = BN_LOAD4(p + i + 4);
-            a0 += u * u;
-            a1 += v * v;
+        for (; i + 16 <= len; i += 16) {
+            bn_v4d u0 = BN_LOAD4(p + i), u1 = BN_LOAD4(p + i + 4);
+            bn_v4d u2 = BN_LOAD4(p + i + 8), u3 = BN_LOAD4(p + i + 12);
+            a0 = BN_FMA4(u0, u0, a0);
+            a1 = BN_FMA4(u1, u1, a1);
+            a2 = BN_FMA4(u2, u2, a2);
+            a3 = BN_FMA4(u3, u3, a3);
         }
-        for (; i < len; i++) t += (double)p[i] * (double)p[i];
+        for (; i + 4 <= len; i += 4) {
+            bn_v4d u = BN_LOAD4(p + i);
+            a0 = BN_FMA4(u, u, a0);
+        }
+        for (; i < len; i++) t = BN_FMA((double)p[i], (double)p[i], t);
     }
-    return bn_v4d_total(a0 + a1) + t;
+    return bn_v4d_total((a0 + a1) + (a2 + a3)) + t;
 }
 
 static BN_CLONES double BN_NAME(bn_seg_sumsq)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
