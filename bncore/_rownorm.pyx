@@ -60,6 +60,7 @@ cnp.import_array()
 cdef enum:
     PREFETCH_BYTES = 4096   # how far ahead the row loops fetch
     ROW_CHUNK_ELEMS = 16384  # forward rows per parallel chunk: about this many values
+    RUN_CHUNK = 16384        # values per chunk of a long run's statistics
 
 
 cdef inline double *f64_or_null(object a):
@@ -98,12 +99,41 @@ cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
         seg_moments(x, 1, n, 0, pivot, mean, m2)
         mean[0] += pivot
         return
+    cdef Py_ssize_t nchunks = run_chunks(n), k
+    cdef bn_moments part
     st.n = 0
     st.mean = 0
     st.m2 = 0
-    plane_block_stats(x, 1, n, 0, 0, plane_nblocks(1, n), &st, True)
+    for k in range(nchunks):
+        run_chunk_stats(x, n, k, nchunks, &part)
+        merge_state(&st, &part)
     mean[0] = st.mean + st.shift
     m2[0] = st.m2
+
+
+cdef inline Py_ssize_t run_chunks(Py_ssize_t n) noexcept nogil:
+    """Chunks of a run too long for one pass (from its length alone): about RUN_CHUNK
+    values of whole blocks each, reduced one by one (run_moments) or by a team of threads
+    (group_rows_team), then merged in chunk order: the same bits either way."""
+    cdef Py_ssize_t nb = plane_nblocks(1, n)
+    return max(1, min(nb // (RUN_CHUNK // BLOCK), <Py_ssize_t>MAX_CHUNKS))
+
+
+cdef inline void run_chunk_stats(const floating *x, Py_ssize_t n, Py_ssize_t k,
+                                 Py_ssize_t nchunks, bn_moments *st) noexcept nogil:
+    """The state of chunk k of a long run (mean relative to the run's pivot)."""
+    cdef Py_ssize_t nb = plane_nblocks(1, n)
+    st.n = 0
+    st.mean = 0
+    st.m2 = 0
+    plane_block_stats(x, 1, n, 0, k * nb // nchunks, (k + 1) * nb // nchunks, st, True)
+
+
+cdef inline void merge_state(bn_moments *st, const bn_moments *part) noexcept nogil:
+    """Merge a chunk state into st (both relative to the same pivot)."""
+    if st.n == 0:
+        st.shift = part.shift
+    bn_chan_merge(st, part.n, part.mean, part.m2)
 
 
 # ------------------------------------------------------------------ layer / RMS forward
@@ -358,15 +388,67 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
         bn_fence()
 
 
-cdef void group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
-                     Py_ssize_t cg, Py_ssize_t s, double eps, const double *w, const double *b,
-                     double *mean, double *var, int n_threads) noexcept nogil:
+cdef inline void channel_affine(const floating *x, floating *y, Py_ssize_t s, double m,
+                                double k, double sh, bint stream) noexcept nogil:
+    """One channel's s values of a group: y = (x - m) * k + sh (fenced when streamed)."""
+    if stream:
+        seg_affine_stream(x, y, 1, s, 0, 0, m, k, sh)
+        bn_fence()
+    else:
+        seg_affine(x, y, 1, s, 0, 0, m, k, sh)
+
+
+cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
+                    Py_ssize_t cg, Py_ssize_t s, double eps, const double *w, const double *b,
+                    double *mean, double *var, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
     cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
+    cdef int team = work_threads(n_threads, n * g * run_chunks(cg * s), n * g * cg * s,
+                                 SERIAL_ELEMS)
+    if ((floating is double or cg * s > BN_RUN_MAX)
+            and team_pays(n * g, run_chunks(cg * s), nt, team)):
+        # fewer (sample, group) runs than threads (batch-1 inference, one or two groups) or
+        # a last round only some threads fill: every thread on each run, its chunks then
+        # its channels (same bits)
+        return group_rows_team(x, y, n * g, g, cg, s, eps, w, b, mean, var, team, stream)
     for t in prange(n * g, schedule='static', num_threads=nt):
         group_block(x + t * cg * s, y + t * cg * s, cg, s, (t % g) * cg, eps, w, b, &mean[t],
                     &var[t], stream)
+    return 0
+
+
+cdef int group_rows_team(const floating *x, floating *y, Py_ssize_t runs, Py_ssize_t g,
+                         Py_ssize_t cg, Py_ssize_t s, double eps, const double *w,
+                         const double *b, double *mean, double *var, int nt,
+                         bint stream) noexcept nogil:
+    """group_block for each run in turn with all nt threads: the run's chunk states in
+    parallel (run_chunk_stats), merged in chunk order as run_moments merges them, then the
+    channels' affine in parallel. -1 if out of memory."""
+    cdef Py_ssize_t t, k, j, len_ = cg * s, nchunks = run_chunks(cg * s), c0
+    cdef bn_moments st
+    cdef bn_moments *part = <bn_moments *>malloc(nchunks * sizeof(bn_moments))
+    cdef double invstd
+    if part == NULL:
+        return -1
+    for t in range(runs):
+        for k in prange(nchunks, schedule='static', num_threads=nt):
+            run_chunk_stats(x + t * len_, len_, k, nchunks, &part[k])
+        st.n = 0
+        st.mean = 0
+        st.m2 = 0
+        for k in range(nchunks):
+            merge_state(&st, &part[k])
+        mean[t] = st.mean + st.shift
+        var[t] = st.m2 / <double>len_
+        invstd = 1.0 / sqrt(var[t] + eps)
+        c0 = (t % g) * cg
+        for j in prange(cg, schedule='static', num_threads=nt):
+            channel_affine(x + t * len_ + j * s, y + t * len_ + j * s, s, mean[t],
+                           (w[c0 + j] if w != NULL else 1.0) * invstd,
+                           b[c0 + j] if b != NULL else 0.0, stream)
+    free(part)
+    return 0
 
 
 cdef inline void group_block_bwd(const floating *dy, const floating *x, floating *dx,
@@ -377,16 +459,12 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
     values), the group sums of w*dy and w*dy*xhat, then dx = k*dy + q*(x-mean) + r per
     channel while the group is in cache (last channel first)."""
     cdef Py_ssize_t j
-    cdef double a = 0, bs = 0, wj, m = <double>(cg * s), q, r
+    cdef double q, r
     for j in range(cg):
         sdy[j] = 0
         sdyx[j] = 0
         seg_bwd_sums(dy + j * s, x + j * s, 1, s, 0, 0, mean, &sdy[j], &sdyx[j])
-        wj = w[c0 + j] if w != NULL else 1.0
-        a += wj * sdy[j]
-        bs += wj * sdyx[j]
-    q = -invstd * invstd * invstd * bs / m
-    r = -invstd * a / m
+    group_qr(sdy, sdyx, cg, s, c0, invstd, w, &q, &r)
     for j in range(cg - 1, -1, -1):
         seg_bwd_dx(dy + j * s, x + j * s, dx + j * s, 1, s, 0, 0, 0, mean,
                    (w[c0 + j] if w != NULL else 1.0) * invstd, q, r, stream)
@@ -394,13 +472,48 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
         bn_fence()
 
 
+cdef inline void group_qr(const double *sdy, const double *sdyx, Py_ssize_t cg, Py_ssize_t s,
+                          Py_ssize_t c0, double invstd, const double *w, double *q,
+                          double *r) noexcept nogil:
+    """dx = k*dy + q*(x - mean) + r for a group, from its channels' sums (in order)."""
+    cdef Py_ssize_t j
+    cdef double a = 0, bs = 0, wj, m = <double>(cg * s)
+    for j in range(cg):
+        wj = w[c0 + j] if w != NULL else 1.0
+        a += wj * sdy[j]
+        bs += wj * sdyx[j]
+    q[0] = -invstd * invstd * invstd * bs / m
+    r[0] = -invstd * a / m
+
+
 cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
                          Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, const double *mean,
                          const double *invstd, const double *w, double *sdy, double *sdyx,
                          int n_threads) noexcept nogil:
-    cdef Py_ssize_t t, off
+    cdef Py_ssize_t t, off, j, c0
     cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
+    cdef int team = work_threads(n_threads, n * g * cg, n * g * cg * s, SERIAL_ELEMS)
+    cdef double q, r
+    if team_pays(n * g, cg, nt, team):
+        # fewer (sample, group) runs than threads: every thread on each run, a channel at
+        # a time (its sums, then after the group's coefficients its dx; same bits)
+        for t in range(n * g):
+            off = t * cg * s
+            c0 = (t % g) * cg
+            for j in prange(cg, schedule='static', num_threads=team):
+                sdy[t * cg + j] = 0
+                sdyx[t * cg + j] = 0
+                seg_bwd_sums(dy + off + j * s, x + off + j * s, 1, s, 0, 0, mean[t],
+                             &sdy[t * cg + j], &sdyx[t * cg + j])
+            group_qr(sdy + t * cg, sdyx + t * cg, cg, s, c0, invstd[t], w, &q, &r)
+            for j in prange(cg, schedule='static', num_threads=team):
+                seg_bwd_dx(dy + off + j * s, x + off + j * s, dx + off + j * s, 1, s, 0, 0, 0,
+                           mean[t], (w[c0 + j] if w != NULL else 1.0) * invstd[t], q, r,
+                           stream)
+                if stream:
+                    bn_fence()
+        return
     for t in prange(n * g, schedule='static', num_threads=nt):
         off = t * cg * s
         group_block_bwd(dy + off, x + off, dx + off, cg, s, (t % g) * cg, mean[t], invstd[t],
@@ -729,11 +842,11 @@ def group_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c, Py_s
             rc = samples_forward(<const double *>px, <double *>py, n, s, c, g, eps, pw, pb,
                                  pm, pv, n_threads)
         elif is_f32:
-            group_rows(<const float *>px, <float *>py, n, g, c // g, s, eps, pw, pb, pm, pv,
-                       n_threads)
+            rc = group_rows(<const float *>px, <float *>py, n, g, c // g, s, eps, pw, pb, pm,
+                            pv, n_threads)
         else:
-            group_rows(<const double *>px, <double *>py, n, g, c // g, s, eps, pw, pb, pm,
-                       pv, n_threads)
+            rc = group_rows(<const double *>px, <double *>py, n, g, c // g, s, eps, pw, pb,
+                            pm, pv, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
 
@@ -884,13 +997,14 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads, out=None):
                                  <double *>cnp.PyArray_DATA(mean),
                                  <double *>cnp.PyArray_DATA(var), nt)
         elif is_f32:
-            group_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y), n, g,
-                       c // g, s, ep, pw, pb, <double *>cnp.PyArray_DATA(mean),
-                       <double *>cnp.PyArray_DATA(var), nt)
+            rc = group_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y),
+                            n, g, c // g, s, ep, pw, pb, <double *>cnp.PyArray_DATA(mean),
+                            <double *>cnp.PyArray_DATA(var), nt)
         else:
-            group_rows(<const double *>cnp.PyArray_DATA(arr), <double *>cnp.PyArray_DATA(y), n,
-                       g, c // g, s, ep, pw, pb, <double *>cnp.PyArray_DATA(mean),
-                       <double *>cnp.PyArray_DATA(var), nt)
+            rc = group_rows(<const double *>cnp.PyArray_DATA(arr),
+                            <double *>cnp.PyArray_DATA(y), n, g, c // g, s, ep, pw, pb,
+                            <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(var),
+                            nt)
     free(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")

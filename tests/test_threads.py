@@ -202,6 +202,41 @@ def test_channels_last_samples_shared_by_the_threads(shape, groups, dtype):
         np.testing.assert_allclose(got, want, **tol)
 
 
+# NCHW group norm with fewer (sample, group) runs than threads, or a last round only some
+# threads fill: every thread on each run (group_rows_team: the run's chunks, then its
+# channels; backward: its channels). Runs of 3136 * 64 = 200704 floats (12 chunks), and a
+# float64 run of 1600 * 32 values.
+FEW_RUNS = [((1, 64, 56, 56), 1, "float32"), ((3, 16, 48, 48), 1, "float32"),
+            ((1, 64, 56, 56), 2, "float32"), ((1, 32, 40, 40), 1, "float64")]
+
+
+@pytest.mark.parametrize("shape,groups,dtype", FEW_RUNS)
+def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
+    rng = np.random.default_rng(6)
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    c = shape[1]
+    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+
+    def run(nt):
+        y, m, s = bncore.group_norm_forward(x, groups, w, b, n_threads=nt)
+        return (y, m, s) + tuple(bncore.group_norm_backward(dy, x, m, s, groups, w,
+                                                            n_threads=nt))
+
+    base = run(1)
+    for nt in (2, 3, 8):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    xx = x.copy()   # in place, shared by the threads
+    bncore.group_norm(xx, groups, w, b, out=xx, n_threads=2)
+    assert np.array_equal(xx, base[0])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    ry, rm, rs = ref.group_norm_forward(x, groups, w, b)
+    for got, want in zip(base[:3], (ry, rm, rs)):
+        np.testing.assert_allclose(got, want, **tol)
+    for got, want in zip(base[3:], ref.group_norm_backward(dy, x, rm, rs, groups, w)):
+        np.testing.assert_allclose(got, want, **tol)
+
+
 _DIGEST_SCRIPT = """
 import hashlib, json, sys
 sys.path.insert(0, {tests!r})
