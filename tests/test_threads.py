@@ -210,13 +210,17 @@ FEW_RUNS = [((1, 64, 56, 56), 1, "float32"), ((3, 16, 48, 48), 1, "float32"),
             ((1, 64, 56, 56), 2, "float32"), ((1, 32, 40, 40), 1, "float64")]
 
 
+def group_inputs(seed, shape, dtype, offset, c):
+    """x (normal around offset), dy, and per-channel weight and bias of c channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(offset, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    return x, dy, rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+
+
 @pytest.mark.parametrize("shape,groups,dtype", FEW_RUNS)
 def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
-    rng = np.random.default_rng(6)
-    x = rng.normal(3.0, 2.0, shape).astype(dtype)
-    dy = rng.normal(size=shape).astype(dtype)
-    c = shape[1]
-    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+    x, dy, w, b = group_inputs(6, shape, dtype, 3.0, shape[1])
 
     def run(nt):
         y, m, s = bncore.group_norm_forward(x, groups, w, b, n_threads=nt)
@@ -235,6 +239,34 @@ def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
         np.testing.assert_allclose(got, want, **tol)
     for got, want in zip(base[3:], ref.group_norm_backward(dy, x, rm, rs, groups, w)):
         np.testing.assert_allclose(got, want, **tol)
+
+
+# Channels-last groups of 16 to 1024 channels over at most BN_RUN_MAX values take their
+# statistics straight from each (sample, group) block, a block per thread
+# (direct_groups): 64 channels a group over 49 rows, 17 over 81, float64 too.
+WIDE_GROUPS = [((32, 7, 7, 512), 8, "float32"), ((2, 9, 9, 51), 3, "float32"),
+               ((3, 5, 7, 48), 3, "float64"), ((1, 4, 4, 1024), 1, "float32")]
+
+
+@pytest.mark.parametrize("shape,groups,dtype", WIDE_GROUPS)
+def test_channels_last_wide_groups_straight_from_the_block(shape, groups, dtype):
+    c = shape[-1]
+    x, _, w, b = group_inputs(7, shape, dtype, 1e3, c)
+    base = bncore.group_norm_forward(x, groups, w, b, axis=-1, n_threads=1)
+    for nt in (2, 3, 8):
+        assert identical(base, bncore.group_norm_forward(x, groups, w, b, axis=-1,
+                                                         n_threads=nt)), f"{nt} threads"
+    xx = x.copy()
+    bncore.group_norm(xx, groups, w, b, axis=-1, out=xx, n_threads=2)
+    assert np.array_equal(xx, base[0])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    for got, want in zip(base, ref.group_norm_forward(x, groups, w, b, axis=-1)):
+        np.testing.assert_allclose(got, want, **tol)
+    # the statistics to float64 precision at a 1e3 offset (exact: float64 two-pass)
+    xs = x.astype(np.float64).reshape(shape[0], -1, groups, c // groups)
+    var = xs.var(axis=(1, 3))
+    np.testing.assert_allclose(1.0 / base[2].astype(np.float64) ** 2 - 1e-5, var,
+                               rtol=1e-5 if dtype == "float32" else 1e-9)
 
 
 _DIGEST_SCRIPT = """

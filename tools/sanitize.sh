@@ -65,6 +65,7 @@ if [ "$quick" = 1 ]; then
            "tests/test_threads.py::test_bitwise_identical_for_any_n_threads"
            "tests/test_threads.py::test_channels_last_samples_shared_by_the_threads"
            "tests/test_threads.py::test_nchw_group_runs_shared_by_the_threads"
+           "tests/test_threads.py::test_channels_last_wide_groups_straight_from_the_block"
            "tests/test_threads.py::test_eight_python_threads_at_once_give_the_serial_results")
 else
     tests=(tests)
