@@ -103,6 +103,10 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_cl_affine_f64(const double *x, Py_ssize_t ldx, double *y, Py_ssize_t ldy,
                           Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                           const double *scale, const double *shift)
+    void bn_group_affine_f32(const float *x, float *y, Py_ssize_t cg, Py_ssize_t s,
+                             double mean, const double *k, const double *b, int stream)
+    void bn_group_affine_f64(const double *x, double *y, Py_ssize_t cg, Py_ssize_t s,
+                             double mean, const double *k, const double *b, int stream)
     void bn_cl_affine_group_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
                                 Py_ssize_t nrows, Py_ssize_t nch, double mean,
                                 const double *scale, const double *shift, int stream)

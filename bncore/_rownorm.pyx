@@ -41,7 +41,7 @@ from libc.stdlib cimport free, malloc
 from bncore._kernels cimport (
     BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks,
-    bn_cl_affine_group_f32, bn_run_moments_f32,
+    bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
@@ -61,6 +61,7 @@ cdef enum:
     PREFETCH_BYTES = 4096   # how far ahead the row loops fetch
     ROW_CHUNK_ELEMS = 16384  # forward rows per parallel chunk: about this many values
     RUN_CHUNK = 16384        # values per chunk of a long run's statistics
+    GROUP_TILE = 64          # NCHW group channels per affine call
     DIRECT_MIN_CG = 16       # channels-last groups this wide (and up to BN_RUN_MAX values)
     DIRECT_MAX_CG = 1024     # take their statistics straight from the block
 
@@ -373,19 +374,24 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
                              double *mean, double *var, bint stream) noexcept nogil:
     """One (sample, group): statistics of its contiguous cg*s values, then each channel's
     affine while the group is in cache, last channel first (the last one read)."""
-    cdef Py_ssize_t j
-    cdef double m, m2, invstd, k, sh
+    cdef Py_ssize_t j, j1, j0 = ((cg - 1) // GROUP_TILE) * GROUP_TILE
+    cdef double m, m2, invstd
+    cdef double k[GROUP_TILE]
+    cdef double sh[GROUP_TILE]
     run_moments(x, cg * s, &m, &m2)
     mean[0] = m
     var[0] = m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
-    for j in range(cg - 1, -1, -1):
-        k = (w[c0 + j] if w != NULL else 1.0) * invstd
-        sh = b[c0 + j] if b != NULL else 0.0
-        if stream:
-            seg_affine_stream(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
+    while j0 >= 0:   # tiles of channels, the last first (the last read)
+        j1 = min(j0 + GROUP_TILE, cg)
+        for j in range(j0, j1):
+            k[j - j0] = (w[c0 + j] if w != NULL else 1.0) * invstd
+            sh[j - j0] = b[c0 + j] if b != NULL else 0.0
+        if floating is float:
+            bn_group_affine_f32(x + j0 * s, y + j0 * s, j1 - j0, s, m, k, sh, stream)
         else:
-            seg_affine(x + j * s, y + j * s, 1, s, 0, 0, m, k, sh)
+            bn_group_affine_f64(x + j0 * s, y + j0 * s, j1 - j0, s, m, k, sh, stream)
+        j0 -= GROUP_TILE
     if stream:
         bn_fence()
 

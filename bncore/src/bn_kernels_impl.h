@@ -345,6 +345,18 @@ static BN_CLONES void BN_NAME(bn_seg_affine_stream)(const BN_T *x, BN_T *y, ptrd
     BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 1);
 }
 
+/* The affine of one NCHW group: cg channels of s values each, contiguous, channel j with
+ * its own k[j] and b[j] (the mean is the group's), last channel first (the last read):
+ * one call for the group instead of one per channel (a call cost as much as a 49-value
+ * channel). The bits of bn_seg_affine channel by channel. */
+static BN_CLONES void BN_NAME(bn_group_affine)(const BN_T *x, BN_T *y, ptrdiff_t cg, ptrdiff_t s,
+                                              double mean, const double *k, const double *b,
+                                              int stream)
+{
+    for (ptrdiff_t j = cg - 1; j >= 0; j--)
+        BN_NAME(bn_seg_affine_body)(x + j * s, y + j * s, 1, s, 0, 0, mean, k[j], b[j], stream);
+}
+
 /* Touch every cache line of nseg segments (the next statistics block), so short planes
  * far apart, which the hardware prefetcher does not follow across pages, arrive early. */
 static inline void BN_NAME(bn_prefetch_seg)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
