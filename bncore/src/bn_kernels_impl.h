@@ -1102,8 +1102,11 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
         dw[i] = BN_FMA(g, u * invstd, dw[i]);
         if (db) db[i] += g;
     }
-    const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) / (double)d;
-    const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd / (double)d;
+    /* 1/d multiplies (computed off the critical path): the two divisions by d waited on
+     * the sums, and dx waits on them */
+    const double inv_d = 1.0 / (double)d;
+    const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) * inv_d;
+    const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd * inv_d;
     const double q = -invstd * invstd * mgx, r = -invstd * mg;
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
 #define BN_ROW_DX(i) ((BN_T)BN_FMA((double)dy[i], w[i] * invstd, \
