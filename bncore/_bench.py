@@ -318,6 +318,10 @@ def family_cases():
         spatial_norm("instance_norm", (1, 64, 56, 56), "NHWC", 1.0),
         family_backward("instance_norm", (1, 64, 56, 56), "NHWC", target=1.0,
                         peer_note=TORCH_IN_BWD_CL_N1),
+        # batch 1, one group, NCHW: every thread on the one run
+        spatial_norm("group_norm", (1, 64, 56, 56), "NCHW", 1.0, groups=1),
+        # wide groups over 7x7, channels-last: statistics straight from each block
+        spatial_norm("group_norm", (32, 512, 7, 7), "NHWC", 1.0, groups=8),
     ]
 
 
@@ -343,6 +347,8 @@ def all_cases():
         bn_train(big, "NHWC", f64, None),
         bn_backward(small, "NCHW", f64, None),
         bn_backward((8, 32, 8, 8), "NCHW", f32, 1.0),
+        # batch 1, 7x7: small channels in groups (the cost was per channel, not per value)
+        bn_backward((1, 512, 7, 7), "NCHW", f32, 1.0),
     ] + family_cases()
 
 
