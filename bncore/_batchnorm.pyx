@@ -55,9 +55,6 @@ cnp.import_array()
 
 cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
-
-
-cdef enum:
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     CHANNEL_GROUP = 8      # small channels per group
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth

@@ -89,9 +89,11 @@ cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
     """Mean and M2 of n contiguous values: floats up to BN_RUN_MAX in one double pass
     (bn_run_moments), longer float runs in that one pass per block merged with the Chan
     merge; double runs in one block moments call when the run fits one block (what
-    plane_block_stats gives for it, without the bookkeeping), else blocks merged."""
-    cdef bn_moments st
+    plane_block_stats gives for it, without the bookkeeping), else blocks merged; runs
+    longer than a block as chunks of blocks (run_chunks), merged in chunk order."""
     cdef double pivot
+    cdef Py_ssize_t nchunks, k
+    cdef bn_moments part[MAX_CHUNKS]
     if floating is float:
         if n <= BN_RUN_MAX:
             bn_run_moments_f32(x, 1, n, 0, &pivot, mean, m2)
@@ -102,16 +104,10 @@ cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
         seg_moments(x, 1, n, 0, pivot, mean, m2)
         mean[0] += pivot
         return
-    cdef Py_ssize_t nchunks = run_chunks(n), k
-    cdef bn_moments part
-    st.n = 0
-    st.mean = 0
-    st.m2 = 0
+    nchunks = run_chunks(n)
     for k in range(nchunks):
-        run_chunk_stats(x, n, k, nchunks, &part)
-        merge_state(&st, &part)
-    mean[0] = st.mean + st.shift
-    m2[0] = st.m2
+        run_chunk_stats(x, n, k, nchunks, &part[k])
+    merged_chunks(part, nchunks, mean, m2)
 
 
 cdef inline Py_ssize_t run_chunks(Py_ssize_t n) noexcept nogil:
@@ -132,11 +128,20 @@ cdef inline void run_chunk_stats(const floating *x, Py_ssize_t n, Py_ssize_t k,
     plane_block_stats(x, 1, n, 0, k * nb // nchunks, (k + 1) * nb // nchunks, st, True)
 
 
-cdef inline void merge_state(bn_moments *st, const bn_moments *part) noexcept nogil:
-    """Merge a chunk state into st (both relative to the same pivot)."""
-    if st.n == 0:
-        st.shift = part.shift
-    bn_chan_merge(st, part.n, part.mean, part.m2)
+cdef inline void merged_chunks(const bn_moments *part, Py_ssize_t nchunks, double *mean,
+                               double *m2) noexcept nogil:
+    """Mean and M2 of a long run from its chunk states (relative to the run's pivot),
+    merged in chunk order: the one merge of run_moments and group_rows_team."""
+    cdef bn_moments st
+    cdef Py_ssize_t k
+    st.n = 0
+    st.mean = 0
+    st.m2 = 0
+    st.shift = part[0].shift
+    for k in range(nchunks):
+        bn_chan_merge(&st, part[k].n, part[k].mean, part[k].m2)
+    mean[0] = st.mean + st.shift
+    m2[0] = st.m2
 
 
 # ------------------------------------------------------------------ layer / RMS forward
@@ -434,21 +439,15 @@ cdef int group_rows_team(const floating *x, floating *y, Py_ssize_t runs, Py_ssi
     parallel (run_chunk_stats), merged in chunk order as run_moments merges them, then the
     channels' affine in parallel. -1 if out of memory."""
     cdef Py_ssize_t t, k, j, len_ = cg * s, nchunks = run_chunks(cg * s), c0
-    cdef bn_moments st
     cdef bn_moments *part = <bn_moments *>malloc(nchunks * sizeof(bn_moments))
-    cdef double invstd
+    cdef double invstd, m2
     if part == NULL:
         return -1
     for t in range(runs):
         for k in prange(nchunks, schedule='static', num_threads=nt):
             run_chunk_stats(x + t * len_, len_, k, nchunks, &part[k])
-        st.n = 0
-        st.mean = 0
-        st.m2 = 0
-        for k in range(nchunks):
-            merge_state(&st, &part[k])
-        mean[t] = st.mean + st.shift
-        var[t] = st.m2 / <double>len_
+        merged_chunks(part, nchunks, &mean[t], &m2)
+        var[t] = m2 / <double>len_
         invstd = 1.0 / sqrt(var[t] + eps)
         c0 = (t % g) * cg
         for j in prange(cg, schedule='static', num_threads=nt):
