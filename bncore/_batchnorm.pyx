@@ -149,6 +149,8 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
         channel_affine(x + c * sc, y + c * ysc, outer, inner, so, yso, mean[c],
                        (w[c] if w != NULL else 1.0) * invstd[c], b[c] if b != NULL else 0.0,
                        stream)
+    if stream:   # one fence for the group
+        bn_fence()
 
 
 cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
@@ -160,6 +162,8 @@ cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t oute
     var[0] = var[0] / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)
     channel_affine(x, y, outer, inner, so, yso, mean[0], w * invstd[0], b, stream)
+    if stream:
+        bn_fence()
 
 
 cdef inline void channel_stats(const floating *x, Py_ssize_t outer, Py_ssize_t inner,
@@ -182,11 +186,10 @@ cdef inline void channel_affine(const floating *x, floating *y, Py_ssize_t outer
                                 Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso, double mean,
                                 double k, double b, bint stream) noexcept nogil:
     """y = (x - mean) * k + b over one channel, last planes first: they were read last,
-    so they are the ones still in L2."""
+    so they are the ones still in L2. Streamed stores are left to the caller's fence."""
     if stream:
         seg_affine_stream(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso,
                           mean, k, b)
-        bn_fence()
     else:
         seg_affine(x + (outer - 1) * so, y + (outer - 1) * yso, outer, inner, -so, -yso, mean,
                    k, b)

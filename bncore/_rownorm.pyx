@@ -705,18 +705,19 @@ cdef inline void group_direct(const floating *x, floating *y, Py_ssize_t s, Py_s
     var[0] = st.m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
     for j in range(cg):
-        cmean[j] = mean[0]
         scale[j] = (w[j] if w != NULL else 1.0) * invstd
         shift[j] = b[j] if b != NULL else 0.0
     if floating is float:   # one mean: the kernel keeps it in registers
         bn_cl_affine_group_f32(x, c, y, c, s, cg, mean[0], scale, shift, stream)
-        if stream:
-            bn_fence()
-    elif stream:
-        cl_affine_stream(x, c, y, c, s, cg, cmean, scale, shift)
-        bn_fence()
     else:
-        cl_affine(x, c, y, c, s, cg, cmean, scale, shift)
+        for j in range(cg):
+            cmean[j] = mean[0]
+        if stream:
+            cl_affine_stream(x, c, y, c, s, cg, cmean, scale, shift)
+        else:
+            cl_affine(x, c, y, c, s, cg, cmean, scale, shift)
+    if stream:
+        bn_fence()
 
 
 cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
