@@ -41,8 +41,8 @@ from bncore._kernels cimport (
     BN_RUN_MAX, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
-    planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_stream,
-    seg_bwd_dx, seg_bwd_dx_many, seg_bwd_sums, seg_bwd_sums_many,
+    planes_by_sample, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_pf,
+    seg_affine_stream, seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many,
 )
 from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,
@@ -108,10 +108,17 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         return 0
     cdef Py_ssize_t ng
     if outer * inner > SMALL_CHANNEL:
-        for c in prange(nch, schedule='static', num_threads=nt):
-            forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
-                            &var[c], &invstd[c], w[c] if w != NULL else 1.0,
-                            b[c] if b != NULL else 0.0, eps, stream)
+        # each thread its run of channels; when the data is far larger than the caches, a
+        # channel's affine (writing memory) prefetches the thread's next channel (reading
+        # memory): one phase after the other, each left half the bus idle. (32,64,56,56):
+        # 1.05x; its backward, which does the same, 1.09-1.14x
+        for t in prange(nt, schedule='static', num_threads=nt):
+            t1 = (t + 1) * nch // nt
+            for c in range(t * nch // nt, t1):
+                forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
+                                &var[c], &invstd[c], w[c] if w != NULL else 1.0,
+                                b[c] if b != NULL else 0.0, eps, stream,
+                                x + (c + 1) * sc if stream and c + 1 < t1 else NULL)
         return 0
     nt = work_threads(n_threads, nch, outer * nch * inner + nch * CHANNEL_COST, SERIAL_ELEMS)
     ng = channel_groups(nch, nt)
@@ -156,12 +163,20 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
 cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
                                  Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso,
                                  Py_ssize_t nb, double *mean, double *var, double *invstd,
-                                 double w, double b, double eps, bint stream) noexcept nogil:
-    """Statistics of one channel, then normalise it while it is still in L2."""
+                                 double w, double b, double eps, bint stream,
+                                 const floating *nxt) noexcept nogil:
+    """Statistics of one channel, then normalise it while it is still in L2, fetching
+    the next channel (nxt, or NULL) meanwhile."""
+    cdef Py_ssize_t k
     channel_stats(x, outer, inner, so, nb, mean, var)
     var[0] = var[0] / (<double>outer * <double>inner)
     invstd[0] = 1.0 / sqrt(var[0] + eps)
-    channel_affine(x, y, outer, inner, so, yso, mean[0], w * invstd[0], b, stream)
+    if nxt == NULL:
+        channel_affine(x, y, outer, inner, so, yso, mean[0], w * invstd[0], b, stream)
+    else:
+        for k in range(outer):
+            seg_affine_pf(x + (outer - 1 - k) * so, y + (outer - 1 - k) * yso, inner, mean[0],
+                          w * invstd[0], b, stream, nxt + k * so, inner)
     if stream:
         bn_fence()
 
@@ -291,15 +306,18 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                          Py_ssize_t dsc, const double *mean, const double *invstd,
                          const double *w, bint training, double *dweight, double *dbias,
                          int n_threads) noexcept nogil:
-    cdef Py_ssize_t c, t, ng
+    cdef Py_ssize_t c, t, t1, ng
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
-    if outer * inner > SMALL_CHANNEL:
-        for c in prange(nch, schedule='static', num_threads=nt):
-            backward_channel(dy + c * gsc, x + c * sc, dx + c * dsc if dx != NULL else NULL,
-                             outer, inner, gso, so, dso, mean[c], invstd[c],
-                             w[c] if w != NULL else 1.0, training, &dweight[c], &dbias[c],
-                             stream)
+    if outer * inner > SMALL_CHANNEL:   # as forward_planes (the next channel prefetched)
+        for t in prange(nt, schedule='static', num_threads=nt):
+            t1 = (t + 1) * nch // nt
+            for c in range(t * nch // nt, t1):
+                backward_channel(dy + c * gsc, x + c * sc,
+                                 dx + c * dsc if dx != NULL else NULL, outer, inner, gso, so,
+                                 dso, mean[c], invstd[c], w[c] if w != NULL else 1.0,
+                                 training, &dweight[c], &dbias[c], stream,
+                                 stream and c + 1 < t1, gsc, sc)
         return 0
     # small channels cost per channel as much as ~CHANNEL_COST values: count it when
     # deciding whether threads pay ((1, 512, 7, 7): 25K values, 23 -> 14 us on two)
@@ -347,9 +365,12 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
                                   Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t gso,
                                   Py_ssize_t so, Py_ssize_t dso, double mean, double invstd,
                                   double w, bint training, double *dweight,
-                                  double *dbias, bint stream) noexcept nogil:
-    """The two sums of one channel, then its dx while dy and x are still in L2."""
+                                  double *dbias, bint stream, bint fetch_next, Py_ssize_t gsc,
+                                  Py_ssize_t sc) noexcept nogil:
+    """The two sums of one channel, then its dx while dy and x are still in L2, fetching
+    the next channel (gsc and sc elements on) meanwhile when fetch_next."""
     cdef double sdy = 0, sdyx = 0, k, q, r
+    cdef Py_ssize_t p
     seg_bwd_sums(dy, x, outer, inner, gso, so, mean, &sdy, &sdyx)
     dbias[0] = sdy
     dweight[0] = sdyx * invstd
@@ -361,8 +382,14 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
     if not training:
         q = 0.0
         r = 0.0
-    seg_bwd_dx(dy + (outer - 1) * gso, x + (outer - 1) * so, dx + (outer - 1) * dso, outer,
-               inner, -gso, -so, -dso, mean, k, q, r, stream)
+    if fetch_next:
+        for p in range(outer):
+            seg_bwd_dx_pf(dy + (outer - 1 - p) * gso, x + (outer - 1 - p) * so,
+                          dx + (outer - 1 - p) * dso, inner, mean, k, q, r, stream,
+                          dy + gsc + p * gso, x + sc + p * so, inner)
+    else:
+        seg_bwd_dx(dy + (outer - 1) * gso, x + (outer - 1) * so, dx + (outer - 1) * dso, outer,
+                   inner, -gso, -so, -dso, mean, k, q, r, stream)
     if stream:
         bn_fence()
 

@@ -58,6 +58,18 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_affine_stream_f64(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
                                   Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
                                   double shift)
+    void bn_seg_affine_pf_f32(const float *x, float *y, Py_ssize_t len, double mean,
+                              double scale, double shift, int stream, const void *pf,
+                              const void *pe)
+    void bn_seg_affine_pf_f64(const double *x, double *y, Py_ssize_t len, double mean,
+                              double scale, double shift, int stream, const void *pf,
+                              const void *pe)
+    void bn_seg_bwd_dx_pf_f32(const float *dy, const float *x, float *dx, Py_ssize_t len,
+                              double mean, double k, double q, double r, int stream,
+                              const float *pg, const float *px, Py_ssize_t npf)
+    void bn_seg_bwd_dx_pf_f64(const double *dy, const double *x, double *dx, Py_ssize_t len,
+                              double mean, double k, double q, double r, int stream,
+                              const double *pg, const double *px, Py_ssize_t npf)
     void bn_prefetch_seg_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_prefetch_seg_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_vec_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
@@ -190,6 +202,28 @@ cdef inline void seg_affine_stream(const floating *x, floating *y, Py_ssize_t ns
         bn_seg_affine_stream_f32(x, y, nseg, length, sx, sy, mean, scale, shift)
     else:
         bn_seg_affine_stream_f64(x, y, nseg, length, sx, sy, mean, scale, shift)
+
+
+cdef inline void seg_affine_pf(const floating *x, floating *y, Py_ssize_t length,
+                               double mean, double scale, double shift, bint stream,
+                               const floating *pf, Py_ssize_t npf) noexcept nogil:
+    """y = (x - mean) * scale + shift over one segment while prefetching pf[0..npf)."""
+    if floating is float:
+        bn_seg_affine_pf_f32(x, y, length, mean, scale, shift, stream, pf, pf + npf)
+    else:
+        bn_seg_affine_pf_f64(x, y, length, mean, scale, shift, stream, pf, pf + npf)
+
+
+cdef inline void seg_bwd_dx_pf(const floating *dy, const floating *x, floating *dx,
+                               Py_ssize_t length, double mean, double k, double q, double r,
+                               bint stream, const floating *pg, const floating *px,
+                               Py_ssize_t npf) noexcept nogil:
+    """dx = k*dy + q*(x - mean) + r over one segment while prefetching pg[0..npf) and
+    px[0..npf)."""
+    if floating is float:
+        bn_seg_bwd_dx_pf_f32(dy, x, dx, length, mean, k, q, r, stream, pg, px, npf)
+    else:
+        bn_seg_bwd_dx_pf_f64(dy, x, dx, length, mean, k, q, r, stream, pg, px, npf)
 
 
 cdef inline void prefetch_seg(const floating *x, Py_ssize_t nseg, Py_ssize_t length,

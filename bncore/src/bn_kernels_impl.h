@@ -294,8 +294,10 @@ static BN_CLONES void BN_NAME(bn_affine)(const BN_T *restrict x, BN_T *restrict 
  * streaming stores (see bn_stream_span; the caller fences). */
 BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
                                            ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
-                                           double mean, double scale, double shift, int stream)
+                                           double mean, double scale, double shift, int stream,
+                                           const char *pf, const char *pe)
 {
+    unsigned pfc = 0;   /* vectors: a prefetch step of [pf, pe) (128 bytes) per 4 (128 bytes) */
 #if BN_T_IS_FLOAT
     /* float32 arithmetic, 8 lanes, ~3x less work than a round trip through double. The
      * mean is split as hi + lo (two floats): x - hi is exact near the mean (Sterbenz), so
@@ -311,6 +313,7 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
         float *q = y + s * sy;
 #define BN_SCALAR(i) q[i] = ((p[i] - hi) - lo) * k + b
 #define BN_VEC(i, nt) do { bn_v8f v_; memcpy(&v_, p + (i), sizeof v_); \
+        if ((++pfc & 3) == 0) bn_prefetch_step_l2(&pf, pe); \
         BN_PUT8F(q + (i), ((v_ - vhi) - vlo) * vk + vb, nt); } while (0)
         BN_SPAN_LOOP(q, len, stream, 8, BN_SCALAR, BN_VEC);
 #undef BN_SCALAR
@@ -323,7 +326,8 @@ BN_INLINE void BN_NAME(bn_seg_affine_body)(const BN_T *x, BN_T *y, ptrdiff_t nse
         const BN_T *p = x + s * sx;
         BN_T *q = y + s * sy;
 #define BN_SCALAR(i) q[i] = (BN_T)(((double)p[i] - mean) * scale + shift)
-#define BN_VEC(i, nt) BN_PUT4(q + (i), (BN_LOAD4(p + (i)) - m) * k + b, nt)
+#define BN_VEC(i, nt) do { if ((++pfc & 3) == 0) bn_prefetch_step_l2(&pf, pe); \
+        BN_PUT4(q + (i), (BN_LOAD4(p + (i)) - m) * k + b, nt); } while (0)
         BN_SPAN_LOOP(q, len, stream, 4, BN_SCALAR, BN_VEC);
 #undef BN_SCALAR
 #undef BN_VEC
@@ -335,14 +339,25 @@ static BN_CLONES void BN_NAME(bn_seg_affine)(const BN_T *x, BN_T *y, ptrdiff_t n
                                             ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
                                             double mean, double scale, double shift)
 {
-    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 0);
+    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 0, NULL, NULL);
 }
 
 static BN_CLONES void BN_NAME(bn_seg_affine_stream)(const BN_T *x, BN_T *y, ptrdiff_t nseg,
                                                    ptrdiff_t len, ptrdiff_t sx, ptrdiff_t sy,
                                                    double mean, double scale, double shift)
 {
-    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 1);
+    BN_NAME(bn_seg_affine_body)(x, y, nseg, len, sx, sy, mean, scale, shift, 1, NULL, NULL);
+}
+
+/* bn_seg_affine(_stream) of one segment that also prefetches [pf, pe) (e.g. the next
+ * channel), two lines per 128 bytes of x: the reads of the next channel overlap the
+ * writes of this one, where one phase after the other left the memory bus half idle. */
+static BN_CLONES void BN_NAME(bn_seg_affine_pf)(const BN_T *x, BN_T *y, ptrdiff_t len,
+                                               double mean, double scale, double shift,
+                                               int stream, const void *pf, const void *pe)
+{
+    BN_NAME(bn_seg_affine_body)(x, y, 1, len, 0, 0, mean, scale, shift, stream,
+                                (const char *)pf, (const char *)pe);
 }
 
 /* The affine of one NCHW group: cg channels of s values each, contiguous, channel j with
@@ -354,7 +369,8 @@ static BN_CLONES void BN_NAME(bn_group_affine)(const BN_T *x, BN_T *y, ptrdiff_t
                                               int stream)
 {
     for (ptrdiff_t j = cg - 1; j >= 0; j--)
-        BN_NAME(bn_seg_affine_body)(x + j * s, y + j * s, 1, s, 0, 0, mean, k[j], b[j], stream);
+        BN_NAME(bn_seg_affine_body)(x + j * s, y + j * s, 1, s, 0, 0, mean, k[j], b[j], stream,
+                                    NULL, NULL);
 }
 
 /* Touch every cache line of nseg segments (the next statistics block), so short planes
@@ -441,15 +457,19 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_sums)(const BN_T *dy, const BN_T *x, pt
 BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *dx,
                                            ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
                                            ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
-                                           double q, double r, int stream)
+                                           double q, double r, int stream, const char *pg,
+                                           const char *eg, const char *px, const char *ex)
 {
     bn_v4d m = {mean, mean, mean, mean}, kk = {k, k, k, k}, qq = {q, q, q, q};
     bn_v4d rr = {r, r, r, r};
+    unsigned pfc = 0;   /* vectors: a prefetch step of [pg, eg) and [px, ex) per 128 bytes of x */
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *g = dy + s * sdy, *p = x + s * sx;
         BN_T *o = dx + s * sdx;
 #define BN_SCALAR(i) o[i] = (BN_T)BN_FMA(k, (double)g[i], BN_FMA(q, (double)p[i] - mean, r))
 #define BN_VEC(i, nt) do { bn_v4d g_ = BN_LOAD4(g + (i)), u_ = BN_LOAD4(p + (i)) - m; \
+        if ((++pfc & (128 / (4 * sizeof(BN_T)) - 1)) == 0) { \
+            bn_prefetch_step_l2(&pg, eg); bn_prefetch_step_l2(&px, ex); } \
         u_ = BN_FMA4(qq, u_, rr); BN_PUT4(o + (i), BN_FMA4(kk, g_, u_), nt); } while (0)
         BN_SPAN_LOOP(o, len, stream, 4, BN_SCALAR, BN_VEC);
 #undef BN_SCALAR
@@ -484,13 +504,14 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x,
     for (ptrdiff_t c = nch - 1; c >= 0; c--)
         BN_NAME(bn_seg_bwd_dx_body)(dy + c * gsc + last * sdy, x + c * sc + last * sx,
                                     dx + c * dsc + last * sdx, nseg, len, -sdy, -sx, -sdx,
-                                    mean[c], k[c], q[c], r[c], stream);
+                                    mean[c], k[c], q[c], r[c], stream, NULL, NULL, NULL, NULL);
 }
 
 static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
                                         double mean, double k, double q, double r)
 {
-    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, 1, n, 0, 0, 0, mean, k, q, r, 0);
+    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, 1, n, 0, 0, 0, mean, k, q, r, 0, NULL, NULL, NULL,
+                                NULL);
 }
 
 static BN_CLONES void BN_NAME(bn_seg_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx,
@@ -498,7 +519,21 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T
                                             ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
                                             double q, double r, int stream)
 {
-    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, nseg, len, sdy, sx, sdx, mean, k, q, r, stream);
+    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, nseg, len, sdy, sx, sdx, mean, k, q, r, stream,
+                                NULL, NULL, NULL, NULL);
+}
+
+/* bn_seg_bwd_dx of one segment that also prefetches [pg, pg + npf) and [px, px + npf)
+ * (the next channel's dy and x), 128 bytes of each per 128 bytes of x: reading the next
+ * channel overlaps writing this one (see bn_seg_affine_pf). */
+static BN_CLONES void BN_NAME(bn_seg_bwd_dx_pf)(const BN_T *dy, const BN_T *x, BN_T *dx,
+                                               ptrdiff_t len, double mean, double k, double q,
+                                               double r, int stream, const BN_T *pg,
+                                               const BN_T *px, ptrdiff_t npf)
+{
+    BN_NAME(bn_seg_bwd_dx_body)(dy, x, dx, 1, len, 0, 0, 0, mean, k, q, r, stream,
+                                (const char *)pg, (const char *)(pg + npf), (const char *)px,
+                                (const char *)(px + npf));
 }
 
 /* ------------------------------------------------------------- rows of channels (cl) */
