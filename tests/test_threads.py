@@ -432,3 +432,32 @@ def test_kernels_release_the_gil(big, name):
     assert min(ratios) < 0.5, (f"{name}: the heartbeat stalled for {min(ratios):.0%} of the "
                                f"call ({duration * 1e3:.0f} ms): the GIL is held")
 
+
+
+def test_batch_norm_beyond_the_caches_prefetching_the_next_channel():
+    """Data over 16 MiB (streamed stores) in channels over 4096 values: each thread's
+    channel affine / dx prefetches its next channel. Same bits for any thread count, and
+    the float64 reference's values."""
+    rng = np.random.default_rng(11)
+    shape = (4, 32, 192, 192)                    # 18.9 MB of float32, 147,456 values a channel
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 5)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.normal(1, 0.5, 32)
+    b = rng.normal(0, 0.5, 32)
+    runs = []
+    for nt in (1, 2, 3):
+        y, m, s = bncore.batch_norm_forward(x, w, b, n_threads=nt)
+        runs.append((y, m, s) + tuple(bncore.batch_norm_backward(dy, x, m, s, w, n_threads=nt)))
+    for other in runs[1:]:
+        for u, v in zip(runs[0], other):
+            assert np.array_equal(u, v)
+    y, m, s, dx, dw, db = runs[0]
+    ry, rm, rs = ref.batch_norm_forward(x.astype(np.float64), w, b)
+    np.testing.assert_allclose(y, ry, rtol=0, atol=2e-6 * np.abs(ry).max())
+    np.testing.assert_allclose(m, rm, rtol=1e-7)    # saved in x's dtype
+    np.testing.assert_allclose(s, rs, rtol=1e-7)
+    rdx, rdw, rdb = ref.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                            m.astype(np.float64), s.astype(np.float64), w)
+    np.testing.assert_allclose(dx, rdx, rtol=0, atol=2e-6 * np.abs(rdx).max())
+    np.testing.assert_allclose(dw, rdw, rtol=2e-7)
+    np.testing.assert_allclose(db, rdb, rtol=2e-7)
