@@ -10,6 +10,7 @@ from bncore._api import (
     Moments, batch_norm, batch_norm_backward, batch_norm_forward, moments,
 )
 from bncore._config import show_config
+from bncore._outputs import release_memory  # a utility, not an op: outside __all__
 
 __all__ = [
     "__version__", "show_config", "moments", "Moments",

@@ -14,9 +14,10 @@ MISS); GB/s = the bytes the op must move at least (x and y for a forward, dy, x 
 for a backward, x for moments) / bncore time; % copy = time of a plain threaded copy of x
 (forward; a threaded read of x plus a copy for backward; a read for moments) / bncore
 time: 100% means bncore moves its data as fast as this machine moves bytes. The copy
-writes into a buffer allocated once; the ops allocate theirs on every call, and arrays
-over 32 MB come fresh from the operating system, which zeroes their pages first (a cost
-bncore and PyTorch pay alike, and the copy does not: it flatters the copy there).
+writes into a buffer allocated once; the ops allocate theirs on every call. PyTorch's
+arrays over 32 MiB come fresh from the operating system on every call, which zeroes their
+pages first; bncore keeps its freed outputs of that size for reuse (bncore._outputs), so
+after the warm-up call it pays that only when the cache is off (BNCORE_OUTPUT_CACHE_MB=0).
 ceiling = peer time / copy time: the speedup a kernel running at 100% of the copy would
 show in this run; a target above it is out of reach of any kernel that moves the minimum
 bytes at copy speed (marked MISS>).

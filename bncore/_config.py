@@ -10,7 +10,7 @@ from bncore._version import __version__
 
 def config():
     """The facts show_config() prints, as a dict."""
-    from bncore import _stats
+    from bncore import _outputs, _stats
     return {
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
@@ -21,6 +21,7 @@ def config():
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "output_cache_bytes": _outputs.cache_limit(),
     }
 
 
@@ -42,3 +43,6 @@ def show_config():
     print(f"  simd:        {c['simd']}")
     print(f"  numpy:       {c['numpy']}, python {c['python']}, {c['machine']}, "
           f"{c['cpu_count']} cpus")
+    print(f"  output cache: up to {c['output_cache_bytes'] / 2**20:.0f} MiB of freed outputs "
+          "of 32 MiB or more kept for reuse (BNCORE_OUTPUT_CACHE_MB; "
+          "bncore.release_memory())")

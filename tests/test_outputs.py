@@ -136,3 +136,149 @@ def test_op_outputs_never_trail_their_inputs(rel):
                ("batch_norm_backward, general/dy", dx, dy)]
     for name, out, inp in checks:
         assert not trails(out, inp), f"{name}: the output trails its input"
+
+
+# ------------------------------------------------------------------ the big-block cache
+# Freed outputs of 32 MiB or more are kept (up to cache_limit() bytes, 4 blocks) and handed
+# back for a request of their size: above glibc's mmap threshold every fresh array is a
+# new mapping whose pages are faulted in and zeroed on first touch.
+
+BIG = (9, 1024, 1024)   # 36 MiB of float32: over the 32 MiB threshold
+
+
+@pytest.fixture
+def cache():
+    """A clean cache with the default limit, restored afterwards."""
+    old = _outputs.cache_limit()
+    _outputs.cache_limit(256 << 20)
+    yield
+    _outputs.cache_limit(old)
+
+
+def big_input():
+    return np.random.default_rng(0).normal(3.0, 2.0, BIG).astype(np.float32)
+
+
+def test_a_freed_big_output_is_reused_for_the_same_size(cache):
+    x = big_input()
+    y = bncore.rms_norm(x, (1024,))
+    addr = y.ctypes.data
+    assert _outputs.cached_bytes() == 0
+    del y
+    kept = _outputs.cached_bytes()
+    assert kept >= x.nbytes
+    y2 = bncore.rms_norm(x, (1024,))
+    assert _outputs.cached_bytes() == 0          # taken out again
+    assert abs(y2.ctypes.data - addr) < 8192     # the same block (placed apart anew)
+    assert get_handler_name(y2) == "bncore_apart"
+
+
+def test_a_reused_block_holds_no_stale_values(cache):
+    """The op writes every element of its output: garbage left in a cached block (nan
+    here) never shows through."""
+    x = big_input()
+    ref = bncore.layer_norm(x, (1024,))
+    y = bncore.layer_norm(x, (1024,))
+    y[...] = np.nan
+    del y
+    assert _outputs.cached_bytes() > 0
+    again = bncore.layer_norm(x, (1024,))
+    np.testing.assert_array_equal(again, ref)
+
+
+def test_small_outputs_and_other_sizes_are_not_cached(cache):
+    x = big_input()
+    small = bncore.rms_norm(x[:1], (1024,))   # 4 MiB: glibc's own heap keeps those
+    del small
+    assert _outputs.cached_bytes() == 0
+    y = bncore.rms_norm(x, (1024,))
+    del y
+    kept = _outputs.cached_bytes()
+    bigger = np.ones((12, 1024, 1024), np.float32)   # 48 MiB: more than 1/8 over the block
+    z = bncore.rms_norm(bigger, (1024,))
+    assert _outputs.cached_bytes() == kept           # not handed the smaller block
+    del z
+    assert _outputs.cached_bytes() > kept
+
+
+def test_the_cache_keeps_at_most_its_limit_and_four_blocks(cache):
+    x = big_input()
+    ys = [bncore.rms_norm(x, (1024,)) for _ in range(6)]
+    del ys
+    assert 0 < _outputs.cached_bytes() <= 4 * (x.nbytes + 8192)
+    _outputs.cache_limit(x.nbytes + 8192)            # room for one block
+    assert _outputs.cached_bytes() == 0              # setting the limit released them
+    ys = [bncore.rms_norm(x, (1024,)) for _ in range(3)]
+    del ys
+    assert x.nbytes <= _outputs.cached_bytes() <= x.nbytes + 8192
+
+
+def test_release_memory_and_a_zero_limit(cache):
+    x = big_input()
+    y = bncore.rms_norm(x, (1024,))
+    del y
+    kept = _outputs.cached_bytes()
+    assert kept > 0
+    assert bncore.release_memory() == kept
+    assert _outputs.cached_bytes() == 0
+    assert bncore.release_memory() == 0
+    _outputs.cache_limit(0)
+    y = bncore.rms_norm(x, (1024,))
+    del y
+    assert _outputs.cached_bytes() == 0
+    with pytest.raises(ValueError, match="cache_limit"):
+        _outputs.cache_limit(-1)
+    assert _outputs.cache_limit() == 0
+
+
+def test_arrays_freed_on_other_threads_while_ops_allocate(cache):
+    """The cache's slots are shared by every thread that frees an array."""
+    import threading
+    x = big_input()
+    ref = bncore.rms_norm(x, (1024,))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(6):
+                y = bncore.rms_norm(x, (1024,))
+                if not np.array_equal(y, ref):
+                    errors.append("values")
+                del y
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _outputs.cached_bytes() <= 4 * (x.nbytes + 8192)
+
+
+@pytest.mark.parametrize("value, limit", [("0", 0), ("64", 64 << 20), ("1.5", 3 << 19)])
+def test_the_limit_comes_from_the_environment(value, limit):
+    import subprocess
+    import sys
+    code = "import bncore._outputs as o; print(o.cache_limit())"
+    env = dict(__import__("os").environ, BNCORE_OUTPUT_CACHE_MB=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert int(out.stdout) == limit
+
+
+def test_a_bad_environment_value_warns_and_keeps_the_default():
+    import subprocess
+    import sys
+    code = "import bncore._outputs as o; print(o.cache_limit())"
+    env = dict(__import__("os").environ, BNCORE_OUTPUT_CACHE_MB="lots")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 256 << 20
+    assert "BNCORE_OUTPUT_CACHE_MB" in out.stderr
+
+
+def test_show_config_reports_the_cache(capsys):
+    bncore.show_config()
+    assert "output cache" in capsys.readouterr().out
