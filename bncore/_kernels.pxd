@@ -627,10 +627,12 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                         double mean, double invstd, const double *w, double *dw, double *db,
                         int rms, int stream)
-    void bn_rows_norm_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t d,
+    void bn_rows_norm_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t nfetch,
+                          Py_ssize_t d,
                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const float *w,
                           const float *b, double *mean, double *invstd, int rms, int stream)
-    void bn_rows_norm_f64(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t d,
+    void bn_rows_norm_f64(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t nfetch,
+                          Py_ssize_t d,
                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const double *w,
                           const double *b, double *mean, double *invstd, int rms, int stream)
     void bn_fence()
@@ -645,14 +647,17 @@ cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double
         bn_row_affine_f64(x, y, n, mean, invstd, w, b, stream)
 
 
-cdef inline void rows_norm(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t d,
+cdef inline void rows_norm(const floating *x, floating *y, Py_ssize_t nrows,
+                           Py_ssize_t nfetch, Py_ssize_t d,
                            Py_ssize_t ldx, Py_ssize_t ldy, double eps, const floating *w,
                            const floating *b, double *mean, double *invstd, bint rms,
                            bint stream) noexcept nogil:
     if floating is float:
-        bn_rows_norm_f32(x, y, nrows, d, ldx, ldy, eps, w, b, mean, invstd, rms, stream)
+        bn_rows_norm_f32(x, y, nrows, nfetch, d, ldx, ldy, eps, w, b, mean, invstd, rms,
+                         stream)
     else:
-        bn_rows_norm_f64(x, y, nrows, d, ldx, ldy, eps, w, b, mean, invstd, rms, stream)
+        bn_rows_norm_f64(x, y, nrows, nfetch, d, ldx, ldy, eps, w, b, mean, invstd, rms,
+                         stream)
 
 
 cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,

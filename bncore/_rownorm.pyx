@@ -188,7 +188,7 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
         if d <= BLOCK:   # rows of one statistics block: staged in groups (bn_rows_norm)
-            rows_norm(x + r0 * ldx, y + r0 * ldy, r1 - r0, d, ldx, ldy, eps, w, b,
+            rows_norm(x + r0 * ldx, y + r0 * ldy, r1 - r0, nrows - r0, d, ldx, ldy, eps, w, b,
                       NULL if rms else mean + r0, invstd + r0, rms, stream)
         else:
             for r in range(r0, r1):

@@ -461,3 +461,24 @@ def test_batch_norm_beyond_the_caches_prefetching_the_next_channel():
     np.testing.assert_allclose(dx, rdx, rtol=0, atol=2e-6 * np.abs(rdx).max())
     np.testing.assert_allclose(dw, rdw, rtol=2e-7)
     np.testing.assert_allclose(db, rdb, rtol=2e-7)
+
+
+def test_row_norms_beyond_the_caches_prefetching_rows_ahead():
+    """Layer and RMS norm of rows over 16 MiB (streamed), where each row's affine fetches
+    a row about 16 KiB ahead (across the threads' chunk ends too): same bits for any
+    thread count, and the float64 reference's values."""
+    rng = np.random.default_rng(12)
+    for d in (64, 768):
+        x = (rng.standard_normal((17 * 2**20 // (4 * d), d), dtype=np.float32) * 3 + 100)
+        w = rng.normal(1, 0.5, d).astype(np.float32)
+        b = rng.normal(0, 0.5, d).astype(np.float32)
+        runs = [(bncore.layer_norm_forward(x, (d,), w, b, n_threads=nt)
+                 + bncore.rms_norm_forward(x, (d,), w, n_threads=nt)) for nt in (1, 2, 3)]
+        for other in runs[1:]:
+            for u, v in zip(runs[0], other):
+                assert np.array_equal(u, v)
+        x64 = x.astype(np.float64)
+        ry = ref.layer_norm(x64, (d,), w.astype(np.float64), b.astype(np.float64))
+        np.testing.assert_allclose(runs[0][0], ry, rtol=0, atol=4e-6 * np.abs(ry).max())
+        rr = ref.rms_norm(x64, (d,), w.astype(np.float64))
+        np.testing.assert_allclose(runs[0][3], rr, rtol=0, atol=4e-6 * np.abs(rr).max())
