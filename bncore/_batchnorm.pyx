@@ -41,8 +41,8 @@ from bncore._kernels cimport (
     BN_RUN_MAX, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
-    planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_pf,
-    seg_affine_stream, seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many,
+    planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_pf, seg_affine_stream,
+    seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many,
 )
 from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,

@@ -28,7 +28,7 @@ Above 32 MiB glibc no longer keeps freed blocks: each one goes back to the opera
 system, and the next array of that size is a fresh mapping whose pages the kernel faults
 in and zeroes on first touch, a second write of the whole output. A (256, 256, 14, 14)
 float32 training forward spent 11.2 ms that way against 6.0 ms into a reused out= (the
-zeroing alone cost as much as a copy). So the handler keeps up to CACHE_SLOTS such freed
+zeroing alone cost as much as a copy). So the handler keeps up to four such freed
 blocks, at most `cache_limit()` bytes in all (256 MiB unless BNCORE_OUTPUT_CACHE_MB says
 otherwise at import; 0 turns it off), and hands one back for a request of its size (up to
 1/8 larger): the same shape in a loop reuses its pages. `bncore.release_memory()` gives

@@ -1042,7 +1042,8 @@ static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restr
  * 1 / sqrt(mean(x^2) + eps). */
 #define BN_ROWS_GROUP 16
 static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nrows,
-                                           ptrdiff_t nfetch, ptrdiff_t d, ptrdiff_t ldx, ptrdiff_t ldy,
+                                           ptrdiff_t nfetch, ptrdiff_t d, ptrdiff_t ldx,
+                                           ptrdiff_t ldy,
                                            double eps, const BN_T *w, const BN_T *b,
                                            double *mean, double *invstd, int rms, int stream)
 {
