@@ -58,6 +58,7 @@ cdef enum:
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     CHANNEL_GROUP = 8      # small channels per group
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth
+    FETCH_PLANE = 8192     # bytes: planes at least this long get the next channel prefetched
 
 
 cdef inline double *f64_or_null(object a):
@@ -73,12 +74,13 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
                         int n_threads) noexcept nogil:
     cdef Py_ssize_t c, n, t, s, t1, nchunks, nb = plane_nblocks(outer, inner)
     cdef double m = <double>outer * <double>inner
-    # a channel's statistics then its affine while it is in L2/L3, with the next channel
-    # fetched meanwhile, whenever the channels are the parallel unit: it also beat walking
-    # many short planes sample by sample (planes_by_sample, which read x twice), e.g.
-    # (256,256,14,14) 1.15-1.22x, (1024,256,7,7) 1.17x, (256,64,7,7) 1.8x, float64 1.14x
+    # a channel's statistics then its affine while it is in L2/L3 whenever the channels
+    # are the parallel unit: it also beat walking many short planes sample by sample
+    # (planes_by_sample, which read x twice), e.g. (256,256,14,14) 1.26x (1.06x with a
+    # fresh output), (1024,256,7,7) 1.28x, (256,512,7,7) 1.37x, (256,64,7,7) 1.8x
     cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     if training and not fused:
         if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads, True) != 0:
@@ -114,14 +116,16 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         # each thread its run of channels; when the data is far larger than the caches, a
         # channel's affine (writing memory) prefetches the thread's next channel (reading
         # memory): one phase after the other, each left half the bus idle. (32,64,56,56):
-        # 1.05x; its backward, which does the same, 1.09-1.14x
+        # 1.05x, (8,64,112,112) 1.13x; its backward, which does the same, 1.03-1.14x. Not
+        # for planes under 8 KiB, whose scraps the prefetch only scattered: (256,256,14,14)
+        # backward 0.92x, (32,128,28,28) 0.97x
         for t in prange(nt, schedule='static', num_threads=nt):
             t1 = (t + 1) * nch // nt
             for c in range(t * nch // nt, t1):
                 forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
                                 &var[c], &invstd[c], w[c] if w != NULL else 1.0,
                                 b[c] if b != NULL else 0.0, eps, stream,
-                                x + (c + 1) * sc if stream and c + 1 < t1 else NULL)
+                                x + (c + 1) * sc if fetch and c + 1 < t1 else NULL)
         return 0
     nt = work_threads(n_threads, nch, outer * nch * inner + nch * CHANNEL_COST, SERIAL_ELEMS)
     ng = channel_groups(nch, nt)
@@ -312,6 +316,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     cdef Py_ssize_t c, t, t1, ng
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     if outer * inner > SMALL_CHANNEL:   # as forward_planes (the next channel prefetched)
         for t in prange(nt, schedule='static', num_threads=nt):
             t1 = (t + 1) * nch // nt
@@ -320,7 +325,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                                  dx + c * dsc if dx != NULL else NULL, outer, inner, gso, so,
                                  dso, mean[c], invstd[c], w[c] if w != NULL else 1.0,
                                  training, &dweight[c], &dbias[c], stream,
-                                 stream and c + 1 < t1, gsc, sc)
+                                 fetch and c + 1 < t1, gsc, sc)
         return 0
     # small channels cost per channel as much as ~CHANNEL_COST values: count it when
     # deciding whether threads pay ((1, 512, 7, 7): 25K values, 23 -> 14 us on two)
