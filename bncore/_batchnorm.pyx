@@ -118,7 +118,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         # memory): one phase after the other, each left half the bus idle. (32,64,56,56):
         # 1.05x, (8,64,112,112) 1.13x; its backward, which does the same, 1.03-1.14x. Not
         # for planes under 8 KiB, whose scraps the prefetch only scattered: (256,256,14,14)
-        # backward 0.92x, (32,128,28,28) 0.97x
+        # backward 0.84-0.92x, (32,128,28,28) 0.97x
         for t in prange(nt, schedule='static', num_threads=nt):
             t1 = (t + 1) * nch // nt
             for c in range(t * nch // nt, t1):
