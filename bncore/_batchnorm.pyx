@@ -61,6 +61,16 @@ cdef enum:
     FETCH_PLANE = 8192     # bytes: planes at least this long get the next channel prefetched
 
 
+cdef inline bint streams(Py_ssize_t nbytes, int narrays) noexcept nogil:
+    """Whether an output of nbytes goes out with streaming stores: when the narrays
+    arrays of that size the op moves (x and y; dy, x and dx) are more than the 32 MiB L3
+    holds (2 * STREAM_BYTES), so the output would be written back to memory anyway. For a
+    backward that is from 10.7 MiB of output, where an output-size rule waited for 16:
+    (64,512,7,7) float64 1.2-1.29x, channels-last (32,28,28,128) 1.5-1.67x, (64,7,7,1024)
+    1.16x, float64 (32,28,28,64) 1.14x; float64 (64,7,7,512) lost 0.94x."""
+    return narrays * nbytes >= 2 * <Py_ssize_t>STREAM_BYTES
+
+
 cdef inline double *f64_or_null(object a):
     return NULL if a is None else <double *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
@@ -79,7 +89,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     # (planes_by_sample, which read x twice), e.g. (256,256,14,14) 1.26x (1.06x with a
     # fresh output), (1024,256,7,7) 1.28x, (256,512,7,7) 1.37x, (256,64,7,7) 1.8x
     cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
-    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 2)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     if training and not fused:
@@ -225,7 +235,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     cdef double *scale
     cdef double *shift
     cdef int nt
-    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 2)
     if training:
         if rows_stats(x, nrows, nch, ld, mean, var, n_threads) != 0:
             return -1
@@ -315,7 +325,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                          int n_threads) noexcept nogil:
     cdef Py_ssize_t c, t, t1, ng
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
-    cdef bint stream = outer * nch * inner * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 3)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     if outer * inner > SMALL_CHANNEL:   # as forward_planes (the next channel prefetched)
         for t in prange(nt, schedule='static', num_threads=nt):
@@ -413,7 +423,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *q
     cdef double *r
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    cdef bint stream = nrows * nch * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3)
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1
