@@ -38,11 +38,11 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BN_RUN_MAX, SERIAL_ELEMS, STREAM_BYTES, bn_fence, bn_moments,
+    BN_RUN_MAX, SERIAL_ELEMS, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_pf, seg_affine_stream,
-    seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many,
+    seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
 from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,
@@ -59,16 +59,6 @@ cdef enum:
     CHANNEL_GROUP = 8      # small channels per group
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth
     FETCH_PLANE = 8192     # bytes: planes at least this long get the next channel prefetched
-
-
-cdef inline bint streams(Py_ssize_t nbytes, int narrays) noexcept nogil:
-    """Whether an output of nbytes goes out with streaming stores: when the narrays
-    arrays of that size the op moves (x and y; dy, x and dx) are more than the 32 MiB L3
-    holds (2 * STREAM_BYTES), so the output would be written back to memory anyway. For a
-    backward that is from 10.7 MiB of output, where an output-size rule waited for 16:
-    (64,512,7,7) float64 1.2-1.29x, channels-last (32,28,28,128) 1.5-1.67x, (64,7,7,1024)
-    1.16x, float64 (32,28,28,64) 1.14x; float64 (64,7,7,512) lost 0.94x."""
-    return narrays * nbytes >= 2 * <Py_ssize_t>STREAM_BYTES
 
 
 cdef inline double *f64_or_null(object a):

@@ -156,7 +156,7 @@ cdef enum:
     MAX_CHUNKS = 64         # shape-only parallel split; keeps partials O(C)
     CHUNK_ELEMS = 65536     # at least this many values per parallel chunk
     SERIAL_ELEMS = 32768    # below this, threads cost more than they give
-    STREAM_BYTES = 1 << 24  # outputs this large are written with streaming stores
+    STREAM_BYTES = 1 << 24  # x + y of twice this (the L3) get streaming stores (streams())
 
 
 # ------------------------------------------------------------------ typed dispatch
@@ -399,6 +399,18 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
                 prefetch_seg(x + (p + g) * so, min(g, outer - p - g), inner, so)
             block_moments(x + p * so, nplanes, inner, so, pivot, one_pass, &m, &m2)
             bn_chan_merge(st, <double>(nplanes * inner), m, m2)
+
+
+cdef inline bint streams(Py_ssize_t nbytes, int narrays) noexcept nogil:
+    """Whether an output of nbytes goes out with streaming stores: when the narrays
+    arrays of that size the op moves (x and y; dy, x and dx) are more than the 32 MiB L3
+    holds (2 * STREAM_BYTES), so the output would be written back to memory anyway. For a
+    backward that is from 10.7 MiB of output, where an output-size rule waited for 16:
+    batch norm (64,512,7,7) float64 1.2-1.29x, channels-last (32,28,28,128) 1.5-1.67x,
+    (64,7,7,1024) 1.16x, float64 (32,28,28,64) 1.14x (float64 (64,7,7,512) 0.94x); group
+    norm channels-last (16,56,56,64) 1.18x, NCHW 1.09x, instance norm 1.06x, RMS norm
+    (4096,768) 1.06x, layer norm 1.03x ((49152,64) 0.98x)."""
+    return narrays * nbytes >= 2 * <Py_ssize_t>STREAM_BYTES
 
 
 cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,

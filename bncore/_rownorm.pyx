@@ -23,9 +23,10 @@ Design notes
   short regions stall on a busy machine): per-channel moments (rows_stats, serial),
   channels merged into groups with bn_chan_merge, then the per-channel affine over the
   sample's rows; backward likewise with the channels-last sums and dx primitives.
-- Outputs of STREAM_BYTES or more are written with non-temporal stores: for arrays far
-  larger than the caches they skip the read-for-ownership of y (a third of the traffic).
-  Same bits either way.
+- Outputs are written with non-temporal stores once the arrays an op moves outgrow the
+  L3 (streams(): 16 MiB of output for a forward, 10.7 MiB for a backward): for arrays
+  far larger than the caches they skip the read-for-ownership of y (a third of the
+  traffic). Same bits either way.
 
 # IN: x, dy (read only); weight/bias as float64 (C,) or NULL (layer/RMS: x's dtype (D,));
 #     saved mean/invstd (float64) in backward.
@@ -39,7 +40,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, STREAM_BYTES, bn_chan_merge,
+    BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks,
     bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
@@ -72,10 +73,6 @@ cdef inline double *f64_or_null(object a):
 
 cdef inline void *ptr_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
-
-
-cdef inline bint big_output(Py_ssize_t elems, Py_ssize_t itemsize) noexcept nogil:
-    return elems * itemsize >= STREAM_BYTES
 
 
 cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil:
@@ -182,7 +179,7 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
                        int n_threads) noexcept nogil:
     cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r0, r1
     cdef Py_ssize_t ahead = rows_ahead(d, sizeof(floating))
-    cdef bint stream = big_output(nrows * d, sizeof(floating))
+    cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     for s in prange(nchunks, schedule='static', num_threads=nt):
         r0 = s * nrows // nchunks
@@ -315,7 +312,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef Py_ssize_t ahead = rows_ahead(2 * d, sizeof(floating))
     cdef double *part = <double *>malloc(nchunks * per * sizeof(double))
     cdef double *p
-    cdef bint stream = big_output(nrows * d, sizeof(floating))
+    cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3)
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     if part == NULL:
         return -1
@@ -415,7 +412,7 @@ cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
                     Py_ssize_t cg, Py_ssize_t s, double eps, const double *w, const double *b,
                     double *mean, double *var, int n_threads) noexcept nogil:
     cdef Py_ssize_t t
-    cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
+    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     cdef int team = work_threads(n_threads, n * g * run_chunks(cg * s), n * g * cg * s,
                                  SERIAL_ELEMS)
@@ -498,7 +495,7 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
                          const double *invstd, const double *w, double *sdy, double *sdyx,
                          int n_threads) noexcept nogil:
     cdef Py_ssize_t t, off, j, c0
-    cdef bint stream = big_output(n * g * cg * s, sizeof(floating))
+    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 3)
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     cdef int team = work_threads(n_threads, n * g * cg, n * g * cg * s, SERIAL_ELEMS)
     cdef double q, r
@@ -728,7 +725,7 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     each sample when that leaves fewer threads idle (team_pays), or for wide groups over
     few rows (direct_groups) a (sample, group) block per thread. The same bits."""
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c), cg = c // g
-    cdef bint stream = big_output(n * s * c, sizeof(floating))
+    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     if direct_groups(s, cg):
@@ -882,7 +879,7 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
                           const double *invstd, const double *w, double *sdy, double *sdyx,
                           int n_threads) noexcept nogil:
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
-    cdef bint stream = big_output(n * s * c, sizeof(floating))
+    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 3)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     if team_pays(n, nchunks, nt, ntt):
