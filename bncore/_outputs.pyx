@@ -275,12 +275,13 @@ def release_memory():
 
 def cache_limit(limit=None):
     """The most bytes of freed output blocks kept for reuse; with ``limit`` (an int >= 0,
-    0 keeps none), set it first (cached blocks are released). Returns the limit in force."""
+    0 keeps none; more than memory can hold means no limit), set it first (cached blocks
+    are released). Returns the limit in force."""
     if limit is not None:
         limit = int(limit)
         if limit < 0:
             raise ValueError(f"bncore: cache_limit must be >= 0, got {limit}")
-        bn_cache_release(<size_t>limit)
+        bn_cache_release(<size_t>min(limit, <size_t>-2))   # -1 means "keep the limit"
     return bn_cache_limit
 
 
@@ -298,7 +299,7 @@ def _limit_from_environment():
         mb = float(v)
     except ValueError:
         mb = -1.0
-    if not mb >= 0:
+    if not 0 <= mb < float("inf"):   # nan, negative or infinite
         import warnings
         warnings.warn(f"bncore: ignoring BNCORE_OUTPUT_CACHE_MB={v!r} (want a number of "
                       "MiB >= 0)", RuntimeWarning, stacklevel=2)

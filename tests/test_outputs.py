@@ -268,15 +268,24 @@ def test_the_limit_comes_from_the_environment(value, limit):
     assert int(out.stdout) == limit
 
 
-def test_a_bad_environment_value_warns_and_keeps_the_default():
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_a_bad_environment_value_warns_and_keeps_the_default(value):
     import subprocess
     import sys
-    code = "import bncore._outputs as o; print(o.cache_limit())"
-    env = dict(__import__("os").environ, BNCORE_OUTPUT_CACHE_MB="lots")
+    code = "import bncore; import bncore._outputs as o; print(o.cache_limit())"
+    env = dict(__import__("os").environ, BNCORE_OUTPUT_CACHE_MB=value)
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env,
                          capture_output=True, text=True, check=True)
     assert int(out.stdout) == 256 << 20
     assert "BNCORE_OUTPUT_CACHE_MB" in out.stderr
+
+
+def test_a_limit_beyond_memory_means_no_limit(cache):
+    assert _outputs.cache_limit(10**30) >= 2**63
+    x = big_input()
+    y = bncore.rms_norm(x, (1024,))
+    del y
+    assert _outputs.cached_bytes() > 0
 
 
 def test_show_config_reports_the_cache(capsys):
