@@ -58,6 +58,16 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_affine_stream_f64(const double *x, double *y, Py_ssize_t nseg, Py_ssize_t len,
                                   Py_ssize_t sx, Py_ssize_t sy, double mean, double scale,
                                   double shift)
+    void bn_planes_affine_f32(const float *x, float *y, Py_ssize_t t0, Py_ssize_t nplanes,
+                              Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc,
+                              Py_ssize_t yso, Py_ssize_t ysc, const double *mean,
+                              const double *invstd, const double *w, const double *b,
+                              int stream)
+    void bn_planes_affine_f64(const double *x, double *y, Py_ssize_t t0, Py_ssize_t nplanes,
+                              Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc,
+                              Py_ssize_t yso, Py_ssize_t ysc, const double *mean,
+                              const double *invstd, const double *w, const double *b,
+                              int stream)
     void bn_seg_affine_pf_f32(const float *x, float *y, Py_ssize_t len, double mean,
                               double scale, double shift, int stream, const void *pf,
                               const void *pe)
@@ -202,6 +212,19 @@ cdef inline void seg_affine_stream(const floating *x, floating *y, Py_ssize_t ns
         bn_seg_affine_stream_f32(x, y, nseg, length, sx, sy, mean, scale, shift)
     else:
         bn_seg_affine_stream_f64(x, y, nseg, length, sx, sy, mean, scale, shift)
+
+
+cdef inline void planes_affine(const floating *x, floating *y, Py_ssize_t t0,
+                               Py_ssize_t nplanes, Py_ssize_t nch, Py_ssize_t inner,
+                               Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso, Py_ssize_t ysc,
+                               const double *mean, const double *invstd, const double *w,
+                               const double *b, bint stream) noexcept nogil:
+    if floating is float:
+        bn_planes_affine_f32(x, y, t0, nplanes, nch, inner, so, sc, yso, ysc, mean, invstd, w,
+                             b, stream)
+    else:
+        bn_planes_affine_f64(x, y, t0, nplanes, nch, inner, so, sc, yso, ysc, mean, invstd, w,
+                             b, stream)
 
 
 cdef inline void seg_affine_pf(const floating *x, floating *y, Py_ssize_t length,

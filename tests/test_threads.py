@@ -463,6 +463,35 @@ def test_batch_norm_beyond_the_caches_prefetching_the_next_channel():
     np.testing.assert_allclose(db, rdb, rtol=2e-7)
 
 
+@pytest.mark.parametrize("shape", [(96, 1000, 7, 7),     # 196-byte planes: not streamed
+                                   (32, 1000, 12, 12)])  # 576-byte planes: streamed
+def test_eval_beyond_the_caches_planes_in_memory_order(shape):
+    """Eval batch norm over an output above 16 MiB, walked as runs of (n, c) planes in
+    memory order (bn_planes_affine): chunk ends fall mid-sample (1000 channels), short
+    planes go out with ordinary stores and longer ones streamed. Same bits for any thread
+    count, into a fresh output, into a strided out= and in place, and the float64
+    reference's values."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(shape, dtype=np.float32) * 3 + 40)
+    c = shape[1]
+    rm, rv = rng.normal(40, 1, c), rng.uniform(4, 12, c)
+    w, b = rng.normal(1, 0.5, c), rng.normal(0, 0.5, c)
+    runs = [bncore.batch_norm(x, rm, rv, w, b, training=False, n_threads=nt)
+            for nt in (1, 2, 3)]
+    for other in runs[1:]:
+        assert np.array_equal(runs[0], other)
+    ry = ref.batch_norm(x.astype(np.float64), rm, rv, w, b, training=False)
+    np.testing.assert_allclose(runs[0], ry, rtol=0, atol=2e-6 * np.abs(ry).max())
+    big = np.full(shape[:-1] + (2 * shape[-1],), np.nan, np.float32)
+    out = big[..., ::2]                          # y's planes strided, x's contiguous
+    got = bncore.batch_norm(x, rm, rv, w, b, training=False, out=out, n_threads=2)
+    assert got is out and np.array_equal(out, runs[0])
+    assert np.isnan(big[..., 1::2]).all()        # the gaps untouched
+    x_in = x.copy()
+    bncore.batch_norm(x_in, rm, rv, w, b, training=False, out=x_in, n_threads=2)
+    assert np.array_equal(x_in, runs[0])
+
+
 def test_row_norms_beyond_the_caches_prefetching_rows_ahead():
     """Layer and RMS norm of rows over 16 MiB (streamed), where each row's affine fetches
     a row about 16 KiB ahead (across the threads' chunk ends too): same bits for any

@@ -360,6 +360,30 @@ static BN_CLONES void BN_NAME(bn_seg_affine_pf)(const BN_T *x, BN_T *y, ptrdiff_
                                 (const char *)pf, (const char *)pe);
 }
 
+/* The eval affine of planes t0 .. t0 + nplanes - 1 in memory order (plane t is sample
+ * t / nch, channel t % nch; x's planes at n * so + c * sc, y's at n * yso + c * ysc), one
+ * call for the run: called plane by plane, a 49-value plane cost about as much in the
+ * call as in its values. Channel c: y = (x - mean[c]) * (w[c] * invstd[c]) + b[c], w and
+ * b optional (NULL: ones, zeros); streamed as bn_seg_affine (the caller fences). */
+static BN_CLONES void BN_NAME(bn_planes_affine)(const BN_T *x, BN_T *y, ptrdiff_t t0,
+                                               ptrdiff_t nplanes, ptrdiff_t nch,
+                                               ptrdiff_t inner, ptrdiff_t so, ptrdiff_t sc,
+                                               ptrdiff_t yso, ptrdiff_t ysc,
+                                               const double *mean, const double *invstd,
+                                               const double *w, const double *b, int stream)
+{
+    ptrdiff_t n = t0 / nch, c = t0 - n * nch;
+    for (ptrdiff_t t = 0; t < nplanes; t++) {
+        BN_NAME(bn_seg_affine_body)(x + n * so + c * sc, y + n * yso + c * ysc, 1, inner, 0, 0,
+                                    mean[c], (w ? w[c] : 1.0) * invstd[c], b ? b[c] : 0.0,
+                                    stream, NULL, NULL);
+        if (++c == nch) {
+            c = 0;
+            n++;
+        }
+    }
+}
+
 /* The affine of one NCHW group: cg channels of s values each, contiguous, channel j with
  * its own k[j] and b[j] (the mean is the group's), last channel first (the last read):
  * one call for the group instead of one per channel (a call cost as much as a 49-value
