@@ -94,12 +94,13 @@ def test_training_forward_backward_match_reference(shape, axis, dtype, layout):
     close(db, dbr, dtype, scale=np.sum(np.abs(dy.astype(float))))
 
 
-@pytest.mark.parametrize("nch", [3, 37, 64, 200])
+@pytest.mark.parametrize("nch", [3, 37, 64, 200, 1001])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_channels_last_large_forward_backward(nch, dtype):
     """Channels-last rows over many row blocks and parallel chunks, every channel tile width
-    (32, 4, 1) and the prefetch of the next block: against the float64 reference, and the
-    same bits for any thread count."""
+    (32, 4, 1) and the prefetch of the next block, and rows wider than a dx tile (1001
+    channels: four tiles and a scalar tail, walked in blocks of rows; streamed in float64):
+    against the float64 reference, and the same bits for any thread count."""
     x = make((7, 429, nch), dtype, "C", offset=1e3)
     dy = make((7, 429, nch), dtype, "C", seed=3)
     w, b = affine(nch, dtype)
