@@ -1004,11 +1004,11 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
         const ptrdiff_t nr = nrows - r0 < rb ? nrows - r0 : rb;
         for (ptrdiff_t c0 = 0; c0 < nch; c0 += BN_CL_DX_TILE) {
             const ptrdiff_t w = nch - c0 < BN_CL_DX_TILE ? nch - c0 : BN_CL_DX_TILE;
-            const double *co = all + 4 * c0;
-            if (all == NULL) {
+            const double *co = cot;
+            if (all != NULL)
+                co = all + 4 * c0;
+            else
                 BN_NAME(bn_cl_dx_pack)(cot, c0, w & ~(ptrdiff_t)3, mean, k, q, r_);
-                co = cot;
-            }
             BN_NAME(bn_cl_dx_tile)(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx,
                                    lddx, nr, c0, w, co, mean, k, q, r_, stream);
         }
