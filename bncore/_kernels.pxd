@@ -116,7 +116,8 @@ cdef extern from "bn_kernels.h" nogil:
                        double k, double q, double r)
     void bn_cl_moments_shift_f32(const float *x, Py_ssize_t nrows, Py_ssize_t nch,
                                  Py_ssize_t ld, const double *K, const double *pivot,
-                                 const float *next, Py_ssize_t nnext, double *mean, double *m2)
+                                 const float *next, Py_ssize_t nnext, Py_ssize_t next_rows,
+                                 Py_ssize_t next_ld, double *mean, double *m2)
     void bn_cl_moments_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
                            double *work, const double *pivot, double *mean, double *m2)
     void bn_cl_affine_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
@@ -461,6 +462,12 @@ cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexc
     return max(16 if itemsize == 8 else 128, rows)
 
 
+cdef inline bint rows_far(Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
+    """Whether rows statistics read from memory rather than the caches: over STREAM_BYTES
+    (16 MiB, about what the L3 keeps)."""
+    return nrows * nch * itemsize >= <Py_ssize_t>STREAM_BYTES
+
+
 cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
     """Row chunks for channels-last statistics and passes, from the shape alone: at least
     CHUNK_ELEMS values each, and (up to 8 chunks) 512 rows, since merging the chunks costs
@@ -473,14 +480,16 @@ cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept no
 
 cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r1,
                                   Py_ssize_t nch, Py_ssize_t ld, double *work,
-                                  const double *pivot, double *mean,
-                                  double *m2) noexcept nogil:
+                                  const double *pivot, double *mean, double *m2,
+                                  bint far) noexcept nogil:
     """Moments of rows [r0, r1) for every channel into mean[nch] (relative to pivot[nch],
     the same for every chunk) and m2[nch].
 
-    ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0.
+    ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0. ``far``:
+    the rows are beyond the caches (rows_far), which changes what is prefetched.
     """
     cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, c, cb, nr, nnext
+    cdef Py_ssize_t nw, nrn
     cdef double *K = work
     cdef double *bm = work + 3 * CHANNEL_BLOCK
     cdef double *bm2 = bm + CHANNEL_BLOCK
@@ -505,13 +514,35 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
                     K[c] = pivot[c0 + c]
                     if r > r0 and isfinite(pivot[c0 + c] + mean[c0 + c]):
                         K[c] = <double><float>(pivot[c0 + c] + mean[c0 + c])
-                # the next row block (contiguous rows), prefetched in address order: the
-                # part of it in proportion to this channel block
                 nxt = NULL
-                if nnext > 0 and ld == nch:
-                    nxt = <const float *>(x + (r + nr) * ld) + nnext * c0
-                bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
-                                        nnext * cb * <Py_ssize_t>sizeof(float), bm, bm2)
+                if far and nch > CHANNEL_BLOCK:
+                    # rows wider than a channel block, beyond the caches: the block walked
+                    # next (the next channel block of these rows, or the first of the next
+                    # rows), nr rows of up to 1 KiB, ld apart. The next row block in address
+                    # order is a whole row block away (1 MiB at 2048 channels), out of L2
+                    # by its turn: moments (3136, 2048) 1.4-1.9x, (6272, 1024) 1.6-1.7x,
+                    # (12544, 512) 1.15-1.2x in-process A/B. In cache the prefetches only
+                    # cost (0.88-0.93x from 3 to 8 MiB), hence `far`.
+                    if c0 + cb < nch:
+                        nxt = <const float *>(x + r * ld + c0 + cb)
+                        nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0 - cb)
+                        nrn = nr
+                    else:
+                        nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch)
+                        nrn = nnext
+                        if nnext > 0:
+                            nxt = <const float *>(x + (r + nr) * ld)
+                    bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
+                                            nw * <Py_ssize_t>sizeof(float), nrn,
+                                            ld * <Py_ssize_t>sizeof(float), bm, bm2)
+                else:
+                    # the next row block (contiguous rows), prefetched in address order:
+                    # the part of it in proportion to this channel block
+                    if nnext > 0 and ld == nch:
+                        nxt = <const float *>(x + (r + nr) * ld) + nnext * c0
+                    bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
+                                            nnext * cb * <Py_ssize_t>sizeof(float), 1, 0,
+                                            bm, bm2)
             else:
                 bn_cl_moments_f64(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
             bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
@@ -635,6 +666,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     cdef double *p
     cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    cdef bint far = rows_far(nrows, nch, sizeof(floating))
     buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
     if buf == NULL:
         return -1
@@ -644,7 +676,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     for s in prange(nchunks, schedule='static', num_threads=nt):
         p = buf + s * per
         rows_chunk_stats(x, s * nrows // nchunks, (s + 1) * nrows // nchunks, nch, ld,
-                         p + 2 * nch, pivot, p, p + nch)
+                         p + 2 * nch, pivot, p, p + nch, far)
     merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
     free(buf)
     return 0

@@ -41,7 +41,7 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge, streams,
-    bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks,
+    bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, rows_far,
     bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
@@ -628,6 +628,7 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
     cdef double *slot
     cdef double *p
     cdef const floating *xt
+    cdef bint far = rows_far(n * s, c, sizeof(floating))
     for t in range(n):
         xt = x + t * s * c
         slot = part + (t % 2) * nchunks * per
@@ -636,7 +637,7 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
         for k in range(k0, k1):
             p = slot + k * per
             rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
-                             p + 2 * c, mine, p, p + c)
+                             p + 2 * c, mine, p, p + c, far)
         bncore_barrier()
         merge_row_chunks(slot, per, nchunks, s, 1, c, mine, mine + c, mine + 2 * c)
         group_moments(mine + c, mine + 2 * c, g, c // g, s, gm, gm + g)

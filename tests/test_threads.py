@@ -463,6 +463,39 @@ def test_batch_norm_beyond_the_caches_prefetching_the_next_channel():
     np.testing.assert_allclose(db, rdb, rtol=2e-7)
 
 
+def test_wide_rows_beyond_the_caches_prefetching_the_next_channel_block():
+    """Channels-last statistics of rows wider than a channel block (256) over 16 MiB:
+    each block prefetches the next channel block of its rows, the last one the next rows
+    (rows_far). 2056 channels (eight blocks and an 8-channel one), contiguous and as a
+    view with rows 2100 apart; group norm's shared-sample path too. Same bits for any
+    thread count, and the float64 reference's values at a large offset."""
+    rng = np.random.default_rng(13)
+    big = rng.standard_normal((2080, 2100), dtype=np.float32) * 3 + 1e3   # 17.5 MB
+    for x in (np.ascontiguousarray(big[:, :2056]), big[:, :2056]):
+        assert x.nbytes >= 16 * 2**20
+        w = rng.normal(1, 0.5, 2056)
+        runs = [bncore.moments(x, axis=0, n_threads=nt)
+                + bncore.batch_norm_forward(x, w, None, axis=-1, n_threads=nt)
+                for nt in (1, 2, 3)]
+        for other in runs[1:]:
+            for u, v in zip(runs[0], other):
+                assert np.array_equal(u, v)
+        x64 = x.astype(np.float64)
+        mean, var, y = runs[0][0], runs[0][1], runs[0][2]
+        np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=6e-8)   # float32 results:
+        np.testing.assert_allclose(var, x64.var(axis=0), rtol=6e-8)     # correctly rounded
+        ry = ref.batch_norm_forward(x64, w, None, axis=-1)[0]
+        np.testing.assert_allclose(y, ry, rtol=0, atol=2e-6 * np.abs(ry).max())
+    x = big[:, :2080].reshape(2, 1040, 2080)                 # two samples of 1040 rows
+    runs = [bncore.group_norm_forward(x, 8, axis=-1, n_threads=nt) for nt in (1, 2, 3)]
+    for other in runs[1:]:
+        for u, v in zip(runs[0], other):
+            assert np.array_equal(u, v)
+    ry, rm, _ = ref.group_norm_forward(x.astype(np.float64), 8, axis=-1)
+    np.testing.assert_allclose(runs[0][0], ry, rtol=0, atol=2e-6 * np.abs(ry).max())
+    np.testing.assert_allclose(runs[0][1], rm, rtol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(96, 1000, 7, 7),     # 196-byte planes: not streamed
                                    (32, 1000, 12, 12)])  # 576-byte planes: streamed
 def test_eval_beyond_the_caches_planes_in_memory_order(shape):

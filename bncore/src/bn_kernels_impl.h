@@ -583,19 +583,20 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_pf)(const BN_T *dy, const BN_T *x, B
  *   propagate through sum(u) as in numpy (a finite K keeps an inf mean inf). u and u*u
  *   cannot overflow in double.
  * - memory: 32-channel tiles walk the block's rows from L1/L2 while the next block
- *   (`next`, `nnext` contiguous bytes, or NULL) is prefetched in address order, two lines
- *   per row step, so reading memory overlaps the arithmetic. */
+ *   (`next_rows` rows of `nnext` bytes from `next`, `next_ld` bytes apart; or NULL) is
+ *   prefetched row after row, two lines per row step, so reading memory overlaps the
+ *   arithmetic. */
 
 /* sum(u) and sum(u*u), u = x - K, for nv vectors of 4 channels (nv = 8 or 1, constant at
- * each call), prefetching two lines of [*pf, pe) per row. */
+ * each call), prefetching two lines of the region pf per row. */
 BN_INLINE void bn_cl_sums_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int nv,
                               const double *restrict K, double *restrict sd,
-                              double *restrict sdd, const char **pf, const char *pe)
+                              double *restrict sdd, bn_pf2 *pf)
 {
     bn_v4d d[8] = {{0}}, q[8] = {{0}}, m[8];
     memcpy(m, K, (size_t)nv * sizeof(bn_v4d));
     for (ptrdiff_t r = 0; r < nrows; r++) {
-        bn_prefetch_step(pf, pe);
+        bn_pf2_step(pf);
 #pragma GCC unroll 8
         for (int j = 0; j < nv; j++) {   /* unrolled: the accumulators stay in registers */
             bn_v4d u = BN_LOAD4(x + r * ld + 4 * j) - m[j], qj = q[j];
@@ -611,8 +612,7 @@ BN_INLINE void bn_cl_sums_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int
  * and m2. */
 BN_INLINE void bn_cl_tile_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int w,
                               const double *restrict K, const double *restrict pivot,
-                              double *restrict mean, double *restrict m2, const char **pf,
-                              const char *pe)
+                              double *restrict mean, double *restrict m2, bn_pf2 *pf)
 {
     double sd[32] __attribute__((aligned(32))), sdd[32] __attribute__((aligned(32)));
     double n = (double)nrows;
@@ -626,7 +626,7 @@ BN_INLINE void bn_cl_tile_f32(const float *x, ptrdiff_t nrows, ptrdiff_t ld, int
         sd[0] = a;
         sdd[0] = b;
     } else {
-        bn_cl_sums_f32(x, nrows, ld, w / 4, K, sd, sdd, pf, pe);
+        bn_cl_sums_f32(x, nrows, ld, w / 4, K, sd, sdd, pf);
     }
     for (int i = 0; i < w; i++)
         bn_finish_block(n, K[i] - pivot[i], sd[i], sdd[i], &mean[i], &m2[i]);
@@ -639,16 +639,17 @@ static BN_CLONES void bn_cl_moments_shift_f32(const float *x, ptrdiff_t nrows, p
                                              ptrdiff_t ld, const double *restrict K,
                                              const double *restrict pivot,
                                              const float *next, ptrdiff_t nnext,
+                                             ptrdiff_t next_rows, ptrdiff_t next_ld,
                                              double *restrict mean, double *restrict m2)
 {
-    const char *pf = (const char *)next, *pe = next ? pf + nnext : NULL;
+    bn_pf2 pf = {(const char *)next, 0, nnext, next_ld, next && nnext > 0 ? next_rows : 0};
     ptrdiff_t c = 0;
     for (; c + 32 <= nch; c += 32)
-        bn_cl_tile_f32(x + c, nrows, ld, 32, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
+        bn_cl_tile_f32(x + c, nrows, ld, 32, K + c, pivot + c, mean + c, m2 + c, &pf);
     for (; c + 4 <= nch; c += 4)
-        bn_cl_tile_f32(x + c, nrows, ld, 4, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
+        bn_cl_tile_f32(x + c, nrows, ld, 4, K + c, pivot + c, mean + c, m2 + c, &pf);
     for (; c < nch; c++)
-        bn_cl_tile_f32(x + c, nrows, ld, 1, K + c, pivot + c, mean + c, m2 + c, &pf, pe);
+        bn_cl_tile_f32(x + c, nrows, ld, 1, K + c, pivot + c, mean + c, m2 + c, &pf);
 }
 #else
 /* IN: nrows rows of nch channels, ld apart, per-channel pivots (work is unused, kept for
