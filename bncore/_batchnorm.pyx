@@ -41,7 +41,7 @@ from bncore._kernels cimport (
     BN_RUN_MAX, SERIAL_ELEMS, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
-    planes_affine, planes_stats, rows_chunks, rows_stats, seg_affine, seg_affine_pf,
+    planes_affine, planes_stats, rows_chunks, rows_far, rows_stats, seg_affine, seg_affine_pf,
     seg_affine_stream,
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
@@ -413,6 +413,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *r
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3)
+    cdef bint far = rows_far(3 * nrows, nch, sizeof(floating))   # dy, x and dx together
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1
@@ -442,7 +443,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             r0 = s * nrows // nchunks
             r1 = (s + 1) * nrows // nchunks
             cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,
-                      nch, mean, k, q, r, stream)
+                      nch, mean, k, q, r, stream, far)
             if stream:
                 bn_fence()
     free(buf)

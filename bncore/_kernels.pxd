@@ -148,14 +148,14 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_cl_bwd_dx_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                           float *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
-                          const double *r, int stream)
+                          const double *r, int stream, int far)
     void bn_seg_bwd_dx_f32(const float *dy, const float *x, float *dx, Py_ssize_t nseg,
                            Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, Py_ssize_t sdx,
                            double mean, double k, double q, double r, int stream)
     void bn_cl_bwd_dx_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
                           double *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
-                          const double *r, int stream)
+                          const double *r, int stream, int far)
     void bn_seg_bwd_dx_f64(const double *dy, const double *x, double *dx, Py_ssize_t nseg,
                            Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, Py_ssize_t sdx,
                            double mean, double k, double q, double r, int stream)
@@ -342,11 +342,14 @@ cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating
 cdef inline void cl_bwd_dx(const floating *dy, Py_ssize_t lddy, const floating *x,
                            Py_ssize_t ldx, floating *dx, Py_ssize_t lddx, Py_ssize_t nrows,
                            Py_ssize_t nch, const double *mean, const double *k,
-                           const double *q, const double *r, bint stream=False) noexcept nogil:
+                           const double *q, const double *r, bint stream=False,
+                           bint far=False) noexcept nogil:
+    """dx of channels-last rows (bn_cl_bwd_dx). far: dy, x and dx are beyond the caches
+    (implied by stream)."""
     if floating is float:
-        bn_cl_bwd_dx_f32(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream)
+        bn_cl_bwd_dx_f32(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream, far)
     else:
-        bn_cl_bwd_dx_f64(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream)
+        bn_cl_bwd_dx_f64(dy, lddy, x, ldx, dx, lddx, nrows, nch, mean, k, q, r, stream, far)
 
 
 cdef inline void seg_bwd_dx(const floating *dy, const floating *x, floating *dx,
@@ -463,8 +466,9 @@ cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexc
 
 
 cdef inline bint rows_far(Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
-    """Whether rows statistics read from memory rather than the caches: over STREAM_BYTES
-    (16 MiB, about what the L3 keeps)."""
+    """Whether rows (nrows of nch values of itemsize bytes: one array, or several counted
+    as more rows) are read from memory rather than the caches: over STREAM_BYTES (16 MiB,
+    about what the L3 keeps)."""
     return nrows * nch * itemsize >= <Py_ssize_t>STREAM_BYTES
 
 

@@ -49,7 +49,7 @@ BOTH(void, bn_cl_bwd_sums_f32, (const float *, ptrdiff_t, const float *, ptrdiff
                                 ptrdiff_t, ptrdiff_t, const double *, double *, double *))
 BOTH(void, bn_cl_bwd_dx_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t, float *,
                               ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
-                              const double *, const double *, const double *, int))
+                              const double *, const double *, const double *, int, int))
 BOTH(void, bn_rows_norm_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                               ptrdiff_t, ptrdiff_t, double, const float *, const float *,
                               double *, double *, int, int))
@@ -85,7 +85,7 @@ int main(void)
     bn_seg_moments_f64(xd, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_run_moments_f32(xf, 1, 8, 0, a[0], a[0] + 1, a[0] + 2);
     bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, w, a[0], a[0] + 4);
-    bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0);
+    bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0, 0);
     bn_rows_norm_f32(xf, of[0], 2, 2, 4, 4, 4, 1e-5, NULL, NULL, a[0], a[0] + 2, 0, 0);
     bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
     for (int off = 0; off < 3; off++)
@@ -127,7 +127,8 @@ int main(void)
                                                                  a[k] + 2200, a[k] + 2300);
                 (k ? bn_cl_bwd_dx_f32_v : bn_cl_bwd_dx_f32_d)(g, C, x, C + 1,
                                                              of[k] + 3100 + off, C, R, C, w,
-                                                             w + 1, w + 2, w + 3, stream);
+                                                             w + 1, w + 2, w + 3, stream,
+                                                             off == 1);
                 (k ? bn_rows_norm_f32_v : bn_rows_norm_f32_d)(x, of[k] + 5000 + off, 9, 9,
                                                              67, 67, 67, 1e-5, gf, NULL,
                                                              a[k] + 2400, a[k] + 2410, 0,

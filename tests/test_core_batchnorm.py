@@ -99,8 +99,9 @@ def test_training_forward_backward_match_reference(shape, axis, dtype, layout):
 def test_channels_last_large_forward_backward(nch, dtype):
     """Channels-last rows over many row blocks and parallel chunks, every channel tile width
     (32, 4, 1) and the prefetch of the next block, and rows wider than a dx tile (1001
-    channels: four tiles and a scalar tail, walked in blocks of rows; streamed in float64):
-    against the float64 reference, and the same bits for any thread count."""
+    channels: four tiles and a scalar tail, rows walked whole one at a time, streamed; and
+    in pairs from the caches, 41 rows): against the float64 reference, and the same bits
+    for any thread count."""
     x = make((7, 429, nch), dtype, "C", offset=1e3)
     dy = make((7, 429, nch), dtype, "C", seed=3)
     w, b = affine(nch, dtype)
@@ -118,6 +119,10 @@ def test_channels_last_large_forward_backward(nch, dtype):
     for nt in (1, 3):
         got = bncore.batch_norm_backward(dy, x, m, s, w, axis=-1, n_threads=nt)
         assert all(np.array_equal(a, g) for a, g in zip((dx, dw, db), got))
+    x, dy = x[0, :41], dy[0, :41]                # in cache: rows in pairs and an odd one
+    dx = bncore.batch_norm_backward(dy, x, m, s, w, axis=-1)[0]
+    dxr = ref.batch_norm_backward(dy, x, m, s, w, axis=-1)[0]
+    close(dx, dxr, dtype, scale=np.max(np.abs(dxr)) + np.max(np.abs(dy.astype(float))))
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)

@@ -915,7 +915,6 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
  * stores; the same bits either way. 0.45 -> 0.32 ns/value at 2048 channels, 0.35 -> 0.27
  * at 64, one thread in cache. */
 #define BN_CL_DX_TILE 256
-#define BN_CL_DX_BLOCK 131072   /* bytes of dy and x rows walked tile by tile */
 #define BN_CL_DXV(o, g, p, j, nt) do { bn_v4d m_, k_, q_, r2_, g_ = BN_LOAD4((g) + (j)), \
         u_ = BN_LOAD4((p) + (j)); const double *c_ = co + 4 * (j); \
         memcpy(&m_, c_, 32); memcpy(&k_, c_ + 4, 32); memcpy(&q_, c_ + 8, 32); \
@@ -975,20 +974,25 @@ BN_INLINE void BN_NAME(bn_cl_dx_tile)(const BN_T *dy, ptrdiff_t lddy, const BN_T
     }
 }
 
-/* Rows wider than a tile are walked in blocks of rows (BN_CL_DX_BLOCK bytes of dy and x,
- * in L2) tile by tile, every tile's coefficients packed once per call (in a heap buffer;
- * without one, per tile over all the rows, as before). One tile over all of a chunk's
- * rows at a time, the rest of each row was fetched with it and evicted before its tile's
- * turn. In-process A/B, 15 rounds: channels-last (256,7,7,512) 1.15-1.21x, (16,7,7,4096)
- * 1.2x, (32,7,7,2048) 1.11x, (128,14,14,512) 1.06x, (64,7,7,300) 1.06x; (64,7,7,2048)
- * and (64,14,14,1024) 0.99-1.0x. The same bits. */
+/* Rows wider than a tile are walked whole, tile after tile, every tile's coefficients
+ * packed once per call (in a heap buffer; without one, per tile over all the rows): two
+ * rows at a time from the caches (a coefficient load serves both), one at a time with
+ * stream or far set (the rows beyond the caches), so that dy, x and dx are each read or
+ * written in address order, the order the hardware prefetchers follow. History, in-process
+ * A/B: one tile over all of a chunk's rows at a time fetched the rest of each row with it
+ * and lost it before its tile's turn; blocks of 128 KiB of rows walked tile by tile were
+ * 1.06-1.21x faster ((256,7,7,512) 1.15-1.21x), and whole rows faster again, over 31-51
+ * rounds: one row at a time (256,7,7,512) 1.4-1.5x, (32,28,28,512) 1.25x, (64,7,7,1001)
+ * 1.3x, and from 16 to 32 MiB of dy, x and dx (128,7,7,300) 1.16x, (64,7,7,512) 1.22x,
+ * (96,7,7,400) 1.22x, where pairs of rows gave 0.9-1.09x; in cache pairs of rows (8,7,7,1024)
+ * 0.98x and (16,7,7,2048) 1.18x, where single rows gave 0.88x and 1.07x. Same bits. */
 static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
                                            ptrdiff_t ldx, BN_T *dx, ptrdiff_t lddx,
                                            ptrdiff_t nrows, ptrdiff_t nch,
                                            const double *restrict mean,
                                            const double *restrict k,
                                            const double *restrict q,
-                                           const double *restrict r_, int stream)
+                                           const double *restrict r_, int stream, int far)
 {
     double cot[4 * BN_CL_DX_TILE] __attribute__((aligned(32)));
     double *all = NULL;
@@ -997,8 +1001,7 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
         all = (double *)aligned_alloc(32, (size_t)nch * 32);
         if (all != NULL) {
             BN_NAME(bn_cl_dx_pack)(all, 0, nch & ~(ptrdiff_t)3, mean, k, q, r_);
-            rb = BN_CL_DX_BLOCK / (2 * nch * (ptrdiff_t)sizeof(BN_T));
-            rb = rb < 2 ? 2 : rb;
+            rb = stream || far ? 1 : 2;
         }
     }
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += rb) {
@@ -1019,7 +1022,6 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
 #undef BN_CL_DXV
 #undef BN_CL_DXS
 #undef BN_CL_DX_TILE
-#undef BN_CL_DX_BLOCK
 
 /* ---- row-norm family (rownorm) ---- */
 
