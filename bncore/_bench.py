@@ -11,9 +11,11 @@ others (with --quick, only for inputs up to 8 MB).
 
 Columns: speedup = peer time / bncore time, checked against the case's target (PASS or
 MISS); GB/s = the bytes the op must move at least (x and y for a forward, dy, x and dx
-for a backward, x for moments) / bncore time; % copy = time of a plain threaded copy of x
-(forward; a threaded read of x plus a copy for backward; a read for moments) / bncore
-time: 100% means bncore moves its data as fast as this machine moves bytes. The copy
+for a backward, x for moments; dy and x twice more for a channels-last batch-norm
+backward) / bncore time; % copy = time of a plain threaded copy of x (forward; a threaded
+read of x plus a copy for backward; a read for moments; for the channels-last batch-norm
+backward, which must read dy and x twice, reads of two arrays, a copy and a read again)
+/ bncore time: 100% means bncore moves its data as fast as this machine moves bytes. The copy
 writes into a buffer allocated once; the ops allocate theirs on every call. PyTorch's
 arrays over 32 MiB come fresh from the operating system on every call, which zeroes their
 pages first; bncore keeps its freed outputs of that size for reuse (bncore._outputs), so
@@ -45,7 +47,9 @@ except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
 
 QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
 NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
-_TRAFFIC = {"copy": 2, "read": 1, "read+copy": 3}   # bytes moved, in units of x.nbytes
+# bytes moved, in units of x.nbytes. "2read+copy": channels-last batch-norm backward, which
+# reads dy and x twice (all rows' sums before any dx, and no channel's rows fit a cache)
+_TRAFFIC = {"copy": 2, "read": 1, "read+copy": 3, "2read+copy": 5}
 
 
 class Case:
@@ -151,8 +155,8 @@ def bn_backward(shape, layout, dtype, target, quick=False):
             calls["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
                 dyt, xt, wt, None, None, mt, it, True, 1e-5, [True, True, True])
         return x, calls
-    return Case("bn backward", shape, layout, dtype, target, build, traffic="read+copy",
-                quick=quick)
+    return Case("bn backward", shape, layout, dtype, target, build,
+                traffic="2read+copy" if layout == "NHWC" else "read+copy", quick=quick)
 
 
 def moments_case(shape, dtype, target, quick=False):
@@ -416,9 +420,15 @@ def run_case(case, nt, repeat, min_time, reference):
         calls["copy"] = lambda: _openmp.threaded_copy(xc, dst, nt)
     elif case.traffic == "read":
         calls["copy"] = lambda: _openmp.threaded_read(xc, nt)
-    else:
+    elif case.traffic == "read+copy":
         calls["copy"] = lambda: (_openmp.threaded_read(xc, nt),
                                  _openmp.threaded_copy(xc, dst, nt))
+    else:   # "2read+copy": a second array, each read 25+ MB after its last use, as dy is
+        xc2 = empty_like_apart(xc.shape, xc.dtype, dst)
+        np.copyto(xc2, xc)
+        calls["copy"] = lambda: (_openmp.threaded_read(xc, nt), _openmp.threaded_read(xc2, nt),
+                                 _openmp.threaded_copy(xc, dst, nt),
+                                 _openmp.threaded_read(xc2, nt))
     samples = measure(calls, repeat, min_time)
     if slow is not None:
         samples["reference"] = measure({"reference": slow}, 1, min_time)["reference"]

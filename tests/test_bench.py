@@ -88,3 +88,15 @@ def test_the_noted_pytorch_fault_is_real():
     assert row["max_rel_diff_vs_peer"] > 0.1, row["max_rel_diff_vs_peer"]
     ok = _bench.family_backward("instance_norm", (2, 8, 5, 5), "NHWC")   # batch 2: right
     assert _bench.run_case(ok, 1, 1, 0.001, reference=False)["max_rel_diff_vs_peer"] < 1e-4
+
+
+def test_channels_last_backward_roofline_counts_two_reads():
+    """The channels-last batch-norm backward's yardstick moves five arrays' bytes (dy and
+    x read twice, dx written): reads of two arrays, a copy and a read again."""
+    case = _bench.bn_backward((2, 8, 6, 6), "NHWC", "float32", 1.5)
+    row = _bench.run_case(case, 2, 2, 0.001, False)
+    assert row["copy_kind"] == "2read+copy"
+    assert row["gb_per_s"] == pytest.approx(5 * row["nbytes_x"] / row["bncore_s"] / 1e9)
+    assert len(row["samples_s"]["copy"]) == 2 and min(row["samples_s"]["copy"]) > 0
+    nchw = _bench.bn_backward((2, 8, 6, 6), "NCHW", "float32", 2.0)
+    assert nchw.traffic == "read+copy"
