@@ -496,6 +496,36 @@ def test_wide_rows_beyond_the_caches_prefetching_the_next_channel_block():
     np.testing.assert_allclose(runs[0][1], rm, rtol=1e-7)
 
 
+@pytest.mark.parametrize("shape,dtype", [((64, 1000, 7, 7), np.float32),
+                                         ((64, 1000, 5, 5), np.float64)])
+def test_backward_beyond_the_caches_short_planes_by_sample(shape, dtype):
+    """Batch-norm backward over planes under 256 bytes (196 and 200 here) with dy, x and dx
+    over 32 MiB: both passes walk memory sample by sample (backward_by_sample), the sums
+    by chunks of samples (47 chunks of 64 samples: uneven) added in chunk order. Same bits
+    for any thread count, training and eval, and the float64 reference's values."""
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal(shape) * 3 + 40).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    assert 3 * x.nbytes >= 32 * 2**20
+    c = shape[1]
+    w = rng.normal(1, 0.5, c)
+    _, m, s = bncore.batch_norm_forward(x, w, None)
+    for training in (True, False):
+        runs = [bncore.batch_norm_backward(dy, x, m, s, w, training=training, n_threads=nt)
+                for nt in (1, 2, 3)]
+        for other in runs[1:]:
+            for u, v in zip(runs[0], other):
+                assert np.array_equal(u, v)
+        dx, dw, db = runs[0]
+        rdx, rdw, rdb = ref.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                                m.astype(np.float64), s.astype(np.float64), w,
+                                                training=training)
+        tol = 2e-6 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(dx, rdx, rtol=0, atol=tol * np.abs(rdx).max())
+        np.testing.assert_allclose(dw, rdw, rtol=0, atol=tol * np.abs(rdw).max())
+        np.testing.assert_allclose(db, rdb, rtol=0, atol=tol * np.abs(rdb).max())
+
+
 @pytest.mark.parametrize("shape", [(96, 1000, 7, 7),     # 196-byte planes: not streamed
                                    (32, 1000, 12, 12)])  # 576-byte planes: streamed
 def test_eval_beyond_the_caches_planes_in_memory_order(shape):

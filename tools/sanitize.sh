@@ -69,6 +69,7 @@ if [ "$quick" = 1 ]; then
            "tests/test_threads.py::test_eight_python_threads_at_once_give_the_serial_results"
            "tests/test_threads.py::test_batch_norm_beyond_the_caches_prefetching_the_next_channel"
            "tests/test_threads.py::test_eval_beyond_the_caches_planes_in_memory_order"
+           "tests/test_threads.py::test_backward_beyond_the_caches_short_planes_by_sample"
            "tests/test_threads.py::test_wide_rows_beyond_the_caches_prefetching_the_next_channel_block"
            "tests/test_threads.py::test_row_norms_beyond_the_caches_prefetching_rows_ahead")
 else
