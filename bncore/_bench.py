@@ -356,11 +356,13 @@ def all_cases():
         bn_backward((8, 32, 8, 8), "NCHW", f32, 1.0),
         # batch 1, 7x7: small channels in groups (the cost was per channel, not per value)
         bn_backward((1, 512, 7, 7), "NCHW", f32, 1.0),
-        # never slower: eval over 7x7 planes (ran at 0.61x streamed plane by plane), and
-        # wide channels-last rows over few samples (0.8-1.0x PyTorch: a known gap)
+        # never slower: eval over 7x7 planes (ran at 0.61x streamed plane by plane), wide
+        # channels-last rows over few samples (0.8-1.0x PyTorch before their blocks were
+        # walked in address order), and a backward over 7x7 planes (1.0x channel by channel)
         bn_eval((64, 2048, 7, 7), f32, 1.0),
         bn_train((64, 2048, 7, 7), "NHWC", f32, 1.0),
         bn_backward((256, 512, 7, 7), "NHWC", f32, 1.0),
+        bn_backward((128, 1024, 7, 7), "NCHW", f32, 1.0),
     ] + family_cases()
 
 
