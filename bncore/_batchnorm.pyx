@@ -370,11 +370,11 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
                             double *dweight, double *dbias, int n_threads) noexcept nogil:
     """backward_planes over short planes (under SAMPLE_PLANE bytes: 7x7 float32) beyond the
     caches, each sample's planes contiguous: memory read in order, sample by sample, in
-    both passes.
-    The sums by chunks of samples (from the shape alone, as planes_stats_by_sample), each
-    chunk's per-channel sums added plane by plane in sample order, the chunks added in
-    chunk order; then dx sample by sample, not streamed (most lines of a short plane are
-    partial: see forward_planes). Channel by channel, a channel there is ``outer`` scraps
+    both passes. The sums by chunks of samples (from the shape alone, as
+    planes_stats_by_sample), each chunk's per-channel sums added plane by plane in sample
+    order, the chunks added in chunk order; then dx sample by sample, not streamed (most
+    lines of a short plane are partial: see forward_planes). Channel by channel, a
+    channel there is ``outer`` scraps
     of a few hundred bytes a sample apart, each a DRAM page of its own, and when the sample
     stride is a multiple of 4 KiB they all map to the same cache sets, so the dx pass
     finds few of them still cached. In-process A/B against the channel walk, 15 rounds:
