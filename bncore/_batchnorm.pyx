@@ -38,10 +38,11 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BN_RUN_MAX, CHUNK_ELEMS, MAX_CHUNKS, SERIAL_ELEMS, bn_fence, bn_moments,
+    BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
-    planes_affine, planes_stats, rows_chunks, rows_far, rows_stats, seg_affine, seg_affine_pf,
+    planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
+    seg_affine_pf,
     seg_affine_stream,
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
@@ -374,16 +375,14 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
     planes_stats_by_sample), each chunk's per-channel sums added plane by plane in sample
     order, the chunks added in chunk order; then dx sample by sample, not streamed (most
     lines of a short plane are partial: see forward_planes). Channel by channel, a
-    channel there is ``outer`` scraps
-    of a few hundred bytes a sample apart, each a DRAM page of its own, and when the sample
-    stride is a multiple of 4 KiB they all map to the same cache sets, so the dx pass
-    finds few of them still cached. In-process A/B against the channel walk, 15 rounds:
+    channel there is ``outer`` scraps of a few hundred bytes a sample apart, each a DRAM
+    page of its own, and when the sample stride is a multiple of 4 KiB they all map to the
+    same cache sets, so the dx pass finds few of them still cached. In-process A/B against the channel walk, 15 rounds:
     (64,2048,7,7) 1.29-1.5x, (128,1024,7,7) 1.51x, (256,512,7,7) 1.3x, (512,256,7,7)
     1.41x, (8,8192,7,7) 1.42x, (128,1024,6,6) 1.7x, (256,512,5,5) 1.87x, (128,4096,4,4)
     1.71x; but 0.63-0.66x over 8x8 and 10x10 planes (256 and 400 bytes) and 1.07-1.18x
     over 9x9, so planes from 256 bytes stay channel by channel."""
-    cdef Py_ssize_t nchunks = max(1, min(min(outer, <Py_ssize_t>MAX_CHUNKS),
-                                         outer * nch * inner // CHUNK_ELEMS))
+    cdef Py_ssize_t nchunks = sample_chunks(outer, nch, inner)
     cdef Py_ssize_t s, n, c
     cdef int nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
     cdef double *buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
@@ -492,7 +491,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *r
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3)
-    cdef bint far = rows_far(3 * nrows, nch, sizeof(floating))   # dy, x and dx together
+    cdef bint far = beyond_caches(3 * nrows * nch * <Py_ssize_t>sizeof(floating))  # dy, x, dx
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1

@@ -465,11 +465,17 @@ cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexc
     return max(16 if itemsize == 8 else 128, rows)
 
 
-cdef inline bint rows_far(Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
-    """Whether rows (nrows of nch values of itemsize bytes: one array, or several counted
-    as more rows) are read from memory rather than the caches: over STREAM_BYTES (16 MiB,
-    about what the L3 keeps)."""
-    return nrows * nch * itemsize >= <Py_ssize_t>STREAM_BYTES
+cdef inline bint beyond_caches(Py_ssize_t nbytes) noexcept nogil:
+    """Whether the nbytes an op reads (all its arrays together) come from memory rather
+    than the caches: from STREAM_BYTES (16 MiB, about what the L3 keeps here)."""
+    return nbytes >= <Py_ssize_t>STREAM_BYTES
+
+
+cdef inline Py_ssize_t sample_chunks(Py_ssize_t outer, Py_ssize_t nch,
+                                     Py_ssize_t inner) noexcept nogil:
+    """Chunks of samples for walks sample by sample, from the shape alone: at least
+    CHUNK_ELEMS values each, at most one per sample and MAX_CHUNKS."""
+    return max(1, min(min(outer, <Py_ssize_t>MAX_CHUNKS), outer * nch * inner // CHUNK_ELEMS))
 
 
 cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
@@ -490,7 +496,7 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
     the same for every chunk) and m2[nch].
 
     ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0. ``far``:
-    the rows are beyond the caches (rows_far), which changes what is prefetched.
+    the rows are beyond the caches (beyond_caches), which changes what is prefetched.
     """
     cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, c, cb, nr, nnext
     cdef Py_ssize_t nw, nrn
@@ -630,8 +636,7 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
     """planes_stats for a view with each sample's (nch, inner) planes contiguous: chunks of
     samples (from the shape alone) in parallel, each plane's moments merged into its
     channel's state in sample order, chunks merged in chunk order. -1 if out of memory."""
-    cdef Py_ssize_t nchunks = max(1, min(min(outer, <Py_ssize_t>MAX_CHUNKS),
-                                         outer * nch * inner // CHUNK_ELEMS))
+    cdef Py_ssize_t nchunks = sample_chunks(outer, nch, inner)
     cdef Py_ssize_t per = 4 * nch, s, n, n0, n1, c
     cdef double *buf
     cdef double *p
@@ -670,7 +675,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     cdef double *p
     cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    cdef bint far = rows_far(nrows, nch, sizeof(floating))
+    cdef bint far = beyond_caches(nrows * nch * <Py_ssize_t>sizeof(floating))
     buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
     if buf == NULL:
         return -1

@@ -41,7 +41,7 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     BLOCK, BN_RUN_MAX, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge, streams,
-    bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, rows_far,
+    bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
     bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
@@ -628,7 +628,7 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
     cdef double *slot
     cdef double *p
     cdef const floating *xt
-    cdef bint far = rows_far(n * s, c, sizeof(floating))
+    cdef bint far = beyond_caches(n * s * c * <Py_ssize_t>sizeof(floating))
     for t in range(n):
         xt = x + t * s * c
         slot = part + (t % 2) * nchunks * per

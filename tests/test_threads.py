@@ -466,7 +466,7 @@ def test_batch_norm_beyond_the_caches_prefetching_the_next_channel():
 def test_wide_rows_beyond_the_caches_prefetching_the_next_channel_block():
     """Channels-last statistics of rows wider than a channel block (256) over 16 MiB:
     each block prefetches the next channel block of its rows, the last one the next rows
-    (rows_far). 2056 channels (eight blocks and an 8-channel one), contiguous and as a
+    (beyond_caches). 2056 channels (eight blocks and an 8-channel one), contiguous and as a
     view with rows 2100 apart; group norm's shared-sample path too. Same bits for any
     thread count, and the float64 reference's values at a large offset."""
     rng = np.random.default_rng(13)
