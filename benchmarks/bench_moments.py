@@ -25,6 +25,25 @@ class ChannelMoments:
         bncore.moments(self.x, axis=self.axes, n_threads=n_threads)
 
 
+class PerSampleMoments:
+    """moments per sample and channel of channels-last (32, 56, 56, 64) data: over (1, 2)
+    of the contiguous array, and over (2, 3) of its (N, C, H, W) view (kept axes apart in
+    memory: a block per sample, no gathered copy)."""
+    params = (["float32", "float64"], ["NHWC", "NCHW-view"], [1, 2])
+    param_names = ["dtype", "layout", "n_threads"]
+
+    def setup(self, dtype, layout, n_threads):
+        x = data((32, 56, 56, 64), dtype)
+        self.x, self.axes = (x, (1, 2)) if layout == "NHWC" else (x.transpose(0, 3, 1, 2),
+                                                                  (2, 3))
+
+    def time_moments(self, dtype, layout, n_threads):
+        bncore.moments(self.x, axis=self.axes, n_threads=n_threads)
+
+    def peakmem_moments(self, dtype, layout, n_threads):
+        bncore.moments(self.x, axis=self.axes, n_threads=n_threads)
+
+
 class StreamingMoments:
     """Moments.update over 8 batches, then the exact Chan merge of 8 partial states."""
 

@@ -72,6 +72,15 @@ def _raw_moments(arr, axes, n_threads=None):
                 index.append(slice(None))
         arr = arr[tuple(index)]
     kept = [a for a in range(arr.ndim) if a not in axes]
+    perm = _memory_order(arr) if len(kept) > 1 else None
+    if perm is not None:   # e.g. a channels-last view (N, C, H, W): as (N, H, W, C)
+        count, mean, m2 = _raw_moments(arr.transpose(perm),
+                                       tuple(i for i, a in enumerate(perm) if a in axes),
+                                       n_threads)
+        back = np.argsort([a for a in perm if a not in axes])
+        mean = np.ascontiguousarray(mean.transpose(back))
+        m2 = np.ascontiguousarray(m2.transpose(back))
+        return _repeated(count * repeat, mean, m2, repeat, mean.shape)
     kshape = tuple(arr.shape[a] for a in kept)
     nch = math.prod(kshape)
     count = math.prod([arr.shape[a] for a in axes]) * repeat
@@ -88,15 +97,53 @@ def _raw_moments(arr, axes, n_threads=None):
     elif kept == list(range(kept[0], kept[-1] + 1)):
         arr = arr.reshape(arr.shape[:kept[0]] + (nch,) + arr.shape[kept[-1] + 1:])
         ax = kept[0]
+    elif lead := _leading_blocks(arr.shape, kept):
+        # (blocks, rows, channels, inner) without gathering the kept axes into a copy
+        c0, c1 = kept[lead], kept[-1] + 1
+        arr = np.ascontiguousarray(arr)
+        _stats.batch_moments(arr, math.prod(arr.shape[:lead]), math.prod(arr.shape[lead:c0]),
+                             math.prod(arr.shape[c0:c1]), math.prod(arr.shape[c1:]), mean, m2,
+                             resolve_threads(n_threads))
+        return _repeated(count, mean, m2, repeat, kshape)
     else:                               # kept axes apart: gather them last (a copy)
         order = [a for a in range(arr.ndim) if a in axes] + kept
         arr, ax = np.ascontiguousarray(arr.transpose(order)).reshape(-1, nch), 1
     v = canonical_view(arr, ax)
     _stats.channel_moments(v.arr, v.outer, v.nch, v.inner, v.so, v.sc, mean, m2,
                            resolve_threads(n_threads))
+    return _repeated(count, mean, m2, repeat, kshape)
+
+
+def _repeated(count, mean, m2, repeat, kshape):
     if repeat > 1:
         m2 *= repeat
     return count, mean.reshape(kshape), m2.reshape(kshape)
+
+
+def _memory_order(arr):
+    """The axis order that makes a non-contiguous ``arr`` C-contiguous (largest stride
+    first), when there is one: a permuted contiguous array, such as a channels-last view.
+    Its kept axes then sit together in memory, or in a pattern without a copy; reshaping
+    the view would copy it. None when ``arr`` is contiguous or not a permutation of one."""
+    if arr.flags.c_contiguous or arr.ndim < 2:
+        return None
+    perm = sorted(range(arr.ndim), key=lambda a: -arr.strides[a])
+    return perm if arr.transpose(perm).flags.c_contiguous else None
+
+
+_BLOCK_MIN = 1024   # values a block: smaller ones cost more a call than their gather
+                    # ((1000, 3, 4) over axis 1: 12x slower as blocks)
+
+
+def _leading_blocks(shape, kept):
+    """a when the kept axes (sorted, not adjacent) are the leading axes 0..a-1 and one
+    more run of adjacent axes, with at least _BLOCK_MIN values under each leading index
+    (a per-sample statistic, such as channels-last (N, H, W, C) over (1, 2)); else 0."""
+    lead = next(i for i, a in enumerate(kept) if a != i)
+    rest = kept[lead:]
+    if lead == 0 or rest != list(range(rest[0], rest[-1] + 1)):
+        return 0
+    return lead if math.prod(shape[lead:]) >= _BLOCK_MIN else 0
 
 
 def moments(x, axis=None, *, ddof=0, keepdims=False, n_threads=None):

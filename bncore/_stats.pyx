@@ -8,7 +8,12 @@ cimport numpy as cnp
 from cython cimport floating
 
 from bncore._fastpath cimport plain_threads, plain_type
-from bncore._kernels cimport bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats
+from cython.parallel cimport prange
+
+from bncore._kernels cimport (
+    SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
+)
+from bncore._openmp cimport work_threads
 
 cnp.import_array()
 
@@ -25,6 +30,57 @@ cdef int _planes(const floating *x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t
 cdef int _rows(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
                double *mean, double *m2, int nt) noexcept nogil:
     return rows_stats(x, nrows, nch, ld, mean, m2, nt)
+
+
+cdef int _view(const floating *x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,
+               Py_ssize_t so, Py_ssize_t sc, double *mean, double *m2, int nt) noexcept nogil:
+    if inner == 1 and sc == 1:
+        return _rows(x, outer, nch, so, mean, m2, nt)
+    return _planes(x, outer, nch, inner, so, sc, mean, m2, nt)
+
+
+cdef int _batches(const floating *x, Py_ssize_t nb, Py_ssize_t sb, Py_ssize_t outer,
+                  Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc,
+                  double *mean, double *m2, int n_threads) noexcept nogil:
+    """_view of nb views sb elements apart, into nch values each of mean and m2: a view
+    per thread when that shares the work evenly (nb a multiple of the threads, or at least
+    4 views a thread), else every thread on each view in turn. The kernels give the same
+    bits for any thread count, so both ways do."""
+    cdef Py_ssize_t b, fails = 0
+    cdef int nt = work_threads(n_threads, nb, nb * outer * nch * inner, SERIAL_ELEMS)
+    if nt > 1 and (nb % nt == 0 or nb >= 4 * nt):
+        for b in prange(nb, schedule='static', num_threads=nt):
+            fails += _view(x + b * sb, outer, nch, inner, so, sc, mean + b * nch,
+                           m2 + b * nch, 1) != 0
+        return -1 if fails else 0
+    for b in range(nb):
+        if _view(x + b * sb, outer, nch, inner, so, sc, mean + b * nch, m2 + b * nch,
+                 n_threads) != 0:
+            return -1
+    return 0
+
+
+def batch_moments(cnp.ndarray x, Py_ssize_t nb, Py_ssize_t outer, Py_ssize_t nch,
+                  Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
+    """channel_moments of each of the nb blocks of a C-contiguous ``x`` (float32 or
+    float64, native order) seen as (nb, outer, nch, inner): per-(block, channel) mean and
+    M2 into float64 (nb * nch,) outputs. Statistics over axes that keep a leading axis
+    and a later one (a sample's channels over its rows), without gathering the kept axes
+    into a copy."""
+    cdef int rc
+    cdef double *pm = f64_ptr(mean)
+    cdef double *pm2 = f64_ptr(m2)
+    cdef void *px = cnp.PyArray_DATA(x)
+    cdef Py_ssize_t so = nch * inner, sb = outer * nch * inner
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            rc = _batches(<const float *>px, nb, sb, outer, nch, inner, so, inner, pm, pm2,
+                          n_threads)
+        else:
+            rc = _batches(<const double *>px, nb, sb, outer, nch, inner, so, inner, pm, pm2,
+                          n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-thread partial statistics")
 
 
 def channel_moments(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,

@@ -6,7 +6,7 @@
   leaks: arrays, views), and no argument may gain references (leaked borrows).
 - Peak memory: tracemalloc's peak during a call on an 8 MB input (C = 64) minus the bytes
   of the returned arrays is O(C) for batch norm and moments, O(rows) for layer/RMS norm,
-  O(N*C) for group/instance norm (their statistics), never O(x).
+  O(N*C) for group/instance norm and per-sample moments (their statistics), never O(x).
 - Huge: moments of broadcast views of more than 2**31 values (stride-0 reduced axes cost
   nothing), and a real 2.0 GiB float32 array (> 2**31 bytes: byte offsets need 64 bits)
   through moments and an in-place training batch norm, checked at markers placed past
@@ -174,6 +174,10 @@ def peak_ops(dtype):
         "moments": (lambda: B.moments(x, axis=(0, 2, 3)), per_c),
         "moments-channels-last": (lambda: B.moments(xl, axis=(0, 1, 2)), per_c),
         "Moments.update": (lambda: B.Moments().update(x, axis=(0, 2, 3)), per_c),
+        # kept axes apart (per sample and channel): blocks of the data, no gathered copy
+        "moments-per-sample-channels-last": (lambda: B.moments(xl, axis=(1, 2)), per_nc),
+        "moments-per-sample-channels-last-view": (
+            lambda: B.moments(xl.transpose(0, 3, 1, 2), axis=(2, 3)), per_nc),
         "batch_norm-train": (lambda: B.batch_norm(x, rm, rv, w, w, training=True), per_c),
         "batch_norm-train-channels-last": (
             lambda: B.batch_norm(xl, rm, rv, w, w, training=True, axis=-1), per_c),

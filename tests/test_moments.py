@@ -458,3 +458,84 @@ def test_moments_fast_path_declines_all_but_the_common_call(kind):
     assert _stats.moments_common(**args) is None
     if before is not None:
         assert np.array_equal(np.asarray(args["x"]), before)
+
+
+@pytest.mark.parametrize("shape,axis", [
+    ((32, 14, 14, 24), (1, 2)),     # channels-last, per sample and channel: 32 blocks
+    ((3, 40, 40, 24), (1, 2)),      # 3 blocks on 2 threads: every thread on each block
+    ((6, 64, 20), 1),               # (batch, time, feature) over time
+    ((4, 5, 30, 7, 64), (2, 3)),    # two leading kept axes, channels then planes of 64
+    ((8, 33, 9, 17), (1, 3)),       # a leading axis, then (channel, plane) kept apart
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_leading_and_later_kept_axes_need_no_gather(shape, axis, dtype):
+    """Kept axes apart, a leading block and one later block (a sample's channels over its
+    rows): each leading index is a view of its own, a block per thread or every thread on
+    each block. Exact to the output's rounding at a large offset (float64 sums of the
+    float values, against exact rational moments), the same bits for 1, 2 and 3 threads,
+    and the same as a gathered copy of the kept axes would give."""
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.standard_normal(shape)).astype(dtype)
+    base = bncore.moments(x, axis=axis, n_threads=1)
+    for nt in (2, 3):
+        got = bncore.moments(x, axis=axis, n_threads=nt)
+        assert all(np.array_equal(a, b) for a, b in zip(base, got)), nt
+    mean, var = base
+    kept = [a for a in range(x.ndim) if a not in np.atleast_1d(axis) % x.ndim]
+    gathered = np.moveaxis(x, kept, range(x.ndim - len(kept), x.ndim))
+    flat = gathered.reshape(-1, int(np.prod([shape[a] for a in kept])))
+    rtol = VAR_RTOL[np.dtype(dtype)]
+    for j in range(0, flat.shape[1], max(1, flat.shape[1] // 7)):
+        em, ev = exact_moments(flat[:, j])
+        assert rel_err(mean.ravel()[j], em) <= rtol, j
+        assert rel_err(var.ravel()[j], ev) <= 2 * rtol, j
+    assert mean.shape == var.shape == np.mean(x, axis=axis).shape
+    # a non-contiguous input of the same values: its contiguous copy, the same view
+    y = np.empty(shape[:-1] + (2 * shape[-1],), dtype)[..., ::2]
+    y[...] = x
+    assert all(np.array_equal(a, b)
+               for a, b in zip(bncore.moments(y, axis=axis, n_threads=2), base))
+    # a broadcast (stride-0) reduced axis only multiplies the count
+    z = np.broadcast_to(x[:, :1], x.shape) if 1 in np.atleast_1d(axis) else None
+    if z is not None:
+        zm, zv = bncore.moments(z, axis=axis)
+        wm, wv = ref_moments64(z, axis)
+        np.testing.assert_allclose(zm, wm, rtol=rtol)
+        np.testing.assert_allclose(zv, wv, rtol=4 * rtol, atol=1e-9)   # var ~1
+
+
+def ref_moments64(x, axis):
+    x64 = np.asarray(x, np.float64)
+    return x64.mean(axis=axis), x64.var(axis=axis)
+
+
+@pytest.mark.parametrize("axis,memory_axis,back", [
+    ((2, 3), (1, 2), None),          # per sample and channel
+    (1, 3, None),                    # over the channels
+    (0, 0, (2, 0, 1)),               # kept (C, H, W), in memory (H, W, C)
+    ((0, 2), (0, 1), (1, 0)),        # kept (C, W), in memory (W, C)
+    ((1, 2), (1, 3), None),
+])
+def test_permuted_contiguous_input_is_reduced_in_memory_order(axis, memory_axis, back):
+    """A channels-last view (N, C, H, W) of (N, H, W, C) memory is reduced as the
+    contiguous (N, H, W, C) it is (reshaping the view would copy it): the same bits as
+    that call, its kept axes put back in the view's order, C-contiguous results; and a
+    Fortran-ordered array alike."""
+    rng = np.random.default_rng(3)
+    mem = (500 + rng.standard_normal((6, 9, 10, 16))).astype(np.float32)
+    view = mem.transpose(0, 3, 1, 2)
+    got = bncore.moments(view, axis=axis, n_threads=2)
+    want = bncore.moments(mem, axis=memory_axis, n_threads=1)
+    for g, w in zip(got, want):
+        w = w if back is None else w.transpose(back)
+        assert g.flags.c_contiguous and g.shape == w.shape
+        assert np.array_equal(g, w)
+    ref_mean, ref_var = ref_moments64(view, axis)
+    np.testing.assert_allclose(got[0], ref_mean, rtol=2.0 ** -23)
+    np.testing.assert_allclose(got[1], ref_var, rtol=2.0 ** -21)
+    keep = bncore.moments(view, axis=axis, keepdims=True)
+    assert keep[0].shape == np.mean(view, axis=axis, keepdims=True).shape
+    f = np.asfortranarray(mem)
+    got = bncore.moments(f, axis=(1, 2), n_threads=2)
+    want = bncore.moments(np.ascontiguousarray(f.T), axis=(1, 2), n_threads=1)
+    assert all(np.array_equal(g, w.T) for g, w in zip(got, want))
