@@ -714,6 +714,15 @@ cdef extern from "bn_kernels.h" nogil:
                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const double *w,
                           const double *b, double *mean, double *invstd, int rms, int stream)
     void bn_fence()
+    void bn_group_blocks_f32(const float *x, float *y, Py_ssize_t t0, Py_ssize_t nblk,
+                             Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, double eps,
+                             const double *w, const double *b, double *mean, double *var,
+                             int stream)
+    void bn_group_blocks_f64(const double *x, double *y, Py_ssize_t t0, Py_ssize_t nblk,
+                             Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, double eps,
+                             const double *w, const double *b, double *mean, double *var,
+                             int stream)
+    enum: BN_SMALL_GROUP
 
 
 cdef inline void row_affine(const floating *x, floating *y, Py_ssize_t n, double mean,

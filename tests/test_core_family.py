@@ -539,3 +539,52 @@ def test_instance_norm_failure_keeps_running_stats():
         bncore.instance_norm(data((2, 6, 1, 1), np.float64), rm, rv)
     np.testing.assert_array_equal(rm, np.zeros(6))
     np.testing.assert_array_equal(rv, np.ones(6))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,groups", [
+    ((64, 1024, 1, 1), 8),      # (N, C) features, 1x1 maps: 128 one-value channels a group
+    ((5, 4096, 1, 1), 1),       # one group of 4096 one-value channels
+    ((6, 2048, 1, 2), 1),       # 1x2 maps, 4096 values a group
+    ((300, 32, 3, 3), None),    # instance norm over 3x3 planes: 9600 blocks of 9 values
+    ((7, 30, 2, 2), 5),         # odd counts: 24-value groups, blocks not a chunk multiple
+], ids=str)
+def test_small_nchw_groups_many_per_call(dtype, shape, groups):
+    """NCHW (sample, group) blocks of at most 128 values, or of 1- and 2-value planes up to
+    4096, go many per kernel call (bn_group_blocks: statistics of a run of blocks, then
+    their divisions, then their affines, each channel's scale spread over its values).
+    Against the float64 reference at a large offset, with and without weight and bias, the
+    same bits for 1, 2 and 3 threads, and a constant group gives exactly its bias."""
+    rng = np.random.default_rng(11)
+    x = (1e3 + rng.standard_normal(shape)).astype(dtype)
+    c = shape[1]
+    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+    if groups is None:
+        op = lambda *a, **k: bncore.instance_norm_forward(x, *a, **k)
+        rop = lambda *a: ref.instance_norm_forward(x, *a)
+    else:
+        op = lambda *a, **k: bncore.group_norm_forward(x, groups, *a, **k)
+        rop = lambda *a: ref.group_norm_forward(x, groups, *a)
+    for params in ((w, b), (None, None), (w, None)):
+        base = op(*params, n_threads=1)
+        for nt in (2, 3):
+            assert all(np.array_equal(p, q) for p, q in zip(base, op(*params, n_threads=nt)))
+        want = rop(*params)
+        close(base[0], want[0], dtype, scale=np.max(np.abs(want[0])) + 1)
+        close(base[1], want[1], dtype)   # the means (around 1e3)
+        np.testing.assert_allclose(base[2], want[2], rtol=4 * TOL[dtype])
+    y = bncore.group_norm(np.full(shape, 3.25, dtype), shape[1] if groups is None else groups,
+                          w, b)
+    np.testing.assert_array_equal(y, np.broadcast_to(b.reshape(1, c, 1, 1), shape))
+
+
+def test_small_nchw_groups_streamed():
+    """Small groups over more than 16 MiB (outputs streamed): as the reference, and the
+    same bits as the same groups in a smaller call."""
+    x = data((8192, 64, 3, 3), np.float32, offset=5.0)
+    w = np.linspace(0.5, 2, 64).astype(np.float32)
+    y, m, inv = bncore.instance_norm_forward(x, w, None, n_threads=2)
+    ys, ms, invs = bncore.instance_norm_forward(x[:64], w, None, n_threads=2)
+    assert np.array_equal(y[:64], ys) and np.array_equal(m[:64], ms)
+    want = ref.instance_norm_forward(x[-64:], w, None)
+    close(y[-64:], want[0], np.float32, scale=np.max(np.abs(want[0])) + 1)

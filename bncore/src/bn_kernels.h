@@ -254,6 +254,9 @@ BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
     *m2 = v < 0 ? 0.0 : v;   /* v < 0 only by rounding; NaN is kept */
 }
 
+#define BN_SMALL_GROUP 4096   /* values: at most, in the NCHW groups that go many per call */
+#define BN_GROUP_RUN 64       /* blocks per phase of bn_group_blocks, at most */
+
 /* Instantiate the element-type specific kernels for float and double. */
 #define BN_T float
 #define BN_T_IS_FLOAT 1

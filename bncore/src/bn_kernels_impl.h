@@ -397,6 +397,98 @@ static BN_CLONES void BN_NAME(bn_group_affine)(const BN_T *x, BN_T *y, ptrdiff_t
                                     NULL, NULL);
 }
 
+/* Group norm of NCHW (sample, group) blocks t0 .. t0 + nblk - 1, block t the cg * s
+ * contiguous values of group t % g (w and b: per channel, or NULL): each block's
+ * statistics as run_moments takes them, mean[t] and biased var[t], then
+ * y = (x - mean) * (w[c] * invstd) + b[c] with bn_seg_affine's arithmetic, the channel's
+ * scale and shift spread over its s values so the block is one vector loop. One call for
+ * many small blocks (at most BN_SMALL_GROUP values: instance norm over 3x3 planes, group
+ * norm over 1x1), where two kernel calls, the span bookkeeping and a scalar tail per block
+ * cost more than its values. The bits of group_block. Streamed stores: the caller fences. */
+static BN_CLONES void BN_NAME(bn_group_blocks)(const BN_T *x, BN_T *y, ptrdiff_t t0,
+                                              ptrdiff_t nblk, ptrdiff_t g, ptrdiff_t cg,
+                                              ptrdiff_t s, double eps, const double *w,
+                                              const double *b, double *mean, double *var,
+                                              int stream)
+{
+    const ptrdiff_t len = cg * s;
+    /* blocks phase by phase, in runs of about 4096 values (in L1): every block's
+     * statistics, then their divisions and square roots (independent, so they overlap;
+     * block by block each waited ~40 cycles on its own), then each block's affine */
+    const ptrdiff_t run = len >= 4096 / BN_GROUP_RUN ? (4096 + len - 1) / len : BN_GROUP_RUN;
+    double inv[BN_GROUP_RUN];
+#if BN_T_IS_FLOAT
+    float kv[BN_SMALL_GROUP + 8] __attribute__((aligned(32)));
+    float bv[BN_SMALL_GROUP + 8] __attribute__((aligned(32)));
+#else
+    double kv[BN_SMALL_GROUP + 4] __attribute__((aligned(32)));
+    double bv[BN_SMALL_GROUP + 4] __attribute__((aligned(32)));
+#endif
+    ptrdiff_t gi = t0 % g;   /* the group of the run's first block, kept without a division */
+    for (ptrdiff_t r0 = t0; r0 < t0 + nblk; r0 += run) {
+        const ptrdiff_t nr = t0 + nblk - r0 < run ? t0 + nblk - r0 : run;
+        for (ptrdiff_t t = r0; t < r0 + nr; t++) {
+            const BN_T *p = x + t * len;
+            double m, m2, pivot;
+#if BN_T_IS_FLOAT
+            BN_NAME(bn_run_moments_body)(p, 1, len, 0, &pivot, &m, &m2);
+#else
+            pivot = bn_pivot((double)p[0]);
+            BN_NAME(bn_seg_moments_body)(p, 1, len, 0, pivot, &m, &m2);
+#endif
+            mean[t] = m + pivot;
+            var[t] = m2 / (double)len;
+        }
+        for (ptrdiff_t i = 0; i < nr; i++)
+            inv[i] = 1.0 / sqrt(var[r0 + i] + eps);
+        for (ptrdiff_t t = r0; t < r0 + nr; t++, gi = gi + 1 == g ? 0 : gi + 1) {
+            const BN_T *p = x + t * len;
+            BN_T *q = y + t * len;
+            const double m = mean[t], invstd = inv[t - r0];
+            const ptrdiff_t c0 = gi * cg;
+            /* float: bn_seg_affine's (float)scale and (float)shift; loops without a branch
+             * per channel (one value a channel: the fill was most of the time) */
+            if (s == 1) {
+                if (w)
+                    for (ptrdiff_t j = 0; j < cg; j++) kv[j] = (BN_T)(w[c0 + j] * invstd);
+                else
+                    for (ptrdiff_t j = 0; j < cg; j++) kv[j] = (BN_T)invstd;
+                if (b)
+                    for (ptrdiff_t j = 0; j < cg; j++) bv[j] = (BN_T)b[c0 + j];
+                else
+                    for (ptrdiff_t j = 0; j < cg; j++) bv[j] = 0;
+            } else {
+                for (ptrdiff_t j = 0; j < cg; j++) {
+                    const BN_T k = (BN_T)((w ? w[c0 + j] : 1.0) * invstd);
+                    const BN_T sh = (BN_T)(b ? b[c0 + j] : 0.0);
+                    for (ptrdiff_t i = j * s; i < (j + 1) * s; i++) {
+                        kv[i] = k;
+                        bv[i] = sh;
+                    }
+                }
+            }
+#if BN_T_IS_FLOAT
+            const float hi = (float)m, lo = (float)(m - (double)hi);
+            const bn_v8f vhi = {hi, hi, hi, hi, hi, hi, hi, hi};
+            const bn_v8f vlo = {lo, lo, lo, lo, lo, lo, lo, lo};
+#define BN_SCALAR(i) q[i] = ((p[i] - hi) - lo) * kv[i] + bv[i]
+#define BN_VEC(i, nt) do { bn_v8f v_, k_, b_; memcpy(&v_, p + (i), sizeof v_); \
+        memcpy(&k_, kv + (i), sizeof k_); memcpy(&b_, bv + (i), sizeof b_); \
+        BN_PUT8F(q + (i), ((v_ - vhi) - vlo) * k_ + b_, nt); } while (0)
+            BN_SPAN_LOOP(q, len, stream, 8, BN_SCALAR, BN_VEC);
+#else
+            const bn_v4d vm = {m, m, m, m};
+#define BN_SCALAR(i) q[i] = ((double)p[i] - m) * kv[i] + bv[i]
+#define BN_VEC(i, nt) do { bn_v4d k_, b_; memcpy(&k_, kv + (i), 32); memcpy(&b_, bv + (i), 32); \
+        BN_PUT4(q + (i), (BN_LOAD4(p + (i)) - vm) * k_ + b_, nt); } while (0)
+            BN_SPAN_LOOP(q, len, stream, 4, BN_SCALAR, BN_VEC);
+#endif
+#undef BN_SCALAR
+#undef BN_VEC
+        }
+    }
+}
+
 /* Touch every cache line of nseg segments (the next statistics block), so short planes
  * far apart, which the hardware prefetcher does not follow across pages, arrive early. */
 static inline void BN_NAME(bn_prefetch_seg)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
