@@ -30,6 +30,9 @@ cdef extern from "bn_kernels.h" nogil:
     const char *bn_simd_level()
     double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
+    void bn_group_param_grads(double *dweight, double *dbias, const double *sum_dy_xmu,
+                              const double *sum_dy, const double *invstd, Py_ssize_t n,
+                              Py_ssize_t g, Py_ssize_t cg)
     void bn_chan_merge_vec(double na, double *mean, double *m2, double nb, const double *mb,
                            const double *m2b, Py_ssize_t nch)
 
@@ -722,6 +725,14 @@ cdef extern from "bn_kernels.h" nogil:
                              Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, double eps,
                              const double *w, const double *b, double *mean, double *var,
                              int stream)
+    void bn_group_blocks_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t t0,
+                                 Py_ssize_t nblk, Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s,
+                                 const double *mean, const double *invstd, const double *w,
+                                 double *sdy, double *sdyx, int stream)
+    void bn_group_blocks_bwd_f64(const double *dy, const double *x, double *dx,
+                                 Py_ssize_t t0, Py_ssize_t nblk, Py_ssize_t g, Py_ssize_t cg,
+                                 Py_ssize_t s, const double *mean, const double *invstd,
+                                 const double *w, double *sdy, double *sdyx, int stream)
     enum: BN_SMALL_GROUP
 
 

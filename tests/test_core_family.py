@@ -548,11 +548,13 @@ def test_instance_norm_failure_keeps_running_stats():
     ((6, 2048, 1, 2), 1),       # 1x2 maps, 4096 values a group
     ((300, 32, 3, 3), None),    # instance norm over 3x3 planes: 9600 blocks of 9 values
     ((7, 30, 2, 2), 5),         # odd counts: 24-value groups, blocks not a chunk multiple
+    ((9, 48, 5, 5), 4),         # backward only: 300-value groups of 25-value planes
 ], ids=str)
 def test_small_nchw_groups_many_per_call(dtype, shape, groups):
     """NCHW (sample, group) blocks of at most 128 values, or of 1- and 2-value planes up to
     4096, go many per kernel call (bn_group_blocks: statistics of a run of blocks, then
-    their divisions, then their affines, each channel's scale spread over its values).
+    their divisions, then their affines, each channel's scale spread over its values);
+    backward blocks of up to 256 values or of planes under 16 (bn_group_blocks_bwd).
     Against the float64 reference at a large offset, with and without weight and bias, the
     same bits for 1, 2 and 3 threads, and a constant group gives exactly its bias."""
     rng = np.random.default_rng(11)
@@ -576,11 +578,24 @@ def test_small_nchw_groups_many_per_call(dtype, shape, groups):
     y = bncore.group_norm(np.full(shape, 3.25, dtype), shape[1] if groups is None else groups,
                           w, b)
     np.testing.assert_array_equal(y, np.broadcast_to(b.reshape(1, c, 1, 1), shape))
+    # the backward (bn_group_blocks_bwd: blocks of up to 256 values or planes under 16)
+    g = shape[1] if groups is None else groups
+    dy = rng.standard_normal(shape).astype(dtype)
+    _, m, inv = bncore.group_norm_forward(x, g, w, b)
+    for wt in (w, None):
+        base = bncore.group_norm_backward(dy, x, m, inv, g, wt, n_threads=1)
+        for nt in (2, 3):
+            got = bncore.group_norm_backward(dy, x, m, inv, g, wt, n_threads=nt)
+            assert all(np.array_equal(p, q) for p, q in zip(base, got))
+        want = ref.group_norm_backward(dy, x, m, inv, g, wt)
+        big = np.sum(np.abs(dy.astype(float))) + 1
+        for p, q in zip(base, want):
+            close(p, q, dtype, scale=max(np.max(np.abs(q)), 1.0) if p is base[0] else big)
 
 
 def test_small_nchw_groups_streamed():
-    """Small groups over more than 16 MiB (outputs streamed): as the reference, and the
-    same bits as the same groups in a smaller call."""
+    """Small groups over more than 16 MiB (outputs streamed), forward and backward: as the
+    reference, and the same bits as the same groups in a smaller call."""
     x = data((8192, 64, 3, 3), np.float32, offset=5.0)
     w = np.linspace(0.5, 2, 64).astype(np.float32)
     y, m, inv = bncore.instance_norm_forward(x, w, None, n_threads=2)
@@ -588,3 +603,9 @@ def test_small_nchw_groups_streamed():
     assert np.array_equal(y[:64], ys) and np.array_equal(m[:64], ms)
     want = ref.instance_norm_forward(x[-64:], w, None)
     close(y[-64:], want[0], np.float32, scale=np.max(np.abs(want[0])) + 1)
+    dy = data(x.shape, np.float32, offset=0.0, seed=5)
+    dx = bncore.instance_norm_backward(dy, x, m, inv, w, n_threads=2)[0]
+    dxs = bncore.instance_norm_backward(dy[:64], x[:64], ms, invs, w, n_threads=2)[0]
+    assert np.array_equal(dx[:64], dxs)
+    want = ref.instance_norm_backward(dy[-64:], x[-64:], m[-64:], inv[-64:], w)[0]
+    close(dx[-64:], want, np.float32)

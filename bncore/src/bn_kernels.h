@@ -224,6 +224,28 @@ BN_INLINE void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
     a->n += nb;
 }
 
+/* Group and instance norm parameter gradients from the per-(sample, channel) sums of the
+ * backward (n samples of g groups of cg channels): dweight[c] += sum_dy_xmu[t, c] *
+ * invstd[t, group] and dbias[c] += sum_dy[t, c], sample after sample, in loops that
+ * vectorise (one multiply and one add each, as written). */
+static BN_CLONES void bn_group_param_grads(double *restrict dweight, double *restrict dbias,
+                                           const double *restrict sum_dy_xmu,
+                                           const double *restrict sum_dy,
+                                           const double *restrict invstd, ptrdiff_t n,
+                                           ptrdiff_t g, ptrdiff_t cg)
+{
+    for (ptrdiff_t t = 0; t < n; t++)
+        for (ptrdiff_t gi = 0; gi < g; gi++) {
+            const double k = invstd[t * g + gi];
+            const double *a = sum_dy_xmu + (t * g + gi) * cg, *b = sum_dy + (t * g + gi) * cg;
+            double *dw = dweight + gi * cg, *db = dbias + gi * cg;
+            for (ptrdiff_t j = 0; j < cg; j++) {
+                dw[j] += a[j] * k;
+                db[j] += b[j];
+            }
+        }
+}
+
 /* Merge nch blocks that share one count nb into states that share one count na
  * (channels-last rows, Moments.merge). The caller adds nb to its count. */
 static BN_CLONES void bn_chan_merge_vec(double na, double *restrict mean, double *restrict m2,

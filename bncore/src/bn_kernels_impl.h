@@ -623,6 +623,99 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x,
                                     mean[c], k[c], q[c], r[c], stream, NULL, NULL, NULL, NULL);
 }
 
+/* Group norm backward of NCHW (sample, group) blocks t0 .. t0 + nblk - 1 (block t: the
+ * cg * s contiguous values of group t % g, its mean[t] and invstd[t]; w per channel or
+ * NULL): each channel's sum(dy) and sum(dy * (x - mean)) into sdy/sdyx[t * cg + j], the
+ * group's coefficients (group_qr's arithmetic), then dx = k*dy + q*(x - mean) + r channel
+ * by channel, the last first. One call for many small blocks (see bn_group_blocks), with
+ * the bodies of bn_seg_bwd_sums and bn_seg_bwd_dx inlined: the bits of group_block_bwd.
+ * Streamed stores: the caller fences. */
+static BN_CLONES void BN_NAME(bn_group_blocks_bwd)(const BN_T *dy, const BN_T *x, BN_T *dx,
+                                                  ptrdiff_t t0, ptrdiff_t nblk, ptrdiff_t g,
+                                                  ptrdiff_t cg, ptrdiff_t s,
+                                                  const double *mean, const double *invstd,
+                                                  const double *w, double *sdy, double *sdyx,
+                                                  int stream)
+{
+    const ptrdiff_t len = cg * s;
+    const double n = (double)len;
+    /* runs of blocks phase by phase (as bn_group_blocks): the channel sums of every block,
+     * then the runs' group sums channel by channel, a chain per block (one block's two
+     * chains of cg dependent adds waited on each other's latency), then each dx; runs of
+     * about 1024 values, so that the sums the chains read across blocks stay in L1 */
+    const ptrdiff_t run = len >= 1024 / BN_GROUP_RUN ? (1024 + len - 1) / len : BN_GROUP_RUN;
+    double ta[BN_GROUP_RUN], tb[BN_GROUP_RUN];
+    ptrdiff_t gi0 = t0 % g;   /* the group of the run's first block, kept without a division */
+    for (ptrdiff_t r0 = t0; r0 < t0 + nblk; r0 += run) {
+        const ptrdiff_t nr = t0 + nblk - r0 < run ? t0 + nblk - r0 : run;
+        for (ptrdiff_t t = r0; t < r0 + nr; t++) {
+            const ptrdiff_t off = t * len;
+            double *a = sdy + t * cg, *bs = sdyx + t * cg;
+            const double m = mean[t];
+            if (s == 1) {
+                /* one value a channel: what the body leaves for it, 0 + dy and
+                 * 0 + fma(dy, x - mean, 0) (the 0 + turns a -0 into +0), four at a time */
+                const BN_T *g_ = dy + off, *p = x + off;
+                const bn_v4d z = {0, 0, 0, 0}, vm = {m, m, m, m};
+                ptrdiff_t j = 0;
+                for (; j + 4 <= cg; j += 4) {
+                    bn_v4d v_ = BN_LOAD4(g_ + j), u_ = BN_LOAD4(p + j) - vm, e_;
+                    e_ = BN_FMA4(v_, u_, z);
+                    v_ = z + v_;
+                    e_ = z + e_;
+                    memcpy(a + j, &v_, 32);
+                    memcpy(bs + j, &e_, 32);
+                }
+                for (; j < cg; j++) {
+                    a[j] = 0.0 + (double)g_[j];
+                    bs[j] = 0.0 + BN_FMA((double)g_[j], (double)p[j] - m, 0.0);
+                }
+            } else {
+                for (ptrdiff_t j = 0; j < cg; j++) {
+                    a[j] = 0;
+                    bs[j] = 0;
+                    BN_NAME(bn_seg_bwd_sums_body)(dy + off + j * s, x + off + j * s, 1, s, 0,
+                                                  0, m, &a[j], &bs[j]);
+                }
+            }
+        }
+        for (ptrdiff_t i = 0; i < nr; i++)
+            ta[i] = tb[i] = 0;
+        for (ptrdiff_t j = 0; j < cg; j++)   /* group_qr's sums, in channel order */
+            for (ptrdiff_t i = 0, gi = gi0; i < nr; i++, gi = gi + 1 == g ? 0 : gi + 1) {
+                const double wj = w ? w[gi * cg + j] : 1.0;
+                ta[i] += wj * sdy[(r0 + i) * cg + j];
+                tb[i] += wj * sdyx[(r0 + i) * cg + j];
+            }
+        for (ptrdiff_t t = r0; t < r0 + nr; t++, gi0 = gi0 + 1 == g ? 0 : gi0 + 1) {
+            const ptrdiff_t off = t * len, c0 = gi0 * cg;
+            const double m = mean[t], inv = invstd[t];
+            const double q = -inv * inv * inv * tb[t - r0] / n, r = -inv * ta[t - r0] / n;
+            if (s == 1) {   /* bn_seg_bwd_dx's arithmetic, a channel per lane */
+                const BN_T *g_ = dy + off, *p = x + off;
+                BN_T *o = dx + off;
+                const bn_v4d vm = {m, m, m, m}, vi = {inv, inv, inv, inv};
+                const bn_v4d qq = {q, q, q, q}, rr = {r, r, r, r};
+                const double *wc = w ? w + c0 : NULL;
+#define BN_SCALAR(i) o[i] = (BN_T)BN_FMA((wc ? wc[i] : 1.0) * inv, (double)g_[i], \
+                                         BN_FMA(q, (double)p[i] - m, r))
+#define BN_VEC(i, nt) do { bn_v4d d_ = BN_LOAD4(g_ + (i)), u_ = BN_LOAD4(p + (i)) - vm, k_; \
+        if (wc) { memcpy(&k_, wc + (i), 32); k_ = k_ * vi; } else k_ = vi; \
+        u_ = BN_FMA4(qq, u_, rr); BN_PUT4(o + (i), BN_FMA4(k_, d_, u_), nt); } while (0)
+                BN_SPAN_LOOP(o, cg, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
+            } else {
+                for (ptrdiff_t j = cg - 1; j >= 0; j--)
+                    BN_NAME(bn_seg_bwd_dx_body)(dy + off + j * s, x + off + j * s,
+                                                dx + off + j * s, 1, s, 0, 0, 0, m,
+                                                (w ? w[c0 + j] : 1.0) * inv, q, r, stream,
+                                                NULL, NULL, NULL, NULL);
+            }
+        }
+    }
+}
+
 static BN_CLONES void BN_NAME(bn_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
                                         double mean, double k, double q, double r)
 {
