@@ -431,12 +431,13 @@ cdef inline bint small_groups(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
 
 cdef inline bint small_groups_bwd(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
     """The same for the backward (bn_group_blocks_bwd), whose blocks spread nothing: up to
-    256 values, or channels of fewer than 16 values (a call for each channel's sums and
-    one for its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 ->
-    164 us (6.3x), (32, 512, 3, 3) G=8 1.95x, (64, 512, 2, 2) G=4 1.87x, (32, 256, 4, 4)
-    G=32 1.6x; instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8, 8) 1.16x, (128, 64, 14,
-    14) 0.99x."""
-    return cg * s <= 256 or s < 16
+    256 values, or channels of up to 64 values (a call for each channel's sums and one for
+    its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 -> 164 us
+    (6.3x), (32, 512, 3, 3) G=8 1.95x, (64, 512, 2, 2) G=4 1.87x, (32, 256, 4, 4) G=32
+    1.6x, (64, 256, 5, 5) G=16 1.36x, (1, 2048, 7, 7) G=8 1.25x, (16, 512, 7, 7) G=8 1.2x;
+    instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8, 8) 1.16x, (128, 64, 14, 14) 0.99x.
+    Longer planes gain nothing: (8, 128, 28, 28) G=8 0.92x, (32, 64, 56, 56) G=32 0.91x."""
+    return cg * s <= 256 or s <= 64
 
 
 cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
@@ -544,7 +545,10 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     cdef int team = work_threads(n_threads, n * g * cg, n * g * cg * s, SERIAL_ELEMS)
     cdef double q, r
-    if small_groups_bwd(cg, s):   # many (sample, group) blocks per call
+    cdef bint shared = team_pays(n * g, cg, nt, team)
+    if small_groups_bwd(cg, s) and not (shared and s >= 16):
+        # many (sample, group) blocks per call (planes of 16 values and more shared by the
+        # threads when there are fewer blocks than threads)
         nchunks = block_chunks(n * g, cg * s, &nblk)
         nt = work_threads(n_threads, nchunks, n * g * cg * s, SERIAL_ELEMS)
         for t in prange(nchunks, schedule='static', num_threads=nt):
@@ -558,7 +562,7 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
             if stream:
                 bn_fence()
         return
-    if team_pays(n * g, cg, nt, team):
+    if shared:
         # fewer (sample, group) runs than threads: every thread on each run, a channel at
         # a time (its sums, then after the group's coefficients its dx; same bits)
         for t in range(n * g):
