@@ -335,6 +335,12 @@ def family_cases():
         spatial_norm("group_norm", (1, 64, 56, 56), "NCHW", 1.0, groups=1),
         # wide groups over 7x7, channels-last: statistics straight from each block
         spatial_norm("group_norm", (32, 512, 7, 7), "NHWC", 1.0, groups=8),
+        # small groups many per call (0.3-0.9x PyTorch with a call per block or channel,
+        # or a parallel region per sample): (N, C) features and 3x3 maps
+        spatial_norm("group_norm", (64, 1024, 1, 1), "NCHW", 1.0, groups=8),
+        family_backward("group_norm", (64, 1024, 1, 1), "NCHW", groups=8, target=1.0),
+        spatial_norm("instance_norm", (256, 32, 3, 3), "NCHW", 1.0),
+        spatial_norm("group_norm", (256, 32, 3, 3), "NHWC", 1.0, groups=8),
     ]
 
 
