@@ -501,7 +501,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         for c in range(2 * nch):
             buf[2 * nch * s + c] = 0
         cl_bwd_sums(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, r1 - r0, nch, mean,
-                    buf + 2 * nch * s, buf + 2 * nch * s + nch)
+                    buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
     k = buf + 2 * nch * nchunks
     q = k + nch
     r = q + nch

@@ -144,10 +144,10 @@ cdef extern from "bn_kernels.h" nogil:
                                  const double *scale, const double *shift)
     void bn_cl_bwd_sums_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                             Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
-                            double *sum_dy, double *sum_dy_xmu)
+                            double *sum_dy, double *sum_dy_xmu, int far)
     void bn_cl_bwd_sums_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
                             Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
-                            double *sum_dy, double *sum_dy_xmu)
+                            double *sum_dy, double *sum_dy_xmu, int far)
     void bn_cl_bwd_dx_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                           float *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
@@ -334,12 +334,12 @@ cdef inline void cl_affine_stream(const floating *x, Py_ssize_t ldx, floating *y
 
 cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating *x,
                              Py_ssize_t ldx, Py_ssize_t nrows, Py_ssize_t nch,
-                             const double *mean, double *sum_dy,
-                             double *sum_dy_xmu) noexcept nogil:
+                             const double *mean, double *sum_dy, double *sum_dy_xmu,
+                             bint far) noexcept nogil:
     if floating is float:
-        bn_cl_bwd_sums_f32(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu)
+        bn_cl_bwd_sums_f32(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu, far)
     else:
-        bn_cl_bwd_sums_f64(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu)
+        bn_cl_bwd_sums_f64(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu, far)
 
 
 cdef inline void cl_bwd_dx(const floating *dy, Py_ssize_t lddy, const floating *x,

@@ -816,7 +816,8 @@ cdef inline void chunk_bwd_sums(const floating *dy, const floating *x, Py_ssize_
     cdef Py_ssize_t j, r0 = k * s // nchunks, r1 = (k + 1) * s // nchunks
     for j in range(2 * c):
         sums[j] = 0
-    cl_bwd_sums(dy + r0 * c, c, x + r0 * c, c, r1 - r0, c, cmean, sums, sums + c)
+    # row blocks as for batch norm beyond the caches (at least 4 rows; not measured here)
+    cl_bwd_sums(dy + r0 * c, c, x + r0 * c, c, r1 - r0, c, cmean, sums, sums + c, True)
 
 
 cdef inline void merge_bwd_sums(const double *sums, Py_ssize_t nchunks, Py_ssize_t c,

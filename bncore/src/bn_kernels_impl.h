@@ -1060,15 +1060,17 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, co
                                              ptrdiff_t ldx, ptrdiff_t nrows, ptrdiff_t nch,
                                              const double *restrict mean,
                                              double *restrict sum_dy,
-                                             double *restrict sum_dy_xmu)
+                                             double *restrict sum_dy_xmu, int far)
 {
     ptrdiff_t rb = 16384 / (nch * (ptrdiff_t)sizeof(BN_T));
     int contiguous = lddy == nch && ldx == nch;
-    /* blocks of 16 KiB of each array, at least 4 rows: wider rows in blocks of 16 put
-     * 256 KiB of dy and x in L2 at 2048 channels with as much again prefetched. Over 16
-     * rows (in-process A/B, 21 rounds): backward (64,7,7,2048) 1.13x, (32,7,7,4096) 1.14x,
-     * (16,7,7,2048) 1.09x, (128,7,7,1024) 1.04x, (256,7,7,512) 1.03x */
-    if (rb < 4) rb = 4;
+    /* blocks of 16 KiB of each array, at least 4 rows beyond the caches (far): wider rows
+     * in blocks of 16 put 256 KiB of dy and x in L2 at 2048 channels with as much again
+     * prefetched. Over 16 rows (in-process A/B, 21 rounds): backward (64,7,7,2048) 1.13x,
+     * (32,7,7,4096) 1.14x, (16,7,7,2048) 1.09x, (128,7,7,1024) 1.04x, (256,7,7,512) 1.03x.
+     * In cache at least 16 rows, each tile's sums loaded and stored once per 16 rows:
+     * (1024,1024) 1.13x, (64,1024) 1.12x, (16,7,7,1024) 1.06x, (32,2048) 1.04x */
+    if (rb < (far ? 4 : 16)) rb = far ? 4 : 16;
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += rb) {
         ptrdiff_t nr = nrows - r0 < rb ? nrows - r0 : rb, nn = nrows - r0 - nr, c = 0;
         const char *pg = NULL, *eg = NULL, *px = NULL, *ex = NULL;
