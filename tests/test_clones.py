@@ -46,7 +46,15 @@ BOTH(void, bn_seg_moments_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
 BOTH(void, bn_run_moments_f32, (const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double *,
                                 double *, double *))
 BOTH(void, bn_cl_bwd_sums_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t,
-                                ptrdiff_t, ptrdiff_t, const double *, double *, double *))
+                                ptrdiff_t, ptrdiff_t, const double *, double *, double *,
+                                int))
+BOTH(void, bn_group_blocks_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                 ptrdiff_t, ptrdiff_t, double, const double *,
+                                 const double *, double *, double *, int))
+BOTH(void, bn_group_blocks_bwd_f32, (const float *, const float *, float *, ptrdiff_t,
+                                     ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                     const double *, const double *, const double *,
+                                     double *, double *, int))
 BOTH(void, bn_cl_bwd_dx_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t, float *,
                               ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
                               const double *, const double *, const double *, int, int))
@@ -84,7 +92,9 @@ int main(void)
     bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_seg_moments_f64(xd, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_run_moments_f32(xf, 1, 8, 0, a[0], a[0] + 1, a[0] + 2);
-    bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, w, a[0], a[0] + 4);
+    bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, w, a[0], a[0] + 4, 0);
+    bn_group_blocks_f32(xf, of[0], 0, 1, 1, 2, 4, 1e-5, NULL, NULL, a[0], a[0] + 1, 0);
+    bn_group_blocks_bwd_f32(gf, xf, of[0], 0, 1, 1, 2, 4, w, w, NULL, a[0], a[0] + 2, 0);
     bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0, 0);
     bn_rows_norm_f32(xf, of[0], 2, 2, 4, 4, 4, 1e-5, NULL, NULL, a[0], a[0] + 2, 0, 0);
     bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
@@ -124,7 +134,21 @@ int main(void)
                                                                  a[k] + 2106, a[k] + 2107,
                                                                  a[k] + 2108);
                 (k ? bn_cl_bwd_sums_f32_v : bn_cl_bwd_sums_f32_d)(g, C, x, C + 1, R, C, w,
-                                                                 a[k] + 2200, a[k] + 2300);
+                                                                 a[k] + 2200, a[k] + 2300,
+                                                                 off == 1);
+                /* small groups: 9 groups of 3 one-value channels, then of 3 x 7 values */
+                (k ? bn_group_blocks_f32_v : bn_group_blocks_f32_d)(
+                    x, of[k] + 6000 + off, 0, 9, 3, 3, 1, 1e-5, w, w + 5, a[k] + 2500,
+                    a[k] + 2510, stream);
+                (k ? bn_group_blocks_f32_v : bn_group_blocks_f32_d)(
+                    x, of[k] + 6100 + off, 0, 9, 3, 3, 7, 1e-5, w, NULL, a[k] + 2520,
+                    a[k] + 2530, stream);
+                (k ? bn_group_blocks_bwd_f32_v : bn_group_blocks_bwd_f32_d)(
+                    g, x, of[k] + 6400 + off, 0, 9, 3, 3, 1, a[k] + 2500, w + 20, w,
+                    a[k] + 2600, a[k] + 2700, stream);
+                (k ? bn_group_blocks_bwd_f32_v : bn_group_blocks_bwd_f32_d)(
+                    g, x, of[k] + 6700 + off, 0, 9, 3, 3, 7, a[k] + 2520, w + 20, NULL,
+                    a[k] + 2800, a[k] + 3000, stream);
                 (k ? bn_cl_bwd_dx_f32_v : bn_cl_bwd_dx_f32_d)(g, C, x, C + 1,
                                                              of[k] + 3100 + off, C, R, C, w,
                                                              w + 1, w + 2, w + 3, stream,
@@ -138,8 +162,9 @@ int main(void)
             }
             same(od[0], od[1], sizeof od[0], "bn_row_bwd_f64 dx");
             same(of[0], of[1], sizeof of[0], "float outputs (seg_bwd_dx, cl_bwd_dx, "
-                 "rows_norm, seg_affine)");
-            same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db)");
+                 "rows_norm, seg_affine, group_blocks, group_blocks_bwd)");
+            same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db, group "
+                 "statistics and sums)");
         }
     printf(bad ? "FAILED\n" : "SAME\n");
     return bad != 0;
