@@ -679,14 +679,42 @@ static BN_CLONES void BN_NAME(bn_group_blocks_bwd)(const BN_T *dy, const BN_T *x
                 }
             }
         }
-        for (ptrdiff_t i = 0; i < nr; i++)
-            ta[i] = tb[i] = 0;
-        for (ptrdiff_t j = 0; j < cg; j++)   /* group_qr's sums, in channel order */
-            for (ptrdiff_t i = 0, gi = gi0; i < nr; i++, gi = gi + 1 == g ? 0 : gi + 1) {
-                const double wj = w ? w[gi * cg + j] : 1.0;
-                ta[i] += wj * sdy[(r0 + i) * cg + j];
-                tb[i] += wj * sdyx[(r0 + i) * cg + j];
+        /* group_qr's sums, in channel order: a chain per block, four blocks at a time
+         * (eight chains in flight; one block's two waited on the adds' latency) */
+        const double *wr[BN_GROUP_RUN];   /* each block's weights (its group's), or NULL */
+        for (ptrdiff_t i = 0, gi = gi0; i < nr; i++, gi = gi + 1 == g ? 0 : gi + 1)
+            wr[i] = w ? w + gi * cg : NULL;
+        ptrdiff_t i = 0;
+        for (; i + 4 <= nr; i += 4) {
+            const double *a0 = sdy + (r0 + i) * cg, *b0 = sdyx + (r0 + i) * cg;
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+            for (ptrdiff_t j = 0; j < cg; j++) {
+                const double w0 = wr[i] ? wr[i][j] : 1.0, w1 = wr[i + 1] ? wr[i + 1][j] : 1.0;
+                const double w2 = wr[i + 2] ? wr[i + 2][j] : 1.0;
+                const double w3 = wr[i + 3] ? wr[i + 3][j] : 1.0;
+                s0 += w0 * a0[j];
+                e0 += w0 * b0[j];
+                s1 += w1 * a0[cg + j];
+                e1 += w1 * b0[cg + j];
+                s2 += w2 * a0[2 * cg + j];
+                e2 += w2 * b0[2 * cg + j];
+                s3 += w3 * a0[3 * cg + j];
+                e3 += w3 * b0[3 * cg + j];
             }
+            ta[i] = s0, ta[i + 1] = s1, ta[i + 2] = s2, ta[i + 3] = s3;
+            tb[i] = e0, tb[i + 1] = e1, tb[i + 2] = e2, tb[i + 3] = e3;
+        }
+        for (; i < nr; i++) {
+            const double *a0 = sdy + (r0 + i) * cg, *b0 = sdyx + (r0 + i) * cg;
+            double s0 = 0, e0 = 0;
+            for (ptrdiff_t j = 0; j < cg; j++) {
+                const double w0 = wr[i] ? wr[i][j] : 1.0;
+                s0 += w0 * a0[j];
+                e0 += w0 * b0[j];
+            }
+            ta[i] = s0;
+            tb[i] = e0;
+        }
         for (ptrdiff_t t = r0; t < r0 + nr; t++, gi0 = gi0 + 1 == g ? 0 : gi0 + 1) {
             const ptrdiff_t off = t * len, c0 = gi0 * cg;
             const double m = mean[t], inv = invstd[t];
