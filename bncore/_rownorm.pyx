@@ -430,14 +430,16 @@ cdef inline bint small_groups(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
 
 
 cdef inline bint small_groups_bwd(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
-    """The same for the backward (bn_group_blocks_bwd), whose blocks spread nothing: up to
-    256 values, or channels of up to 64 values (a call for each channel's sums and one for
-    its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 -> 164 us
+    """The same for the backward (bn_group_blocks_bwd), whose blocks spread nothing:
+    channels of up to 256 values, any number of them (a call for each channel's sums and
+    one for its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 -> 164 us
     (6.3x), (32, 512, 3, 3) G=8 1.95x, (64, 512, 2, 2) G=4 1.87x, (32, 256, 4, 4) G=32
-    1.6x, (64, 256, 5, 5) G=16 1.36x, (1, 2048, 7, 7) G=8 1.25x, (16, 512, 7, 7) G=8 1.2x;
-    instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8, 8) 1.16x, (128, 64, 14, 14) 0.99x.
-    Longer planes gain nothing: (8, 128, 28, 28) G=8 0.92x, (32, 64, 56, 56) G=32 0.91x."""
-    return cg * s <= 256 or s <= 64
+    1.6x, (64, 256, 5, 5) G=16 1.36x, (1, 2048, 7, 7) G=8 1.25x, (16, 512, 7, 7) G=8 1.2x,
+    (64, 128, 10, 10) G=16 1.17x, (16, 256, 12, 12) G=8 1.15x, (128, 64, 14, 14) G=8
+    1.07x, (32, 128, 16, 16) G=32 1.03x; instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8,
+    8) 1.16x. Longer planes gain nothing: (8, 128, 28, 28) G=8 0.92x, (32, 64, 56, 56)
+    G=32 0.91x."""
+    return s <= 256
 
 
 cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,

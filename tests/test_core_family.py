@@ -549,13 +549,14 @@ def test_instance_norm_failure_keeps_running_stats():
     ((300, 32, 3, 3), None),    # instance norm over 3x3 planes: 9600 blocks of 9 values
     ((7, 30, 2, 2), 5),         # odd counts: 24-value groups, blocks not a chunk multiple
     ((9, 48, 5, 5), 4),         # backward only: 300-value groups of 25-value planes
-    ((6, 64, 7, 7), 8),         # backward only: 7x7 planes (up to 64 values)
+    ((6, 64, 7, 7), 8),         # backward only: 7x7 planes
+    ((5, 16, 10, 10), 4),       # backward only: 10x10 planes (up to 256 values)
 ], ids=str)
 def test_small_nchw_groups_many_per_call(dtype, shape, groups):
     """NCHW (sample, group) blocks of at most 128 values, or of 1- and 2-value planes up to
     4096, go many per kernel call (bn_group_blocks: statistics of a run of blocks, then
     their divisions, then their affines, each channel's scale spread over its values);
-    backward blocks of up to 256 values or of planes up to 64 (bn_group_blocks_bwd).
+    backward blocks of planes of up to 256 values (bn_group_blocks_bwd).
     Against the float64 reference at a large offset, with and without weight and bias, the
     same bits for 1, 2 and 3 threads, and a constant group gives exactly its bias."""
     rng = np.random.default_rng(11)
@@ -579,7 +580,7 @@ def test_small_nchw_groups_many_per_call(dtype, shape, groups):
     y = bncore.group_norm(np.full(shape, 3.25, dtype), shape[1] if groups is None else groups,
                           w, b)
     np.testing.assert_array_equal(y, np.broadcast_to(b.reshape(1, c, 1, 1), shape))
-    # the backward (bn_group_blocks_bwd: blocks of up to 256 values or planes up to 64)
+    # the backward (bn_group_blocks_bwd: planes of up to 256 values)
     g = shape[1] if groups is None else groups
     dy = rng.standard_normal(shape).astype(dtype)
     _, m, inv = bncore.group_norm_forward(x, g, w, b)
