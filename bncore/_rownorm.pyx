@@ -40,8 +40,9 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, bn_group_blocks_f32, bn_group_blocks_f64,
-    bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_param_grads, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge, streams,
+    BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
+    bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
+    bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
     bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
     bn_fence, seg_bwd_sums,
@@ -429,16 +430,16 @@ cdef inline bint small_groups(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
     return cg * s <= 128 or (s <= 2 and cg * s <= BN_SMALL_GROUP)
 
 
-cdef inline bint small_groups_bwd(Py_ssize_t cg, Py_ssize_t s) noexcept nogil:
+cdef inline bint small_groups_bwd(Py_ssize_t s) noexcept nogil:
     """The same for the backward (bn_group_blocks_bwd), whose blocks spread nothing:
     channels of up to 256 values, any number of them (a call for each channel's sums and
-    one for its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 -> 164 us
-    (6.3x), (32, 512, 3, 3) G=8 1.95x, (64, 512, 2, 2) G=4 1.87x, (32, 256, 4, 4) G=32
-    1.6x, (64, 256, 5, 5) G=16 1.36x, (1, 2048, 7, 7) G=8 1.25x, (16, 512, 7, 7) G=8 1.2x,
-    (64, 128, 10, 10) G=16 1.17x, (16, 256, 12, 12) G=8 1.15x, (128, 64, 14, 14) G=8
-    1.07x, (32, 128, 16, 16) G=32 1.03x; instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8,
-    8) 1.16x. Longer planes gain nothing: (8, 128, 28, 28) G=8 0.92x, (32, 64, 56, 56)
-    G=32 0.91x."""
+    one for its dx cost more than its values). Group norm (64, 1024, 1, 1) G=8 1046 -> 164
+    us (6.3x; ~90 with the group sums four blocks at a time), (32, 512, 3, 3) G=8 1.95x,
+    (64, 512, 2, 2) G=4 1.87x, (32, 256, 4, 4) G=32 1.6x, (64, 256, 5, 5) G=16 1.36x, (1,
+    2048, 7, 7) G=8 1.25x, (16, 512, 7, 7) G=8 1.2x, (64, 128, 10, 10) G=16 1.17x, (16,
+    256, 12, 12) G=8 1.15x, (128, 64, 14, 14) G=8 1.07x, (32, 128, 16, 16) G=32 1.03x;
+    instance norm (256, 32, 3, 3) 1.54x, (16, 64, 8, 8) 1.16x. Longer planes gain nothing:
+    (8, 128, 28, 28) G=8 0.92x, (32, 64, 56, 56) G=32 0.91x."""
     return s <= 256
 
 
@@ -548,7 +549,7 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
     cdef int team = work_threads(n_threads, n * g * cg, n * g * cg * s, SERIAL_ELEMS)
     cdef double q, r
     cdef bint shared = team_pays(n * g, cg, nt, team)
-    if small_groups_bwd(cg, s) and not (shared and s >= 16):
+    if small_groups_bwd(s) and not (shared and s >= 16):
         # many (sample, group) blocks per call (planes of 16 values and more shared by the
         # threads when there are fewer blocks than threads)
         nchunks = block_chunks(n * g, cg * s, &nblk)
