@@ -415,7 +415,7 @@ cdef inline Py_ssize_t block_chunks(Py_ssize_t nblocks, Py_ssize_t length,
                                     Py_ssize_t *per) noexcept nogil:
     """Parallel chunks of small blocks of length values, about SMALL_CHUNK values each:
     their number, and the blocks in each (per; the last chunk may have fewer)."""
-    per[0] = max(1, SMALL_CHUNK // length)
+    per[0] = max(1, SMALL_CHUNK // max(length, 1))
     return (nblocks + per[0] - 1) // per[0]
 
 
