@@ -12,10 +12,12 @@ others (with --quick, only for inputs up to 8 MB).
 Columns: speedup = peer time / bncore time, checked against the case's target (PASS or
 MISS); GB/s = the bytes the op must move at least (x and y for a forward, dy, x and dx
 for a backward, x for moments; dy and x twice more for a channels-last batch-norm
-backward) / bncore time; % copy = time of a plain threaded copy of x (forward; a threaded
-read of x plus a copy for backward; a read for moments; for the channels-last batch-norm
-backward, which must read dy and x twice, reads of two arrays, a copy and a read again)
-/ bncore time: 100% means bncore moves its data as fast as this machine moves bytes. The copy
+backward, x once more for a channels-last training forward beyond the caches) / bncore
+time; % copy = time of a plain threaded copy of x (forward; a threaded read of x plus a
+copy for backward and for a channels-last training forward beyond the caches, which must
+read x twice; a read for moments; for the channels-last batch-norm backward, which must
+read dy and x twice, reads of two arrays, a copy and a read again) / bncore time: 100%
+means bncore moves its data as fast as this machine moves bytes. The copy
 writes into a buffer allocated once; the ops allocate theirs on every call. PyTorch's
 arrays over 32 MiB come fresh from the operating system on every call, which zeroes their
 pages first; bncore keeps its freed outputs of that size for reuse (bncore._outputs), so
@@ -26,6 +28,7 @@ bytes at copy speed (marked MISS>).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -46,9 +49,12 @@ except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
     torch = None
 
 QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
+FAR_BYTES = 16 << 20                # beyond the caches (about what the L3 keeps here)
 NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
-# bytes moved, in units of x.nbytes. "2read+copy": channels-last batch-norm backward, which
-# reads dy and x twice (all rows' sums before any dx, and no channel's rows fit a cache)
+# bytes moved, in units of x.nbytes. "read+copy" is also the channels-last training forward
+# beyond the caches (x read for the statistics, then again for y). "2read+copy":
+# channels-last batch-norm backward, which reads dy and x twice (all rows' sums before any
+# dx, and no channel's rows fit a cache)
 _TRAFFIC = {"copy": 2, "read": 1, "read+copy": 3, "2read+copy": 5}
 
 
@@ -121,7 +127,11 @@ def bn_train(shape, layout, dtype, target, quick=False):
             rmt, rvt = torch.zeros(c, dtype=xt.dtype), torch.ones(c, dtype=xt.dtype)
             calls["torch"] = lambda: F.batch_norm(xt, rmt, rvt, wt, bt, training=True)
         return x, calls
-    return Case("bn train fwd", shape, layout, dtype, target, build, quick=quick)
+    # channels-last beyond the caches: each channel's statistics need every row before any
+    # row can be normalised, and no row block holds a whole channel, so x is read twice
+    far = math.prod(shape) * np.dtype(dtype).itemsize >= FAR_BYTES
+    return Case("bn train fwd", shape, layout, dtype, target, build,
+                traffic="read+copy" if layout == "NHWC" and far else "copy", quick=quick)
 
 
 def bn_eval(shape, dtype, target, quick=False):

@@ -90,6 +90,20 @@ def test_the_noted_pytorch_fault_is_real():
     assert _bench.run_case(ok, 1, 1, 0.001, reference=False)["max_rel_diff_vs_peer"] < 1e-4
 
 
+def test_channels_last_training_beyond_the_caches_counts_a_second_read():
+    """A channels-last training forward over more than 16 MiB reads x twice (statistics,
+    then the affine): its yardstick is a read plus a copy; NCHW and small channels-last
+    inputs keep the copy."""
+    assert _bench.bn_train((32, 64, 56, 56), "NHWC", "float32", 1.5).traffic == "read+copy"
+    assert _bench.bn_train((32, 64, 56, 56), "NCHW", "float32", 3.0).traffic == "copy"
+    assert _bench.bn_train((2, 8, 6, 6), "NHWC", "float32", 1.5).traffic == "copy"
+    case = _bench.bn_train((2, 8, 6, 6), "NHWC", "float32", 1.5)
+    case.traffic = "read+copy"
+    row = _bench.run_case(case, 2, 2, 0.001, False)
+    assert row["copy_kind"] == "read+copy"
+    assert row["gb_per_s"] == pytest.approx(3 * row["nbytes_x"] / row["bncore_s"] / 1e9)
+
+
 def test_channels_last_backward_roofline_counts_two_reads():
     """The channels-last batch-norm backward's yardstick moves five arrays' bytes (dy and
     x read twice, dx written): reads of two arrays, a copy and a read again."""
