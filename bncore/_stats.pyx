@@ -34,6 +34,7 @@ cdef int _rows(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t l
 
 cdef int _view(const floating *x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,
                Py_ssize_t so, Py_ssize_t sc, double *mean, double *m2, int nt) noexcept nogil:
+    """The rows kernel for a rows view (inner == 1, channels contiguous), else planes."""
     if inner == 1 and sc == 1:
         return _rows(x, outer, nch, so, mean, m2, nt)
     return _planes(x, outer, nch, inner, so, sc, mean, m2, nt)
@@ -95,17 +96,11 @@ def channel_moments(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t 
     cdef double *pm = f64_ptr(mean)
     cdef double *pm2 = f64_ptr(m2)
     cdef void *px = cnp.PyArray_DATA(x)
-    cdef bint is_f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
-    cdef bint rows = inner == 1 and sc == 1
     with nogil:
-        if rows and is_f32:
-            rc = _rows(<const float *>px, outer, nch, so, pm, pm2, n_threads)
-        elif rows:
-            rc = _rows(<const double *>px, outer, nch, so, pm, pm2, n_threads)
-        elif is_f32:
-            rc = _planes(<const float *>px, outer, nch, inner, so, sc, pm, pm2, n_threads)
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            rc = _view(<const float *>px, outer, nch, inner, so, sc, pm, pm2, n_threads)
         else:
-            rc = _planes(<const double *>px, outer, nch, inner, so, sc, pm, pm2, n_threads)
+            rc = _view(<const double *>px, outer, nch, inner, so, sc, pm, pm2, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-thread partial statistics")
 
