@@ -49,7 +49,7 @@ except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
     torch = None
 
 QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
-FAR_BYTES = 16 << 20                # beyond the caches (about what the L3 keeps here)
+FAR_BYTES = 16 << 20                # beyond the caches: the kernels' STREAM_BYTES
 NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
 # bytes moved, in units of x.nbytes. "read+copy" is also the channels-last training forward
 # beyond the caches (x read for the statistics, then again for y). "2read+copy":
