@@ -389,8 +389,8 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
                              Py_ssize_t c0, double eps, const double *w, const double *b,
                              double *mean, double *var, bint stream) noexcept nogil:
     """One (sample, group): statistics of its contiguous cg*s values, then each channel's
-    affine while the group is in cache, last channel first (the last one read)."""
-    cdef Py_ssize_t j, j1, j0 = ((cg - 1) // GROUP_TILE) * GROUP_TILE
+    affine while the group is in cache, in address order (bn_group_affine)."""
+    cdef Py_ssize_t j, j1, j0 = 0
     cdef double m, m2, invstd
     cdef double k[GROUP_TILE]
     cdef double sh[GROUP_TILE]
@@ -398,7 +398,7 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
     mean[0] = m
     var[0] = m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
-    while j0 >= 0:   # tiles of channels, the last first (the last read)
+    while j0 < cg:   # tiles of channels
         j1 = min(j0 + GROUP_TILE, cg)
         for j in range(j0, j1):
             k[j - j0] = (w[c0 + j] if w != NULL else 1.0) * invstd
@@ -407,7 +407,7 @@ cdef inline void group_block(const floating *x, floating *y, Py_ssize_t cg, Py_s
             bn_group_affine_f32(x + j0 * s, y + j0 * s, j1 - j0, s, m, k, sh, stream)
         else:
             bn_group_affine_f64(x + j0 * s, y + j0 * s, j1 - j0, s, m, k, sh, stream)
-        j0 -= GROUP_TILE
+        j0 += GROUP_TILE
     if stream:
         bn_fence()
 
@@ -521,7 +521,9 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
                                  bint stream) noexcept nogil:
     """One (sample, group): per-channel sum(dy) and sum(dy*(x-mean)) (into sdy/sdyx, cg
     values), the group sums of w*dy and w*dy*xhat, then dx = k*dy + q*(x-mean) + r per
-    channel while the group is in cache (last channel first)."""
+    channel while the group is in cache, in address order (the last channel first ran
+    (8, 128, 28, 28) G=8 1/1.02 as fast, 1/1.12 on one thread; (8, 64, 56, 56) G=1
+    1/1.07)."""
     cdef Py_ssize_t j
     cdef double q, r
     for j in range(cg):
@@ -529,7 +531,7 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
         sdyx[j] = 0
         seg_bwd_sums(dy + j * s, x + j * s, 1, s, 0, 0, mean, &sdy[j], &sdyx[j])
     group_qr(sdy, sdyx, cg, s, c0, invstd, w, &q, &r)
-    for j in range(cg - 1, -1, -1):
+    for j in range(cg):
         seg_bwd_dx(dy + j * s, x + j * s, dx + j * s, 1, s, 0, 0, 0, mean,
                    (w[c0 + j] if w != NULL else 1.0) * invstd, q, r, stream)
     if stream:
