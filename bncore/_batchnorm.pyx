@@ -59,6 +59,7 @@ cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     CHANNEL_GROUP = 8      # small channels per group
+    CL_TILE = 128          # channels a thread takes at least, when few rows split by channel
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth
     FETCH_PLANE = 8192     # bytes: planes at least this long get the next channel prefetched
     STREAM_PLANE = 512     # bytes: shorter planes are not streamed in the memory-order affine
@@ -484,7 +485,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                        const double *mean, const double *invstd, const double *w,
                        bint training, double *dweight, double *dbias,
                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, r0, r1
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, r0, r1, c0, c1, ntile = 1, npart
     cdef double *buf
     cdef double *k
     cdef double *q
@@ -492,25 +493,43 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3)
     cdef bint far = beyond_caches(3 * nrows * nch * <Py_ssize_t>sizeof(floating))  # dy, x, dx
+    if nchunks == 1:
+        # few rows of many channels ((64, 1024), a 7x7 batch of one): the threads take
+        # tiles of at least CL_TILE channels instead, each starting at a multiple of 32, so
+        # every channel's sums are the bits of one call over all channels (bn_cl_bwd_sums);
+        # (64, 1024) 1.5x on 2 threads
+        nt = work_threads(n_threads, nch // CL_TILE, nrows * nch, SERIAL_ELEMS)
+        ntile = nt
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1
-    for s in prange(nchunks, schedule='static', num_threads=nt):
-        r0 = s * nrows // nchunks
-        r1 = (s + 1) * nrows // nchunks
-        for c in range(2 * nch):
-            buf[2 * nch * s + c] = 0
-        cl_bwd_sums(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, r1 - r0, nch, mean,
-                    buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
+    if ntile > 1:
+        for s in prange(ntile, schedule='static', num_threads=nt):
+            c0 = (s * nch // ntile) // 32 * 32
+            c1 = nch if s == ntile - 1 else ((s + 1) * nch // ntile) // 32 * 32
+            for c in range(c0, c1):
+                buf[c] = 0
+                buf[nch + c] = 0
+            cl_bwd_sums(dy + c0, lddy, x + c0, ldx, nrows, c1 - c0, mean + c0, buf + c0,
+                        buf + nch + c0, far, nch)
+    else:
+        for s in prange(nchunks, schedule='static', num_threads=nt):
+            r0 = s * nrows // nchunks
+            r1 = (s + 1) * nrows // nchunks
+            for c in range(2 * nch):
+                buf[2 * nch * s + c] = 0
+            cl_bwd_sums(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, r1 - r0, nch, mean,
+                        buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
     k = buf + 2 * nch * nchunks
     q = k + nch
     r = q + nch
     chunk_sums_coefficients(buf, nchunks, nch, invstd, w, 1.0 / <double>nrows, training,
                             dweight, dbias, k, q, r)
     if dx != NULL:
-        for s in prange(nchunks, schedule='static', num_threads=nt):
-            r0 = s * nrows // nchunks
-            r1 = (s + 1) * nrows // nchunks
+        npart = max(nchunks, ntile)   # dx is elementwise: any split of the rows
+        for s in prange(npart, schedule='static', num_threads=nt):
+            r0 = s * nrows // npart
+            r1 = (s + 1) * nrows // npart
             cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,
                       nch, mean, k, q, r, stream, far)
             if stream:

@@ -143,11 +143,11 @@ cdef extern from "bn_kernels.h" nogil:
                                  Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                                  const double *scale, const double *shift)
     void bn_cl_bwd_sums_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
-                            Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
-                            double *sum_dy, double *sum_dy_xmu, int far)
+                            Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t width,
+                            const double *mean, double *sum_dy, double *sum_dy_xmu, int far)
     void bn_cl_bwd_sums_f64(const double *dy, Py_ssize_t lddy, const double *x, Py_ssize_t ldx,
-                            Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
-                            double *sum_dy, double *sum_dy_xmu, int far)
+                            Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t width,
+                            const double *mean, double *sum_dy, double *sum_dy_xmu, int far)
     void bn_cl_bwd_dx_f32(const float *dy, Py_ssize_t lddy, const float *x, Py_ssize_t ldx,
                           float *dx, Py_ssize_t lddx, Py_ssize_t nrows, Py_ssize_t nch,
                           const double *mean, const double *k, const double *q,
@@ -335,11 +335,15 @@ cdef inline void cl_affine_stream(const floating *x, Py_ssize_t ldx, floating *y
 cdef inline void cl_bwd_sums(const floating *dy, Py_ssize_t lddy, const floating *x,
                              Py_ssize_t ldx, Py_ssize_t nrows, Py_ssize_t nch,
                              const double *mean, double *sum_dy, double *sum_dy_xmu,
-                             bint far) noexcept nogil:
+                             bint far, Py_ssize_t width=0) noexcept nogil:
+    """Channels-last sums (bn_cl_bwd_sums); width: the rows' channels when the call takes
+    a tile of them (nch when 0)."""
+    if width == 0:
+        width = nch
     if floating is float:
-        bn_cl_bwd_sums_f32(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu, far)
+        bn_cl_bwd_sums_f32(dy, lddy, x, ldx, nrows, nch, width, mean, sum_dy, sum_dy_xmu, far)
     else:
-        bn_cl_bwd_sums_f64(dy, lddy, x, ldx, nrows, nch, mean, sum_dy, sum_dy_xmu, far)
+        bn_cl_bwd_sums_f64(dy, lddy, x, ldx, nrows, nch, width, mean, sum_dy, sum_dy_xmu, far)
 
 
 cdef inline void cl_bwd_dx(const floating *dy, Py_ssize_t lddy, const floating *x,

@@ -8,7 +8,10 @@ baseline, which must round alike. This compiles a small C program against the ke
 header that calls both clones of the kernels with fused multiply-adds (and two without)
 on the same data, odd lengths, offsets and streaming on and off, and compares their
 outputs byte for byte. It needs the C compiler the build used and a CPU with AVX2+FMA
-(every CI machine: the suite fails, not skips, without them).
+(every CI machine: the suite fails, not skips, without them). The same program checks
+one property the thread split relies on below the Python layer, where the float32
+outputs would round it away: a channels-last sums call over a tile of channels gives the
+sums of the call over all of them.
 """
 import os
 import pathlib
@@ -48,8 +51,8 @@ BOTH(void, bn_seg_moments_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
 BOTH(void, bn_run_moments_f32, (const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double *,
                                 double *, double *))
 BOTH(void, bn_cl_bwd_sums_f32, (const float *, ptrdiff_t, const float *, ptrdiff_t,
-                                ptrdiff_t, ptrdiff_t, const double *, double *, double *,
-                                int))
+                                ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *, double *,
+                                double *, int))
 BOTH(void, bn_group_blocks_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                                  ptrdiff_t, ptrdiff_t, double, const double *,
                                  const double *, double *, double *, int))
@@ -94,7 +97,7 @@ int main(void)
     bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_seg_moments_f64(xd, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_run_moments_f32(xf, 1, 8, 0, a[0], a[0] + 1, a[0] + 2);
-    bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, w, a[0], a[0] + 4, 0);
+    bn_cl_bwd_sums_f32(gf, 4, xf, 4, 2, 4, 4, w, a[0], a[0] + 4, 0);
     bn_group_blocks_f32(xf, of[0], 0, 1, 1, 2, 4, 1e-5, NULL, NULL, a[0], a[0] + 1, 0);
     bn_group_blocks_bwd_f32(gf, xf, of[0], 0, 1, 1, 2, 4, w, w, NULL, a[0], a[0] + 2, 0);
     bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0, 0);
@@ -138,7 +141,7 @@ int main(void)
                 (k ? bn_run_moments_f32_v : bn_run_moments_f32_d)(x, 3, 1001, 1002,
                                                                  a[k] + 2106, a[k] + 2107,
                                                                  a[k] + 2108);
-                (k ? bn_cl_bwd_sums_f32_v : bn_cl_bwd_sums_f32_d)(g, C, x, C + 1, R, C, w,
+                (k ? bn_cl_bwd_sums_f32_v : bn_cl_bwd_sums_f32_d)(g, C, x, C + 1, R, C, C, w,
                                                                  a[k] + 2200, a[k] + 2300,
                                                                  off == 1);
                 /* small groups: 9 groups of 3 one-value channels, then of 3 x 7 values */
@@ -171,6 +174,18 @@ int main(void)
             same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db, group "
                  "statistics and sums)");
         }
+    /* a tile of channels starting at a multiple of 32, walked with the width of the whole
+     * rows, sums each channel as the call over every channel does (the channel split of
+     * batch_norm_backward's few-row case relies on it) */
+    {
+        /* 104 rows of 40: blocks of 102 rows; the tile's 8 channels alone would take 512 */
+        static double whole[2][40], tile[2][40];
+        bn_cl_bwd_sums_f32(gf, 40, xf, 40, 104, 40, 40, w, whole[0], whole[1], 0);
+        bn_cl_bwd_sums_f32(gf + 32, 40, xf + 32, 40, 104, 8, 40, w + 32, tile[0] + 32,
+                           tile[1] + 32, 0);
+        same(whole[0] + 32, tile[0] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile sum_dy");
+        same(whole[1] + 32, tile[1] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile xmu");
+    }
     printf(bad ? "FAILED\n" : "SAME\n");
     return bad != 0;
 }

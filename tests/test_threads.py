@@ -202,6 +202,39 @@ def test_channels_last_samples_shared_by_the_threads(shape, groups, dtype):
         np.testing.assert_allclose(got, want, **tol)
 
 
+# Channels-last batch-norm backward of one row chunk (few rows, many channels): the
+# threads take tiles of channels, each starting at a multiple of 32 (the last takes the
+# rest, odd widths included); every channel's sums stay the bits of one call over the
+# whole row, so dx, dweight and dbias are those of one thread.
+FEW_ROWS = [((64, 1024), "float32"), ((64, 1, 1, 1000), "float32"), ((40, 777), "float64"),
+            ((160, 1, 1, 256), "float32"),
+            ((2, 5, 5, 2050), "float32")]
+
+
+@pytest.mark.parametrize("shape,dtype", FEW_ROWS)
+def test_channels_last_few_rows_split_by_channel_tiles(shape, dtype):
+    rng = np.random.default_rng(8)
+    x = rng.normal(1e3, 2.0, shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    c = shape[-1]
+    w = rng.normal(size=c).astype(dtype)
+    _, m, s = bncore.batch_norm_forward(x, w, training=True, axis=-1)
+
+    def run(nt):
+        return (bncore.batch_norm_backward(dy, x, m, s, w, training=True, axis=-1,
+                                           n_threads=nt)
+                + bncore.batch_norm_backward(dy, x, m, s, None, training=False, axis=-1,
+                                             n_threads=nt))
+
+    base = run(1)
+    for nt in (2, 3, 5, 8):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    want = ref.batch_norm_backward(dy, x, m, s, w, training=True, axis=-1)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    for got, exp in zip(base[:3], want):
+        np.testing.assert_allclose(got, exp, **tol)
+
+
 # NCHW group norm with fewer (sample, group) runs than threads, or a last round only some
 # threads fill: every thread on each run (group_rows_team: the run's chunks, then its
 # channels; backward: its channels). Runs of 3136 * 64 = 200704 floats (12 chunks), and a

@@ -1089,13 +1089,17 @@ BN_INLINE void BN_NAME(bn_cl_bwd_tile)(const BN_T *dy, ptrdiff_t lddy, const BN_
     }
 }
 
+/* width: the channels of the rows whose blocks are walked (nch, or more when the call takes
+ * the channels of a tile of them): it sets the row blocks, and so the bits of each channel's
+ * sums, which are then the same whichever tile of 32 channels (c = 0 mod 32) a call starts
+ * at. */
 static BN_CLONES void BN_NAME(bn_cl_bwd_sums)(const BN_T *dy, ptrdiff_t lddy, const BN_T *x,
                                              ptrdiff_t ldx, ptrdiff_t nrows, ptrdiff_t nch,
-                                             const double *restrict mean,
+                                             ptrdiff_t width, const double *restrict mean,
                                              double *restrict sum_dy,
                                              double *restrict sum_dy_xmu, int far)
 {
-    ptrdiff_t rb = 16384 / (nch * (ptrdiff_t)sizeof(BN_T));
+    ptrdiff_t rb = 16384 / (width * (ptrdiff_t)sizeof(BN_T));
     int contiguous = lddy == nch && ldx == nch;
     /* blocks of 16 KiB of each array, at least 4 rows beyond the caches (far): wider rows
      * in blocks of 16 put 256 KiB of dy and x in L2 at 2048 channels with as much again
