@@ -718,14 +718,12 @@ cdef extern from "bn_kernels.h" nogil:
                            const float *w, const float *b, int stream)
     void bn_row_affine_f64(const double *x, double *y, Py_ssize_t n, double mean,
                            double invstd, const double *w, const double *b, int stream)
-    void bn_rows_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t nr,
-                         Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
-                         const double *mean, const double *invstd, const double *w,
-                         double *dw, double *db, int rms, int stream)
-    void bn_rows_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t nr,
-                         Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
-                         const double *mean, const double *invstd, const double *w,
-                         double *dw, double *db, int rms, int stream)
+    void bn_row_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t d, double mean,
+                        double invstd, const double *w, double *dw, double *db, int rms,
+                        int stream)
+    void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
+                        double mean, double invstd, const double *w, double *dw, double *db,
+                        int rms, int stream)
     void bn_rows_norm_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t nfetch,
                           Py_ssize_t d,
                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const float *w,
@@ -776,11 +774,10 @@ cdef inline void rows_norm(const floating *x, floating *y, Py_ssize_t nrows,
                          stream)
 
 
-cdef inline void rows_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t nr,
-                          Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
-                          const double *mean, const double *invstd, const double *w,
-                          double *dw, double *db, bint rms, bint stream) noexcept nogil:
+cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,
+                         double mean, double invstd, const double *w, double *dw, double *db,
+                         bint rms, bint stream) noexcept nogil:
     if floating is float:
-        bn_rows_bwd_f32(dy, x, dx, nr, d, ldg, ldx, ldd, mean, invstd, w, dw, db, rms, stream)
+        bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
     else:
-        bn_rows_bwd_f64(dy, x, dx, nr, d, ldg, ldx, ldd, mean, invstd, w, dw, db, rms, stream)
+        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)

@@ -48,7 +48,7 @@ from bncore._kernels cimport (
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
-    row_affine, rows_bwd, rows_norm, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
+    row_affine, row_bwd, rows_norm, rows_stats, seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
 )
 from bncore._fastpath cimport (
@@ -312,16 +312,10 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                        int n_threads) noexcept nogil:
     cdef Py_ssize_t nchunks = row_chunks(nrows, d), s, r, j, r1
     cdef Py_ssize_t per = 2 * d if dbias != NULL else d
-    cdef Py_ssize_t ahead = rows_ahead(2 * d, sizeof(floating)), nr
+    cdef Py_ssize_t ahead = rows_ahead(2 * d, sizeof(floating))
     cdef double *part = <double *>malloc(nchunks * per * sizeof(double))
     cdef double *p
     cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3)
-    # Rows in pairs (bn_rows_bwd), which share one load and store of the column partials:
-    # 1.04-1.18x (4096, 256), (64, 4096), (1024, 1024), (2048, 768) float32, 1.34-1.41x
-    # (65536, 64), (32768, 128). Streamed (beyond the caches), pairs of rows of 1 KiB and
-    # more, read side by side, ran 0.8-0.98x ((8192, 512), (8192, 768), (24576, 256)): one
-    # row at a time there, from 512 bytes.
-    cdef Py_ssize_t step = 2 if not stream or d * <Py_ssize_t>sizeof(floating) <= 512 else 1
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     if part == NULL:
         return -1
@@ -330,16 +324,11 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         for j in range(per):
             p[j] = 0
         r1 = (s + 1) * nrows // nchunks
-        r = s * nrows // nchunks
-        while r < r1:
-            nr = min(step, r1 - r)
-            for j in range(nr):
-                prefetch_row(dy, r + j + ahead, r1, ldg, d)
-                prefetch_row(x, r + j + ahead, r1, ldx, d)
-            rows_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, nr, d, ldg, ldx, ldd,
-                     mean if rms else mean + r, invstd + r, w, p,
-                     p + d if dbias != NULL else NULL, rms, stream)
-            r = r + nr
+        for r in range(s * nrows // nchunks, r1):
+            prefetch_row(dy, r + ahead, r1, ldg, d)
+            prefetch_row(x, r + ahead, r1, ldx, d)
+            row_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, d, 0.0 if rms else mean[r],
+                    invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream)
         if stream:
             bn_fence()
     for j in range(d):   # chunk partials in chunk order: the same sums for any thread count

@@ -33,12 +33,10 @@ HARNESS = r"""
 #define BOTH(ret, name, params) \
     ret name##_d params __asm__(#name ".default"); \
     ret name##_v params __asm__(#name ".arch_x86_64_v3");
-BOTH(void, bn_rows_bwd_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
-                             ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *, const double *,
-                             const double *, double *, double *, int, int))
-BOTH(void, bn_rows_bwd_f64, (const double *, const double *, double *, ptrdiff_t, ptrdiff_t,
-                             ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *, const double *,
-                             const double *, double *, double *, int, int))
+BOTH(void, bn_row_bwd_f32, (const float *, const float *, float *, ptrdiff_t, double, double,
+                            const double *, double *, double *, int, int))
+BOTH(void, bn_row_bwd_f64, (const double *, const double *, double *, ptrdiff_t, double,
+                            double, const double *, double *, double *, int, int))
 BOTH(void, bn_seg_bwd_dx_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
                                ptrdiff_t, ptrdiff_t, ptrdiff_t, double, double, double,
                                double, int))
@@ -90,8 +88,8 @@ int main(void)
         w[i] = 0.25 + 1e-3 * (i % 97);
     }
     /* force the dispatchers (and so both clones) to be emitted */
-    bn_rows_bwd_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, a[0], a[0] + 8, 0, 0);
-    bn_rows_bwd_f64(gd, xd, od[0], 1, 8, 8, 8, 8, w, w, w, a[0], a[0] + 8, 0, 0);
+    bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
+    bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
     bn_seg_bwd_dx_f32(gf, xf, of[0], 1, 8, 0, 0, 0, 0, 1, 1, 1, 0);
     bn_seg_bwd_sums_f32(gf, xf, 1, 8, 0, 0, 0, a[0], a[0] + 1);
     bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
@@ -110,22 +108,19 @@ int main(void)
                 memset(of[k], 0, sizeof of[k]);
                 memset(od[k], 0, sizeof od[k]);
                 memset(a[k], 0, sizeof a[k]);
-                /* rows 0-1 and 3-4 in pairs, row 2 alone; odd rows as RMS norm */
-                for (int r = 0; r < 5; r += r == 2 ? 1 : 2)
-                    (k ? bn_rows_bwd_f32_v : bn_rows_bwd_f32_d)(
-                        g + r * 771, x + r * 771, of[k] + off + r * 771, r == 2 ? 1 : 2, 771,
-                        771, 771, 771, w + 800 + r, w + 900 + r, w, a[k], a[k] + 771, r & 1,
-                        stream);
+                for (int r = 0; r < 5; r++)
+                    (k ? bn_row_bwd_f32_v : bn_row_bwd_f32_d)(
+                        g + r * 771, x + r * 771, of[k] + off + r * 771, 771, 1e3 + 0.5, 3.3,
+                        w, a[k], a[k] + 771, r & 1, stream);
             }
-            same(of[0], of[1], sizeof of[0], "bn_rows_bwd_f32 dx");
-            same(a[0], a[1], 2 * 771 * sizeof(double), "bn_rows_bwd_f32 dw/db");
+            same(of[0], of[1], sizeof of[0], "bn_row_bwd_f32 dx");
+            same(a[0], a[1], 2 * 771 * sizeof(double), "bn_row_bwd_f32 dw/db");
             for (int k = 0; k < 2; k++) {
                 memset(od[k], 0, sizeof od[k]);
                 memset(a[k], 0, sizeof a[k]);
-                (k ? bn_rows_bwd_f64_v : bn_rows_bwd_f64_d)(gd + off, xd, od[k] + off, 2,
-                                                           500, 501, 500, 502, w + 3000,
-                                                           w + 3001, w, a[k], a[k] + 500, 0,
-                                                           stream);
+                (k ? bn_row_bwd_f64_v : bn_row_bwd_f64_d)(gd + off, xd, od[k] + off, 1001,
+                                                         1e3 + 0.5, 3.3, w, a[k], a[k] + 1001,
+                                                         0, stream);
                 memset(of[k], 0, sizeof of[k]);
                 (k ? bn_seg_bwd_dx_f32_v : bn_seg_bwd_dx_f32_d)(g, x, of[k] + off, 3, 1001,
                                                                1003, 1002, 1001, 1e3 + 0.5,
@@ -168,7 +163,7 @@ int main(void)
                 (k ? bn_seg_affine_f32_v : bn_seg_affine_f32_d)(x, of[k] + 5700, 1, 150, 0,
                                                                0, 1e3 + 0.5, 3.3, 0.1);
             }
-            same(od[0], od[1], sizeof od[0], "bn_rows_bwd_f64 dx");
+            same(od[0], od[1], sizeof od[0], "bn_row_bwd_f64 dx");
             same(of[0], of[1], sizeof of[0], "float outputs (seg_bwd_dx, cl_bwd_dx, "
                  "rows_norm, seg_affine, group_blocks, group_blocks_bwd)");
             same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db, group "

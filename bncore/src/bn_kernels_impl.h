@@ -1396,7 +1396,7 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
 }
 #undef BN_ROWS_GROUP
 
-/* Backward of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0) by rows:
+/* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
  *   g = dy * w, xhat = (x - mean) * invstd,
  *   dx = invstd * (g - [mean(g)] - xhat * mean(g * xhat))
  *      = g * invstd + (x - mean) * q + r,  q = -invstd^2 mean(g xhat), r = -invstd [mean(g)],
@@ -1404,45 +1404,56 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
  * w: d weights as double (ones when the op has none). All arithmetic is double: dx is a
  * difference of terms up to invstd * |g| that cancel (to exactly zero for a constant dy),
  * which float arithmetic would leave at ~1e-7 of that scale. The first pass (row sums and
- * column partials) runs two independent accumulator pairs per row, so it is not bound by
- * the latency of one add chain. Lanes depend on d only. */
-
-/* The first pass's step for one row and 8 columns from i: row sums into sg0..sx1, then the
- * row's terms added to the column partials a (dw) and b (db), in row order. */
-#define BN_ROW_BWD_STEP(DY, X, M, S, SG0, SG1, SX0, SX1) do { \
-        bn_v4d g0 = BN_LOAD4((DY) + i), g1 = BN_LOAD4((DY) + i + 4); \
-        bn_v4d u0 = BN_LOAD4((X) + i) - (M), u1 = BN_LOAD4((X) + i + 4) - (M); \
-        bn_v4d p0 = g0 * w0, p1 = g1 * w1, v0 = u0 * (S), v1 = u1 * (S); \
-        SG0 = BN_FMA4(g0, w0, SG0); \
-        SG1 = BN_FMA4(g1, w1, SG1); \
-        SX0 = BN_FMA4(p0, u0, SX0); \
-        SX1 = BN_FMA4(p1, u1, SX1); \
-        a0 = BN_FMA4(g0, v0, a0); \
-        a1 = BN_FMA4(g1, v1, a1); \
-        b0 += g0; \
-        b1 += g1; \
-    } while (0)
-
-#define BN_ROW_BWD_TAIL(DY, X, MEAN, INVSTD, TG, TX) do { \
-        double g = (double)(DY)[i], u = (double)(X)[i] - (MEAN), p = g * w[i]; \
-        TG = BN_FMA(g, w[i], TG); \
-        TX = BN_FMA(p, u, TX); \
-        dw[i] = BN_FMA(g, u * (INVSTD), dw[i]); \
-        if (db) db[i] += g; \
-    } while (0)
-
-/* The second pass of one row: dx from the row sums (sg: sum of g, sx: sum of g * (x - mean)). */
-BN_INLINE void BN_NAME(bn_row_bwd_dx)(const BN_T *restrict dy, const BN_T *restrict x,
-                                      BN_T *restrict dx, ptrdiff_t d, double mean,
-                                      double invstd, const double *restrict w, double sg,
-                                      double sx, int rms, int stream)
+ * column partials) runs two independent accumulator pairs, so it is not bound by the
+ * latency of one add chain. Lanes depend on d only. */
+static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
+                                         BN_T *restrict dx, ptrdiff_t d, double mean,
+                                         double invstd, const double *restrict w,
+                                         double *restrict dw, double *restrict db, int rms,
+                                         int stream)
 {
     const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
+    bn_v4d sg0 = {0}, sg1 = {0}, sx0 = {0}, sx1 = {0};
+    double tg = 0, tx = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        bn_v4d g0 = BN_LOAD4(dy + i), g1 = BN_LOAD4(dy + i + 4);
+        bn_v4d u0 = BN_LOAD4(x + i) - m, u1 = BN_LOAD4(x + i + 4) - m;
+        bn_v4d w0, w1, a0, a1;
+        memcpy(&w0, w + i, 32);
+        memcpy(&w1, w + i + 4, 32);
+        bn_v4d p0 = g0 * w0, p1 = g1 * w1, v0 = u0 * s, v1 = u1 * s;
+        sg0 = BN_FMA4(g0, w0, sg0);
+        sg1 = BN_FMA4(g1, w1, sg1);
+        sx0 = BN_FMA4(p0, u0, sx0);
+        sx1 = BN_FMA4(p1, u1, sx1);
+        memcpy(&a0, dw + i, 32);
+        memcpy(&a1, dw + i + 4, 32);
+        a0 = BN_FMA4(g0, v0, a0);
+        a1 = BN_FMA4(g1, v1, a1);
+        memcpy(dw + i, &a0, 32);
+        memcpy(dw + i + 4, &a1, 32);
+        if (db) {
+            memcpy(&a0, db + i, 32);
+            memcpy(&a1, db + i + 4, 32);
+            a0 += g0;
+            a1 += g1;
+            memcpy(db + i, &a0, 32);
+            memcpy(db + i + 4, &a1, 32);
+        }
+    }
+    for (; i < d; i++) {
+        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
+        tg = BN_FMA(g, w[i], tg);
+        tx = BN_FMA(p, u, tx);
+        dw[i] = BN_FMA(g, u * invstd, dw[i]);
+        if (db) db[i] += g;
+    }
     /* 1/d multiplies (computed off the critical path): the two divisions by d waited on
      * the sums, and dx waits on them */
     const double inv_d = 1.0 / (double)d;
-    const double mg = rms ? 0.0 : sg * inv_d;
-    const double mgx = sx * invstd * inv_d;
+    const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) * inv_d;
+    const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd * inv_d;
     const double q = -invstd * invstd * mgx, r = -invstd * mg;
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
 #define BN_ROW_DX(i) ((BN_T)BN_FMA((double)dy[i], w[i] * invstd, \
@@ -1457,62 +1468,6 @@ BN_INLINE void BN_NAME(bn_row_bwd_dx)(const BN_T *restrict dy, const BN_T *restr
 #undef BN_ROW_DXV
 #undef BN_ROW_DXS
 }
-
-/* Backward of nr (1 or 2) rows ld* apart. Two rows share one pass over the column partials:
- * each partial still adds row 0's term, then row 1's, as one row at a time would (the same
- * bits), but is loaded and stored once for both, and the row overhead is paid once (when
- * to pair: backward_rows in _rownorm.pyx). */
-static BN_CLONES void BN_NAME(bn_rows_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
-                                          BN_T *restrict dx, ptrdiff_t nr, ptrdiff_t d,
-                                          ptrdiff_t ldg, ptrdiff_t ldx, ptrdiff_t ldd,
-                                          const double *restrict mean,
-                                          const double *restrict invstd,
-                                          const double *restrict w, double *restrict dw,
-                                          double *restrict db, int rms, int stream)
-{
-    const double mean0 = rms ? 0.0 : mean[0], mean1 = nr > 1 && !rms ? mean[1] : 0.0;
-    const double is0 = invstd[0], is1 = nr > 1 ? invstd[1] : 0.0;
-    const bn_v4d m = {mean0, mean0, mean0, mean0}, s = {is0, is0, is0, is0};
-    const bn_v4d m1 = {mean1, mean1, mean1, mean1}, s1 = {is1, is1, is1, is1};
-    const BN_T *dy1 = dy + ldg, *x1 = x + ldx;
-    bn_v4d sg0 = {0}, sg1 = {0}, sx0 = {0}, sx1 = {0};
-    bn_v4d rg0 = {0}, rg1 = {0}, rx0 = {0}, rx1 = {0};
-    double tg = 0, tx = 0, ug = 0, ux = 0;
-    ptrdiff_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        bn_v4d w0, w1, a0, a1, b0 = {0}, b1 = {0};
-        memcpy(&w0, w + i, 32);
-        memcpy(&w1, w + i + 4, 32);
-        memcpy(&a0, dw + i, 32);
-        memcpy(&a1, dw + i + 4, 32);
-        if (db) {
-            memcpy(&b0, db + i, 32);
-            memcpy(&b1, db + i + 4, 32);
-        }
-        BN_ROW_BWD_STEP(dy, x, m, s, sg0, sg1, sx0, sx1);
-        if (nr > 1)
-            BN_ROW_BWD_STEP(dy1, x1, m1, s1, rg0, rg1, rx0, rx1);
-        memcpy(dw + i, &a0, 32);
-        memcpy(dw + i + 4, &a1, 32);
-        if (db) {
-            memcpy(db + i, &b0, 32);
-            memcpy(db + i + 4, &b1, 32);
-        }
-    }
-    for (; i < d; i++) {
-        BN_ROW_BWD_TAIL(dy, x, mean0, is0, tg, tx);
-        if (nr > 1)
-            BN_ROW_BWD_TAIL(dy1, x1, mean1, is1, ug, ux);
-    }
-    BN_NAME(bn_row_bwd_dx)(dy, x, dx, d, mean0, is0, w, bn_v4d_total(sg0 + sg1) + tg,
-                           bn_v4d_total(sx0 + sx1) + tx, rms, stream);
-    if (nr > 1)
-        BN_NAME(bn_row_bwd_dx)(dy1, x1, dx + ldd, d, mean1, is1, w,
-                               bn_v4d_total(rg0 + rg1) + ug, bn_v4d_total(rx0 + rx1) + ux,
-                               rms, stream);
-}
-#undef BN_ROW_BWD_STEP
-#undef BN_ROW_BWD_TAIL
 
 #undef BN_LOAD4
 #undef BN_PUT4
