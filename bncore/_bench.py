@@ -351,6 +351,8 @@ def family_cases():
         family_backward("group_norm", (64, 1024, 1, 1), "NCHW", groups=8, target=1.0),
         spatial_norm("instance_norm", (256, 32, 3, 3), "NCHW", 1.0),
         spatial_norm("group_norm", (256, 32, 3, 3), "NHWC", 1.0, groups=8),
+        # 14x14 planes in small groups (0.6-0.9x PyTorch while dx went last channel first)
+        family_backward("group_norm", (128, 64, 14, 14), "NCHW", groups=8, target=1.0),
     ]
 
 
@@ -388,6 +390,9 @@ def all_cases():
         bn_train((64, 2048, 7, 7), "NHWC", f32, 1.0),
         bn_backward((256, 512, 7, 7), "NHWC", f32, 1.0),
         bn_backward((128, 1024, 7, 7), "NCHW", f32, 1.0),
+        # BatchNorm1d-like, 64 rows of 1024 channels: one row chunk, the threads split the
+        # channels (0.76x PyTorch on one thread)
+        bn_backward((64, 1024, 1, 1), "NHWC", f32, 1.0),
     ] + family_cases()
 
 
