@@ -41,7 +41,9 @@ class BatchNormForward:
 
 
 class BatchNormBackward:
-    params = (DTYPES, [(32, 64, 56, 56), (64, 512, 7, 7)], LAYOUTS, THREADS)
+    """A big activation, 7x7 planes (small channels in groups), and BatchNorm1d-like
+    (64, 1024) features (channels-last: one row chunk, the threads split the channels)."""
+    params = (DTYPES, [(32, 64, 56, 56), (64, 512, 7, 7), (64, 1024, 1, 1)], LAYOUTS, THREADS)
     param_names = ["dtype", "shape", "layout", "n_threads"]
 
     def setup(self, dtype, shape, layout, n_threads):

@@ -15,8 +15,10 @@ DTYPES = ["float32", "float64"]
 THREADS = [1, 2]
 ROW_SHAPES = [(8192, 768), (65536, 64)]            # transformer rows; many short rows
 # ...; batch 1; wide groups over 7x7 (16 channels a group at G=32: group statistics
-# straight from each block when channels-last)
-SPATIAL_SHAPES = [(32, 64, 56, 56), (8, 32, 16, 16), (1, 64, 56, 56), (32, 512, 7, 7)]
+# straight from each block when channels-last); 14x14 planes in small NCHW groups (many
+# blocks a kernel call, dx in address order)
+SPATIAL_SHAPES = [(32, 64, 56, 56), (8, 32, 16, 16), (1, 64, 56, 56), (32, 512, 7, 7),
+                  (128, 64, 14, 14)]
 LAYOUTS = ["NCHW", "NHWC"]
 GROUPS = 32
 
