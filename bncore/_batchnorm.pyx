@@ -497,7 +497,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         # few rows of many channels ((64, 1024), a 7x7 batch of one): the threads take
         # tiles of at least CL_TILE channels instead, each starting at a multiple of 32, so
         # every channel's sums are the bits of one call over all channels (bn_cl_bwd_sums);
-        # (64, 1024) 1.5x on 2 threads
+        # (64, 1024) 76 -> 47 us on 2 threads
         nt = work_threads(n_threads, nch // CL_TILE, nrows * nch, SERIAL_ELEMS)
         ntile = nt
     buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))

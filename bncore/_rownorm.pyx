@@ -510,9 +510,9 @@ cdef inline void group_block_bwd(const floating *dy, const floating *x, floating
                                  bint stream) noexcept nogil:
     """One (sample, group): per-channel sum(dy) and sum(dy*(x-mean)) (into sdy/sdyx, cg
     values), the group sums of w*dy and w*dy*xhat, then dx = k*dy + q*(x-mean) + r per
-    channel while the group is in cache, in address order (the last channel first ran
-    (8, 128, 28, 28) G=8 1/1.02 as fast, 1/1.12 on one thread; (8, 64, 56, 56) G=1
-    1/1.07)."""
+    channel while the group is in cache, in address order (the last channel first was
+    slower: by 1.02x at (8, 128, 28, 28) G=8, 1.12x on one thread, and 1.07x at
+    (8, 64, 56, 56) G=1)."""
     cdef Py_ssize_t j
     cdef double q, r
     for j in range(cg):
