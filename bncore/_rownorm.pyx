@@ -821,7 +821,9 @@ cdef inline void chunk_bwd_sums(const floating *dy, const floating *x, Py_ssize_
     cdef Py_ssize_t j, r0 = k * s // nchunks, r1 = (k + 1) * s // nchunks
     for j in range(2 * c):
         sums[j] = 0
-    # row blocks as for batch norm beyond the caches (at least 4 rows; not measured here)
+    # row blocks as for batch norm beyond the caches (at least 4 rows); the in-cache
+    # blocks of 16 ran 0.92-1.03x: (32, 7, 7, 512) G=8, (32, 56, 56, 64) and
+    # (16, 14, 14, 1024) G=32
     cl_bwd_sums(dy + r0 * c, c, x + r0 * c, c, r1 - r0, c, cmean, sums, sums + c, True)
 
 
