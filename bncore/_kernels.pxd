@@ -724,6 +724,20 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                         double mean, double invstd, const double *w, double *dw, double *db,
                         int rms, int stream)
+    void bn_row_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t d, double mean,
+                             double invstd, const double *w, int rms, double *q, double *r)
+    void bn_row_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t d, double mean,
+                             double invstd, const double *w, int rms, double *q, double *r)
+    void bn_rows_bwd_tile_f32(const float *dy, const float *x, float *dx, Py_ssize_t nrows,
+                              Py_ssize_t n, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
+                              const double *mean, const double *invstd, const double *q,
+                              const double *r, const double *w, double *dw, double *db)
+    void bn_rows_bwd_tile_f64(const double *dy, const double *x, double *dx,
+                              Py_ssize_t nrows, Py_ssize_t n, Py_ssize_t ldg, Py_ssize_t ldx,
+                              Py_ssize_t ldd, const double *mean, const double *invstd,
+                              const double *q, const double *r, const double *w, double *dw,
+                              double *db)
+    enum: BN_BWD_TILE
     void bn_rows_norm_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t nfetch,
                           Py_ssize_t d,
                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const float *w,
@@ -772,6 +786,26 @@ cdef inline void rows_norm(const floating *x, floating *y, Py_ssize_t nrows,
     else:
         bn_rows_norm_f64(x, y, nrows, nfetch, d, ldx, ldy, eps, w, b, mean, invstd, rms,
                          stream)
+
+
+cdef inline void row_bwd_sums(const floating *dy, const floating *x, Py_ssize_t d,
+                              double mean, double invstd, const double *w, bint rms,
+                              double *q, double *r) noexcept nogil:
+    if floating is float:
+        bn_row_bwd_sums_f32(dy, x, d, mean, invstd, w, rms, q, r)
+    else:
+        bn_row_bwd_sums_f64(dy, x, d, mean, invstd, w, rms, q, r)
+
+
+cdef inline void rows_bwd_tile(const floating *dy, const floating *x, floating *dx,
+                               Py_ssize_t nrows, Py_ssize_t n, Py_ssize_t ldg, Py_ssize_t ldx,
+                               Py_ssize_t ldd, const double *mean, const double *invstd,
+                               const double *q, const double *r, const double *w,
+                               double *dw, double *db) noexcept nogil:
+    if floating is float:
+        bn_rows_bwd_tile_f32(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w, dw, db)
+    else:
+        bn_rows_bwd_tile_f64(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w, dw, db)
 
 
 cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,

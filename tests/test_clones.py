@@ -11,7 +11,8 @@ outputs byte for byte. It needs the C compiler the build used and a CPU with AVX
 (every CI machine: the suite fails, not skips, without them). The same program checks
 one property the thread split relies on below the Python layer, where the float32
 outputs would round it away: a channels-last sums call over a tile of channels gives the
-sums of the call over all of them.
+sums of the call over all of them; and the column-tile path of the layer/RMS norm backward
+gives the bits of the row path's one chunk (dx, and the double column sums).
 """
 import os
 import pathlib
@@ -66,6 +67,12 @@ BOTH(void, bn_rows_norm_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrd
                               double *, double *, int, int))
 BOTH(void, bn_seg_affine_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                                ptrdiff_t, double, double, double))
+BOTH(void, bn_row_bwd_sums_f32, (const float *, const float *, ptrdiff_t, double, double,
+                                 const double *, int, double *, double *))
+BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
+                                  const double *, const double *, const double *,
+                                  const double *, double *, double *))
 
 enum { N = 4099, R = 37, C = 45 };
 static float xf[N + 64], gf[N + 64], of[2][2 * N];
@@ -101,6 +108,8 @@ int main(void)
     bn_cl_bwd_dx_f32(gf, 4, xf, 4, of[0], 4, 2, 4, w, w, w, w, 0, 0);
     bn_rows_norm_f32(xf, of[0], 2, 2, 4, 4, 4, 1e-5, NULL, NULL, a[0], a[0] + 2, 0, 0);
     bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
+    bn_row_bwd_sums_f32(gf, xf, 8, 0, 1, w, 0, a[0], a[0] + 1);
+    bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
         for (int stream = 0; stream < 2; stream++) {
             const float *x = xf + off, *g = gf + 2 * off;
@@ -162,6 +171,16 @@ int main(void)
                                                              stream);
                 (k ? bn_seg_affine_f32_v : bn_seg_affine_f32_d)(x, of[k] + 5700, 1, 150, 0,
                                                                0, 1e3 + 0.5, 3.3, 0.1);
+                /* three rows of the layer-norm backward's column-tile path, 150 columns
+                 * of rows 1001 apart: row sums, then one tile (means w + 30, invstds
+                 * w + 40) */
+                for (int r = 0; r < 3; r++)
+                    (k ? bn_row_bwd_sums_f32_v : bn_row_bwd_sums_f32_d)(
+                        g + r * 1001, x + r * 1001, 150, w[30 + r], w[40 + r], w, r == 2,
+                        a[k] + 3200 + r, a[k] + 3210 + r);
+                (k ? bn_rows_bwd_tile_f32_v : bn_rows_bwd_tile_f32_d)(
+                    g, x, of[k] + 7000 + off, 3, 150, 1001, 1001, 300, w + 30, w + 40,
+                    a[k] + 3200, a[k] + 3210, w + 50, a[k] + 3300, a[k] + 3500);
             }
             same(od[0], od[1], sizeof od[0], "bn_row_bwd_f64 dx");
             same(of[0], of[1], sizeof of[0], "float outputs (seg_bwd_dx, cl_bwd_dx, "
@@ -180,6 +199,33 @@ int main(void)
                            tile[1] + 32, 0);
         same(whole[0] + 32, tile[0] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile sum_dy");
         same(whole[1] + 32, tile[1] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile xmu");
+    }
+    /* the column-tile path of the layer/RMS norm backward (bn_row_bwd_sums per row, then
+     * bn_rows_bwd_tile per tile of columns) gives bn_row_bwd's bits for one chunk of the
+     * same rows: dx, and each column's sums over the rows in order (the partials of one
+     * chunk, from zero); 5 rows of 771 (a last tile of 3 columns), layer and RMS norm */
+    {
+        enum { RR = 5, D = 771 };
+        static double mean[RR], inv[RR], q[RR], rr[RR], rowp[2 * D], tilep[2 * D];
+        static float dxr[RR * D], dxt[RR * D];
+        for (int rms = 0; rms < 2; rms++) {
+            memset(rowp, 0, sizeof rowp);
+            for (int k = 0; k < RR; k++) {
+                mean[k] = rms ? 0.0 : 1e3 + 0.25 * k;
+                inv[k] = 3.3 - 0.1 * k;
+                bn_row_bwd_f32(gf + k * D, xf + k * D, dxr + k * D, D, mean[k], inv[k], w,
+                               rowp, rms ? NULL : rowp + D, rms, 0);
+                bn_row_bwd_sums_f32(gf + k * D, xf + k * D, D, mean[k], inv[k], w, rms, &q[k],
+                                    &rr[k]);
+            }
+            for (int j0 = 0; j0 < D; j0 += BN_BWD_TILE)
+                bn_rows_bwd_tile_f32(gf + j0, xf + j0, dxt + j0, RR,
+                                     D - j0 < BN_BWD_TILE ? D - j0 : BN_BWD_TILE, D, D, D,
+                                     rms ? NULL : mean, inv, q, rr, w + j0, tilep + j0,
+                                     rms ? NULL : tilep + D + j0);
+            same(dxr, dxt, sizeof dxr, "column tiles: dx");
+            same(rowp, tilep, (rms ? 1 : 2) * D * sizeof(double), "column tiles: sums");
+        }
     }
     printf(bad ? "FAILED\n" : "SAME\n");
     return bad != 0;

@@ -235,6 +235,44 @@ def test_channels_last_few_rows_split_by_channel_tiles(shape, dtype):
         np.testing.assert_allclose(got, exp, **tol)
 
 
+# Layer/RMS norm backward of a few wide float rows (2048 values or more, under 128 rows,
+# dy and x within 4 MiB) goes by column tiles: the row sums with the threads on rows, then
+# dx and each column's sums with the threads on tiles of columns. The same bits for any
+# thread count, and each row's dx has the bits the row path (128 rows and more) gives it.
+# Odd widths leave a last tile of a few columns; (3, 5000) has more tiles than rows.
+WIDE_ROWS = [(64, 4096), (7, 2051), (127, 2048), (3, 5000)]
+
+
+@pytest.mark.parametrize("rows,d", WIDE_ROWS)
+def test_few_wide_rows_split_by_column_tiles(rows, d):
+    rng = np.random.default_rng(9)
+    x = rng.normal(100.0, 2.0, (128, d)).astype(np.float32)
+    dy = rng.normal(size=(128, d)).astype(np.float32)
+    w = rng.normal(size=d).astype(np.float32)
+    _, m, s = bncore.layer_norm_forward(x, d, w, w)
+    _, r = bncore.rms_norm_forward(x, d, w)
+    g, xx, mm, ss, rr = dy[:rows], x[:rows], m[:rows], s[:rows], r[:rows]
+
+    def run(nt):
+        return (bncore.layer_norm_backward(g, xx, mm, ss, d, w, n_threads=nt)
+                + bncore.layer_norm_backward(g, xx, mm, ss, d, n_threads=nt)
+                + bncore.rms_norm_backward(g, xx, rr, d, w, n_threads=nt))
+
+    base = run(1)
+    for nt in (2, 3, 8, None):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    assert np.array_equal(base[0], bncore.layer_norm_backward(dy, x, m, s, d, w)[0][:rows])
+    assert np.array_equal(base[6], bncore.rms_norm_backward(dy, x, r, d, w)[0][:rows])
+    tol = dict(rtol=1e-4, atol=1e-4)
+    for got, exp in zip(base[:3], ref.layer_norm_backward(g, xx, mm, ss, d, w)):
+        np.testing.assert_allclose(got, exp, **tol)
+    for got, exp in zip(base[6:], ref.rms_norm_backward(g, xx, rr, d, w)):
+        np.testing.assert_allclose(got, exp, **tol)
+    inplace = g.copy()   # dx written over dy: every tile reads its dy before writing dx
+    got = bncore.layer_norm_backward(inplace, xx, mm, ss, d, w, out=inplace)
+    assert got[0] is inplace and identical(got, base[:3])
+
+
 # NCHW group norm with fewer (sample, group) runs than threads, or a last round only some
 # threads fill: every thread on each run (group_rows_team: the run's chunks, then its
 # channels; backward: its channels). Runs of 3136 * 64 = 200704 floats (12 chunks), and a

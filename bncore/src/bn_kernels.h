@@ -276,6 +276,21 @@ BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
     *m2 = v < 0 ? 0.0 : v;   /* v < 0 only by rounding; NaN is kept */
 }
 
+/* q and r of one row's layer/RMS norm dx = g * invstd + (x - mean) * q + r, from the row
+ * sums sg = sum(dy * w), sx = sum(dy * w * (x - mean)) over d values (bn_row_bwd). The
+ * 1/d multiplies are off the critical path: two divisions by d waited on the sums, and dx
+ * waits on them. */
+BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, int rms,
+                             double *q, double *r)
+{
+    const double inv_d = 1.0 / (double)d;
+    const double mg = rms ? 0.0 : sg * inv_d;
+    const double mgx = sx * invstd * inv_d;
+    *q = -invstd * invstd * mgx;
+    *r = -invstd * mg;
+}
+
+#define BN_BWD_TILE 128       /* columns: at most, in one bn_rows_bwd_tile call */
 #define BN_SMALL_GROUP 4096   /* values: at most, in the NCHW groups that go many per call */
 #define BN_GROUP_RUN 64       /* blocks per phase of bn_group_blocks, at most */
 

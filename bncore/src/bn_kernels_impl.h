@@ -1399,13 +1399,33 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
 /* Backward of one row of layer norm (rms = 0) or RMS norm (rms = 1, mean = 0):
  *   g = dy * w, xhat = (x - mean) * invstd,
  *   dx = invstd * (g - [mean(g)] - xhat * mean(g * xhat))
- *      = g * invstd + (x - mean) * q + r,  q = -invstd^2 mean(g xhat), r = -invstd [mean(g)],
- * and the per-column partials dw[i] += dy * xhat, db[i] += dy (db may be NULL).
- * w: d weights as double (ones when the op has none). All arithmetic is double: dx is a
- * difference of terms up to invstd * |g| that cancel (to exactly zero for a constant dy),
- * which float arithmetic would leave at ~1e-7 of that scale. The first pass (row sums and
- * column partials) runs two independent accumulator pairs, so it is not bound by the
- * latency of one add chain. Lanes depend on d only. */
+ *      = g * invstd + (x - mean) * q + r,  q = -invstd^2 mean(g xhat), r = -invstd [mean(g)]
+ * (bn_row_bwd_qr), and the per-column partials dw[i] += dy * xhat, db[i] += dy (db may be
+ * NULL). w: d weights as double (ones when the op has none). All arithmetic is double: dx
+ * is a difference of terms up to invstd * |g| that cancel (to exactly zero for a constant
+ * dy), which float arithmetic would leave at ~1e-7 of that scale. The first pass (row sums
+ * and column partials) runs two independent accumulator pairs, so it is not bound by the
+ * latency of one add chain. Lanes depend on d only; bn_row_bwd_sums has the same. */
+#define BN_ROW_SUMS_STEP(i) \
+        bn_v4d g0 = BN_LOAD4(dy + (i)), g1 = BN_LOAD4(dy + (i) + 4); \
+        bn_v4d u0 = BN_LOAD4(x + (i)) - m, u1 = BN_LOAD4(x + (i) + 4) - m; \
+        bn_v4d w0, w1; \
+        memcpy(&w0, w + (i), 32); \
+        memcpy(&w1, w + (i) + 4, 32); \
+        bn_v4d p0 = g0 * w0, p1 = g1 * w1; \
+        sg0 = BN_FMA4(g0, w0, sg0); \
+        sg1 = BN_FMA4(g1, w1, sg1); \
+        sx0 = BN_FMA4(p0, u0, sx0); \
+        sx1 = BN_FMA4(p1, u1, sx1)
+/* dx of element j (scalar) and of elements j..j+3 (vector) from q, r (vq, vr) and
+ * s = invstd (scalar invstd): every path that writes a layer-norm dx rounds alike. */
+#define BN_ROW_DX(j) ((BN_T)BN_FMA((double)dy[j], w[j] * invstd, \
+        BN_FMA((double)x[j] - mean, q, r)))
+#define BN_ROW_DXV(j, nt) do { bn_v4d ww, g_ = BN_LOAD4(dy + (j)), u_ = BN_LOAD4(x + (j)) - m; \
+        memcpy(&ww, w + (j), 32); ww = ww * s; u_ = BN_FMA4(u_, vq, vr); \
+        BN_PUT4(dx + (j), BN_FMA4(g_, ww, u_), nt); \
+    } while (0)
+#define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
 static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
                                          BN_T *restrict dx, ptrdiff_t d, double mean,
                                          double invstd, const double *restrict w,
@@ -1414,19 +1434,11 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
 {
     const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
     bn_v4d sg0 = {0}, sg1 = {0}, sx0 = {0}, sx1 = {0};
-    double tg = 0, tx = 0;
+    double tg = 0, tx = 0, q, r;
     ptrdiff_t i = 0;
     for (; i + 8 <= d; i += 8) {
-        bn_v4d g0 = BN_LOAD4(dy + i), g1 = BN_LOAD4(dy + i + 4);
-        bn_v4d u0 = BN_LOAD4(x + i) - m, u1 = BN_LOAD4(x + i + 4) - m;
-        bn_v4d w0, w1, a0, a1;
-        memcpy(&w0, w + i, 32);
-        memcpy(&w1, w + i + 4, 32);
-        bn_v4d p0 = g0 * w0, p1 = g1 * w1, v0 = u0 * s, v1 = u1 * s;
-        sg0 = BN_FMA4(g0, w0, sg0);
-        sg1 = BN_FMA4(g1, w1, sg1);
-        sx0 = BN_FMA4(p0, u0, sx0);
-        sx1 = BN_FMA4(p1, u1, sx1);
+        BN_ROW_SUMS_STEP(i);
+        bn_v4d a0, a1, v0 = u0 * s, v1 = u1 * s;
         memcpy(&a0, dw + i, 32);
         memcpy(&a1, dw + i + 4, 32);
         a0 = BN_FMA4(g0, v0, a0);
@@ -1449,25 +1461,84 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
         dw[i] = BN_FMA(g, u * invstd, dw[i]);
         if (db) db[i] += g;
     }
-    /* 1/d multiplies (computed off the critical path): the two divisions by d waited on
-     * the sums, and dx waits on them */
-    const double inv_d = 1.0 / (double)d;
-    const double mg = rms ? 0.0 : (bn_v4d_total(sg0 + sg1) + tg) * inv_d;
-    const double mgx = (bn_v4d_total(sx0 + sx1) + tx) * invstd * inv_d;
-    const double q = -invstd * invstd * mgx, r = -invstd * mg;
+    bn_row_bwd_qr(bn_v4d_total(sg0 + sg1) + tg, bn_v4d_total(sx0 + sx1) + tx, d, invstd,
+                  rms, &q, &r);
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
-#define BN_ROW_DX(i) ((BN_T)BN_FMA((double)dy[i], w[i] * invstd, \
-        BN_FMA((double)x[i] - mean, q, r)))
-#define BN_ROW_DXV(j, nt) do { bn_v4d ww, g_ = BN_LOAD4(dy + (j)), u_ = BN_LOAD4(x + (j)) - m; \
-        memcpy(&ww, w + (j), 32); ww = ww * s; u_ = BN_FMA4(u_, vq, vr); \
-        BN_PUT4(dx + (j), BN_FMA4(g_, ww, u_), nt); \
-    } while (0)
-#define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
     BN_SPAN_LOOP(dx, d, stream, 4, BN_ROW_DXS, BN_ROW_DXV);
+}
+
+/* bn_row_bwd's row sums alone, with its lanes: *q and *r of the row (bn_row_bwd_qr), for
+ * bn_rows_bwd_tile. */
+static BN_CLONES void BN_NAME(bn_row_bwd_sums)(const BN_T *restrict dy, const BN_T *restrict x,
+                                              ptrdiff_t d, double mean, double invstd,
+                                              const double *restrict w, int rms, double *q,
+                                              double *r)
+{
+    const bn_v4d m = {mean, mean, mean, mean};
+    bn_v4d sg0 = {0}, sg1 = {0}, sx0 = {0}, sx1 = {0};
+    double tg = 0, tx = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        BN_ROW_SUMS_STEP(i);
+    }
+    for (; i < d; i++) {
+        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
+        tg = BN_FMA(g, w[i], tg);
+        tx = BN_FMA(p, u, tx);
+    }
+    bn_row_bwd_qr(bn_v4d_total(sg0 + sg1) + tg, bn_v4d_total(sx0 + sx1) + tx, d, invstd,
+                  rms, q, r);
+}
+
+/* Columns [0, n) of nrows rows of the layer/RMS norm backward, the rows' q and r known
+ * (bn_row_bwd_sums): dx as bn_row_bwd (the same bits), and the column sums
+ * dw[j] = sum(dy * xhat), db[j] = sum(dy) over the rows in order (db may be NULL), kept in
+ * L1 for BN_BWD_TILE columns at a time. mean may be NULL (rms). dx may be dy. */
+static BN_CLONES void BN_NAME(bn_rows_bwd_tile)(const BN_T *dy0, const BN_T *x0, BN_T *dx0,
+                                               ptrdiff_t nrows, ptrdiff_t n, ptrdiff_t ldg,
+                                               ptrdiff_t ldx, ptrdiff_t ldd,
+                                               const double *rmean, const double *rinvstd,
+                                               const double *rq, const double *rr,
+                                               const double *restrict w0, double *restrict dw,
+                                               double *restrict db)
+{
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += BN_BWD_TILE) {
+        const ptrdiff_t nc = n - c0 < BN_BWD_TILE ? n - c0 : BN_BWD_TILE;
+        const double *restrict w = w0 + c0;
+        double aw[BN_BWD_TILE] = {0}, ab[BN_BWD_TILE] = {0};
+        for (ptrdiff_t k = 0; k < nrows; k++) {
+            const BN_T *dy = dy0 + k * ldg + c0, *x = x0 + k * ldx + c0;
+            BN_T *dx = dx0 + k * ldd + c0;
+            const double mean = rmean ? rmean[k] : 0.0, invstd = rinvstd[k];
+            const double q = rq[k], r = rr[k];
+            const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
+            const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
+            ptrdiff_t j = 0;
+            for (; j + 4 <= nc; j += 4) {
+                bn_v4d g = BN_LOAD4(dy + j), u = BN_LOAD4(x + j) - m, a, b;
+                BN_ROW_DXV(j, 0);
+                memcpy(&a, aw + j, 32);
+                memcpy(&b, ab + j, 32);
+                a = BN_FMA4(g, u * s, a);
+                b += g;
+                memcpy(aw + j, &a, 32);
+                memcpy(ab + j, &b, 32);
+            }
+            for (; j < nc; j++) {
+                double g = (double)dy[j], u = (double)x[j] - mean;
+                BN_ROW_DXS(j);
+                aw[j] = BN_FMA(g, u * invstd, aw[j]);
+                ab[j] += g;
+            }
+        }
+        memcpy(dw + c0, aw, nc * sizeof(double));
+        if (db) memcpy(db + c0, ab, nc * sizeof(double));
+    }
+}
+#undef BN_ROW_SUMS_STEP
 #undef BN_ROW_DX
 #undef BN_ROW_DXV
 #undef BN_ROW_DXS
-}
 
 #undef BN_LOAD4
 #undef BN_PUT4
