@@ -13,10 +13,11 @@ Columns: speedup = peer time / bncore time, checked against the case's target (P
 MISS); GB/s = the bytes the op must move at least (x and y for a forward, dy, x and dx
 for a backward, x for moments; dy and x twice more for a channels-last batch-norm
 backward, x once more for a channels-last training forward beyond the caches) / bncore
-time; % copy = time of a plain threaded copy of x (forward; a threaded read of x plus a
-copy for backward and for a channels-last training forward beyond the caches, which must
-read x twice; a read for moments; for the channels-last batch-norm backward, which must
-read dy and x twice, reads of two arrays, a copy and a read again) / bncore time: 100%
+time; % copy = time of a plain threaded copy of x (forward; for a backward, a threaded
+read of a second array of x's size, as dy is, plus a copy of x; a read of x plus a copy
+for a channels-last training forward beyond the caches, which must read x twice; a read
+for moments; for the channels-last batch-norm backward, which must read dy and x twice,
+reads of two arrays, a copy and a read again) / bncore time: 100%
 means bncore moves its data as fast as this machine moves bytes. The copy
 writes into a buffer allocated once; the ops allocate theirs on every call. PyTorch's
 arrays over 32 MiB come fresh from the operating system on every call, which zeroes their
@@ -51,11 +52,12 @@ except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
 QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
 FAR_BYTES = 16 << 20                # beyond the caches: the kernels' STREAM_BYTES
 NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
-# bytes moved, in units of x.nbytes. "read+copy" is also the channels-last training forward
-# beyond the caches (x read for the statistics, then again for y). "2read+copy":
-# channels-last batch-norm backward, which reads dy and x twice (all rows' sums before any
-# dx, and no channel's rows fit a cache)
-_TRAFFIC = {"copy": 2, "read": 1, "read+copy": 3, "2read+copy": 5}
+# bytes moved, in units of x.nbytes. "dy+copy": a backward, which reads dy and x and writes
+# dx: a read of a second array (as dy is) and a copy of x. "read+copy": the channels-last
+# training forward beyond the caches (x read for the statistics, then again for y).
+# "2read+copy": channels-last batch-norm backward, which reads dy and x twice (all rows'
+# sums before any dx, and no channel's rows fit a cache)
+_TRAFFIC = {"copy": 2, "read": 1, "dy+copy": 3, "read+copy": 3, "2read+copy": 5}
 
 
 class Case:
@@ -166,7 +168,7 @@ def bn_backward(shape, layout, dtype, target, quick=False):
                 dyt, xt, wt, None, None, mt, it, True, 1e-5, [True, True, True])
         return x, calls
     return Case("bn backward", shape, layout, dtype, target, build,
-                traffic="2read+copy" if layout == "NHWC" else "read+copy", quick=quick)
+                traffic="2read+copy" if layout == "NHWC" else "dy+copy", quick=quick)
 
 
 def moments_case(shape, dtype, target, layout="NCHW", per_sample=False, quick=False):
@@ -223,7 +225,7 @@ def layer_norm_backward_case(shape, target, quick=False):
                 dyt, xt, [d], mt, it, wt, bt, [True, True, True])
         return x, calls
     return Case("layer_norm backward", shape, "rows", "float32", target, build,
-                traffic="read+copy", quick=quick)
+                traffic="dy+copy", quick=quick)
 
 
 def spatial_norm(op, shape, layout, target, groups=32, quick=False):
@@ -298,7 +300,7 @@ def family_backward(op, shape, layout, groups=32, quick=False, target=None, peer
         return x, calls
     name = {"rms_norm": "rms_norm backward", "group_norm": f"group_norm G={groups} backward",
             "instance_norm": "instance_norm backward"}[op]
-    return Case(name, shape, layout, "float32", target, build, traffic="read+copy",
+    return Case(name, shape, layout, "float32", target, build, traffic="dy+copy",
                 quick=quick, peer_note=peer_note)
 
 
@@ -455,12 +457,20 @@ def run_case(case, nt, repeat, min_time, reference):
     elif case.traffic == "read+copy":
         calls["copy"] = lambda: (_openmp.threaded_read(xc, nt),
                                  _openmp.threaded_copy(xc, dst, nt))
-    else:   # "2read+copy": a second array, each read 25+ MB after its last use, as dy is
+    else:
+        # a second array, as dy is: reading x twice in a row would find part of it still
+        # in the L3 (a 25 MB x read then copied: 2.4 ms; a 25 MB dy read, then x copied:
+        # 2.9 ms on this machine), a yardstick faster than any backward can be
         xc2 = empty_like_apart(xc.shape, xc.dtype, dst)
         np.copyto(xc2, xc)
-        calls["copy"] = lambda: (_openmp.threaded_read(xc, nt), _openmp.threaded_read(xc2, nt),
-                                 _openmp.threaded_copy(xc, dst, nt),
-                                 _openmp.threaded_read(xc2, nt))
+        if case.traffic == "dy+copy":
+            calls["copy"] = lambda: (_openmp.threaded_read(xc2, nt),
+                                     _openmp.threaded_copy(xc, dst, nt))
+        else:   # "2read+copy": each array read 25+ MB after its last use
+            calls["copy"] = lambda: (_openmp.threaded_read(xc, nt),
+                                     _openmp.threaded_read(xc2, nt),
+                                     _openmp.threaded_copy(xc, dst, nt),
+                                     _openmp.threaded_read(xc2, nt))
     samples = measure(calls, repeat, min_time)
     if slow is not None:
         samples["reference"] = measure({"reference": slow}, 1, min_time)["reference"]

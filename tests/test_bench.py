@@ -113,4 +113,18 @@ def test_channels_last_backward_roofline_counts_two_reads():
     assert row["gb_per_s"] == pytest.approx(5 * row["nbytes_x"] / row["bncore_s"] / 1e9)
     assert len(row["samples_s"]["copy"]) == 2 and min(row["samples_s"]["copy"]) > 0
     nchw = _bench.bn_backward((2, 8, 6, 6), "NCHW", "float32", 2.0)
-    assert nchw.traffic == "read+copy"
+    assert nchw.traffic == "dy+copy"
+
+
+def test_backward_roofline_reads_a_second_array():
+    """A backward reads dy and x and writes dx: its yardstick reads a second array (not x
+    again, which the L3 may still hold) and copies x, three arrays' bytes."""
+    cases = [_bench.bn_backward((2, 8, 6, 6), "NCHW", "float32", 2.0),
+             _bench.layer_norm_backward_case((16, 24), 1.5),
+             _bench.family_backward("group_norm", (2, 8, 5, 5), "NCHW", groups=4)]
+    for case in cases:
+        assert case.traffic == "dy+copy", case.label
+        row = _bench.run_case(case, 2, 2, 0.001, False)
+        assert row["copy_kind"] == "dy+copy"
+        assert row["gb_per_s"] == pytest.approx(3 * row["nbytes_x"] / row["bncore_s"] / 1e9)
+        assert len(row["samples_s"]["copy"]) == 2 and min(row["samples_s"]["copy"]) > 0
