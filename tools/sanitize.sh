@@ -73,7 +73,9 @@ if [ "$quick" = 1 ]; then
            "tests/test_threads.py::test_eval_beyond_the_caches_planes_in_memory_order"
            "tests/test_threads.py::test_backward_beyond_the_caches_short_planes_by_sample"
            "tests/test_threads.py::test_wide_rows_beyond_the_caches_prefetching_the_next_channel_block"
-           "tests/test_threads.py::test_row_norms_beyond_the_caches_prefetching_rows_ahead")
+           "tests/test_threads.py::test_row_norms_beyond_the_caches_prefetching_rows_ahead"
+           "tests/test_threads.py::test_channels_last_few_rows_split_by_channel_tiles"
+           "tests/test_threads.py::test_few_wide_rows_split_by_column_tiles")
 else
     tests=(tests)
 fi

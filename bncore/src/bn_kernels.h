@@ -290,7 +290,7 @@ BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, i
     *r = -invstd * mg;
 }
 
-#define BN_BWD_TILE 128       /* columns: at most, in one bn_rows_bwd_tile call */
+#define BN_BWD_TILE 128       /* columns whose sums bn_rows_bwd_tile keeps in L1 at a time */
 #define BN_SMALL_GROUP 4096   /* values: at most, in the NCHW groups that go many per call */
 #define BN_GROUP_RUN 64       /* blocks per phase of bn_group_blocks, at most */
 
