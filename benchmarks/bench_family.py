@@ -13,7 +13,9 @@ from .common import channel_axis, data
 
 DTYPES = ["float32", "float64"]
 THREADS = [1, 2]
-ROW_SHAPES = [(8192, 768), (65536, 64)]            # transformer rows; many short rows
+# transformer rows; many short rows; a few wide rows (their backward goes by column
+# tiles); a few short rows (the backward's 8 row chunks)
+ROW_SHAPES = [(8192, 768), (65536, 64), (64, 4096), (1024, 64)]
 # ...; batch 1; wide groups over 7x7 (16 channels a group at G=32: group statistics
 # straight from each block when channels-last); 14x14 planes in small NCHW groups (many
 # blocks a kernel call, dx in address order)
