@@ -238,8 +238,9 @@ def test_channels_last_few_rows_split_by_channel_tiles(shape, dtype):
 # Layer/RMS norm backward of a few wide float rows (2048 values or more, under 128 rows,
 # dy and x within 4 MiB) goes by column tiles: the row sums with the threads on rows, then
 # dx and each column's sums with the threads on tiles of columns. The same bits for any
-# thread count, and each row's dx has the bits the row path (128 rows and more) gives it.
-# Odd widths leave a last tile of a few columns; (3, 5000) has more tiles than rows.
+# thread count, and each row's dx has the bits the row path (128 rows and more) gives it;
+# rows of wider arrays (views) too. Odd widths leave a last tile of a few columns; (3, 5000)
+# has more tiles than rows.
 WIDE_ROWS = [(64, 4096), (7, 2051), (127, 2048), (3, 5000)]
 
 
@@ -271,6 +272,11 @@ def test_few_wide_rows_split_by_column_tiles(rows, d):
     inplace = g.copy()   # dx written over dy: every tile reads its dy before writing dx
     got = bncore.layer_norm_backward(inplace, xx, mm, ss, d, w, out=inplace)
     assert got[0] is inplace and identical(got, base[:3])
+    gv = np.zeros((rows, d + 9), np.float32)[:, 5:5 + d]   # rows of wider arrays
+    xv = np.zeros((rows, d + 3), np.float32)[:, 2:2 + d]
+    gv[...], xv[...] = g, xx
+    assert identical(bncore.layer_norm_backward(gv, xv, mm, ss, d, w), base[:3])
+    assert identical(bncore.rms_norm_backward(gv, xv, rr, d, w), base[6:])
 
 
 # NCHW group norm with fewer (sample, group) runs than threads, or a last round only some
