@@ -332,7 +332,7 @@ cdef int backward_tiles(const floating *dy, const floating *x, floating *dx, Py_
     """Layer/RMS norm backward in two phases: each row's q, r (the threads split the rows,
     bn_row_bwd_sums), then column tiles of BN_BWD_TILE (the threads split the tiles,
     bn_rows_bwd_tile): dx (bn_row_bwd's bits) and each column's dweight/dbias summed over
-    the rows in order, in registers and L1. No chunk partials, nothing to merge, and the
+    the rows in order, in L1. No chunk partials, nothing to merge, and the
     same bits for any thread count (every sum is within one row or one column). mean is
     NULL for RMS norm."""
     cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE, r, t, j0
