@@ -131,19 +131,16 @@ def _memory_order(arr):
     return perm if arr.transpose(perm).flags.c_contiguous else None
 
 
-_BLOCK_MIN = 1024   # values a block: smaller ones cost more a call than their gather
-                    # ((1000, 3, 4) over axis 1: 12x slower as blocks)
-
-
 def _leading_blocks(shape, kept):
     """a when the kept axes (sorted, not adjacent) are the leading axes 0..a-1 and one
-    more run of adjacent axes, with at least _BLOCK_MIN values under each leading index
-    (a per-sample statistic, such as channels-last (N, H, W, C) over (1, 2)); else 0."""
+    more run of adjacent axes, with at least _stats.BLOCK_MIN values under each leading
+    index (a per-sample statistic, such as channels-last (N, H, W, C) over (1, 2)); else
+    0. _stats.moments_common takes the same plain calls the same way."""
     lead = next(i for i, a in enumerate(kept) if a != i)
     rest = kept[lead:]
     if lead == 0 or rest != list(range(rest[0], rest[-1] + 1)):
         return 0
-    return lead if math.prod(shape[lead:]) >= _BLOCK_MIN else 0
+    return lead if math.prod(shape[lead:]) >= _stats.BLOCK_MIN else 0
 
 
 def moments(x, axis=None, *, ddof=0, keepdims=False, n_threads=None):

@@ -438,7 +438,7 @@ def test_moments_fast_path_declines_all_but_the_common_call(kind):
     elif kind == "axis_range":
         args["axis"] = (0, 3)
     elif kind == "axis_apart":
-        args["axis"] = 1          # keeps axes 0 and 2: not adjacent (a copy)
+        args["axis"] = 1          # keeps axes 0 and 2: blocks of 15 values (a copy)
     elif kind == "axis_empty":
         args["axis"] = ()
     elif kind == "ddof_float":
@@ -502,6 +502,36 @@ def test_leading_and_later_kept_axes_need_no_gather(shape, axis, dtype):
         wm, wv = ref_moments64(z, axis)
         np.testing.assert_allclose(zm, wm, rtol=rtol)
         np.testing.assert_allclose(zv, wv, rtol=4 * rtol, atol=1e-9)   # var ~1
+
+
+@pytest.mark.parametrize("shape,axis", [
+    ((1, 16, 16, 64), (1, 2)),      # per-request inference: one sample, 16 KiB
+    ((3, 40, 40, 24), (1, 2)),
+    ((6, 64, 20), 1),
+    ((4, 5, 30, 7, 64), (2, 3)),
+    ((8, 33, 9, 17), (1, 3)),
+    ((2, 3, 40, 50), (1, 2)),       # a leading axis, then the last one kept
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_leading_blocks_take_the_fast_path(shape, axis, dtype):
+    """A plain array with leading kept axes and one later run (the per-sample statistics
+    of the test above) goes through _stats.moments_common, without the Python layer's
+    ~20 us: the same bits, shapes and dtypes as the general path, keepdims and ddof
+    included. Blocks under _stats.BLOCK_MIN values are left to the general path, which
+    gathers them into a copy."""
+    from bncore import _api, _stats
+    x = (1e4 + np.random.default_rng(11).standard_normal(shape)).astype(dtype)
+    for keepdims in (False, True):
+        for ddof in (0, 1):
+            got = _stats.moments_common(x, axis, ddof, keepdims, 2)
+            want = _api._moments_general(x, axis, ddof, keepdims, 2)
+            assert got is not None, (keepdims, ddof)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and g.dtype == w.dtype == np.dtype(dtype)
+                assert np.array_equal(g, w), (keepdims, ddof)
+    small = x.reshape(-1)[:2 * 3 * 5].reshape(2, 3, 5)    # blocks of 15 values
+    assert _stats.moments_common(small, 1, 0, False, None) is None
+    assert _stats.moments_common(x, axis, x.size, False, None) is None   # ddof: no dof
 
 
 def ref_moments64(x, axis):
