@@ -709,6 +709,15 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out)
         if res is not None:
             return res[0]
+    elif _plain_running(x, axis, rm, rv, momentum):
+        # with running statistics: checked first (nothing may be written before an error),
+        # then the same kernels, and the same update as below
+        res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out)
+        if res is not None:
+            y, mean, var = res
+            s = x.size // (x.shape[0] * x.shape[axis])
+            _update_instance_running(rm, rv, mean, var, momentum, s)
+            return y
     sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
     if rm is not None or rv is not None:
         momentum = check_real(momentum, "momentum")
@@ -717,10 +726,30 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             check_writeable(r, name)
     y, mean, var = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
     if sp.n and sp.c and sp.s and (rm is not None or rv is not None):
-        _api._update_running(rm, np.ascontiguousarray(mean.mean(axis=0)), momentum, 1.0)
-        _api._update_running(rv, np.ascontiguousarray(var.mean(axis=0)), momentum,
-                             sp.s / (sp.s - 1))
+        _update_instance_running(rm, rv, mean, var, momentum, sp.s)
     return y
+
+
+def _plain_running(x, axis, rm, rv, momentum):
+    """Whether instance_norm's running statistics (one of them may be None) and momentum
+    are valid for a plain ndarray x with channel axis 1 or -1 (an int): writeable float
+    ndarrays of shape (C,) and a real momentum (not bool, not NaN). Anything else takes
+    the general path, which raises its errors in its own order."""
+    if (type(x) is not np.ndarray or type(axis) is not int or x.ndim < 2
+            or axis not in (1, -1, x.ndim - 1)
+            or type(momentum) not in (float, int) or momentum != momentum):
+        return False
+    c = x.shape[axis]
+    return all(r is None or (type(r) is np.ndarray and r.dtype.kind == "f"
+                             and r.shape == (c,) and r.flags.writeable) for r in (rm, rv))
+
+
+def _update_instance_running(rm, rv, mean, var, momentum, s):
+    """running = (1 - momentum) * running + momentum * the batch average of the instance
+    statistics, the variance unbiased over the s values of an instance (PyTorch's)."""
+    n = mean.shape[0]   # np.mean's bits (a sum, then a division), without its overhead
+    _api._update_running(rm, np.add.reduce(mean, axis=0) / n, momentum, 1.0)
+    _api._update_running(rv, np.add.reduce(var, axis=0) / n, momentum, s / (s - 1))
 
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None,

@@ -179,3 +179,38 @@ def test_an_out_the_fast_path_cannot_take_still_works_or_raises(op):
     assert fast(a, ro) is None
     with pytest.raises(ValueError, match="read-only"):
         public(a, ro)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("stats", ["both", "mean", "var"])
+def test_instance_norm_with_running_statistics_takes_the_fast_path(axis, stats, monkeypatch):
+    """instance_norm with running statistics (InstanceNorm2d(track_running_stats=True) in
+    training) goes through group_common once its running statistics and momentum are
+    checked: ~50 -> ~17 us a call on (2, 8, 4, 4). The same y and running statistics, bit
+    for bit, as the general path (taken by a Fortran-ordered x), for float32 and float64
+    running statistics; and the general path is not entered (it would raise here)."""
+    from bncore import _family
+    rng = np.random.default_rng(3)
+    x = _x(rng)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    w, b = _vec(rng), _vec(rng)
+    rm0 = _vec(rng, C, np.float64)
+    rv0 = np.abs(_vec(rng, C, np.float32)) + 0.5
+    pick = lambda r, name: r.copy() if stats in ("both", name) else None
+    rm, rv = pick(rm0, "mean"), pick(rv0, "var")
+    rm_g, rv_g = pick(rm0, "mean"), pick(rv0, "var")
+    # a Fortran-ordered copy of x is not a plain array: the general path
+    want = bncore.instance_norm(np.asfortranarray(x), rm_g, rv_g, w, b, momentum=0.3,
+                                axis=axis)
+
+    def general(*args, **kwargs):
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(_family, "_instance_checked", general)
+    got = bncore.instance_norm(x, rm, rv, w, b, momentum=0.3, axis=axis)
+    assert np.array_equal(got, want) and got.dtype == np.float32
+    for r, rg in ((rm, rm_g), (rv, rv_g)):
+        if r is not None:
+            assert np.array_equal(r, rg) and r.dtype == rg.dtype
+            assert not np.array_equal(r, rm0 if r.dtype == rm0.dtype else rv0)   # updated
