@@ -225,9 +225,11 @@ class Moments:
 
     def update(self, x, axis=0):
         """Add the values of ``x`` reduced over ``axis``; returns self."""
-        arr, _ = _stats_input(x)
-        axes = _reduce_axes(axis, arr.ndim)
-        count, mean, m2 = _raw_moments(arr, axes)
+        r = _stats.update_common(x, axis)   # the common call in one Cython step
+        if r is None:
+            arr, _ = _stats_input(x)
+            r = _raw_moments(arr, _reduce_axes(axis, arr.ndim))
+        count, mean, m2 = r
         self._absorb(count, np.atleast_1d(mean), np.atleast_1d(m2), np.shape(mean), "x")
         return self
 

@@ -110,33 +110,17 @@ def channel_moments(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t 
         raise MemoryError("bncore: out of memory for per-thread partial statistics")
 
 
-def moments_common(x, axis, ddof, keepdims, n_threads):
-    """moments() for the common call, without the Python layer's overhead, or None.
-
-    The common call: x a plain array (see bncore._fastpath) and not empty; axis None, an
-    int, or a tuple of distinct ints, all in range, leaving the kept axes adjacent (the
-    batch-norm (0, 2, 3), or a row's last axis) or leading blocks (the leading axes and
-    one run of adjacent axes after them, at least BLOCK_MIN values under each leading
-    index: per sample and channel of channels-last (N, H, W, C) over (1, 2)); ddof an int
-    below the count; keepdims a bool; n_threads None or an int >= 1. Anything else
-    returns None before touching anything, and bncore._api.moments takes the general
-    path, which warns and raises. Same view, kernel and bits as that path.
-    """
-    cdef cnp.ndarray arr, mean, m2, mo, vo
-    cdef int xt, nd, nt, i, a, k0, k1
-    cdef Py_ssize_t outer = 1, nch = 1, inner = 1, count, nb = 1, nout
-    cdef int lead = 0
-    cdef bint reduced[32]
-    cdef cnp.npy_intp kshape[32]
-    cdef int knd = 0
-    cdef double dof
+cdef tuple plain_moments(object x, object axis, int nt, object ddof, bint *reduced,
+                         Py_ssize_t *count):
+    """The common call's reduction (see moments_common): (mean, M2), float64 vectors of
+    the kept axes' values in C order, with its count and reduced axes (reduced[i] for
+    each of x's axes); None, before running anything, for any other call or ddof >= the
+    count. Same views and kernels as bncore._api._raw_moments."""
+    cdef cnp.ndarray arr, mean, m2
+    cdef int nd, i, a, k0, k1, lead = 0
+    cdef Py_ssize_t outer = 1, nch = 1, inner = 1, nb = 1
     cdef cnp.npy_intp n1
-    cdef double *pm
-    cdef double *pv
-    cdef Py_ssize_t c
-    xt = plain_type(x)
-    nt = plain_threads(n_threads)
-    if xt < 0 or nt < 0 or type(keepdims) is not bool or type(ddof) is not int:
+    if plain_type(x) < 0:
         return None
     arr = <cnp.ndarray>x
     nd = cnp.PyArray_NDIM(arr)
@@ -187,19 +171,10 @@ def moments_common(x, axis, ddof, keepdims, n_threads):
         return None               # the general path gathers small blocks into a copy
     if k1 < 0:                    # everything reduced: one channel of all values
         outer, inner = 1, outer
-    count = outer * inner
-    if ddof >= count:
+    count[0] = outer * inner
+    if ddof >= count[0]:
         return None
-    dof = <double>(count - <Py_ssize_t>ddof)
-    for i in range(nd):
-        if not reduced[i]:
-            kshape[knd] = cnp.PyArray_DIM(arr, i)
-            knd += 1
-        elif keepdims:
-            kshape[knd] = 1
-            knd += 1
-    nout = nb * nch
-    n1 = nout
+    n1 = nb * nch
     mean = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
     m2 = cnp.PyArray_EMPTY(1, &n1, cnp.NPY_FLOAT64, 0)
     if lead:
@@ -208,6 +183,48 @@ def moments_common(x, axis, ddof, keepdims, n_threads):
         channel_moments(arr, outer, nch, 1, nch, 1, mean, m2, nt)
     else:
         channel_moments(arr, outer, nch, inner, nch * inner, inner, mean, m2, nt)
+    return mean, m2
+
+
+def moments_common(x, axis, ddof, keepdims, n_threads):
+    """moments() for the common call, without the Python layer's overhead, or None.
+
+    The common call: x a plain array (see bncore._fastpath) and not empty; axis None, an
+    int, or a tuple of distinct ints, all in range, leaving the kept axes adjacent (the
+    batch-norm (0, 2, 3), or a row's last axis) or leading blocks (the leading axes and
+    one run of adjacent axes after them, at least BLOCK_MIN values under each leading
+    index: per sample and channel of channels-last (N, H, W, C) over (1, 2)); ddof an int
+    below the count; keepdims a bool; n_threads None or an int >= 1. Anything else
+    returns None before touching anything, and bncore._api.moments takes the general
+    path, which warns and raises. Same view, kernel and bits as that path.
+    """
+    cdef cnp.ndarray mean, m2, mo, vo
+    cdef int xt, nt, i, nd
+    cdef Py_ssize_t count, nout, c
+    cdef bint reduced[32]
+    cdef cnp.npy_intp kshape[32]
+    cdef int knd = 0
+    cdef double dof
+    cdef double *pm
+    cdef double *pv
+    xt = plain_type(x)
+    nt = plain_threads(n_threads)
+    if xt < 0 or nt < 0 or type(keepdims) is not bool or type(ddof) is not int:
+        return None
+    r = plain_moments(x, axis, nt, ddof, reduced, &count)
+    if r is None:
+        return None
+    mean, m2 = r
+    dof = <double>(count - <Py_ssize_t>ddof)
+    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    for i in range(nd):
+        if not reduced[i]:
+            kshape[knd] = cnp.PyArray_DIM(<cnp.ndarray>x, i)
+            knd += 1
+        elif keepdims:
+            kshape[knd] = 1
+            knd += 1
+    nout = cnp.PyArray_SIZE(mean)
     mo = cnp.PyArray_EMPTY(knd, kshape, xt, 0)
     vo = cnp.PyArray_EMPTY(knd, kshape, xt, 0)
     pm = f64_ptr(mean)
@@ -223,6 +240,21 @@ def moments_common(x, axis, ddof, keepdims, n_threads):
     if knd == 0:
         return mo[()], vo[()]
     return mo, vo
+
+
+def update_common(x, axis):
+    """Moments.update's reduction for the common call (moments_common's, on OpenMP's
+    default threads, as the general path): (count, mean, M2), float64 arrays of the kept
+    axes' shape, as bncore._api._raw_moments gives them, bit for bit; or None."""
+    cdef bint reduced[32]
+    cdef Py_ssize_t count
+    cdef int i
+    r = plain_moments(x, axis, plain_threads(None), 0, reduced, &count)
+    if r is None:
+        return None
+    kept = tuple([(<cnp.ndarray>x).shape[i] for i in range(cnp.PyArray_NDIM(<cnp.ndarray>x))
+                  if not reduced[i]])
+    return count, (<cnp.ndarray>r[0]).reshape(kept), (<cnp.ndarray>r[1]).reshape(kept)
 
 
 def merge_moments(double na, cnp.ndarray mean_a, cnp.ndarray m2_a, double nb,

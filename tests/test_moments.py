@@ -326,6 +326,49 @@ def test_update_accepts_any_layout(kind):
     np.testing.assert_allclose(a.var(), b.var(), rtol=1e-13)
 
 
+@pytest.mark.parametrize("shape,axis", [
+    ((256, 64), 0),                 # a mini-batch of features
+    ((8, 16, 5, 5), (0, 2, 3)),     # batch-norm channels
+    ((3, 20, 20, 8), (1, 2)),       # per sample and channel (leading blocks)
+    ((7, 9), None),                 # everything: a scalar feature shape
+    ((5, 6, 7), -1),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_takes_the_fast_path(shape, axis, dtype, monkeypatch):
+    """Moments.update of a plain array over an int, tuple or None axis reduces through
+    _stats.update_common (27.7 -> 9.8 us an update of a (256, 64) float32 batch): the same
+    count, mean and M2 bits as the general path on the same arrays (update_common
+    declining), over two updates and a merge; and the general path is not entered."""
+    from bncore import _api, _stats
+    rng = np.random.default_rng(12)
+    xs = [(rng.normal(size=shape) * 2 + 1e3).astype(dtype) for _ in range(2)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general path was taken")
+
+    with monkeypatch.context() as m:
+        m.setattr(_stats, "update_common", lambda x, axis: None)
+        general = bncore.Moments()
+        for x in xs:
+            general.update(x, axis=axis)
+    with monkeypatch.context() as m:
+        m.setattr(_api, "_raw_moments", refuse)
+        with pytest.raises(AssertionError, match="general path"):   # the check can fail
+            bncore.Moments().update(xs[0].tolist(), axis=axis)
+        fast = bncore.Moments()
+        for x in xs:
+            fast.update(x, axis=axis)
+    assert fast.count == general.count == 2 * (xs[0].size // np.size(fast.mean))
+    assert np.shape(fast.mean) == np.shape(general.mean)
+    np.testing.assert_array_equal(fast.mean, general.mean)
+    np.testing.assert_array_equal(fast.var(ddof=1), general.var(ddof=1))
+    if axis in (0, (0, 2, 3), None):   # both batches stacked on a reduced axis: one pass
+        mean, var = bncore.moments(np.concatenate(xs, axis=0), axis=axis)
+        f32 = dtype == np.float32          # (moments rounds its results to x's dtype)
+        np.testing.assert_allclose(fast.mean, mean, rtol=1e-7 if f32 else 1e-12)
+        np.testing.assert_allclose(fast.var(), var, rtol=1e-6 if f32 else 1e-10)
+
+
 def test_pickle_round_trip():
     x = np.random.default_rng(6).normal(size=(6, 3, 4, 4)).astype(np.float32)
     acc = bncore.Moments().update(x, axis=(0, 2, 3))
