@@ -61,8 +61,8 @@ class RequestMoments:
         bncore.moments(self.x, axis=(1, 2))
 
     def time_update(self, dtype):
-        """Moments.update of a (256, 64) mini-batch of features (float32: 27.7 us through
-        the general path, 9.8 us through _stats.update_common)."""
+        """Moments.update of a (256, 64) mini-batch of features (float32: 16.6 us through
+        the general path, 7.6 us through _stats.update_common)."""
         self.acc.update(self.batch, axis=0)
 
 
