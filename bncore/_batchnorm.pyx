@@ -101,8 +101,12 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         # under STREAM_PLANE bytes are not streamed: most of their lines are partial, and
         # the ordinary store of each partial line first reads it from memory, scattered
         # among the streamed lines where the prefetcher does not follow: eval (64,2048,7,7)
-        # 1.6-1.9x faster not streamed, (64,1024,10,10) 1.17x; (64,1024,12,12) 0.85x
-        if inner * <Py_ssize_t>sizeof(floating) < STREAM_PLANE:
+        # 1.6-1.9x faster not streamed, (64,1024,10,10) 1.17x; (64,1024,12,12) 0.85x.
+        # Planes of adjacent channels are streamed a sample at a time, as one run whose
+        # lines are full but at its ends (bn_planes_affine): (64,2048,7,7) 1.02-1.08x
+        # streamed so, (256,256,14,14) 1.12-1.24x
+        if (inner * <Py_ssize_t>sizeof(floating) < STREAM_PLANE
+                and not (sc == inner and ysc == inner and inner >= 8)):
             stream = False
         nchunks = min(outer * nch, max(1, outer * nch * inner // AFFINE_CHUNK))
         nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)

@@ -67,6 +67,14 @@ BOTH(void, bn_rows_norm_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrd
                               double *, double *, int, int))
 BOTH(void, bn_seg_affine_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                                ptrdiff_t, double, double, double))
+BOTH(void, bn_planes_affine_f32, (const float *, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                  const double *, const double *, const double *,
+                                  const double *, int))
+BOTH(void, bn_planes_affine_f64, (const double *, double *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                  const double *, const double *, const double *,
+                                  const double *, int))
 BOTH(void, bn_row_bwd_sums_f32, (const float *, const float *, ptrdiff_t, double, double,
                                  const double *, int, double *, double *))
 BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff_t,
@@ -77,6 +85,7 @@ BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff
 enum { N = 4099, R = 37, C = 45 };
 static float xf[N + 64], gf[N + 64], of[2][2 * N];
 static double xd[N + 64], gd[N + 64], od[2][N + 64], w[N + 64], a[2][4 * N + 64];
+static double pm[8], pinv[8];   /* the planes affine's per-channel mean and invstd */
 static int bad;
 
 static void same(const void *p, const void *q, size_t n, const char *what)
@@ -94,6 +103,10 @@ int main(void)
         gd[i] = gf[i];
         w[i] = 0.25 + 1e-3 * (i % 97);
     }
+    for (int c = 0; c < 8; c++) {
+        pm[c] = 1e3 + 0.5 + 0.01 * c;
+        pinv[c] = 3.3 - 0.2 * c;
+    }
     /* force the dispatchers (and so both clones) to be emitted */
     bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
     bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
@@ -109,6 +122,8 @@ int main(void)
     bn_rows_norm_f32(xf, of[0], 2, 2, 4, 4, 4, 1e-5, NULL, NULL, a[0], a[0] + 2, 0, 0);
     bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
     bn_row_bwd_sums_f32(gf, xf, 8, 0, 1, w, 0, a[0], a[0] + 1);
+    bn_planes_affine_f32(xf, of[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
+    bn_planes_affine_f64(xd, od[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
         for (int stream = 0; stream < 2; stream++) {
@@ -181,13 +196,47 @@ int main(void)
                 (k ? bn_rows_bwd_tile_f32_v : bn_rows_bwd_tile_f32_d)(
                     g, x, of[k] + 7000 + off, 3, 150, 1001, 1001, 300, w + 30, w + 40,
                     a[k] + 3200, a[k] + 3210, w + 50, a[k] + 3300, a[k] + 3500);
+                /* 12 planes of 13 values from the third of 5 channels (the run path
+                 * when streamed: vectors straddling planes), and of 3 values */
+                (k ? bn_planes_affine_f32_v : bn_planes_affine_f32_d)(
+                    x, of[k] + 7700 + off, 2, 12, 5, 13, 65, 13, 65, 13, pm, pinv, w + 7,
+                    w + 60, stream);
+                (k ? bn_planes_affine_f32_v : bn_planes_affine_f32_d)(
+                    x, of[k] + 7900 + off, 1, 9, 5, 3, 15, 3, 15, 3, pm, pinv, NULL, NULL,
+                    stream);
+                (k ? bn_planes_affine_f64_v : bn_planes_affine_f64_d)(
+                    xd + off, od[k] + 2000 + off, 2, 12, 5, 13, 65, 13, 65, 13, pm, pinv,
+                    w + 7, NULL, stream);
             }
-            same(od[0], od[1], sizeof od[0], "bn_row_bwd_f64 dx");
+            same(od[0], od[1], sizeof od[0], "double outputs (bn_row_bwd_f64 dx, "
+                 "planes_affine)");
             same(of[0], of[1], sizeof of[0], "float outputs (seg_bwd_dx, cl_bwd_dx, "
-                 "rows_norm, seg_affine, group_blocks, group_blocks_bwd)");
+                 "rows_norm, seg_affine, planes_affine, group_blocks, group_blocks_bwd)");
             same(a[0], a[1], sizeof a[0], "double outputs (sums, moments, dw, db, group "
                  "statistics and sums)");
         }
+    /* the planes affine walks a sample's planes of adjacent channels as one run when it
+     * streams, and plane by plane when not: the same bits, at every alignment, with
+     * vectors straddling planes (planes of 13 and 8) and none (planes of 16) */
+    {
+        static float pf[2][400];
+        static double pd[2][400];
+        for (int off = 0; off < 8; off++)
+            for (int inner = 8; inner <= 16; inner += 4 + (inner == 12)) {
+                for (int stream = 0; stream < 2; stream++) {
+                    memset(pf[stream], 0, sizeof pf[stream]);
+                    memset(pd[stream], 0, sizeof pd[stream]);
+                    bn_planes_affine_f32(xf + off, pf[stream] + off, 3, 14, 5, inner,
+                                         5 * inner, inner, 5 * inner, inner, pm, pinv,
+                                         w + 7, w + 60, stream);
+                    bn_planes_affine_f64(xd + off, pd[stream] + off, 1, 17, 5, inner,
+                                         5 * inner, inner, 5 * inner, inner, pm, pinv, NULL,
+                                         NULL, stream);
+                }
+                same(pf[0], pf[1], sizeof pf[0], "planes_affine f32: run and planes");
+                same(pd[0], pd[1], sizeof pd[0], "planes_affine f64: run and planes");
+            }
+    }
     /* a tile of channels starting at a multiple of 32, walked with the width of the whole
      * rows, sums each channel as the call over every channel does (the channel split of
      * batch_norm_backward's few-row case relies on it) */

@@ -269,13 +269,15 @@ def test_bitwise_identical_for_any_thread_count(shape, axis):
             assert np.array_equal(a, b_)
 
 
-@pytest.mark.parametrize("shape,axis", [((260, 64, 15, 17), 1), ((256, 15, 17, 65), -1)],
-                         ids=str)
+@pytest.mark.parametrize("shape,axis", [((260, 64, 15, 17), 1), ((1500, 61, 7, 7), 1),
+                                        ((256, 15, 17, 65), -1)], ids=str)
 def test_streamed_outputs_match_unstreamed(shape, axis):
     """Outputs of 16 MiB and more are written with streaming stores on the whole 64-byte
     lines of each plane or row and ordinary stores on the rest (planes of 255 floats, rows
-    of 65 start at every alignment). The bits must be those of a small call, which stores
-    everything the ordinary way: eval and backward are elementwise given the statistics."""
+    of 65 start at every alignment). The eval affine walks each sample's planes as one run
+    (vectors straddling two planes; 49-value planes too, which are not streamed one by
+    one). The bits must be those of a small call, which stores everything the ordinary
+    way: eval and backward are elementwise given the statistics."""
     x = make(shape, np.float32, "C", offset=3.0)
     dy = make(shape, np.float32, "C", seed=3)
     assert x.nbytes >= 16 << 20

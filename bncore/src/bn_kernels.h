@@ -39,10 +39,13 @@
 #endif
 
 /* GCC/Clang vector extensions: four doubles (an AVX2 register, two SSE2 registers in the
- * baseline clone) and four floats. */
+ * baseline clone), four and eight floats, and the lane masks of eight floats and of four
+ * doubles (a comparison's -1 / 0 per lane). */
 typedef double bn_v4d __attribute__((vector_size(32)));
 typedef float bn_v4f __attribute__((vector_size(16)));
 typedef float bn_v8f __attribute__((vector_size(32)));
+typedef int bn_v8i __attribute__((vector_size(32)));
+typedef long long bn_v4l __attribute__((vector_size(32)));
 
 
 #if defined(BNCORE_TARGET_CLONES)
