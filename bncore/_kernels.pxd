@@ -11,8 +11,9 @@ Tiling (see DESIGN.md "Kernels and numerics"):
   or several short planes) so that both passes of the block statistics run in L1. The
   block sequence depends on the shape only, so does every result.
 - rows: ``R`` rows of ``C`` contiguous channels, ``ld`` apart. Row blocks of ``rows_per_block``
-  rows by at most CHANNEL_BLOCK channels are reduced across channels at once, then merged
-  into per-channel states that share one count.
+  rows by at most CHANNEL_BLOCK channels are reduced across channels at once, in one pass
+  around per-channel shifts (bn_cl_moments_shift), then merged into per-channel states
+  that share one count.
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -121,8 +122,10 @@ cdef extern from "bn_kernels.h" nogil:
                                  Py_ssize_t ld, const double *K, const double *pivot,
                                  const float *next, Py_ssize_t nnext, Py_ssize_t next_rows,
                                  Py_ssize_t next_ld, double *mean, double *m2)
-    void bn_cl_moments_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
-                           double *work, const double *pivot, double *mean, double *m2)
+    void bn_cl_moments_shift_f64(const double *x, Py_ssize_t nrows, Py_ssize_t nch,
+                                 Py_ssize_t ld, const double *K, const double *pivot,
+                                 const double *next, Py_ssize_t nnext, Py_ssize_t next_rows,
+                                 Py_ssize_t next_ld, double *mean, double *m2)
     void bn_cl_affine_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
                           Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                           const double *scale, const double *shift)
@@ -463,10 +466,13 @@ cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexcept nogil:
-    """Rows per statistics block of up to CHANNEL_BLOCK channels: the block fills L1
-    (32 KiB). double: its second pass reads it there. float (one pass): the next block,
-    prefetched meanwhile, lands there; and at least 128 rows, so that the per-block work
-    per channel (shift, merge) is spread over 128 rows when channels are many."""
+    """Rows per statistics block of up to CHANNEL_BLOCK channels at itemsize 4 (what
+    rows_chunk_stats takes for both types): a block of floats fills L1 (32 KiB), where the
+    next block, prefetched meanwhile, lands; and at least 128 rows, so that the per-block
+    work per channel (shift, merge) is spread over 128 rows when channels are many. For
+    double the block is twice the bytes and in L2: its one pass reads each value once.
+    Blocks of 16 double rows (L1-sized, as the two-pass wanted) ran 1.3-2x slower in
+    cache, their per-block work the cost. rows_chunks sizes chunks with itemsize 8."""
     cdef Py_ssize_t cb = min(nch, <Py_ssize_t>CHANNEL_BLOCK)
     cdef Py_ssize_t rows = (<Py_ssize_t>(16 * BLOCK)) // max(cb * itemsize, 1)
     return max(16 if itemsize == 8 else 128, rows)
@@ -500,71 +506,90 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
                                   const double *pivot, double *mean, double *m2,
                                   bint far) noexcept nogil:
     """Moments of rows [r0, r1) for every channel into mean[nch] (relative to pivot[nch],
-    the same for every chunk) and m2[nch].
+    the same for every chunk) and m2[nch]: blocks of rows (rows_per_block, the float
+    rule for both types) by up to CHANNEL_BLOCK channels, each in one pass around
+    per-channel shifts K (bn_cl_moments_shift), merged in order.
 
     ``work`` holds 5 * CHANNEL_BLOCK doubles. All channels share the count r1-r0. ``far``:
     the rows are beyond the caches (beyond_caches), which changes what is prefetched.
     """
-    cdef Py_ssize_t rb = rows_per_block(nch, sizeof(floating)), r, c0, c, cb, nr, nnext
-    cdef Py_ssize_t nw, nrn
+    cdef Py_ssize_t rb = rows_per_block(nch, 4), r, c0, c, cb, nr, nnext, nw, nrn, i, k
     cdef double *K = work
     cdef double *bm = work + 3 * CHANNEL_BLOCK
     cdef double *bm2 = bm + CHANNEL_BLOCK
-    cdef const float *nxt
+    cdef const floating *nxt
+    cdef Py_ssize_t isz = sizeof(floating)
     r = r0
     while r < r1:
         nr = min(rb, r1 - r)
         nnext = min(rb, r1 - r - nr)
-        # double: overlap the next row block's fetch with this block's passes (the float
-        # kernel prefetches it itself, spread over its row steps)
-        if floating is double and nnext > 0:
-            if ld == nch:
-                prefetch_seg(x + (r + nr) * ld, 1, nnext * nch, 0)
-            else:
-                prefetch_seg(x + (r + nr) * ld, nnext, nch, ld)
         c0 = 0
         while c0 < nch:
             cb = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0)
-            if floating is float:
-                # shifts: the pivots for the chunk's first block, then its running means
+            # shifts K, near each channel's mean (the one pass's error grows with their
+            # distance from it, see bn_cl_moments_shift): float, the pivots for the
+            # chunk's first block, then its running means as floats (x - K exact); double,
+            # the mean of the chunk's first (up to) 16 rows, then its running means
+            if floating is float or r > r0:
                 for c in range(cb):
                     K[c] = pivot[c0 + c]
                     if r > r0 and isfinite(pivot[c0 + c] + mean[c0 + c]):
-                        K[c] = <double><float>(pivot[c0 + c] + mean[c0 + c])
-                nxt = NULL
-                if far and nch > CHANNEL_BLOCK:
-                    # rows wider than a channel block, beyond the caches: the block walked
-                    # next (the next channel block of these rows, or the first of the next
-                    # rows), nr rows of up to 1 KiB, ld apart. The next row block in address
-                    # order is a whole row block away (1 MiB at 2048 channels), out of L2
-                    # by its turn: moments (3136, 2048) 1.4-1.9x, (6272, 1024) 1.6-1.7x,
-                    # (12544, 512) 1.15-1.2x in-process A/B. In cache the prefetches only
-                    # cost (0.88-0.93x from 3 to 8 MiB), hence `far`.
-                    if c0 + cb < nch:
-                        nxt = <const float *>(x + r * ld + c0 + cb)
-                        nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0 - cb)
-                        nrn = nr
-                    else:
-                        nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch)
-                        nrn = nnext
-                        if nnext > 0:
-                            nxt = <const float *>(x + (r + nr) * ld)
-                    bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
-                                            nw * <Py_ssize_t>sizeof(float), nrn,
-                                            ld * <Py_ssize_t>sizeof(float), bm, bm2)
-                else:
-                    # the next row block (contiguous rows), prefetched in address order:
-                    # the part of it in proportion to this channel block
-                    if nnext > 0 and ld == nch:
-                        nxt = <const float *>(x + (r + nr) * ld) + nnext * c0
-                    bn_cl_moments_shift_f32(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
-                                            nnext * cb * <Py_ssize_t>sizeof(float), 1, 0,
-                                            bm, bm2)
+                        K[c] = pivot[c0 + c] + mean[c0 + c]
+                        if floating is float:
+                            K[c] = <double><float>K[c]
             else:
-                bn_cl_moments_f64(x + r * ld + c0, nr, cb, ld, work, pivot + c0, bm, bm2)
+                k = min(16, r1 - r0)
+                for c in range(cb):
+                    K[c] = 0
+                for i in range(k):
+                    for c in range(cb):
+                        K[c] += x[(r0 + i) * ld + c0 + c] - pivot[c0 + c]
+                for c in range(cb):
+                    K[c] = pivot[c0 + c] + K[c] / <double>k
+                    if not isfinite(K[c]):
+                        K[c] = pivot[c0 + c]
+            nxt = NULL
+            if far and nch > CHANNEL_BLOCK:
+                # rows wider than a channel block, beyond the caches: the block walked
+                # next (the next channel block of these rows, or the first of the next
+                # rows), nr rows of up to 1 KiB, ld apart. The next row block in address
+                # order is a whole row block away (1 MiB at 2048 channels), out of L2
+                # by its turn: moments (3136, 2048) 1.4-1.9x, (6272, 1024) 1.6-1.7x,
+                # (12544, 512) 1.15-1.2x in-process A/B. In cache the prefetches only
+                # cost (0.88-0.93x from 3 to 8 MiB), hence `far`.
+                if c0 + cb < nch:
+                    nxt = x + r * ld + c0 + cb
+                    nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch - c0 - cb)
+                    nrn = nr
+                else:
+                    nw = min(<Py_ssize_t>CHANNEL_BLOCK, nch)
+                    nrn = nnext
+                    if nnext > 0:
+                        nxt = x + (r + nr) * ld
+                cl_moments_shift(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt, nw * isz,
+                                 nrn, ld * isz, bm, bm2)
+            else:
+                # the next row block (contiguous rows), prefetched in address order:
+                # the part of it in proportion to this channel block
+                if nnext > 0 and ld == nch:
+                    nxt = x + (r + nr) * ld + nnext * c0
+                cl_moments_shift(x + r * ld + c0, nr, cb, ld, K, pivot + c0, nxt,
+                                 nnext * cb * isz, 1, 0, bm, bm2)
             bn_chan_merge_vec(<double>(r - r0), mean + c0, m2 + c0, <double>nr, bm, bm2, cb)
             c0 += cb
         r += nr
+
+
+cdef inline void cl_moments_shift(const floating *x, Py_ssize_t nrows, Py_ssize_t nch,
+                                  Py_ssize_t ld, const double *K, const double *pivot,
+                                  const floating *nxt, Py_ssize_t nnext, Py_ssize_t next_rows,
+                                  Py_ssize_t next_ld, double *mean, double *m2) noexcept nogil:
+    if floating is float:
+        bn_cl_moments_shift_f32(x, nrows, nch, ld, K, pivot, nxt, nnext, next_rows, next_ld,
+                                mean, m2)
+    else:
+        bn_cl_moments_shift_f64(x, nrows, nch, ld, K, pivot, nxt, nnext, next_rows, next_ld,
+                                mean, m2)
 
 
 # ------------------------------------------------------------------ whole-array statistics

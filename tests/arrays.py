@@ -181,7 +181,8 @@ def exact_moments(values):
     n = len(ints)
     s1 = sum(ints)
     s2 = sum(i * i for i in ints)
-    return Fraction(s1, n * 2 ** k), Fraction(n * s2 - s1 * s1, n * n * 4 ** k)
+    scale = Fraction(2) ** k   # k < 0 for values beyond 2**53
+    return Fraction(s1, n) / scale, Fraction(n * s2 - s1 * s1, n * n) / (scale * scale)
 
 
 def fraction_moments(values):

@@ -75,6 +75,9 @@ BOTH(void, bn_planes_affine_f64, (const double *, double *, ptrdiff_t, ptrdiff_t
                                   ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                                   const double *, const double *, const double *,
                                   const double *, int))
+BOTH(void, bn_cl_moments_shift_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                     const double *, const double *, const double *,
+                                     ptrdiff_t, ptrdiff_t, ptrdiff_t, double *, double *))
 BOTH(void, bn_row_bwd_sums_f32, (const float *, const float *, ptrdiff_t, double, double,
                                  const double *, int, double *, double *))
 BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff_t,
@@ -123,6 +126,7 @@ int main(void)
     bn_seg_affine_f32(xf, of[0], 1, 8, 0, 0, 0, 1, 0);
     bn_row_bwd_sums_f32(gf, xf, 8, 0, 1, w, 0, a[0], a[0] + 1);
     bn_planes_affine_f32(xf, of[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
+    bn_cl_moments_shift_f64(xd, 2, 1, 1, w, w, NULL, 0, 0, 0, a[0], a[0] + 1);
     bn_planes_affine_f64(xd, od[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
@@ -204,6 +208,10 @@ int main(void)
                 (k ? bn_planes_affine_f32_v : bn_planes_affine_f32_d)(
                     x, of[k] + 7900 + off, 1, 9, 5, 3, 15, 3, 15, 3, pm, pinv, NULL, NULL,
                     stream);
+                /* channels-last float64 statistics, one pass around shifts near the
+                 * means (pm: 1e3 + 0.5 + ...), 37 rows of 2 tiles and 3 channels */
+                (k ? bn_cl_moments_shift_f64_v : bn_cl_moments_shift_f64_d)(
+                    xd + off, R, 35, C, pm, w, xd, 64, 2, C, a[k] + 5000, a[k] + 5100);
                 (k ? bn_planes_affine_f64_v : bn_planes_affine_f64_d)(
                     xd + off, od[k] + 2000 + off, 2, 12, 5, 13, 65, 13, 65, 13, pm, pinv,
                     w + 7, NULL, stream);
@@ -236,6 +244,27 @@ int main(void)
                 same(pf[0], pf[1], sizeof pf[0], "planes_affine f32: run and planes");
                 same(pd[0], pd[1], sizeof pd[0], "planes_affine f64: run and planes");
             }
+    }
+    /* the one-pass channels-last float64 statistics around a shift too far from a
+     * channel's mean (z^2 > 1) give the corrected two-pass bits for its tile, and around
+     * shifts near the means what the two-pass gives to within a few ulps */
+    {
+        static double K[16], pv[16], m1[16], v1[16], m2[16], v2[16];
+        for (int i = 0; i < 16; i++) {
+            K[i] = 1e3 + 0.5;   /* xd: 1e3 + U(0, 1) */
+            pv[i] = 1e3;
+        }
+        bn_cl_moments_shift_f64(xd, R, 16, C, K, pv, NULL, 0, 0, 0, m1, v1);
+        bn_cl_tile2_f64(xd, R, C, pv, m2, v2);
+        for (int i = 0; i < 16; i++)
+            if (fabs(m1[i] - m2[i]) > 1e-13 || fabs(v1[i] - v2[i]) > 1e-12 * v2[i]) {
+                printf("MISMATCH one-pass statistics, channel %d\n", i);
+                bad++;
+            }
+        K[7] = 1e3 + 0.5 + 3.0;   /* z ~ 10 for channel 7 */
+        bn_cl_moments_shift_f64(xd, R, 16, C, K, pv, NULL, 0, 0, 0, m1, v1);
+        same(m1, m2, sizeof m1, "one-pass statistics with a far shift: two-pass means");
+        same(v1, v2, sizeof v1, "one-pass statistics with a far shift: two-pass M2");
     }
     /* a tile of channels starting at a multiple of 32, walked with the width of the whole
      * rows, sums each channel as the call over every channel does (the channel split of

@@ -147,6 +147,65 @@ def test_float64_exact_to_1e12(offset, spread, shape, axis):
         assert rel_err(v, evar) <= 1e-12, (c, float(v), float(evar))
 
 
+def _rows_f64_cases():
+    """float64 channels-last data (700 rows of 37 channels: two tiles of 16 and 5 more;
+    blocks of 221 rows) that the one-pass statistics must get right, or hand to the
+    two-pass: offsets, drifting rows (each block's mean far from the running shift), a
+    step, constant channels (one whose first rows differ), and a channel of huge values."""
+    rng = np.random.default_rng(23)
+    base = rng.normal(0, 1.0, (700, 37))
+    ramp = np.linspace(0, 1, 700)[:, None]
+    out = {"offset 1e9": 1e9 + 0.1 * base, "offset -3e8": -3e8 + base,
+           "drift": 1e6 * ramp + 1e-3 * base, "step": np.where(ramp < 0.5, 0.0, 1e6) + base,
+           "sorted": np.sort(base, axis=0)}
+    x = 5.0 + base
+    x[:, 3] = 7.25                              # constant
+    x[:, 20] = -1e-300                          # constant, tiny
+    x[:, 21] = 2.5
+    x[:10, 21] = 1e5                            # constant after ten other rows
+    x[:, 30] = 1e150 * base[:, 30]              # squares near the double range
+    out["constants"] = x
+    return out
+
+
+@pytest.mark.parametrize("kind", list(_rows_f64_cases()))
+def test_float64_channels_last_exact_with_one_pass_blocks(kind):
+    """float64 rows (channels-last) statistics go in one pass per block around a shift
+    near each channel's mean, a tile with a shift too far from its mean again by the
+    two-pass: exact to 1e-15 (mean) and 1e-12 (variance) whichever way, the same bits
+    for any thread count, a constant channel's variance exactly 0."""
+    x = _rows_f64_cases()[kind]
+    mean, var = bncore.moments(x, axis=0, n_threads=1)
+    for c in range(x.shape[1]):
+        emean, evar = exact_moments(x[:, c])
+        spread = float(np.max(x[:, c]) - np.min(x[:, c]))
+        assert abs(Fraction(float(mean[c])) - emean) <= abs(emean) * 1e-15 + spread * 1e-15, c
+        if evar == 0:
+            assert var[c] == 0 and mean[c] == x[0, c], c
+        else:
+            assert rel_err(var[c], evar) <= 1e-12, (c, float(var[c]), float(evar))
+    for nt in (2, 3, 8):
+        got = bncore.moments(x, axis=0, n_threads=nt)
+        assert np.array_equal(got[0], mean) and np.array_equal(got[1], var)
+
+
+def test_float64_channels_last_nan_inf_stay_in_their_channel():
+    """A nan or inf sends its tile of 16 channels to the two-pass: that channel is
+    nan (inf - inf) or inf like NumPy's, the tile's other channels exact."""
+    x = 3.0 + np.random.default_rng(29).normal(0, 1.0, (500, 32))
+    x[100, 5] = np.nan
+    x[200, 17] = np.inf
+    mean, var = bncore.moments(x, axis=0)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(np.isnan(mean), np.isnan(x.mean(axis=0)))
+        np.testing.assert_array_equal(np.isnan(var), np.isnan(x.var(axis=0)))
+    assert mean[17] == np.inf
+    for c in (0, 4, 6, 16, 18, 31):
+        emean, evar = exact_moments(x[:, c])
+        assert abs(Fraction(float(mean[c])) - emean) <= abs(emean) * 1e-15
+        assert rel_err(var[c], evar) <= 1e-12
+
+
 @pytest.mark.parametrize("shape,axis", [((64, 3, 24, 24), (0, 2, 3)), ((64, 24, 24, 3), (0, 1, 2)),
                                         ((30000, 3), 0), ((3, 40000), 1)], ids=str)
 def test_float32_mean_1e6_std_0p1(shape, axis):

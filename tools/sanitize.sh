@@ -66,6 +66,8 @@ if [ "$quick" = 1 ]; then
            "tests/test_moments.py::test_leading_blocks_take_the_fast_path"
            "tests/test_moments.py::test_update_takes_the_fast_path"
            "tests/test_moments.py::test_permuted_contiguous_input_is_reduced_in_memory_order"
+           "tests/test_moments.py::test_float64_channels_last_exact_with_one_pass_blocks"
+           "tests/test_moments.py::test_float64_channels_last_nan_inf_stay_in_their_channel"
            "tests/test_threads.py::test_bitwise_identical_for_any_n_threads"
            "tests/test_threads.py::test_channels_last_samples_shared_by_the_threads"
            "tests/test_threads.py::test_nchw_group_runs_shared_by_the_threads"

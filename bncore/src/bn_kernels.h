@@ -67,6 +67,13 @@ typedef long long bn_v4l __attribute__((vector_size(32)));
         __builtin_fma((a)[1], (b)[1], (c)[1]), __builtin_fma((a)[2], (b)[2], (c)[2]), \
         __builtin_fma((a)[3], (b)[3], (c)[3])})
 #define BN_FMA(a, b, c) __builtin_fma((a), (b), (c))
+/* Four deviation vectors into the sums d0..d3 and sums of squares q0..q3 in scope (four
+ * independent chains each: with fewer, the adds' latency was the limit). */
+#define BN_ACC4(u0, u1, u2, u3) do { \
+        d0 += (u0); d1 += (u1); d2 += (u2); d3 += (u3); \
+        q0 = BN_FMA4((u0), (u0), q0); q1 = BN_FMA4((u1), (u1), q1); \
+        q2 = BN_FMA4((u2), (u2), q2); q3 = BN_FMA4((u3), (u3), q3); \
+    } while (0)
 
 /* ---- streaming (non-temporal) stores
  * Outputs far larger than the caches are written with streaming stores: no
