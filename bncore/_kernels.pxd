@@ -139,6 +139,11 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_cl_affine_group_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
                                 Py_ssize_t nrows, Py_ssize_t nch, double mean,
                                 const double *scale, const double *shift, int stream)
+    void bn_cl_affine_group_f64(const double *x, Py_ssize_t ldx, double *y, Py_ssize_t ldy,
+                                Py_ssize_t nrows, Py_ssize_t nch, double mean,
+                                const double *scale, const double *shift, int stream)
+    int bn_shift_moments_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len,
+                             Py_ssize_t stride, double K, double *mean, double *m2)
     void bn_cl_affine_stream_f32(const float *x, Py_ssize_t ldx, float *y, Py_ssize_t ldy,
                                  Py_ssize_t nrows, Py_ssize_t nch, const double *mean,
                                  const double *scale, const double *shift)

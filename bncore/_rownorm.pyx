@@ -36,7 +36,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
@@ -44,7 +44,8 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    bn_cl_affine_group_f32, bn_group_affine_f32, bn_group_affine_f64, bn_run_moments_f32,
+    bn_cl_affine_group_f32, bn_cl_affine_group_f64, bn_group_affine_f32, bn_group_affine_f64,
+    bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     prefetch_seg,
@@ -811,7 +812,7 @@ cdef inline void group_direct(const floating *x, floating *y, Py_ssize_t s, Py_s
     """Group norm of one (sample, group) block of a channels-last sample: its moments in
     one pass over s rows of cg channels (c apart), then its affine."""
     cdef bn_moments st
-    cdef double cmean[DIRECT_MAX_CG]
+    cdef double k
     cdef double scale[DIRECT_MAX_CG]
     cdef double shift[DIRECT_MAX_CG]
     cdef double invstd
@@ -821,9 +822,17 @@ cdef inline void group_direct(const floating *x, floating *y, Py_ssize_t s, Py_s
     st.m2 = 0
     if floating is float:
         bn_run_moments_f32(x, s, cg, c, &st.shift, &st.mean, &st.m2)
+        mean[0] = st.mean + st.shift
     else:
-        plane_block_stats(x, s, cg, c, 0, plane_nblocks(s, cg), &st)
-    mean[0] = st.mean + st.shift
+        # one pass around the mean of the first row's (up to) 16 values, the two-pass
+        # blocks where that is more than a standard deviation off: (32, 7, 7, 512) G=8
+        k = 0
+        for j in range(min(16, cg)):
+            k += x[j] - x[0]
+        k = x[0] + k / <double>min(16, cg)
+        if not (isfinite(k) and bn_shift_moments_f64(x, s, cg, c, k, &mean[0], &st.m2)):
+            plane_block_stats(x, s, cg, c, 0, plane_nblocks(s, cg), &st)
+            mean[0] = st.mean + st.shift
     var[0] = st.m2 / <double>(cg * s)
     invstd = 1.0 / sqrt(var[0] + eps)
     for j in range(cg):
@@ -832,12 +841,7 @@ cdef inline void group_direct(const floating *x, floating *y, Py_ssize_t s, Py_s
     if floating is float:   # one mean: the kernel keeps it in registers
         bn_cl_affine_group_f32(x, c, y, c, s, cg, mean[0], scale, shift, stream)
     else:
-        for j in range(cg):
-            cmean[j] = mean[0]
-        if stream:
-            cl_affine_stream(x, c, y, c, s, cg, cmean, scale, shift)
-        else:
-            cl_affine(x, c, y, c, s, cg, cmean, scale, shift)
+        bn_cl_affine_group_f64(x, c, y, c, s, cg, mean[0], scale, shift, stream)
     if stream:
         bn_fence()
 

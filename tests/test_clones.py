@@ -78,6 +78,8 @@ BOTH(void, bn_planes_affine_f64, (const double *, double *, ptrdiff_t, ptrdiff_t
 BOTH(void, bn_cl_moments_shift_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                                      const double *, const double *, const double *,
                                      ptrdiff_t, ptrdiff_t, ptrdiff_t, double *, double *))
+BOTH(int, bn_shift_moments_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double,
+                                 double *, double *))
 BOTH(void, bn_row_bwd_sums_f32, (const float *, const float *, ptrdiff_t, double, double,
                                  const double *, int, double *, double *))
 BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff_t,
@@ -127,6 +129,7 @@ int main(void)
     bn_row_bwd_sums_f32(gf, xf, 8, 0, 1, w, 0, a[0], a[0] + 1);
     bn_planes_affine_f32(xf, of[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_cl_moments_shift_f64(xd, 2, 1, 1, w, w, NULL, 0, 0, 0, a[0], a[0] + 1);
+    bn_shift_moments_f64(xd, 1, 8, 0, 1e3, a[0], a[0] + 1);
     bn_planes_affine_f64(xd, od[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
@@ -212,6 +215,8 @@ int main(void)
                  * means (pm: 1e3 + 0.5 + ...), 37 rows of 2 tiles and 3 channels */
                 (k ? bn_cl_moments_shift_f64_v : bn_cl_moments_shift_f64_d)(
                     xd + off, R, 35, C, pm, w, xd, 64, 2, C, a[k] + 5000, a[k] + 5100);
+                (k ? bn_shift_moments_f64_v : bn_shift_moments_f64_d)(
+                    xd + off, R, 35, C, 1e3 + 0.5, a[k] + 5200, a[k] + 5201);
                 (k ? bn_planes_affine_f64_v : bn_planes_affine_f64_d)(
                     xd + off, od[k] + 2000 + off, 2, 12, 5, 13, 65, 13, 65, 13, pm, pinv,
                     w + 7, NULL, stream);
@@ -261,6 +266,22 @@ int main(void)
                 printf("MISMATCH one-pass statistics, channel %d\n", i);
                 bad++;
             }
+        /* a group block (37 rows of 35 channels) in one pass: near its mean, the
+         * two-pass moments to a few ulps; 10 standard deviations off, declined */
+        double gm, gv, tm, tv;
+        if (!bn_shift_moments_f64(xd, R, 35, C, 1e3 + 0.5, &gm, &gv)) {
+            printf("MISMATCH one-pass group moments declined a near shift\n");
+            bad++;
+        }
+        bn_seg_moments_f64(xd, R, 35, C, 1e3, &tm, &tv);
+        if (fabs(gm - (1e3 + tm)) > 1e-12 || fabs(gv - tv) > 1e-12 * tv) {
+            printf("MISMATCH one-pass group moments\n");
+            bad++;
+        }
+        if (bn_shift_moments_f64(xd, R, 35, C, 1e3 + 0.5 + 3.0, &gm, &gv)) {
+            printf("MISMATCH one-pass group moments took a far shift\n");
+            bad++;
+        }
         K[7] = 1e3 + 0.5 + 3.0;   /* z ~ 10 for channel 7 */
         bn_cl_moments_shift_f64(xd, R, 16, C, K, pv, NULL, 0, 0, 0, m1, v1);
         same(m1, m2, sizeof m1, "one-pass statistics with a far shift: two-pass means");

@@ -611,3 +611,39 @@ def test_small_nchw_groups_streamed():
     assert np.array_equal(dx[:64], dxs)
     want = ref.instance_norm_backward(dy[-64:], x[-64:], m[-64:], inv[-64:], w)[0]
     close(dx[-64:], want, np.float32)
+
+
+def _wide_group_f64_cases():
+    """float64 channels-last groups of 64 channels over 49 rows (a (sample, group) block
+    each, its statistics in one pass around the mean of its first 16 values, or by the
+    two-pass where that is more than a standard deviation off)."""
+    rng = np.random.default_rng(31)
+    base = rng.normal(0, 1.0, (2, 7, 7, 128))
+    x = 1e9 + 0.1 * base
+    y = 5.0 + base
+    y[0, ..., :64] = 7.25                       # a constant group
+    y[1, 0, 0, 64:80] = 1e5                     # the first 16 values far off the rest
+    z = 2.5 + 1e-3 * base
+    z[0, 0, 0, :16] = -3e4                      # the same, with little spread
+    return {"offset 1e9": x, "constant and far first values": y, "far first, tight": z}
+
+
+@pytest.mark.parametrize("kind", list(_wide_group_f64_cases()))
+def test_float64_channels_last_wide_groups_exact(kind):
+    from fractions import Fraction
+    from arrays import exact_moments, rel_err
+    x = _wide_group_f64_cases()[kind]
+    y, mean, invstd = bncore.group_norm_forward(x, 2, axis=-1)
+    for n in range(2):
+        for g in range(2):
+            block = x[n, ..., 64 * g:64 * (g + 1)]
+            emean, evar = exact_moments(block)
+            spread = float(block.max() - block.min())
+            assert abs(Fraction(float(mean[n, g])) - emean) <= abs(emean) * 1e-15 + spread * 1e-15
+            einv = 1.0 / np.sqrt(np.longdouble(float(evar)) + np.longdouble(1e-5))
+            assert abs(float(invstd[n, g]) - float(einv)) <= 1e-13 * float(einv), (n, g)
+            if evar == 0:
+                assert np.all(y[n, ..., 64 * g:64 * (g + 1)] == 0)
+    for nt in (2, 3):
+        got = bncore.group_norm_forward(x, 2, axis=-1, n_threads=nt)
+        assert all(np.array_equal(a, b) for a, b in zip(got, (y, mean, invstd)))

@@ -1190,6 +1190,44 @@ static BN_CLONES void bn_cl_affine_group_f32(const float *x, ptrdiff_t ldx, floa
 #undef BN_VEC
     }
 }
+#else
+/* The same for double: the mean in a register, a vector loads x, scale and shift (not
+ * the mean too); bn_cl_affine's expression, its bits. Group norm (32, 7, 7, 512) G=8. */
+static BN_CLONES void bn_cl_affine_group_f64(const double *x, ptrdiff_t ldx, double *y,
+                                            ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
+                                            double mean, const double *restrict scale,
+                                            const double *restrict shift, int stream)
+{
+    const bn_v4d m = {mean, mean, mean, mean};
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const double *p = x + r * ldx;
+        double *q = y + r * ldy;
+#define BN_SCALAR(c) q[c] = (p[c] - mean) * scale[c] + shift[c]
+#define BN_VEC(c, nt) do { bn_v4d k_, b_; memcpy(&k_, scale + (c), 32); \
+        memcpy(&b_, shift + (c), 32); BN_PUT4(q + (c), (BN_LOAD4(p + (c)) - m) * k_ + b_, nt); \
+    } while (0)
+        BN_SPAN_LOOP(q, nch, stream, 4, BN_SCALAR, BN_VEC);
+#undef BN_SCALAR
+#undef BN_VEC
+    }
+}
+
+/* Mean and M2 of nseg segments of len doubles (stride apart) in one pass around K, a
+ * value near their mean (as bn_cl_moments_shift: within twice the two-pass error when
+ * K is within a standard deviation of the mean). Returns 0, with no results, when it
+ * is not (or for nan and inf): the caller's two-pass then. */
+static BN_CLONES int bn_shift_moments_f64(const double *x, ptrdiff_t nseg, ptrdiff_t len,
+                                         ptrdiff_t stride, double K, double *mean,
+                                         double *m2)
+{
+    const double n = (double)nseg * (double)len;
+    double sd, sdd;
+    bn_seg_dev_f64(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd);
+    if (!(2.0 * sd * (sd / n) <= sdd))
+        return 0;
+    bn_finish_block(n, K, sd, sdd, mean, m2);
+    return 1;
+}
 #endif
 
 static BN_CLONES void BN_NAME(bn_cl_affine)(const BN_T *x, ptrdiff_t ldx, BN_T *y, ptrdiff_t ldy,
