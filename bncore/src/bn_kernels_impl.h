@@ -1003,9 +1003,10 @@ BN_INLINE void bn_cl_tile2_f64(const double *x, ptrdiff_t nrows, ptrdiff_t ld,
  * m2[c] of the block. One pass per tile of 16 channels around K: sd = sum(u),
  * sdd = sum(u^2), u = x - K, M2 = sdd - sd^2/n, whose relative error is about
  * (1 + z^2) times a two-pass one's, z = (mean - K) / std. A tile where some channel has
- * z^2 > 1 (2 sd^2 / n > sdd; also nan and inf) is done again by the corrected two-pass
- * (bn_cl_tile2_f64): so every M2 is within twice the two-pass error, and a constant
- * channel (sdd == 0 only when K is its value) gives M2 == 0. Half the work of the
+ * z^2 > 1 (2 sd^2 / n > sdd, or nan: a nan, or both infinities) is done again by the
+ * corrected two-pass (bn_cl_tile2_f64): so every M2 is within twice the two-pass error,
+ * and a constant channel (sdd == 0 only when K is its value) gives M2 == 0; a channel with
+ * one infinity gets the two-pass's mean (that infinity) and M2 (nan). Half the work of the
  * two-pass in cache, where that work was the cost (moments (3136, 256) 1.85x). */
 static BN_CLONES void BN_NAME(bn_cl_moments_shift)(const BN_T *x, ptrdiff_t nrows,
                                                   ptrdiff_t nch, ptrdiff_t ld,
@@ -1215,7 +1216,7 @@ static BN_CLONES void bn_cl_affine_group_f64(const double *x, ptrdiff_t ldx, dou
 /* Mean and M2 of nseg segments of len doubles (stride apart) in one pass around K, a
  * value near their mean (as bn_cl_moments_shift: within twice the two-pass error when
  * K is within a standard deviation of the mean). Returns 0, with no results, when it
- * is not (or for nan and inf): the caller's two-pass then. */
+ * is not (or for a nan, or both infinities): the caller's two-pass then. */
 static BN_CLONES int bn_shift_moments_f64(const double *x, ptrdiff_t nseg, ptrdiff_t len,
                                          ptrdiff_t stride, double K, double *mean,
                                          double *m2)
