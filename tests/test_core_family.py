@@ -631,7 +631,7 @@ def _wide_group_f64_cases():
 @pytest.mark.parametrize("kind", list(_wide_group_f64_cases()))
 def test_float64_channels_last_wide_groups_exact(kind):
     from fractions import Fraction
-    from arrays import exact_moments, rel_err
+    from arrays import exact_moments
     x = _wide_group_f64_cases()[kind]
     y, mean, invstd = bncore.group_norm_forward(x, 2, axis=-1)
     for n in range(2):
