@@ -38,6 +38,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
+    bn_far_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
@@ -808,3 +809,16 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     return dx, dweight, dbias
+
+
+bn_init_thresholds()
+
+
+def _thresholds():
+    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes)."""
+    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes
+
+
+def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far):
+    """Set this module's thresholds (see bncore._config.set_thresholds)."""
+    bn_set_thresholds(fwd, bwd, far)

@@ -50,7 +50,7 @@ except ImportError:  # PyTorch is an optional peer (pip install "bncore[bench]")
     torch = None
 
 QUICK_REFERENCE_BYTES = 8 << 20     # --quick skips the (slow, float64) reference above this
-FAR_BYTES = 16 << 20                # beyond the caches: the kernels' STREAM_BYTES
+FAR_BYTES = 16 << 20                # beyond the caches: the kernels' bn_far_bytes
 NOISY = 0.25                        # (max - min) / median of bncore's samples flagged "~"
 # bytes moved, in units of x.nbytes. "dy+copy": a backward, which reads dy and x and writes
 # dx: a read of a second array (as dy is) and a copy of x. "read+copy": the channels-last

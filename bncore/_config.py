@@ -22,7 +22,36 @@ def config():
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "output_cache_bytes": _outputs.cache_limit(),
+        **thresholds(),
     }
+
+
+def _modules():
+    from bncore import _batchnorm, _rownorm, _stats
+    return _batchnorm, _rownorm, _stats
+
+
+def thresholds():
+    """The byte thresholds the kernels take from this machine's L3 at import: a forward or
+    backward whose arrays total ``stream_forward_bytes`` / ``stream_backward_bytes`` or more
+    writes its output with streaming stores; an input of ``far_bytes`` or more is taken to
+    come from memory (prefetching). ``l3_bytes`` is the L3 the C library reports (0: none)."""
+    from bncore import _stats
+    fwd, bwd, far = _stats._thresholds()
+    return {"l3_bytes": _stats._llc_bytes(), "stream_forward_bytes": fwd,
+            "stream_backward_bytes": bwd, "far_bytes": far}
+
+
+def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes):
+    """Set the thresholds of thresholds() in every kernel module; returns the old ones (a
+    dict for thresholds(), ``set_thresholds(**old)`` restores them). For tests, which pin
+    them so that each path runs on any machine, and for measuring the rule."""
+    old = thresholds()
+    for m in _modules():
+        m._set_thresholds(int(stream_forward_bytes), int(stream_backward_bytes),
+                          int(far_bytes))
+    del old["l3_bytes"]
+    return old
 
 
 def show_config():
@@ -46,3 +75,7 @@ def show_config():
     print(f"  output cache: up to {c['output_cache_bytes'] / 2**20:.0f} MiB of freed outputs "
           "of 32 MiB or more kept for reuse (BNCORE_OUTPUT_CACHE_MB; "
           "bncore.release_memory())")
+    mib = 1 << 20
+    print(f"  streaming stores: forwards moving {c['stream_forward_bytes'] / mib:.0f} MiB or "
+          f"more, backwards {c['stream_backward_bytes'] / mib:.0f} MiB "
+          f"(L3 {c['l3_bytes'] / mib:.0f} MiB)")

@@ -29,6 +29,12 @@ cdef extern from "bn_kernels.h" nogil:
         double m2
         double shift
     const char *bn_simd_level()
+    Py_ssize_t bn_stream_fwd
+    Py_ssize_t bn_stream_bwd
+    Py_ssize_t bn_far_bytes
+    void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far)
+    void bn_init_thresholds()
+    Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
     void bn_group_param_grads(double *dweight, double *dbias, const double *sum_dy_xmu,
@@ -178,7 +184,6 @@ cdef enum:
     MAX_CHUNKS = 64         # shape-only parallel split; keeps partials O(C)
     CHUNK_ELEMS = 65536     # at least this many values per parallel chunk
     SERIAL_ELEMS = 32768    # below this, threads cost more than they give
-    STREAM_BYTES = 1 << 24  # x + y of twice this (the L3) get streaming stores (streams())
 
 
 # ------------------------------------------------------------------ typed dispatch
@@ -444,15 +449,17 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
 
 
 cdef inline bint streams(Py_ssize_t nbytes, int narrays) noexcept nogil:
-    """Whether an output of nbytes goes out with streaming stores: when the narrays
-    arrays of that size the op moves (x and y; dy, x and dx) are more than the 32 MiB L3
-    holds (2 * STREAM_BYTES), so the output would be written back to memory anyway. For a
-    backward that is from 10.7 MiB of output, where an output-size rule waited for 16:
-    batch norm (64,512,7,7) float64 1.2-1.29x, channels-last (32,28,28,128) 1.5-1.67x,
-    (64,7,7,1024) 1.16x, float64 (32,28,28,64) 1.14x (float64 (64,7,7,512) 0.94x); group
-    norm channels-last (16,56,56,64) 1.18x, NCHW 1.09x, instance norm 1.06x, RMS norm
-    (4096,768) 1.06x, layer norm 1.03x ((49152,64) 0.98x)."""
-    return narrays * nbytes >= 2 * <Py_ssize_t>STREAM_BYTES
+    """Whether an output of nbytes goes out with streaming stores: when the narrays arrays
+    of that size the op moves (x and y; dy, x and dx) outgrow what the L3 keeps for it
+    (bn_stream_fwd, bn_stream_bwd: set from the machine's L3 at import, see
+    bn_init_thresholds), so the output would be written back to memory anyway. With a
+    32 MiB L3 both are 32 MiB: 16 MiB of output for a forward, 10.7 MiB for a backward,
+    where an output-size rule waited for 16: batch norm (64,512,7,7) float64 1.2-1.29x,
+    channels-last (32,28,28,128) 1.5-1.67x, (64,7,7,1024) 1.16x, float64 (32,28,28,64)
+    1.14x (float64 (64,7,7,512) 0.94x); group norm channels-last (16,56,56,64) 1.18x, NCHW
+    1.09x, instance norm 1.06x, RMS norm (4096,768) 1.06x, layer norm 1.03x ((49152,64)
+    0.98x)."""
+    return narrays * nbytes >= (bn_stream_fwd if narrays == 2 else bn_stream_bwd)
 
 
 cdef inline Py_ssize_t plane_chunks(Py_ssize_t outer, Py_ssize_t nch,
@@ -485,8 +492,8 @@ cdef inline Py_ssize_t rows_per_block(Py_ssize_t nch, Py_ssize_t itemsize) noexc
 
 cdef inline bint beyond_caches(Py_ssize_t nbytes) noexcept nogil:
     """Whether the nbytes an op reads (all its arrays together) come from memory rather
-    than the caches: from STREAM_BYTES (16 MiB, about what the L3 keeps here)."""
-    return nbytes >= <Py_ssize_t>STREAM_BYTES
+    than the caches: from bn_far_bytes (16 MiB, about what a 32 MiB L3 keeps)."""
+    return nbytes >= bn_far_bytes
 
 
 cdef inline Py_ssize_t sample_chunks(Py_ssize_t outer, Py_ssize_t nch,

@@ -24,9 +24,9 @@ Design notes
   channels merged into groups with bn_chan_merge, then the per-channel affine over the
   sample's rows; backward likewise with the channels-last sums and dx primitives.
 - Outputs are written with non-temporal stores once the arrays an op moves outgrow the
-  L3 (streams(): 16 MiB of output for a forward, 10.7 MiB for a backward): for arrays
-  far larger than the caches they skip the read-for-ownership of y (a third of the
-  traffic). Same bits either way.
+  L3 (streams(); with a 32 MiB L3, 16 MiB of output for a forward, 10.7 MiB for a
+  backward): for arrays far larger than the caches they skip the read-for-ownership of
+  y (a third of the traffic). Same bits either way.
 
 # IN: x, dy (read only); weight/bias as float64 (C,) or NULL (layer/RMS: x's dtype (D,));
 #     saved mean/invstd (float64) in backward.
@@ -40,6 +40,7 @@ from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
+    bn_far_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
@@ -1348,3 +1349,16 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     return dx, dweight, dbias
+
+
+bn_init_thresholds()
+
+
+def _thresholds():
+    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes)."""
+    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes
+
+
+def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far):
+    """Set this module's thresholds (see bncore._config.set_thresholds)."""
+    bn_set_thresholds(fwd, bwd, far)

@@ -21,6 +21,24 @@ def pytest_report_header(config):
         return f"bncore not importable: {exc!r}"
 
 
+# The thresholds the kernels take from this machine's L3 at import (bncore._config
+# .thresholds()) decide which paths an op of a given size takes: streamed stores, fetches
+# for data beyond the caches. The tests size their arrays for the 32 MiB L3 rule (a
+# forward of 16 MiB or more, a backward of 10.7 MiB or more streams; an input of 16 MiB or
+# more is far), so they pin it: every path runs on any machine. test_config checks the
+# rule itself in a fresh process.
+PINNED_THRESHOLDS = {"stream_forward_bytes": 32 << 20, "stream_backward_bytes": 32 << 20,
+                     "far_bytes": 16 << 20}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def pinned_thresholds():
+    from bncore import _config
+    old = _config.set_thresholds(**PINNED_THRESHOLDS)
+    yield
+    _config.set_thresholds(**old)
+
+
 @pytest.fixture
 def ref():
     """The pure-NumPy float64 twins (bncore._reference)."""

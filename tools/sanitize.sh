@@ -61,7 +61,7 @@ done
 if [ "$quick" = 1 ]; then
     tests=(tests/test_core_batchnorm.py tests/test_core_moments.py tests/test_core_family.py
            tests/test_bad_input.py tests/test_properties.py tests/test_outputs.py
-           tests/test_fastpath.py
+           tests/test_fastpath.py tests/test_config.py
            "tests/test_moments.py::test_leading_and_later_kept_axes_need_no_gather"
            "tests/test_moments.py::test_leading_blocks_take_the_fast_path"
            "tests/test_moments.py::test_update_takes_the_fast_path"

@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>   /* streaming stores: SSE2 is in every x86-64 clone */
 #define BN_HAVE_STREAM 1
@@ -164,6 +165,58 @@ static inline void bn_prefetch_step_l2(const char **p, const char *end)
         __builtin_prefetch(*p + 64, 0, 1);
         *p += 128;
     }
+}
+
+/* ---- cache-size thresholds, in bytes: one copy per extension module, set at its import by
+ * bn_init_thresholds() (and by tests, which pin them so that every path is exercised on
+ * any machine; bncore._config.set_thresholds):
+ *   bn_stream_fwd, bn_stream_bwd: a forward (x, y) or backward (dy, x, dx) whose arrays
+ *     total this many bytes writes its output with streaming stores (streams());
+ *   bn_far_bytes: inputs of this many bytes are taken to come from memory, not the caches
+ *     (beyond_caches(): what is prefetched, and how). */
+static ptrdiff_t bn_stream_fwd __attribute__((unused)) = (ptrdiff_t)32 << 20;
+static ptrdiff_t bn_stream_bwd __attribute__((unused)) = (ptrdiff_t)32 << 20;
+static ptrdiff_t bn_far_bytes __attribute__((unused)) = (ptrdiff_t)16 << 20;
+
+static inline void bn_set_thresholds(ptrdiff_t fwd, ptrdiff_t bwd, ptrdiff_t far)
+{
+    bn_stream_fwd = fwd;
+    bn_stream_bwd = bwd;
+    bn_far_bytes = far;
+}
+
+/* The last-level cache as the C library reports it (sysconf), or 0 when it does not. */
+static inline ptrdiff_t bn_llc_bytes(void)
+{
+    long v = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v <= 0)
+        v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? (ptrdiff_t)v : 0;
+}
+
+/* Streaming pays once the arrays an op moves outgrow what the L3 keeps for it; a store
+ * that would stay in the L3 is cheaper ordinary (no trip to memory and back). Measured:
+ *  - 32 MiB L3 (Zen 3): both from 32 MiB moved, the L3 itself (the rule these kernels were
+ *    tuned with: see streams());
+ *  - 480 MiB L3 shared by a whole socket (a two-core guest of a Xeon with AVX-512, 2 MiB L2
+ *    per core): forwards 1.05-1.31x faster unstreamed at 49 MiB moved (x and y of 24.5 MiB:
+ *    layer norm 8192x768 1.31x, batch-norm training 1.10x, group norm 1.07-1.11x) and at
+ *    72 MiB for layer norm (1.18x), but 0.70-0.92x at 98 MiB; backwards lost unstreamed from
+ *    37 MiB moved (float64 batch norm 0.85x) and at 73.5 MiB (0.72-0.96x, 1.05x once).
+ * So forwards stream from the L3 or 64 MiB, whichever is less, backwards from the L3 or
+ * 32 MiB (the guest's share of a big shared L3 is not known; these caps are what the
+ * measurements support). No L3 reported: 32 MiB. */
+static inline void bn_init_thresholds(void)
+{
+    ptrdiff_t l3 = bn_llc_bytes();
+    if (l3 <= 0)
+        l3 = (ptrdiff_t)32 << 20;
+    bn_stream_fwd = l3 < ((ptrdiff_t)64 << 20) ? l3 : (ptrdiff_t)64 << 20;
+    bn_stream_bwd = l3 < ((ptrdiff_t)32 << 20) ? l3 : (ptrdiff_t)32 << 20;
+    bn_far_bytes = (ptrdiff_t)16 << 20;
 }
 
 /* Which SIMD level the kernels run with on this CPU (reported by show_config()). */

@@ -1,0 +1,128 @@
+"""The cache-size thresholds taken at import (bncore._config.thresholds()): the rule, and
+that the paths they choose between give the same bits."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import _config
+
+MIB = 1 << 20
+
+
+def _getconf(name):
+    """What getconf (the C library's sysconf) reports, 0 for nothing."""
+    out = subprocess.run(["getconf", name], capture_output=True, text=True, check=True)
+    v = out.stdout.strip()
+    return int(v) if v.isdigit() and int(v) > 0 else 0
+
+
+def test_rule_from_the_l3_in_a_fresh_process():
+    """Forwards stream from min(L3, 64 MiB) moved, backwards from min(L3, 32 MiB); inputs
+    of 16 MiB are far; no L3 reported counts as 32 MiB. Every kernel module agrees."""
+    code = ("from bncore import _config, _batchnorm, _rownorm, _stats; "
+            "print(_config.thresholds()); "
+            "print(len({m._thresholds() for m in (_batchnorm, _rownorm, _stats)}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(bncore.__file__)))
+    got, distinct = out.stdout.split("\n")[:2]
+    l3 = _getconf("LEVEL3_CACHE_SIZE") or _getconf("LEVEL2_CACHE_SIZE")
+    llc = l3 or 32 * MIB
+    want = {"l3_bytes": l3, "stream_forward_bytes": min(llc, 64 * MIB),
+            "stream_backward_bytes": min(llc, 32 * MIB), "far_bytes": 16 * MIB}
+    assert eval(got) == want
+    assert distinct == "1"
+
+
+def test_set_thresholds_returns_the_old_and_sets_every_module():
+    from bncore import _batchnorm, _rownorm, _stats
+    old = _config.set_thresholds(1, 2, 3)
+    try:
+        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(1, 2, 3)}
+        assert _config.thresholds()["stream_backward_bytes"] == 2
+    finally:
+        assert _config.set_thresholds(**old) == {"stream_forward_bytes": 1,
+                                                 "stream_backward_bytes": 2, "far_bytes": 3}
+    assert _config.thresholds()["stream_forward_bytes"] == old["stream_forward_bytes"]
+
+
+def test_show_config_reports_the_thresholds(capsys):
+    bncore.show_config()
+    assert "streaming stores: forwards moving" in capsys.readouterr().out
+
+
+def _calls(dtype):
+    """Every op over small odd shapes, both layouts: name -> callable returning arrays."""
+    rng = np.random.default_rng(5)
+    x4 = (rng.standard_normal((3, 37, 9, 13)) * 2 + 5).astype(dtype)
+    d4 = rng.standard_normal(x4.shape).astype(dtype)
+    xl = np.moveaxis(x4, 1, -1).copy()
+    dl = np.moveaxis(d4, 1, -1).copy()
+    x2 = (rng.standard_normal((67, 301)) + 3).astype(dtype)
+    d2 = rng.standard_normal(x2.shape).astype(dtype)
+    c = 37
+    w, b = rng.normal(size=c), rng.normal(size=c)
+    rm, rv = rng.normal(size=c), rng.uniform(1, 2, c)
+    w2 = rng.normal(size=301).astype(dtype)
+    calls = {}
+    for name, x, d, ax in (("nchw", x4, d4, 1), ("nhwc", xl, dl, -1)):
+        def bn_train(x=x, ax=ax):
+            return bncore.batch_norm_forward(x, w, b, axis=ax)
+
+        def bn_bwd(x=x, d=d, ax=ax):
+            _, m, s = bncore.batch_norm_forward(x, w, b, axis=ax)
+            return bncore.batch_norm_backward(d, x, m, s, w, axis=ax)
+
+        def gn(x=x, d=d, ax=ax):
+            y, m, s = bncore.group_norm_forward(x, 1 if ax == 1 else 37, w, b, axis=ax)
+            return (y, m, s) + tuple(bncore.group_norm_backward(d, x, m, s, 1 if ax == 1
+                                                                else 37, w, axis=ax))
+
+        calls[f"bn train {name}"] = bn_train
+        calls[f"bn eval {name}"] = lambda x=x, ax=ax: bncore.batch_norm(
+            x, rm, rv, w, b, training=False, axis=ax)
+        calls[f"bn backward {name}"] = bn_bwd
+        calls[f"group norm {name}"] = gn
+        calls[f"instance norm {name}"] = lambda x=x, ax=ax: bncore.instance_norm(x, axis=ax)
+        calls[f"moments {name}"] = lambda x=x, ax=ax: bncore.moments(
+            x, axis=(0, 2, 3) if ax == 1 else (0, 1, 2))
+
+    def ln(x=x2, d=d2):
+        y, m, s = bncore.layer_norm_forward(x, (301,), w2, w2)
+        return (y, m, s) + tuple(bncore.layer_norm_backward(d, x, m, s, (301,), w2))
+
+    def rms(x=x2, d=d2):
+        y, s = bncore.rms_norm_forward(x, (301,), w2)
+        return (y, s) + tuple(bncore.rms_norm_backward(d, x, s, (301,), w2))
+
+    calls["layer norm"] = ln
+    calls["rms norm"] = rms
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_and_far_paths_give_the_same_bits(dtype):
+    """Thresholds of 0 (every output streamed, every input far) against thresholds no
+    array reaches: the same bits, for every op; the streamed lines and the ordinary stores
+    at each run's ends, the prefetching variants, all of it on odd shapes."""
+    results = {}
+    big = 1 << 62
+    try:
+        for key, thr in (("all", (0, 0, 0)), ("none", (big, big, big))):
+            _config.set_thresholds(*thr)
+            results[key] = {k: f() for k, f in _calls(dtype).items()}
+    finally:
+        from conftest import PINNED_THRESHOLDS
+        _config.set_thresholds(**PINNED_THRESHOLDS)
+    for k in results["all"]:
+        a, b = results["all"][k], results["none"][k]
+        a = a if isinstance(a, tuple) else (a,)
+        b = b if isinstance(b, tuple) else (b,)
+        for i, (u, v) in enumerate(zip(a, b)):
+            if u is None:
+                assert v is None
+                continue
+            assert np.array_equal(u, v, equal_nan=True), f"{k} output {i}"
