@@ -280,6 +280,42 @@ def test_a_bad_environment_value_warns_and_keeps_the_default(value):
     assert "BNCORE_OUTPUT_CACHE_MB" in out.stderr
 
 
+def test_blocks_of_shapes_left_behind_make_room_for_a_new_size(cache):
+    """Four blocks of sizes no longer used fill the cache; a loop over a new size gets its
+    block kept (and handed back: the same address) once they have gone unasked for eight
+    big requests, instead of a fresh mapping on every call."""
+    _outputs.cache_limit(1 << 40)
+    old = [np.ones((n, 1024, 1024), np.float32) for n in (9, 10, 11, 12)]   # 36-48 MiB
+    ys = [bncore.rms_norm(a, (1024,)) for a in old]
+    del ys
+    assert _outputs.cached_bytes() >= sum(a.nbytes for a in old)   # four blocks kept
+    x = np.ones((14, 1024, 1024), np.float32)                      # 56 MiB: fits none
+    addrs = []
+    for _ in range(12):
+        y = bncore.rms_norm(x, (1024,))
+        addrs.append(y.ctypes.data)
+        del y
+    kept = _outputs.cached_bytes()
+    y = bncore.rms_norm(x, (1024,))
+    assert kept - _outputs.cached_bytes() >= x.nbytes     # y's block came from the cache
+    assert abs(y.ctypes.data - addrs[-1]) < 8192
+    del y
+    # a block still in use by a loop (asked for at every other request) is not evicted
+    again = bncore.rms_norm(old[0], (1024,))
+    del again
+    for _ in range(6):
+        y = bncore.rms_norm(x, (1024,))
+        del y
+        y0 = bncore.rms_norm(old[0], (1024,))
+        a0 = y0.ctypes.data
+        del y0
+        kept = _outputs.cached_bytes()
+        y0 = bncore.rms_norm(old[0], (1024,))
+        assert kept - _outputs.cached_bytes() >= old[0].nbytes
+        assert abs(y0.ctypes.data - a0) < 8192
+        del y0
+
+
 def test_a_limit_beyond_memory_means_no_limit(cache):
     assert _outputs.cache_limit(10**30) >= 2**63
     x = big_input()
