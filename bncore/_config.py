@@ -35,21 +35,22 @@ def thresholds():
     """The byte thresholds the kernels take from this machine's L3 at import: a forward or
     backward whose arrays total ``stream_forward_bytes`` / ``stream_backward_bytes`` or more
     writes its output with streaming stores; an input of ``far_bytes`` or more is taken to
-    come from memory (prefetching). ``l3_bytes`` is the L3 the C library reports (0: none)."""
+    come from memory (prefetching); ``l2_bytes`` is one core's L2 (data beyond the threads'
+    L2s is prefetched). ``l3_bytes`` is the L3 the C library reports (0: none)."""
     from bncore import _stats
-    fwd, bwd, far = _stats._thresholds()
+    fwd, bwd, far, l2 = _stats._thresholds()
     return {"l3_bytes": _stats._llc_bytes(), "stream_forward_bytes": fwd,
-            "stream_backward_bytes": bwd, "far_bytes": far}
+            "stream_backward_bytes": bwd, "far_bytes": far, "l2_bytes": l2}
 
 
-def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes):
+def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes, l2_bytes):
     """Set the thresholds of thresholds() in every kernel module; returns the old ones (a
     dict for thresholds(), ``set_thresholds(**old)`` restores them). For tests, which pin
     them so that each path runs on any machine, and for measuring the rule."""
     old = thresholds()
     for m in _modules():
         m._set_thresholds(int(stream_forward_bytes), int(stream_backward_bytes),
-                          int(far_bytes))
+                          int(far_bytes), int(l2_bytes))
     del old["l3_bytes"]
     return old
 

@@ -32,7 +32,8 @@ cdef extern from "bn_kernels.h" nogil:
     Py_ssize_t bn_stream_fwd
     Py_ssize_t bn_stream_bwd
     Py_ssize_t bn_far_bytes
-    void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far)
+    Py_ssize_t bn_l2_bytes
+    void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2)
     void bn_init_thresholds()
     Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)
@@ -494,6 +495,11 @@ cdef inline bint beyond_caches(Py_ssize_t nbytes) noexcept nogil:
     """Whether the nbytes an op reads (all its arrays together) come from memory rather
     than the caches: from bn_far_bytes (16 MiB, about what a 32 MiB L3 keeps)."""
     return nbytes >= bn_far_bytes
+
+
+cdef inline bint beyond_l2(Py_ssize_t nbytes, int nt) noexcept nogil:
+    """Whether nbytes outgrow the L2s of nt threads (bn_l2_bytes each, from the machine)."""
+    return nbytes >= nt * bn_l2_bytes
 
 
 cdef inline Py_ssize_t sample_chunks(Py_ssize_t outer, Py_ssize_t nch,

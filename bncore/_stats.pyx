@@ -11,7 +11,7 @@ from bncore._fastpath cimport plain_threads, plain_type
 from cython.parallel cimport prange
 
 from bncore._kernels cimport (
-    bn_far_bytes, bn_llc_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
+    bn_far_bytes, bn_l2_bytes, bn_llc_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
     SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
 )
 from bncore._openmp cimport work_threads
@@ -274,8 +274,8 @@ bn_init_thresholds()
 
 
 def _thresholds():
-    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes)."""
-    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes
+    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes)."""
+    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes
 
 
 def _llc_bytes():
@@ -283,6 +283,6 @@ def _llc_bytes():
     return bn_llc_bytes()
 
 
-def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far):
+def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
-    bn_set_thresholds(fwd, bwd, far)
+    bn_set_thresholds(fwd, bwd, far, l2)

@@ -32,20 +32,22 @@ def test_rule_from_the_l3_in_a_fresh_process():
     l3 = _getconf("LEVEL3_CACHE_SIZE") or _getconf("LEVEL2_CACHE_SIZE")
     llc = l3 or 32 * MIB
     want = {"l3_bytes": l3, "stream_forward_bytes": min(llc, 64 * MIB),
-            "stream_backward_bytes": min(llc, 32 * MIB), "far_bytes": 16 * MIB}
+            "stream_backward_bytes": min(llc, 32 * MIB), "far_bytes": 16 * MIB,
+            "l2_bytes": _getconf("LEVEL2_CACHE_SIZE") or 512 << 10}
     assert eval(got) == want
     assert distinct == "1"
 
 
 def test_set_thresholds_returns_the_old_and_sets_every_module():
     from bncore import _batchnorm, _rownorm, _stats
-    old = _config.set_thresholds(1, 2, 3)
+    old = _config.set_thresholds(1, 2, 3, 4)
     try:
-        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(1, 2, 3)}
+        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(1, 2, 3, 4)}
         assert _config.thresholds()["stream_backward_bytes"] == 2
     finally:
         assert _config.set_thresholds(**old) == {"stream_forward_bytes": 1,
-                                                 "stream_backward_bytes": 2, "far_bytes": 3}
+                                                 "stream_backward_bytes": 2, "far_bytes": 3,
+                                                 "l2_bytes": 4}
     assert _config.thresholds()["stream_forward_bytes"] == old["stream_forward_bytes"]
 
 
@@ -105,13 +107,14 @@ def _calls(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streamed_and_far_paths_give_the_same_bits(dtype):
-    """Thresholds of 0 (every output streamed, every input far) against thresholds no
-    array reaches: the same bits, for every op; the streamed lines and the ordinary stores
-    at each run's ends, the prefetching variants, all of it on odd shapes."""
+    """Thresholds of 0 (every output streamed, every input far and beyond the L2s)
+    against thresholds no array reaches: the same bits, for every op; the streamed lines
+    and the ordinary stores at each run's ends, the prefetching variants, all of it on
+    odd shapes."""
     results = {}
     big = 1 << 62
     try:
-        for key, thr in (("all", (0, 0, 0)), ("none", (big, big, big))):
+        for key, thr in (("all", (0, 0, 0, 0)), ("none", (big, big, big, big))):
             _config.set_thresholds(*thr)
             results[key] = {k: f() for k, f in _calls(dtype).items()}
     finally:
