@@ -39,7 +39,7 @@ from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
     bn_far_bytes, bn_l2_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
-    BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, prefetch_seg, bn_fence, bn_moments,
+    BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, plane_fetch, prefetch_seg, bn_fence, bn_moments,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
@@ -336,6 +336,8 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 3)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
+    cdef Py_ssize_t pd = plane_fetch(inner * <Py_ssize_t>sizeof(floating),
+                                     2 * outer * nch * inner * <Py_ssize_t>sizeof(floating), nt)
     if (gsc == inner and sc == inner and (dx == NULL or dsc == inner)
             and inner * <Py_ssize_t>sizeof(floating) < SAMPLE_PLANE and stream):
         return backward_by_sample(dy, x, dx, outer, nch, inner, gso, so, dso, mean, invstd,
@@ -348,7 +350,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                                  dx + c * dsc if dx != NULL else NULL, outer, inner, gso, so,
                                  dso, mean[c], invstd[c], w[c] if w != NULL else 1.0,
                                  training, &dweight[c], &dbias[c], stream,
-                                 fetch and c + 1 < t1, gsc, sc)
+                                 fetch and c + 1 < t1, gsc, sc, pd)
         return 0
     # small channels cost per channel as much as ~CHANNEL_COST values: count it when
     # deciding whether threads pay ((1, 512, 7, 7): 25K values, 23 -> 14 us on two)
@@ -469,12 +471,13 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
                                   Py_ssize_t so, Py_ssize_t dso, double mean, double invstd,
                                   double w, bint training, double *dweight,
                                   double *dbias, bint stream, bint fetch_next, Py_ssize_t gsc,
-                                  Py_ssize_t sc) noexcept nogil:
-    """The two sums of one channel, then its dx while dy and x are still in L2, fetching
-    the next channel (gsc and sc elements on) meanwhile when fetch_next."""
+                                  Py_ssize_t sc, Py_ssize_t pd) noexcept nogil:
+    """The two sums of one channel (fetching pd planes ahead: plane_fetch), then its dx
+    while dy and x are still in L2, fetching the next channel (gsc and sc elements on)
+    meanwhile when fetch_next."""
     cdef double sdy = 0, sdyx = 0, k, q, r
     cdef Py_ssize_t p
-    seg_bwd_sums(dy, x, outer, inner, gso, so, mean, &sdy, &sdyx)
+    seg_bwd_sums(dy, x, outer, inner, gso, so, mean, &sdy, &sdyx, pd)
     dbias[0] = sdy
     dweight[0] = sdyx * invstd
     if dx == NULL:
@@ -834,4 +837,5 @@ def _thresholds():
 def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
     bn_set_thresholds(fwd, bwd, far, l2)
+
 

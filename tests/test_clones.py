@@ -42,7 +42,8 @@ BOTH(void, bn_seg_bwd_dx_f32, (const float *, const float *, float *, ptrdiff_t,
                                ptrdiff_t, ptrdiff_t, ptrdiff_t, double, double, double,
                                double, int))
 BOTH(void, bn_seg_bwd_sums_f32, (const float *, const float *, ptrdiff_t, ptrdiff_t,
-                                 ptrdiff_t, ptrdiff_t, double, double *, double *))
+                                 ptrdiff_t, ptrdiff_t, double, double *, double *,
+                                 ptrdiff_t))
 BOTH(void, bn_seg_moments_f32, (const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double,
                                 double *, double *))
 BOTH(void, bn_seg_moments_f64, (const double *, ptrdiff_t, ptrdiff_t, ptrdiff_t, double,
@@ -116,7 +117,7 @@ int main(void)
     bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
     bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
     bn_seg_bwd_dx_f32(gf, xf, of[0], 1, 8, 0, 0, 0, 0, 1, 1, 1, 0);
-    bn_seg_bwd_sums_f32(gf, xf, 1, 8, 0, 0, 0, a[0], a[0] + 1);
+    bn_seg_bwd_sums_f32(gf, xf, 1, 8, 0, 0, 0, a[0], a[0] + 1, 0);
     bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_seg_moments_f64(xd, 1, 8, 0, 0, a[0], a[0] + 1);
     bn_run_moments_f32(xf, 1, 8, 0, a[0], a[0] + 1, a[0] + 2);
@@ -158,7 +159,7 @@ int main(void)
                                                                0.7, -0.3, 0.01, stream);
                 (k ? bn_seg_bwd_sums_f32_v : bn_seg_bwd_sums_f32_d)(g, x, 3, 1001, 1003, 1002,
                                                                    1e3 + 0.5, a[k] + 2100,
-                                                                   a[k] + 2101);
+                                                                   a[k] + 2101, 1);
                 (k ? bn_seg_moments_f32_v : bn_seg_moments_f32_d)(x, 3, 1001, 1002, 1e3,
                                                                  a[k] + 2102, a[k] + 2103);
                 (k ? bn_seg_moments_f64_v : bn_seg_moments_f64_d)(xd + off, 3, 1001, 1002,

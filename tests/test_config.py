@@ -100,6 +100,16 @@ def _calls(dtype):
         y, s = bncore.rms_norm_forward(x, (301,), w2)
         return (y, s) + tuple(bncore.rms_norm_backward(d, x, s, (301,), w2))
 
+    # channels of more than 4096 values over short planes: the channel-by-channel
+    # backward, whose sums prefetch planes ahead beyond the L2s (plane_fetch)
+    xc = (rng.standard_normal((50, 5, 9, 11)) + 2).astype(dtype)
+    dc = rng.standard_normal(xc.shape).astype(dtype)
+
+    def bn_bwd_long(x=xc, d=dc):
+        _, m, s = bncore.batch_norm_forward(x, axis=1)
+        return bncore.batch_norm_backward(d, x, m, s, w[:5], axis=1)
+
+    calls["bn backward long channels"] = bn_bwd_long
     calls["layer norm"] = ln
     calls["rms norm"] = rms
     return calls

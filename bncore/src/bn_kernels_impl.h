@@ -631,7 +631,7 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
 BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
                                              ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
                                              double mean, double *sum_dy,
-                                             double *sum_dy_xmu)
+                                             double *sum_dy_xmu, ptrdiff_t pd)
 {
     bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     const bn_v4d m = {mean, mean, mean, mean};
@@ -639,6 +639,13 @@ BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrd
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *g = dy + s * sdy, *p = x + s * sx;
         ptrdiff_t i = 0;
+        if (pd && s + pd < nseg) {   /* segment s + pd of both arrays, a line at a time */
+            const char *gp = (const char *)(g + pd * sdy), *xp = (const char *)(p + pd * sx);
+            for (ptrdiff_t b = 0; b < (ptrdiff_t)(len * sizeof(BN_T)); b += 64) {
+                __builtin_prefetch(gp + b, 0, 3);
+                __builtin_prefetch(xp + b, 0, 3);
+            }
+        }
         for (; i + 16 <= len; i += 16) {
             bn_v4d g0 = BN_LOAD4(g + i), g1 = BN_LOAD4(g + i + 4);
             bn_v4d g2 = BN_LOAD4(g + i + 8), g3 = BN_LOAD4(g + i + 12);
@@ -671,9 +678,9 @@ BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrd
 static BN_CLONES void BN_NAME(bn_seg_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
                                               ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
                                               double mean, double *sum_dy,
-                                              double *sum_dy_xmu)
+                                              double *sum_dy_xmu, ptrdiff_t pd)
 {
-    BN_NAME(bn_seg_bwd_sums_body)(dy, x, nseg, len, sdy, sx, mean, sum_dy, sum_dy_xmu);
+    BN_NAME(bn_seg_bwd_sums_body)(dy, x, nseg, len, sdy, sx, mean, sum_dy, sum_dy_xmu, pd);
 }
 
 /* dx = k*dy + q*(x - mean) + r over nseg segments of len values (batch-norm training
@@ -712,11 +719,12 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_sums_many)(const BN_T *dy, const BN_T *
                                                    ptrdiff_t nseg, ptrdiff_t len,
                                                    ptrdiff_t sdy, ptrdiff_t sx, ptrdiff_t gsc,
                                                    ptrdiff_t sc, const double *mean,
-                                                   double *sum_dy, double *sum_dy_xmu)
+                                                   double *sum_dy, double *sum_dy_xmu,
+                                                   ptrdiff_t pd)
 {
     for (ptrdiff_t c = 0; c < nch; c++)
         BN_NAME(bn_seg_bwd_sums_body)(dy + c * gsc, x + c * sc, nseg, len, sdy, sx, mean[c],
-                                      &sum_dy[c], &sum_dy_xmu[c]);
+                                      &sum_dy[c], &sum_dy_xmu[c], pd);
 }
 
 static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x, BN_T *dx,
@@ -785,7 +793,7 @@ static BN_CLONES void BN_NAME(bn_group_blocks_bwd)(const BN_T *dy, const BN_T *x
                     a[j] = 0;
                     bs[j] = 0;
                     BN_NAME(bn_seg_bwd_sums_body)(dy + off + j * s, x + off + j * s, 1, s, 0,
-                                                  0, m, &a[j], &bs[j]);
+                                                  0, m, &a[j], &bs[j], 0);
                 }
             }
         }
