@@ -49,7 +49,7 @@ from bncore._kernels cimport (
     bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
-    prefetch_seg,
+    beyond_l2, prefetch_seg,
     row_affine, row_bwd, row_bwd_sums, rows_bwd_tile, BN_BWD_TILE, rows_norm, rows_stats,
     seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
@@ -858,9 +858,16 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
+    cdef bint fetch
     if direct_groups(s, cg):
         nt = work_threads(n_threads, n * g, n * s * c, SERIAL_ELEMS)
+        fetch = beyond_l2(n * s * c * <Py_ssize_t>sizeof(floating), nt)
         for t in prange(n * g, schedule='static', num_threads=nt):
+            # beyond the L2s, the next block's rows (short, a row apart: rows of 4 KiB and
+            # more put each in a page of its own, where the prefetchers stop): (32, 7, 7,
+            # 1024) G=16 1.25-1.32x, 0.99-1.04x at 512 channels
+            if fetch and t + 1 < n * g:
+                prefetch_seg(x + ((t + 1) // g) * s * c + ((t + 1) % g) * cg, s, cg, c)
             group_direct(x + (t // g) * s * c + (t % g) * cg,
                          y + (t // g) * s * c + (t % g) * cg, s, c, cg, eps,
                          w + (t % g) * cg if w != NULL else NULL,

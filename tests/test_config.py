@@ -110,6 +110,10 @@ def _calls(dtype):
         return bncore.batch_norm_backward(d, x, m, s, w[:5], axis=1)
 
     calls["bn backward long channels"] = bn_bwd_long
+    # wide channels-last groups, straight from each (sample, group) block (direct_groups),
+    # the next block prefetched beyond the L2s
+    xg = (rng.standard_normal((3, 5, 7, 96)) - 4).astype(dtype)
+    calls["group norm wide nhwc"] = lambda x=xg: bncore.group_norm_forward(x, 2, axis=-1)
     calls["layer norm"] = ln
     calls["rms norm"] = rms
     return calls
