@@ -32,11 +32,12 @@ def _modules():
 
 
 def thresholds():
-    """The byte thresholds the kernels take from this machine's L3 at import: a forward or
-    backward whose arrays total ``stream_forward_bytes`` / ``stream_backward_bytes`` or more
-    writes its output with streaming stores; an input of ``far_bytes`` or more is taken to
-    come from memory (prefetching); ``l2_bytes`` is one core's L2 (data beyond the threads'
-    L2s is prefetched). ``l3_bytes`` is the L3 the C library reports (0: none)."""
+    """The byte thresholds the kernels take from this machine's caches at import: a forward
+    or backward whose arrays total ``stream_forward_bytes`` / ``stream_backward_bytes`` or
+    more writes its output with streaming stores; an input of ``far_bytes`` or more is
+    taken to come from memory (prefetching); ``l2_bytes`` is one core's L2 (short pieces
+    beyond the threads' L2s are prefetched). ``l3_bytes`` is the last-level cache the C
+    library reports (its L2 where it reports no L3; 0: neither)."""
     from bncore import _stats
     fwd, bwd, far, l2 = _stats._thresholds()
     return {"l3_bytes": _stats._llc_bytes(), "stream_forward_bytes": fwd,

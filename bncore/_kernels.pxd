@@ -108,13 +108,11 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_bwd_sums_many_f32(const float *dy, const float *x, Py_ssize_t nch,
                                   Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
                                   Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
-                                  const double *mean, double *sum_dy, double *sum_dy_xmu,
-                                  Py_ssize_t pd)
+                                  const double *mean, double *sum_dy, double *sum_dy_xmu)
     void bn_seg_bwd_sums_many_f64(const double *dy, const double *x, Py_ssize_t nch,
                                   Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
                                   Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
-                                  const double *mean, double *sum_dy, double *sum_dy_xmu,
-                                  Py_ssize_t pd)
+                                  const double *mean, double *sum_dy, double *sum_dy_xmu)
     void bn_seg_bwd_dx_many_f32(const float *dy, const float *x, float *dx, Py_ssize_t nch,
                                 Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
                                 Py_ssize_t sx, Py_ssize_t sdx, Py_ssize_t gsc, Py_ssize_t sc,
@@ -311,13 +309,13 @@ cdef inline void seg_bwd_sums_many(const floating *dy, const floating *x, Py_ssi
                                    Py_ssize_t nseg, Py_ssize_t length, Py_ssize_t sdy,
                                    Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
                                    const double *mean, double *sum_dy,
-                                   double *sum_dy_xmu, Py_ssize_t pd=0) noexcept nogil:
+                                   double *sum_dy_xmu) noexcept nogil:
     if floating is float:
         bn_seg_bwd_sums_many_f32(dy, x, nch, nseg, length, sdy, sx, gsc, sc, mean, sum_dy,
-                                 sum_dy_xmu, pd)
+                                 sum_dy_xmu)
     else:
         bn_seg_bwd_sums_many_f64(dy, x, nch, nseg, length, sdy, sx, gsc, sc, mean, sum_dy,
-                                 sum_dy_xmu, pd)
+                                 sum_dy_xmu)
 
 
 cdef inline void seg_bwd_dx_many(const floating *dy, const floating *x, floating *dx,

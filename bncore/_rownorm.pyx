@@ -40,7 +40,8 @@ from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    bn_far_bytes, bn_l2_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
+    bn_far_bytes, bn_init_thresholds, bn_l2_bytes, bn_set_thresholds, bn_stream_bwd,
+    bn_stream_fwd,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,

@@ -11,7 +11,8 @@ from bncore._fastpath cimport plain_threads, plain_type
 from cython.parallel cimport prange
 
 from bncore._kernels cimport (
-    bn_far_bytes, bn_l2_bytes, bn_llc_bytes, bn_init_thresholds, bn_set_thresholds, bn_stream_bwd, bn_stream_fwd,
+    bn_far_bytes, bn_init_thresholds, bn_l2_bytes, bn_llc_bytes, bn_set_thresholds,
+    bn_stream_bwd, bn_stream_fwd,
     SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
 )
 from bncore._openmp cimport work_threads

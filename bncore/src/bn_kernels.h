@@ -31,7 +31,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>   /* sysconf: the cache sizes */
+#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>   /* streaming stores: SSE2 is in every x86-64 clone */
 #define BN_HAVE_STREAM 1

@@ -729,12 +729,11 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_sums_many)(const BN_T *dy, const BN_T *
                                                    ptrdiff_t nseg, ptrdiff_t len,
                                                    ptrdiff_t sdy, ptrdiff_t sx, ptrdiff_t gsc,
                                                    ptrdiff_t sc, const double *mean,
-                                                   double *sum_dy, double *sum_dy_xmu,
-                                                   ptrdiff_t pd)
+                                                   double *sum_dy, double *sum_dy_xmu)
 {
     for (ptrdiff_t c = 0; c < nch; c++)
         BN_NAME(bn_seg_bwd_sums_body)(dy + c * gsc, x + c * sc, nseg, len, sdy, sx, mean[c],
-                                      &sum_dy[c], &sum_dy_xmu[c], pd);
+                                      &sum_dy[c], &sum_dy_xmu[c], 0);
 }
 
 static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x, BN_T *dx,
