@@ -40,7 +40,7 @@ from libc.stdlib cimport free, malloc
 from bncore._kernels cimport (
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_far_bytes, bn_fence,
     bn_init_thresholds, bn_l2_bytes, bn_moments, bn_set_thresholds, bn_stream_bwd,
-    bn_stream_fwd, plane_fetch, prefetch_seg, prefetchw_seg,
+    bn_stream_fwd, plane_fetch, prefetch_seg,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
@@ -166,16 +166,15 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
     group) are prefetched meanwhile: x beyond the L2s, short planes scattered one per
     sample wait on the L3 or memory one line at a time, which the hardware prefetchers do
     not follow across pages ((64, 512, 7, 7) 1.10-1.13x, (128, 512, 5, 5) 1.11x, on a
-    Xeon with 2 MiB L2s; in the L2s it cost 4-8%: (32, 512, 7, 7) 0.96x). The group's own
-    output lines are then fetched for writing too, when not streamed (their ordinary
-    stores waited on each read-for-ownership): 1.03-1.05x more, (128, 512, 5, 5) 1.12x.
-    Better still where each sample's planes are adjacent channels (any C-contiguous NCHW
-    array): the group's affine streams each sample's planes as one run, whose lines are
-    full but at its two ends, and needs no read-for-ownership at all (bn_planes_affine,
-    the same bits): (64, 512, 7, 7) 1.19x over the owned lines, (64, 256, 8, 8) 1.39x,
-    (128, 512, 5, 5) 1.17x; streamed plane by plane, 7x7 gained nothing (its planes'
-    end lines are partial). Each channel's affine right after its statistics instead ran
-    (32, 512, 7, 7) 0.69x. n1 is set beyond the L2s only: in them this is the old path."""
+    Xeon with 2 MiB L2s; in the L2s it cost 4-8%: (32, 512, 7, 7) 0.96x). There, where
+    each sample's planes are adjacent channels (any C-contiguous NCHW array), the group's
+    affine streams each sample's planes as one run, whose lines are full but at its two
+    ends, so the output needs no read-for-ownership (bn_planes_affine, the same bits):
+    (64, 512, 7, 7) 1.19x, (64, 256, 8, 8) 1.39x, (128, 512, 5, 5) 1.17x over taking
+    ownership of the output lines by prefetch (itself 1.03-1.12x over ordinary stores);
+    streamed plane by plane, 7x7 gained nothing (its planes' end lines are partial).
+    Each channel's affine right after its statistics instead ran (32, 512, 7, 7) 0.69x.
+    n1 is set beyond the L2s only: in them this is the old path."""
     cdef Py_ssize_t c, j, k0, k1
     cdef double m = <double>outer * <double>inner
     cdef bint run = n1 > c1 and sc == inner and ysc == inner and inner >= 8
@@ -185,9 +184,6 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
             k1 = (c - c0 + 1) * outer // (c1 - c0)
             for j in range(c1, n1):
                 prefetch_seg(x + j * sc + k0 * so, k1 - k0, inner, so)
-            if not stream and not run:   # this group's output lines, owned before the affine
-                for j in range(c0, c1):
-                    prefetchw_seg(y + j * ysc + k0 * yso, k1 - k0, inner, yso)
         channel_stats(x + c * sc, outer, inner, so, nb, &mean[c], &var[c])
     for c in range(c0, c1):
         var[c] = var[c] / m
@@ -886,4 +882,3 @@ def _thresholds():
 def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
     bn_set_thresholds(fwd, bwd, far, l2)
-

@@ -93,8 +93,6 @@ cdef extern from "bn_kernels.h" nogil:
                               const double *pg, const double *px, Py_ssize_t npf)
     void bn_prefetch_seg_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_prefetch_seg_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
-    void bn_prefetchw_seg_f32(float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
-    void bn_prefetchw_seg_f64(double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_vec_f32(const float *x, float *y, Py_ssize_t n, double mean, double invstd,
                            const double *w, const double *b)
     void bn_affine_vec_f64(const double *x, double *y, Py_ssize_t n, double mean, double invstd,
@@ -275,14 +273,6 @@ cdef inline void prefetch_seg(const floating *x, Py_ssize_t nseg, Py_ssize_t len
         bn_prefetch_seg_f32(x, nseg, length, stride)
     else:
         bn_prefetch_seg_f64(x, nseg, length, stride)
-
-
-cdef inline void prefetchw_seg(floating *x, Py_ssize_t nseg, Py_ssize_t length,
-                               Py_ssize_t stride) noexcept nogil:
-    if floating is float:
-        bn_prefetchw_seg_f32(x, nseg, length, stride)
-    else:
-        bn_prefetchw_seg_f64(x, nseg, length, stride)
 
 
 cdef inline void affine_vec(const floating *x, floating *y, Py_ssize_t n, double mean,

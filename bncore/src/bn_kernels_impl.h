@@ -607,16 +607,6 @@ static inline void BN_NAME(bn_prefetch_seg)(const BN_T *x, ptrdiff_t nseg, ptrdi
         for (ptrdiff_t i = 0; i < len; i += step) __builtin_prefetch(x + s * stride + i, 0, 3);
 }
 
-/* The lines of nseg segments (as bn_prefetch_seg) fetched for writing: ownership ahead of
- * ordinary stores into them, which otherwise wait on each line's read-for-ownership. */
-static inline void BN_NAME(bn_prefetchw_seg)(BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
-                                             ptrdiff_t stride)
-{
-    const ptrdiff_t step = 64 / sizeof(BN_T);
-    for (ptrdiff_t s = 0; s < nseg; s++)
-        for (ptrdiff_t i = 0; i < len; i += step) __builtin_prefetch(x + s * stride + i, 1, 3);
-}
-
 /* y = x * scale[i] + shift[i] elementwise (row norms with an elementwise affine). */
 static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restrict y,
                                             ptrdiff_t n, double mean, double invstd,
