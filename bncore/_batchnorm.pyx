@@ -38,9 +38,8 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_far_bytes, bn_fence,
-    bn_init_thresholds, bn_l2_bytes, bn_moments, bn_set_thresholds, bn_stream_bwd,
-    bn_stream_fwd, plane_fetch, prefetch_seg,
+    BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
+    prefetch_seg,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
@@ -871,14 +870,4 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
     return dx, dweight, dbias
 
 
-bn_init_thresholds()
-
-
-def _thresholds():
-    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes)."""
-    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes
-
-
-def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
-    """Set this module's thresholds (see bncore._config.set_thresholds)."""
-    bn_set_thresholds(fwd, bwd, far, l2)
+include "_thresholds.pxi"

@@ -40,8 +40,6 @@ from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
-    bn_far_bytes, bn_init_thresholds, bn_l2_bytes, bn_set_thresholds, bn_stream_bwd,
-    bn_stream_fwd,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
@@ -1359,14 +1357,4 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     return dx, dweight, dbias
 
 
-bn_init_thresholds()
-
-
-def _thresholds():
-    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes)."""
-    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes
-
-
-def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
-    """Set this module's thresholds (see bncore._config.set_thresholds)."""
-    bn_set_thresholds(fwd, bwd, far, l2)
+include "_thresholds.pxi"

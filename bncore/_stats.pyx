@@ -11,8 +11,7 @@ from bncore._fastpath cimport plain_threads, plain_type
 from cython.parallel cimport prange
 
 from bncore._kernels cimport (
-    bn_far_bytes, bn_init_thresholds, bn_l2_bytes, bn_llc_bytes, bn_set_thresholds,
-    bn_stream_bwd, bn_stream_fwd,
+    bn_llc_bytes,
     SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
 )
 from bncore._openmp cimport work_threads
@@ -271,19 +270,9 @@ def simd_level():
     return bn_simd_level().decode()
 
 
-bn_init_thresholds()
-
-
-def _thresholds():
-    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes)."""
-    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes
+include "_thresholds.pxi"
 
 
 def _llc_bytes():
     """The last-level cache size the C library reports (0: none)."""
     return bn_llc_bytes()
-
-
-def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
-    """Set this module's thresholds (see bncore._config.set_thresholds)."""
-    bn_set_thresholds(fwd, bwd, far, l2)

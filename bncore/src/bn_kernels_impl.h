@@ -639,12 +639,9 @@ BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrd
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const BN_T *g = dy + s * sdy, *p = x + s * sx;
         ptrdiff_t i = 0;
-        if (pd && s + pd < nseg) {   /* segment s + pd of both arrays, a line at a time */
-            const char *gp = (const char *)(g + pd * sdy), *xp = (const char *)(p + pd * sx);
-            for (ptrdiff_t b = 0; b < (ptrdiff_t)(len * sizeof(BN_T)); b += 64) {
-                __builtin_prefetch(gp + b, 0, 3);
-                __builtin_prefetch(xp + b, 0, 3);
-            }
+        if (pd && s + pd < nseg) {   /* segment s + pd of both arrays */
+            BN_NAME(bn_prefetch_seg)(g + pd * sdy, 1, len, 0);
+            BN_NAME(bn_prefetch_seg)(p + pd * sx, 1, len, 0);
         }
         for (; i + 16 <= len; i += 16) {
             bn_v4d g0 = BN_LOAD4(g + i), g1 = BN_LOAD4(g + i + 4);
