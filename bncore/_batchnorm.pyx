@@ -35,9 +35,9 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
+    bn_alloc64, bn_free64,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
@@ -265,7 +265,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
             return -1
         for c in range(nch):
             var[c] = var[c] / <double>nrows
-    scale = <double *>malloc(2 * nch * sizeof(double))
+    scale = <double *>bn_alloc64(2 * nch * sizeof(double))
     if scale == NULL:
         return -1
     shift = scale + nch
@@ -284,7 +284,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
             bn_fence()
         else:
             cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
-    free(scale)
+    bn_free64(scale)
     return 0
 
 
@@ -436,7 +436,7 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
     cdef Py_ssize_t nchunks = sample_chunks(outer, nch, inner)
     cdef Py_ssize_t s, n, c
     cdef int nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
-    cdef double *buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
+    cdef double *buf = <double *>bn_alloc64((2 * nchunks + 3) * nch * sizeof(double))
     cdef double *p
     cdef double *k
     cdef double *q
@@ -461,7 +461,7 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
         for n in prange(outer, schedule='static', num_threads=nt):
             seg_bwd_dx_many(dy + n * gso, x + n * so, dx + n * dso, nch, 1, inner, 0, 0, 0,
                             inner, inner, inner, mean, k, q, r, False)
-    free(buf)
+    bn_free64(buf)
     return 0
 
 
@@ -551,7 +551,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         # (64, 1024) 76 -> 47 us on 2 threads
         nt = work_threads(n_threads, nch // CL_TILE, nrows * nch, SERIAL_ELEMS)
         ntile = nt
-    buf = <double *>malloc((2 * nchunks + 3) * nch * sizeof(double))
+    buf = <double *>bn_alloc64((2 * nchunks + 3) * nch * sizeof(double))
     if buf == NULL:
         return -1
     k = buf + 2 * nch * nchunks
@@ -577,7 +577,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                           mean + c0, k + c0, q + c0, r + c0, stream, far)
                 if stream:
                     bn_fence()
-        free(buf)
+        bn_free64(buf)
         return 0
     else:
         for s in prange(nchunks, schedule='static', num_threads=nt):
@@ -598,7 +598,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                       nch, mean, k, q, r, stream, far)
             if stream:
                 bn_fence()
-    free(buf)
+    bn_free64(buf)
     return 0
 
 
@@ -736,7 +736,7 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     dim = nch
     mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>malloc(3 * nch * sizeof(double))
+    buf = <double *>bn_alloc64(3 * nch * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     pv = buf
@@ -784,7 +784,7 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
                                cnp.PyArray_ITEMSIZE(<cnp.ndarray>running_var),
                                vt == cnp.NPY_FLOAT32, nch, pv, mom,
                                <double>m / <double>(m - 1))
-    free(buf)
+    bn_free64(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     return y, mean, invstd
@@ -828,7 +828,7 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
     dim = nch
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>malloc(3 * nch * sizeof(double))
+    buf = <double *>bn_alloc64(3 * nch * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     as_doubles(save_mean, mt, buf, nch)
@@ -864,7 +864,7 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
                                  buf, buf + nch, pw, train,
                                  <double *>cnp.PyArray_DATA(dweight),
                                  <double *>cnp.PyArray_DATA(dbias), nt)
-    free(buf)
+    bn_free64(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     return dx, dweight, dbias

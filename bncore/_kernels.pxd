@@ -18,7 +18,6 @@ Tiling (see DESIGN.md "Kernels and numerics"):
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite
-from libc.stdlib cimport malloc, free
 
 from bncore._openmp cimport work_threads
 
@@ -29,6 +28,8 @@ cdef extern from "bn_kernels.h" nogil:
         double m2
         double shift
     const char *bn_simd_level()
+    void *bn_alloc64(size_t n)
+    void bn_free64(void *p)
     Py_ssize_t bn_stream_fwd
     Py_ssize_t bn_stream_bwd
     Py_ssize_t bn_far_bytes
@@ -641,7 +642,7 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
     cdef Py_ssize_t nchunks = plane_chunks(outer, nch, inner), t, c, s
     cdef bn_moments *part
     cdef int nt = work_threads(n_threads, nch * nchunks, outer * nch * inner, SERIAL_ELEMS)
-    part = <bn_moments *>malloc(max(nch * nchunks, 1) * sizeof(bn_moments))
+    part = <bn_moments *>bn_alloc64(max(nch * nchunks, 1) * sizeof(bn_moments))
     if part == NULL:
         return -1
     for t in prange(nch * nchunks, schedule='static', num_threads=nt):
@@ -658,7 +659,7 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
                           part[c * nchunks + s].mean, part[c * nchunks + s].m2)
         mean[c] = part[c * nchunks].mean + part[c * nchunks].shift
         m2[c] = part[c * nchunks].m2
-    free(part)
+    bn_free64(part)
     return 0
 
 
@@ -710,7 +711,7 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
     cdef double *p
     cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
-    buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
+    buf = <double *>bn_alloc64((nchunks * per + nch) * sizeof(double))
     if buf == NULL:
         return -1
     pivot = buf + nchunks * per
@@ -727,7 +728,7 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
             bn_chan_merge_vec(<double>((n - n0) * inner), p, p + nch, <double>inner,
                               p + 2 * nch, p + 3 * nch, nch)
     merge_row_chunks(buf, per, nchunks, outer, inner, nch, pivot, mean, m2)
-    free(buf)
+    bn_free64(buf)
     return 0
 
 
@@ -751,7 +752,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef bint far = beyond_caches(nrows * nch * <Py_ssize_t>sizeof(floating))
-    buf = <double *>malloc((nchunks * per + nch) * sizeof(double))
+    buf = <double *>bn_alloc64((nchunks * per + nch) * sizeof(double))
     if buf == NULL:
         return -1
     pivot = buf + nchunks * per
@@ -767,7 +768,7 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
         for s in prange(nchunks, schedule='static', num_threads=nt):
             rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far)
     merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
-    free(buf)
+    bn_free64(buf)
     return 0
 
 

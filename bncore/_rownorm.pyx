@@ -37,9 +37,9 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport isfinite, sqrt
-from libc.stdlib cimport free, malloc
 
 from bncore._kernels cimport (
+    bn_alloc64, bn_free64,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
@@ -337,7 +337,7 @@ cdef int backward_tiles(const floating *dy, const floating *x, floating *dx, Py_
     same bits for any thread count (every sum is within one row or one column). mean is
     NULL for RMS norm."""
     cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE, r, t, j0
-    cdef double *qr = <double *>malloc(2 * nrows * sizeof(double))
+    cdef double *qr = <double *>bn_alloc64(2 * nrows * sizeof(double))
     cdef int nt = work_threads(n_threads, ntiles, nrows * d, SERIAL_ELEMS)
     if qr == NULL:
         return -1
@@ -351,7 +351,7 @@ cdef int backward_tiles(const floating *dy, const floating *x, floating *dx, Py_
             rows_bwd_tile(dy + j0, x + j0, dx + j0, nrows, min(BN_BWD_TILE, d - j0), ldg, ldx,
                           ldd, mean, invstd, qr, qr + nrows, w + j0,
                           dweight + j0, dbias + j0 if dbias != NULL else NULL)
-    free(qr)
+    bn_free64(qr)
     return 0
 
 
@@ -371,7 +371,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     nchunks = row_chunks(nrows, d)
     per = 2 * d if dbias != NULL else d
     ahead = rows_ahead(2 * d, sizeof(floating))
-    part = <double *>malloc(nchunks * per * sizeof(double))
+    part = <double *>bn_alloc64(nchunks * per * sizeof(double))
     stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3)
     nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     if part == NULL:
@@ -399,7 +399,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         for s in range(nchunks):
             for j in range(d):
                 dbias[j] += part[per * s + d + j]
-    free(part)
+    bn_free64(part)
     return 0
 
 
@@ -542,7 +542,7 @@ cdef int group_rows_team(const floating *x, floating *y, Py_ssize_t runs, Py_ssi
     parallel (run_chunk_stats), merged in chunk order as run_moments merges them, then the
     channels' affine in parallel. -1 if out of memory."""
     cdef Py_ssize_t t, k, j, len_ = cg * s, nchunks = run_chunks(cg * s), c0
-    cdef bn_moments *part = <bn_moments *>malloc(nchunks * sizeof(bn_moments))
+    cdef bn_moments *part = <bn_moments *>bn_alloc64(nchunks * sizeof(bn_moments))
     cdef double invstd, m2
     if part == NULL:
         return -1
@@ -557,7 +557,7 @@ cdef int group_rows_team(const floating *x, floating *y, Py_ssize_t runs, Py_ssi
             channel_affine(x + t * len_ + j * s, y + t * len_ + j * s, s, mean[t],
                            (w[c0 + j] if w != NULL else 1.0) * invstd,
                            b[c0 + j] if b != NULL else 0.0, stream)
-    free(part)
+    bn_free64(part)
     return 0
 
 
@@ -698,11 +698,11 @@ cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_
                                Py_ssize_t g, double eps, const double *w, const double *b,
                                double *mean, double *var, bint stream) noexcept nogil:
     """Group norm of one channels-last sample (s rows of c channels) on this thread."""
-    cdef double *buf = <double *>malloc(4 * c * sizeof(double))
+    cdef double *buf = <double *>bn_alloc64(4 * c * sizeof(double))
     if buf == NULL:
         return -1
     if rows_stats(x, s, c, c, buf, buf + c, 1) != 0:
-        free(buf)
+        bn_free64(buf)
         return -1
     group_moments(buf, buf + c, g, c // g, s, mean, var)
     group_affine(mean, var, g, c // g, eps, w, b, buf, buf + 2 * c, buf + 3 * c)
@@ -714,7 +714,7 @@ cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_
         bn_fence()
     else:
         cl_affine(x, c, y, c, s, c, buf, buf + 2 * c, buf + 3 * c)
-    free(buf)
+    bn_free64(buf)
     return 0
 
 
@@ -729,14 +729,14 @@ cdef int samples_team(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s
     its own rows. Partials alternate between two slots by sample parity, so a thread
     may start the next sample while another still merges this one."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
-    cdef double *part = <double *>malloc((2 * nchunks * per + nt * (5 * c + 2 * g))
+    cdef double *part = <double *>bn_alloc64((2 * nchunks * per + nt * (5 * c + 2 * g))
                                          * sizeof(double))
     if part == NULL:
         return -1
     with parallel(num_threads=nt):
         team_forward(x, y, n, s, c, g, eps, w, b, mean, var, part, omp_get_thread_num(),
                      omp_get_num_threads(), stream)
-    free(part)
+    bn_free64(part)
     return 0
 
 
@@ -947,7 +947,7 @@ cdef inline int sample_backward(const floating *dy, const floating *x, floating 
     by row chunk (sdy, sdyx: c values, the chunks added in order as samples_bwd_team
     does), group sums, then dx over the sample's rows."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), k
-    cdef double *buf = <double *>malloc((4 + 2 * nchunks) * c * sizeof(double))
+    cdef double *buf = <double *>bn_alloc64((4 + 2 * nchunks) * c * sizeof(double))
     if buf == NULL:
         return -1
     channel_means(mean, c, g, buf)
@@ -958,7 +958,7 @@ cdef inline int sample_backward(const floating *dy, const floating *x, floating 
     cl_bwd_dx(dy, c, x, c, dx, c, s, c, buf, buf + c, buf + 2 * c, buf + 3 * c, stream)
     if stream:
         bn_fence()
-    free(buf)
+    bn_free64(buf)
     return 0
 
 
@@ -970,14 +970,14 @@ cdef int samples_bwd_team(const floating *dy, const floating *x, floating *dx, P
     each (as samples_team): chunk sums of its own row chunks, a barrier, the chunks
     added in order by each thread (the same bits as sample_backward), then dx of its
     own rows. Chunk sums alternate between two slots by sample parity."""
-    cdef double *part = <double *>malloc((4 * rows_chunks(s, c) + 6 * nt) * c
+    cdef double *part = <double *>bn_alloc64((4 * rows_chunks(s, c) + 6 * nt) * c
                                          * sizeof(double))
     if part == NULL:
         return -1
     with parallel(num_threads=nt):
         team_backward(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx, part,
                       omp_get_thread_num(), omp_get_num_threads(), stream)
-    free(part)
+    bn_free64(part)
     return 0
 
 
@@ -1076,7 +1076,7 @@ cdef int group_bwd_run(const void *pg, const void *px, void *pd, bint is_f32, bi
     per-(n, c) sums added in sample order. -1 if out of memory."""
     cdef Py_ssize_t j, cg = c // g
     cdef int rc = 0
-    cdef double *sdy = <double *>malloc(2 * n * c * sizeof(double))
+    cdef double *sdy = <double *>bn_alloc64(2 * n * c * sizeof(double))
     cdef double *sdyx
     if sdy == NULL:
         return -1
@@ -1097,7 +1097,7 @@ cdef int group_bwd_run(const void *pg, const void *px, void *pd, bint is_f32, bi
         dweight[j] = 0
         dbias[j] = 0
     bn_group_param_grads(dweight, dbias, sdyx, sdy, pi, n, g, cg)
-    free(sdy)
+    bn_free64(sdy)
     return rc
 
 
@@ -1188,7 +1188,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads, out=None):
     dims[1] = g
     mean = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
     var = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
-    buf = <double *>malloc(2 * c * sizeof(double))
+    buf = <double *>bn_alloc64(2 * c * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     if wt >= 0:
@@ -1218,7 +1218,7 @@ def group_common(x, num_groups, weight, bias, eps, axis, n_threads, out=None):
                             <double *>cnp.PyArray_DATA(y), n, g, c // g, s, ep, pw, pb,
                             <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(var),
                             nt)
-    free(buf)
+    bn_free64(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     return y, mean, var
@@ -1267,7 +1267,7 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
     dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
         dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>malloc((2 * nrows + d) * sizeof(double))
+    buf = <double *>bn_alloc64((2 * nrows + d) * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-row work arrays")
     as_doubles(invstd, st, buf, nrows)
@@ -1292,7 +1292,7 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
                                <double *>cnp.PyArray_DATA(dx), nrows, d, d, d, d, pm, buf,
                                buf + 2 * nrows, <double *>cnp.PyArray_DATA(dweight),
                                NULL if rms else <double *>cnp.PyArray_DATA(dbias), rms, nt)
-    free(buf)
+    bn_free64(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-chunk partial sums")
     return dx, dweight, dbias
@@ -1338,7 +1338,7 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     dim = c
     dweight = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     dbias = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>malloc((2 * n * g + c) * sizeof(double))
+    buf = <double *>bn_alloc64((2 * n * g + c) * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     as_doubles(mean, mt, buf, n * g)
@@ -1351,7 +1351,7 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
                            cnp.PyArray_DATA(dx), xt == cnp.NPY_FLOAT32, cl, n, c, s, g, buf,
                            buf + n * g, pw, <double *>cnp.PyArray_DATA(dweight),
                            <double *>cnp.PyArray_DATA(dbias), nt)
-    free(buf)
+    bn_free64(buf)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     return dx, dweight, dbias
