@@ -44,12 +44,13 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    bn_cl_affine_group_f32, bn_cl_affine_group_f64, bn_group_affine_f32, bn_group_affine_f64,
+    rows_scratch, rows_stats_in,
+    bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     beyond_l2, prefetch_seg,
-    row_affine, row_bwd, row_bwd_sums, rows_bwd_tile, BN_BWD_TILE, rows_norm, rows_stats,
+    row_affine, row_bwd, row_bwd_sums, rows_bwd_tile, BN_BWD_TILE, rows_norm,
     seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
 )
@@ -694,16 +695,13 @@ cdef inline void group_affine(const double *gmean, const double *gvar, Py_ssize_
             shift[j] = b[j] if b != NULL else 0.0
 
 
-cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c,
-                               Py_ssize_t g, double eps, const double *w, const double *b,
-                               double *mean, double *var, bint stream) noexcept nogil:
-    """Group norm of one channels-last sample (s rows of c channels) on this thread."""
-    cdef double *buf = <double *>bn_alloc64(4 * c * sizeof(double))
-    if buf == NULL:
-        return -1
-    if rows_stats(x, s, c, c, buf, buf + c, 1) != 0:
-        bn_free64(buf)
-        return -1
+cdef inline void sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c,
+                                Py_ssize_t g, double eps, const double *w, const double *b,
+                                double *mean, double *var, bint stream,
+                                double *buf) noexcept nogil:
+    """Group norm of one channels-last sample (s rows of c channels) on this thread, in
+    the scratch buf (4 * c + rows_scratch(s, c) doubles)."""
+    rows_stats_in(x, s, c, c, buf, buf + c, 1, buf + 4 * c)
     group_moments(buf, buf + c, g, c // g, s, mean, var)
     group_affine(mean, var, g, c // g, eps, w, b, buf, buf + 2 * c, buf + 3 * c)
     # in memory order: the sample's rows are one span for the kernel (see bn_cl_affine).
@@ -714,8 +712,6 @@ cdef inline int sample_forward(const floating *x, floating *y, Py_ssize_t s, Py_
         bn_fence()
     else:
         cl_affine(x, c, y, c, s, c, buf, buf + 2 * c, buf + 3 * c)
-    bn_free64(buf)
-    return 0
 
 
 cdef int samples_team(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
@@ -806,42 +802,75 @@ cdef inline bint direct_groups(Py_ssize_t s, Py_ssize_t cg) noexcept nogil:
             and cg <= DIRECT_MAX_CG and cg * s <= BN_RUN_MAX)
 
 
-cdef inline void group_direct(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c,
-                              Py_ssize_t cg, double eps, const double *w, const double *b,
-                              double *mean, double *var, bint stream) noexcept nogil:
-    """Group norm of one (sample, group) block of a channels-last sample: its moments in
-    one pass over s rows of cg channels (c apart), then its affine."""
+cdef inline void direct_stats_f64(const double *x, Py_ssize_t s, Py_ssize_t c, Py_ssize_t cg,
+                                  double *mean, double *var) noexcept nogil:
+    """Mean and variance of one double (sample, group) block of a channels-last sample (s
+    rows of cg channels, c apart): one pass around the mean of the first row's (up to) 16
+    values, the two-pass blocks where that is more than a standard deviation off."""
     cdef bn_moments st
-    cdef double k
-    cdef double scale[DIRECT_MAX_CG]
-    cdef double shift[DIRECT_MAX_CG]
-    cdef double invstd
+    cdef double k = 0
     cdef Py_ssize_t j
     st.n = 0
     st.mean = 0
     st.m2 = 0
-    if floating is float:
-        bn_run_moments_f32(x, s, cg, c, &st.shift, &st.mean, &st.m2)
+    for j in range(min(16, cg)):
+        k += x[j] - x[0]
+    k = x[0] + k / <double>min(16, cg)
+    if not (isfinite(k) and bn_shift_moments_f64(x, s, cg, c, k, &mean[0], &st.m2)):
+        plane_block_stats(x, s, cg, c, 0, plane_nblocks(s, cg), &st)
         mean[0] = st.mean + st.shift
-    else:
-        # one pass around the mean of the first row's (up to) 16 values, the two-pass
-        # blocks where that is more than a standard deviation off: (32, 7, 7, 512) G=8
-        k = 0
-        for j in range(min(16, cg)):
-            k += x[j] - x[0]
-        k = x[0] + k / <double>min(16, cg)
-        if not (isfinite(k) and bn_shift_moments_f64(x, s, cg, c, k, &mean[0], &st.m2)):
-            plane_block_stats(x, s, cg, c, 0, plane_nblocks(s, cg), &st)
-            mean[0] = st.mean + st.shift
     var[0] = st.m2 / <double>(cg * s)
-    invstd = 1.0 / sqrt(var[0] + eps)
-    for j in range(cg):
-        scale[j] = (w[j] if w != NULL else 1.0) * invstd
-        shift[j] = b[j] if b != NULL else 0.0
-    if floating is float:   # one mean: the kernel keeps it in registers
-        bn_cl_affine_group_f32(x, c, y, c, s, cg, mean[0], scale, shift, stream)
-    else:
-        bn_cl_affine_group_f64(x, c, y, c, s, cg, mean[0], scale, shift, stream)
+
+
+cdef void direct_run(const floating *x, floating *y, Py_ssize_t s, Py_ssize_t c, Py_ssize_t g,
+                     double eps, const double *w, const double *b, double *mean, double *var,
+                     Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t nblocks, bint stream,
+                     bint fetch) noexcept nogil:
+    """Group norm of the channels-last (sample, group) blocks t0..t1-1 (of nblocks) on this
+    thread: each block's moments in one pass over its s rows of cg channels (c apart),
+    then its affine. Float blocks go pipelined (bn_cl_group_pipe_f32: block t's
+    statistics beside block t - 1's affine; group norm (32, 7, 7, 512) G=8 1.17x,
+    (16, 14, 14, 1024) G=8 1.36x, (256, 7, 7, 512) G=8 1.15x, 1.05-1.26x elsewhere, in
+    one process against one block after the other); double blocks one after the other."""
+    cdef Py_ssize_t cg = c // g, t, j, off
+    cdef double scale[DIRECT_MAX_CG]
+    cdef double shift[DIRECT_MAX_CG]
+    cdef double k = 0, mb = 0, m2b = 0, invstd
+    cdef const floating *xa
+    cdef const floating *xb
+    cdef floating *ya
+    for t in range(t0, t1 + 1):
+        xa = NULL
+        ya = NULL
+        xb = NULL
+        if t > t0:
+            off = ((t - 1) // g) * s * c + ((t - 1) % g) * cg
+            xa = x + off
+            ya = y + off
+        if t < t1:
+            xb = x + (t // g) * s * c + (t % g) * cg
+            # beyond the L2s, the next block's rows (short, a row apart: rows of 4 KiB
+            # and more put each in a page of its own, where the prefetchers stop):
+            # (32, 7, 7, 1024) G=16 1.25-1.32x, 0.99-1.04x at 512 channels
+            if fetch and t + 1 < nblocks:
+                prefetch_seg(x + ((t + 1) // g) * s * c + ((t + 1) % g) * cg, s, cg, c)
+        if floating is float:
+            bn_cl_group_pipe_f32(xa, ya, xb, c, s, cg, mean[t - 1] if t > t0 else 0.0, scale,
+                                 shift, stream, &k, &mb, &m2b)
+            if t < t1:
+                mean[t] = mb + k
+                var[t] = m2b / <double>(cg * s)
+        else:   # the mean in a register
+            if t > t0:
+                bn_cl_affine_group_f64(xa, c, ya, c, s, cg, mean[t - 1], scale, shift, stream)
+            if t < t1:
+                direct_stats_f64(xb, s, c, cg, &mean[t], &var[t])
+        if t < t1:
+            invstd = 1.0 / sqrt(var[t] + eps)
+            off = (t % g) * cg
+            for j in range(cg):
+                scale[j] = (w[off + j] if w != NULL else 1.0) * invstd
+                shift[j] = b[off + j] if b != NULL else 0.0
     if stream:
         bn_fence()
 
@@ -852,31 +881,35 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
                          int n_threads) noexcept nogil:
     """Group norm of n channels-last samples: a sample per thread, or every thread on
     each sample when that leaves fewer threads idle (team_pays), or for wide groups over
-    few rows (direct_groups) a (sample, group) block per thread. The same bits."""
+    few rows (direct_groups) a run of (sample, group) blocks per thread (direct_run). The
+    same bits."""
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c), cg = c // g
     cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     cdef bint fetch
+    cdef int tid, team
+    cdef double *buf
     if direct_groups(s, cg):
         nt = work_threads(n_threads, n * g, n * s * c, SERIAL_ELEMS)
         fetch = beyond_l2(n * s * c * <Py_ssize_t>sizeof(floating), nt)
-        for t in prange(n * g, schedule='static', num_threads=nt):
-            # beyond the L2s, the next block's rows (short, a row apart: rows of 4 KiB and
-            # more put each in a page of its own, where the prefetchers stop): (32, 7, 7,
-            # 1024) G=16 1.25-1.32x, 0.99-1.04x at 512 channels
-            if fetch and t + 1 < n * g:
-                prefetch_seg(x + ((t + 1) // g) * s * c + ((t + 1) % g) * cg, s, cg, c)
-            group_direct(x + (t // g) * s * c + (t % g) * cg,
-                         y + (t // g) * s * c + (t % g) * cg, s, c, cg, eps,
-                         w + (t % g) * cg if w != NULL else NULL,
-                         b + (t % g) * cg if b != NULL else NULL, &mean[t], &var[t], stream)
+        with parallel(num_threads=nt):
+            tid = omp_get_thread_num()
+            team = omp_get_num_threads()
+            direct_run(x, y, s, c, g, eps, w, b, mean, var, tid * n * g // team,
+                       (tid + 1) * n * g // team, n * g, stream, fetch)
         return 0
     if team_pays(n, nchunks, nt, ntt):
         return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntt, stream)
-    for t in prange(n, schedule='static', num_threads=nt):
-        fails += sample_forward(x + t * s * c, y + t * s * c, s, c, g, eps, w, b,
-                                mean + t * g, var + t * g, stream) != 0
+    with parallel(num_threads=nt):   # scratch once per thread, not per sample
+        buf = <double *>bn_alloc64((4 * c + rows_scratch(s, c)) * sizeof(double))
+        for t in prange(n, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                sample_forward(x + t * s * c, y + t * s * c, s, c, g, eps, w, b,
+                               mean + t * g, var + t * g, stream, buf)
+        bn_free64(buf)
     return -1 if fails else 0
 
 
@@ -939,17 +972,15 @@ cdef inline void channel_means(const double *mean, Py_ssize_t c, Py_ssize_t g,
             cmean[j] = mean[gi]
 
 
-cdef inline int sample_backward(const floating *dy, const floating *x, floating *dx,
-                                Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
-                                const double *invstd, const double *w, double *sdy,
-                                double *sdyx, bint stream) noexcept nogil:
+cdef inline void sample_backward(const floating *dy, const floating *x, floating *dx,
+                                 Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, const double *mean,
+                                 const double *invstd, const double *w, double *sdy,
+                                 double *sdyx, bint stream, double *buf) noexcept nogil:
     """Group norm backward of one channels-last sample on this thread: per-channel sums
     by row chunk (sdy, sdyx: c values, the chunks added in order as samples_bwd_team
-    does), group sums, then dx over the sample's rows."""
+    does), group sums, then dx over the sample's rows; in the scratch buf
+    ((4 + 2 * rows_chunks(s, c)) * c doubles)."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), k
-    cdef double *buf = <double *>bn_alloc64((4 + 2 * nchunks) * c * sizeof(double))
-    if buf == NULL:
-        return -1
     channel_means(mean, c, g, buf)
     for k in range(nchunks):
         chunk_bwd_sums(dy, x, s, c, nchunks, k, buf, buf + 4 * c + 2 * c * k)
@@ -958,8 +989,6 @@ cdef inline int sample_backward(const floating *dy, const floating *x, floating 
     cl_bwd_dx(dy, c, x, c, dx, c, s, c, buf, buf + c, buf + 2 * c, buf + 3 * c, stream)
     if stream:
         bn_fence()
-    bn_free64(buf)
-    return 0
 
 
 cdef int samples_bwd_team(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
@@ -1021,16 +1050,23 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
                           const double *invstd, const double *w, double *sdy, double *sdyx,
                           int n_threads) noexcept nogil:
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
+    cdef double *buf
     cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 3)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     if team_pays(n, nchunks, nt, ntt):
         return samples_bwd_team(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx, ntt,
                                 stream)
-    for t in prange(n, schedule='static', num_threads=nt):
-        fails += sample_backward(dy + t * s * c, x + t * s * c, dx + t * s * c, s, c, g,
-                                 mean + t * g, invstd + t * g, w, sdy + t * c, sdyx + t * c,
-                                 stream) != 0
+    with parallel(num_threads=nt):   # scratch once per thread, not per sample
+        buf = <double *>bn_alloc64((4 + 2 * nchunks) * c * sizeof(double))
+        for t in prange(n, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                sample_backward(dy + t * s * c, x + t * s * c, dx + t * s * c, s, c, g,
+                                mean + t * g, invstd + t * g, w, sdy + t * c, sdyx + t * c,
+                                stream, buf)
+        bn_free64(buf)
     return -1 if fails else 0
 
 
@@ -1358,3 +1394,4 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
 
 
 include "_thresholds.pxi"
+

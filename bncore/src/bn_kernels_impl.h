@@ -46,6 +46,25 @@
         p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
     } while (0)
 
+/* One segment p[0, len) of bn_seg_dev: its deviations (BN_DEV) into the accumulators d0-d3,
+ * q0-q3 (16 values a step, BN_ACC4), then d0, q0 (4 a step), then td, tq (the rest). */
+#define BN_SEG_DEV_ROW(p_, len_) do { const BN_T *p = (p_); ptrdiff_t i = 0; \
+        for (; i + 16 <= (len_); i += 16) { \
+            bn_v4d u0 = BN_DEV(BN_LOAD4(p + i)), u1 = BN_DEV(BN_LOAD4(p + i + 4)); \
+            bn_v4d u2 = BN_DEV(BN_LOAD4(p + i + 8)), u3 = BN_DEV(BN_LOAD4(p + i + 12)); \
+            BN_ACC4(u0, u1, u2, u3); \
+        } \
+        for (; i + 4 <= (len_); i += 4) { \
+            bn_v4d u = BN_DEV(BN_LOAD4(p + i)); \
+            d0 += u; \
+            q0 = BN_FMA4(u, u, q0); \
+        } \
+        for (; i < (len_); i++) { \
+            double u = only_k ? (double)p[i] - k : ((double)p[i] - k) - m; \
+            td += u; \
+            tq = BN_FMA(u, u, tq); \
+        } \
+    } while (0)
 /* sum(u) and sum(u*u) over nseg segments (as bn_seg_moments) of the deviations
  * u = (x - k) - m, or u = x - k when only_k (a constant at each call: no subtraction of m).
  * Four accumulator pairs (BN_ACC4): with two, the adds into q were the critical path. */
@@ -57,25 +76,8 @@ BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
     bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     double td = 0, tq = 0;
 #define BN_DEV(v) (only_k ? (v) - kk : ((v) - kk) - mm)
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        const BN_T *p = x + s * stride;
-        ptrdiff_t i = 0;
-        for (; i + 16 <= len; i += 16) {
-            bn_v4d u0 = BN_DEV(BN_LOAD4(p + i)), u1 = BN_DEV(BN_LOAD4(p + i + 4));
-            bn_v4d u2 = BN_DEV(BN_LOAD4(p + i + 8)), u3 = BN_DEV(BN_LOAD4(p + i + 12));
-            BN_ACC4(u0, u1, u2, u3);
-        }
-        for (; i + 4 <= len; i += 4) {
-            bn_v4d u = BN_DEV(BN_LOAD4(p + i));
-            d0 += u;
-            q0 = BN_FMA4(u, u, q0);
-        }
-        for (; i < len; i++) {
-            double u = only_k ? (double)p[i] - k : ((double)p[i] - k) - m;
-            td += u;
-            tq = BN_FMA(u, u, tq);
-        }
-    }
+    for (ptrdiff_t s = 0; s < nseg; s++)
+        BN_SEG_DEV_ROW(x + s * stride, len);
 #undef BN_DEV
     *sd = bn_v4d_total((d0 + d1) + (d2 + d3)) + td;
     *sdd = bn_v4d_total((q0 + q1) + (q2 + q3)) + tq;
@@ -188,10 +190,8 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
 #ifndef BN_RUN_MAX
 #define BN_RUN_MAX 32768
 #endif
-/* K and the sums sd = sum(u), sdd = sum(u^2), u = x - K, of bn_run_moments. */
-BN_INLINE void BN_NAME(bn_run_sums_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
-                                         ptrdiff_t stride, double *shift, double *sd,
-                                         double *sdd)
+/* The shift K of bn_run_moments, from the first (up to 16) of the len values at x. */
+BN_INLINE double BN_NAME(bn_run_shift)(const float *x, ptrdiff_t len)
 {
     double K = 0;
     if (len >= 16) {
@@ -211,7 +211,15 @@ BN_INLINE void BN_NAME(bn_run_sums_body)(const float *x, ptrdiff_t nseg, ptrdiff
             K += (double)x[i];
         K /= (double)len;
     }
-    K = bn_pivot((double)(float)K);
+    return bn_pivot((double)(float)K);
+}
+
+/* K and the sums sd = sum(u), sdd = sum(u^2), u = x - K, of bn_run_moments. */
+BN_INLINE void BN_NAME(bn_run_sums_body)(const float *x, ptrdiff_t nseg, ptrdiff_t len,
+                                         ptrdiff_t stride, double *shift, double *sd,
+                                         double *sdd)
+{
+    const double K = BN_NAME(bn_run_shift)(x, len);
     BN_NAME(bn_seg_dev)(x, nseg, len, stride, K, 0.0, 1, sd, sdd);
     *shift = K;
 }
@@ -1167,37 +1175,66 @@ BN_INLINE void BN_NAME(bn_cl_affine_body)(const BN_T *x, ptrdiff_t ldx, BN_T *y,
 #endif
 
 #if BN_T_IS_FLOAT
-/* bn_cl_affine with one mean for every channel (a group of channels-last group norm):
- * its hi and lo stay in registers, so a vector of 8 values loads 3 vectors, not 5 (loads
- * were the limit). The same expression, the same bits. nch <= 1024. */
-static BN_CLONES void bn_cl_affine_group_f32(const float *x, ptrdiff_t ldx, float *y,
-                                            ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
-                                            double mean, const double *restrict scale,
-                                            const double *restrict shift, int stream)
+/* Channels-last group-norm blocks (nrows rows of nch <= 1024 channels, ld apart), two at
+ * once, row by row: the affine of block A (none where xa is NULL) and the statistics of
+ * block B (none where xb is NULL). A's affine is bn_cl_affine's arithmetic with one mean
+ * for every channel, its hi and lo in registers (a vector of 8 values loads 3 vectors,
+ * not 5: loads were the limit); B's statistics are bn_run_moments' (*shift_b, *mean_b
+ * relative to it, *m2_b). The same bits as those. A block's statistics are arithmetic on
+ * data in cache, its affine waits on memory (its output lines are read for ownership);
+ * one after the other, the arithmetic ran with the memory idle (group norm (32, 7, 7,
+ * 512) G=8: statistics alone 58 us, the affine alone 133, both 174), and the next
+ * block's statistics beside this block's affine overlap the two. */
+static BN_CLONES void bn_cl_group_pipe_f32(const float *xa, float *ya, const float *xb,
+                                          ptrdiff_t ld, ptrdiff_t nrows, ptrdiff_t nch,
+                                          double mean_a, const double *restrict scale,
+                                          const double *restrict shift, int stream,
+                                          double *shift_b, double *mean_b, double *m2_b)
 {
     float kb[2 * 1024] __attribute__((aligned(32)));
-    float *restrict k = kb, *restrict b = kb + nch;
-    const float hs = (float)mean, ls = (float)(mean - (double)hs);
+    float *restrict kf = kb, *restrict bf = kb + nch;
+    const float hs = (float)mean_a, ls = (float)(mean_a - (double)hs);
     const bn_v8f hi = {hs, hs, hs, hs, hs, hs, hs, hs}, lo = {ls, ls, ls, ls, ls, ls, ls, ls};
-    for (ptrdiff_t c = 0; c < nch; c++) {
-        k[c] = (float)scale[c];
-        b[c] = (float)shift[c];
-    }
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const float *p = x + r * ldx;
-        float *q = y + r * ldy;
-#define BN_SCALAR(c) q[c] = ((p[c] - hs) - ls) * k[c] + b[c]
+    if (xa)
+        for (ptrdiff_t c = 0; c < nch; c++) {
+            kf[c] = (float)scale[c];
+            bf[c] = (float)shift[c];
+        }
+    const double k = xb ? BN_NAME(bn_run_shift)(xb, nch) : 0.0, m = 0.0;
+    const int only_k = 1;
+    const bn_v4d kk = {k, k, k, k};
+    bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    double td = 0, tq = 0;
+#define BN_DEV(v) ((v) - kk)
+#define BN_SCALAR(c) q[c] = ((p[c] - hs) - ls) * kf[c] + bf[c]
 #define BN_VEC(c, nt) do { bn_v8f v_, k_, b_; memcpy(&v_, p + (c), sizeof v_); \
-        memcpy(&k_, k + (c), sizeof k_); memcpy(&b_, b + (c), sizeof b_); \
+        memcpy(&k_, kf + (c), sizeof k_); memcpy(&b_, bf + (c), sizeof b_); \
         BN_PUT8F(q + (c), ((v_ - hi) - lo) * k_ + b_, nt); } while (0)
-        BN_SPAN_LOOP(q, nch, stream, 8, BN_SCALAR, BN_VEC);
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        if (xb)
+            BN_SEG_DEV_ROW(xb + r * ld, nch);
+        if (xa) {
+            const float *p = xa + r * ld;
+            float *q = ya + r * ld;
+            BN_SPAN_LOOP(q, nch, stream, 8, BN_SCALAR, BN_VEC);
+        }
+    }
+#undef BN_DEV
 #undef BN_SCALAR
 #undef BN_VEC
+    (void)m;
+    (void)only_k;
+    if (xb) {
+        *shift_b = k;
+        bn_run_finish((double)nrows * (double)nch,
+                      bn_v4d_total((d0 + d1) + (d2 + d3)) + td,
+                      bn_v4d_total((q0 + q1) + (q2 + q3)) + tq, mean_b, m2_b);
     }
 }
 #else
-/* The same for double: the mean in a register, a vector loads x, scale and shift (not
- * the mean too); bn_cl_affine's expression, its bits. Group norm (32, 7, 7, 512) G=8. */
+/* bn_cl_affine with one mean for every channel (a block of channels-last group norm),
+ * double: the mean in a register, a vector loads x, scale and shift (not the mean too);
+ * bn_cl_affine's expression, its bits. Group norm (32, 7, 7, 512) G=8. */
 static BN_CLONES void bn_cl_affine_group_f64(const double *x, ptrdiff_t ldx, double *y,
                                             ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
                                             double mean, const double *restrict scale,
