@@ -319,9 +319,10 @@ def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
 
 
 # Channels-last groups of 48 to 1024 channels (16 over at most 64 rows) and at most
-# BN_RUN_MAX values take their statistics straight from each (sample, group) block, a
-# block per thread (direct_groups): 64 channels a group over 49 rows, 17 over 63, 48 over
-# 400, float64 too.
+# BN_RUN_MAX values take their statistics straight from each (sample, group) block, a run
+# of blocks per thread (direct_groups; float blocks pipelined, each block's statistics
+# beside the last one's affine, so in place the affine must not reach the next block):
+# 64 channels a group over 49 rows, 17 over 63, 48 over 400, float64 too.
 WIDE_GROUPS = [((32, 7, 7, 512), 8, "float32"), ((2, 7, 9, 51), 3, "float32"),
                ((2, 20, 20, 96), 2, "float32"), ((3, 5, 7, 48), 3, "float64"),
                ((1, 4, 4, 1024), 1, "float32")]
