@@ -273,7 +273,9 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
         invstd[c] = 1.0 / sqrt(var[c] + eps)
         scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
         shift[c] = b[c] if b != NULL else 0.0
-    nchunks = rows_chunks(nrows, nch)
+    # pieces of rows for the threads (the affine's bits do not depend on them): the
+    # statistics' chunks, or one a thread where there are more threads than chunks
+    nchunks = min(nrows, max(rows_chunks(nrows, nch), <Py_ssize_t>n_threads))
     nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     for s in prange(nchunks, schedule='static', num_threads=nt):
         r0 = s * nrows // nchunks

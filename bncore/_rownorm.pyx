@@ -758,7 +758,7 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
         for k in range(k0, k1):
             p = slot + k * per
             rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
-                             p + 2 * c, mine, p, p + c, far)
+                             p + 2 * c, mine, p, p + c, far, 0, c)
         bncore_barrier()
         merge_row_chunks(slot, per, nchunks, s, 1, c, mine, mine + c, mine + 2 * c)
         group_moments(mine + c, mine + 2 * c, g, c // g, s, gm, gm + g)
