@@ -800,7 +800,9 @@ cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t n
         # more threads than chunks (the chunks come from the shape: (4096, 1024) has 8):
         # each chunk's channel blocks go to threads of their own, the same bits. On 16
         # threads (a 16-core Xeon guest) batch-norm training (4096, 1024) had run no
-        # faster than on 8: 0.72 -> 0.41 ms, channels-last (64, 7, 7, 2048) 1.25 -> 0.79
+        # faster than on 8: 0.72 -> 0.41 ms, channels-last (64, 7, 7, 2048) 1.25 -> 0.79.
+        # A view of one chunk stays on one thread (above): split over two, (32, 2048)
+        # ran 0.88x, (100, 300) 0.94x, (128, 512) 1.11x
         for t in prange(nchunks * ncb, schedule='static', num_threads=ntb):
             s = t // ncb
             rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far,
