@@ -235,6 +235,38 @@ def test_channels_last_few_rows_split_by_channel_tiles(shape, dtype):
         np.testing.assert_allclose(got, exp, **tol)
 
 
+# Channels-last statistics with more threads than row chunks (the chunks come from the
+# shape): each chunk's blocks of 256 channels go to threads of their own, with the bits of
+# the whole row on one thread. (2048, 600): 8 chunks of 3 channel blocks; (600, 520): 5 of
+# 3; (3, 20, 10, 1100): 8 of 5, the last block 76 channels wide.
+MORE_THREADS_THAN_CHUNKS = [((2048, 600), "float32"), ((600, 520), "float64"),
+                            ((3, 20, 10, 1100), "float32")]
+
+
+@pytest.mark.parametrize("shape,dtype", MORE_THREADS_THAN_CHUNKS)
+def test_channels_last_statistics_split_by_channel_blocks(shape, dtype):
+    rng = np.random.default_rng(11)
+    x = rng.normal(1e3, 2.0, shape).astype(dtype)
+    c = shape[-1]
+    w, b = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+    axes = tuple(range(x.ndim - 1))
+
+    def run(nt):
+        return (bncore.batch_norm_forward(x, w, b, training=True, axis=-1, n_threads=nt)
+                + bncore.moments(x, axis=axes, n_threads=nt))
+
+    base = run(1)
+    for nt in (2, 8, 16):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    for got, want in zip(base[:3], ref.batch_norm_forward(x, w, b, training=True, axis=-1)):
+        np.testing.assert_allclose(got, want, **tol)
+    xs = x.astype(np.float64).reshape(-1, c)   # moments keep x's dtype: rounded once
+    r = 1e-7 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(base[3], xs.mean(axis=0), rtol=r)
+    np.testing.assert_allclose(base[4], xs.var(axis=0), rtol=10 * r)
+
+
 # Layer/RMS norm backward of a few wide float rows (2048 values or more, under 128 rows,
 # dy and x within 4 MiB) goes by column tiles: the row sums with the threads on rows, then
 # dx and each column's sums with the threads on tiles of columns. The same bits for any
