@@ -274,9 +274,13 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
         scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
         shift[c] = b[c] if b != NULL else 0.0
     # pieces of rows for the threads (the affine's bits do not depend on them): the
-    # statistics' chunks, or one a thread where there are more threads than chunks
-    nchunks = min(nrows, max(rows_chunks(nrows, nch), <Py_ssize_t>n_threads))
-    nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    # statistics' chunks, or one a thread where more threads than chunks are worth starting
+    nchunks = rows_chunks(nrows, nch)
+    nt = work_threads(n_threads, nrows, nrows * nch, SERIAL_ELEMS)
+    if nt > nchunks:
+        nchunks = nt
+    else:
+        nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     for s in prange(nchunks, schedule='static', num_threads=nt):
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks

@@ -46,8 +46,9 @@
         p_[0] = (BN_T)v_[0]; p_[1] = (BN_T)v_[1]; p_[2] = (BN_T)v_[2]; p_[3] = (BN_T)v_[3]; \
     } while (0)
 
-/* One segment p[0, len) of bn_seg_dev: its deviations (BN_DEV) into the accumulators d0-d3,
- * q0-q3 (16 values a step, BN_ACC4), then d0, q0 (4 a step), then td, tq (the rest). */
+/* One segment p[0, len) of bn_seg_dev: its deviations (BN_DEV on four lanes, BN_DEV1 on
+ * one) into the accumulators d0-d3, q0-q3 (16 values a step, BN_ACC4), then d0, q0 (4 a
+ * step), then td, tq (the rest). */
 #define BN_SEG_DEV_ROW(p_, len_) do { const BN_T *p = (p_); ptrdiff_t i = 0; \
         for (; i + 16 <= (len_); i += 16) { \
             bn_v4d u0 = BN_DEV(BN_LOAD4(p + i)), u1 = BN_DEV(BN_LOAD4(p + i + 4)); \
@@ -60,7 +61,7 @@
             q0 = BN_FMA4(u, u, q0); \
         } \
         for (; i < (len_); i++) { \
-            double u = only_k ? (double)p[i] - k : ((double)p[i] - k) - m; \
+            double u = BN_DEV1((double)p[i]); \
             td += u; \
             tq = BN_FMA(u, u, tq); \
         } \
@@ -76,9 +77,11 @@ BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
     bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     double td = 0, tq = 0;
 #define BN_DEV(v) (only_k ? (v) - kk : ((v) - kk) - mm)
+#define BN_DEV1(v) (only_k ? (v) - k : ((v) - k) - m)
     for (ptrdiff_t s = 0; s < nseg; s++)
         BN_SEG_DEV_ROW(x + s * stride, len);
 #undef BN_DEV
+#undef BN_DEV1
     *sd = bn_v4d_total((d0 + d1) + (d2 + d3)) + td;
     *sdd = bn_v4d_total((q0 + q1) + (q2 + q3)) + tq;
 }
@@ -1200,12 +1203,12 @@ static BN_CLONES void bn_cl_group_pipe_f32(const float *xa, float *ya, const flo
             kf[c] = (float)scale[c];
             bf[c] = (float)shift[c];
         }
-    const double k = xb ? BN_NAME(bn_run_shift)(xb, nch) : 0.0, m = 0.0;
-    const int only_k = 1;
+    const double k = xb ? BN_NAME(bn_run_shift)(xb, nch) : 0.0;
     const bn_v4d kk = {k, k, k, k};
     bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     double td = 0, tq = 0;
 #define BN_DEV(v) ((v) - kk)
+#define BN_DEV1(v) ((v) - k)
 #define BN_SCALAR(c) q[c] = ((p[c] - hs) - ls) * kf[c] + bf[c]
 #define BN_VEC(c, nt) do { bn_v8f v_, k_, b_; memcpy(&v_, p + (c), sizeof v_); \
         memcpy(&k_, kf + (c), sizeof k_); memcpy(&b_, bf + (c), sizeof b_); \
@@ -1220,10 +1223,9 @@ static BN_CLONES void bn_cl_group_pipe_f32(const float *xa, float *ya, const flo
         }
     }
 #undef BN_DEV
+#undef BN_DEV1
 #undef BN_SCALAR
 #undef BN_VEC
-    (void)m;
-    (void)only_k;
     if (xb) {
         *shift_b = k;
         bn_run_finish((double)nrows * (double)nch,
