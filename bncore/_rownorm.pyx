@@ -888,8 +888,8 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     cdef bint fetch
-    cdef int tid, team
-    cdef double *buf
+    cdef int tid = 0, team = 1   # (private in the parallel blocks; set for the compiler)
+    cdef double *buf = NULL
     if direct_groups(s, cg):
         nt = work_threads(n_threads, n * g, n * s * c, SERIAL_ELEMS)
         fetch = beyond_l2(n * s * c * <Py_ssize_t>sizeof(floating), nt)
@@ -1050,7 +1050,7 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
                           const double *invstd, const double *w, double *sdy, double *sdyx,
                           int n_threads) noexcept nogil:
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
-    cdef double *buf
+    cdef double *buf = NULL   # (private in the parallel block; set for the compiler)
     cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 3)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
