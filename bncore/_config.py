@@ -36,22 +36,26 @@ def thresholds():
     or backward whose arrays total ``stream_forward_bytes`` / ``stream_backward_bytes`` or
     more writes its output with streaming stores; an input of ``far_bytes`` or more is
     taken to come from memory (prefetching); ``l2_bytes`` is one core's L2 (short pieces
-    beyond the threads' L2s are prefetched). ``l3_bytes`` is the last-level cache the C
-    library reports (its L2 where it reports no L3; 0: neither)."""
+    beyond the threads' L2s are prefetched); ``l1_bytes`` one core's L1 data cache (which
+    layer/RMS norm backward rows stay in it between their two passes). ``l3_bytes`` is the
+    last-level cache the C library reports (its L2 where it reports no L3; 0: neither)."""
     from bncore import _stats
-    fwd, bwd, far, l2 = _stats._thresholds()
+    fwd, bwd, far, l2, l1 = _stats._thresholds()
     return {"l3_bytes": _stats._llc_bytes(), "stream_forward_bytes": fwd,
-            "stream_backward_bytes": bwd, "far_bytes": far, "l2_bytes": l2}
+            "stream_backward_bytes": bwd, "far_bytes": far, "l2_bytes": l2, "l1_bytes": l1}
 
 
-def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes, l2_bytes):
-    """Set the thresholds of thresholds() in every kernel module; returns the old ones (a
-    dict for thresholds(), ``set_thresholds(**old)`` restores them). For tests, which pin
-    them so that each path runs on any machine, and for measuring the rule."""
+def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes, l2_bytes,
+                   l1_bytes=None):
+    """Set the thresholds of thresholds() in every kernel module (``l1_bytes=None`` keeps
+    the L1's); returns the old ones (a dict for thresholds(), ``set_thresholds(**old)``
+    restores them). For tests, which pin them so that each path runs on any machine, and
+    for measuring the rule."""
     old = thresholds()
+    l1 = old["l1_bytes"] if l1_bytes is None else int(l1_bytes)
     for m in _modules():
         m._set_thresholds(int(stream_forward_bytes), int(stream_backward_bytes),
-                          int(far_bytes), int(l2_bytes))
+                          int(far_bytes), int(l2_bytes), l1)
     del old["l3_bytes"]
     return old
 

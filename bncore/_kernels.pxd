@@ -34,7 +34,9 @@ cdef extern from "bn_kernels.h" nogil:
     Py_ssize_t bn_stream_bwd
     Py_ssize_t bn_far_bytes
     Py_ssize_t bn_l2_bytes
-    void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2)
+    Py_ssize_t bn_l1_bytes
+    void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2,
+                           Py_ssize_t l1)
     void bn_init_thresholds()
     Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)

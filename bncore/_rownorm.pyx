@@ -39,7 +39,7 @@ from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport isfinite, sqrt
 
 from bncore._kernels cimport (
-    bn_alloc64, bn_free64,
+    bn_alloc64, bn_free64, bn_l1_bytes,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
@@ -326,33 +326,81 @@ cdef inline bint by_tiles(Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t itemsize) n
             and 2 * nrows * d * itemsize <= (4 << 20))
 
 
+cdef inline bint row_fits_l1(Py_ssize_t d, Py_ssize_t itemsize) noexcept nogil:
+    """Whether a row's dy and x take at most two thirds of one core's L1 data cache
+    (bn_l1_bytes), so that the row path's second pass (dx) reads them from L1. Where they do,
+    the row path beat the column tiles (by_tiles) on the Xeon guest (48 KiB L1s), in
+    process: layer-norm backward (64, 4096) 1.12-1.13x on two threads, 1.14x on one, (96,
+    4096) 1.15x / 1.25x, (64, 2048) 1.02x. On Zen 3 (32 KiB L1s) the tiles had won (64,
+    4096) 1.12x, where this gives them the shape; its (64, 2048) (1.11x for the tiles
+    then, before the aligned partial sums) now goes by rows there too, unmeasured."""
+    return 3 * d * itemsize <= bn_l1_bytes
+
+
+cdef void merge_chunk_sums(const double *part, Py_ssize_t nchunks, Py_ssize_t per,
+                           Py_ssize_t d, double *dweight, double *dbias) noexcept nogil:
+    """dweight (and dbias: NULL for RMS norm) from the chunks' column partials (per doubles
+    a chunk: d of dweight, then d of dbias), added in chunk order: the same sums for any
+    thread count."""
+    cdef Py_ssize_t s, j
+    for j in range(d):
+        dweight[j] = 0
+    for s in range(nchunks):
+        for j in range(d):
+            dweight[j] += part[per * s + j]
+    if dbias != NULL:
+        for j in range(d):
+            dbias[j] = 0
+        for s in range(nchunks):
+            for j in range(d):
+                dbias[j] += part[per * s + d + j]
+
+
 cdef int backward_tiles(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
                         Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
                         const double *mean, const double *invstd, const double *w,
-                        double *dweight, double *dbias, bint rms,
-                        int n_threads) noexcept nogil:
+                        double *dweight, double *dbias, bint rms, Py_ssize_t nchunks,
+                        int nt) noexcept nogil:
     """Layer/RMS norm backward in two phases: each row's q, r (the threads split the rows,
-    bn_row_bwd_sums), then column tiles of BN_BWD_TILE (the threads split the tiles,
-    bn_rows_bwd_tile): dx (bn_row_bwd's bits) and each column's dweight/dbias summed over
-    the rows in order, in L1. No chunk partials, nothing to merge, and the
-    same bits for any thread count (every sum is within one row or one column). mean is
-    NULL for RMS norm."""
-    cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE, r, t, j0
+    bn_row_bwd_sums), then column tiles of BN_BWD_TILE of each of nchunks chunks of rows
+    (the threads split the (chunk, tile) pairs, chunk by chunk; bn_rows_bwd_tile): dx
+    (bn_row_bwd's bits) and each column's dweight/dbias summed over the chunk's rows in
+    order, in L1. One chunk (by_tiles): those are the sums, with nothing to merge; the row
+    path's chunks (row_chunks, when its rows fit the L1 and there are more threads than
+    chunks): its column partials, merged in chunk order, for the row path's bits. The same
+    bits for any thread count either way. mean is NULL for RMS norm."""
+    cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE, per = 2 * d
+    cdef Py_ssize_t r, t, c, j0, r0, r1
     cdef double *qr = <double *>bn_alloc64(2 * nrows * sizeof(double))
-    cdef int nt = work_threads(n_threads, ntiles, nrows * d, SERIAL_ELEMS)
-    if qr == NULL:
+    cdef double *part = NULL
+    cdef double *pw
+    if nchunks > 1:
+        part = <double *>bn_alloc64(nchunks * per * sizeof(double))
+    if qr == NULL or (nchunks > 1 and part == NULL):
+        bn_free64(qr)
+        bn_free64(part)
         return -1
     with parallel(num_threads=nt):
         for r in prange(nrows, schedule='static'):
             row_bwd_sums(dy + r * ldg, x + r * ldx, d, 0.0 if rms else mean[r], invstd[r], w,
                          rms, qr + r, qr + nrows + r)
         bncore_barrier()   # every row's q, r before the tiles use them
-        for t in prange(ntiles, schedule='static'):
-            j0 = t * BN_BWD_TILE
-            rows_bwd_tile(dy + j0, x + j0, dx + j0, nrows, min(BN_BWD_TILE, d - j0), ldg, ldx,
-                          ldd, mean, invstd, qr, qr + nrows, w + j0,
-                          dweight + j0, dbias + j0 if dbias != NULL else NULL)
+        for t in prange(nchunks * ntiles, schedule='static'):
+            c = t // ntiles
+            j0 = (t - c * ntiles) * BN_BWD_TILE
+            r0 = c * nrows // nchunks
+            r1 = (c + 1) * nrows // nchunks
+            pw = dweight + j0 if nchunks == 1 else part + per * c + j0
+            rows_bwd_tile(dy + r0 * ldg + j0, x + r0 * ldx + j0, dx + r0 * ldd + j0, r1 - r0,
+                          min(BN_BWD_TILE, d - j0), ldg, ldx, ldd,
+                          mean + r0 if mean != NULL else mean, invstd + r0, qr + r0,
+                          qr + nrows + r0, w + j0, pw,
+                          NULL if dbias == NULL else
+                          (dbias + j0 if nchunks == 1 else pw + d))
+    if nchunks > 1:
+        merge_chunk_sums(part, nchunks, per, d, dweight, dbias)
     bn_free64(qr)
+    bn_free64(part)
     return 0
 
 
@@ -366,10 +414,20 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *p
     cdef bint stream
     cdef int nt
-    if by_tiles(nrows, d, sizeof(floating)):
-        return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w, dweight,
-                              dbias, rms, n_threads)
     nchunks = row_chunks(nrows, d)
+    if by_tiles(nrows, d, sizeof(floating)):
+        if not row_fits_l1(d, sizeof(floating)):
+            return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
+                                  dweight, dbias, rms, 1,
+                                  work_threads(n_threads, (d + BN_BWD_TILE - 1) // BN_BWD_TILE,
+                                               nrows * d, SERIAL_ELEMS))
+        # rows in L1: by rows, or with more threads than chunks by the chunks' column
+        # tiles (the same bits)
+        nt = work_threads(n_threads, nchunks * ((d + BN_BWD_TILE - 1) // BN_BWD_TILE),
+                          nrows * d, SERIAL_ELEMS)
+        if nt > nchunks:
+            return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
+                                  dweight, dbias, rms, nchunks, nt)
     per = 2 * d if dbias != NULL else d
     ahead = rows_ahead(2 * d, sizeof(floating))
     part = <double *>bn_alloc64(nchunks * per * sizeof(double))
@@ -389,17 +447,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                     invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream)
         if stream:
             bn_fence()
-    for j in range(d):   # chunk partials in chunk order: the same sums for any thread count
-        dweight[j] = 0
-    for s in range(nchunks):
-        for j in range(d):
-            dweight[j] += part[per * s + j]
-    if dbias != NULL:
-        for j in range(d):
-            dbias[j] = 0
-        for s in range(nchunks):
-            for j in range(d):
-                dbias[j] += part[per * s + d + j]
+    merge_chunk_sums(part, nchunks, per, d, dweight, dbias)
     bn_free64(part)
     return 0
 

@@ -2,18 +2,19 @@
 # the cache-size thresholds (static in bn_kernels.h), set here at its import from the
 # machine's caches and read or set through these (bncore._config gathers them).
 from bncore._kernels cimport (
-    bn_far_bytes, bn_init_thresholds, bn_l2_bytes, bn_set_thresholds, bn_stream_bwd,
-    bn_stream_fwd,
+    bn_far_bytes, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_thresholds,
+    bn_stream_bwd, bn_stream_fwd,
 )
 
 bn_init_thresholds()
 
 
 def _thresholds():
-    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes)."""
-    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes
+    """This module's (bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes, bn_l1_bytes)."""
+    return bn_stream_fwd, bn_stream_bwd, bn_far_bytes, bn_l2_bytes, bn_l1_bytes
 
 
-def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2):
+def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2,
+                    Py_ssize_t l1):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
-    bn_set_thresholds(fwd, bwd, far, l2)
+    bn_set_thresholds(fwd, bwd, far, l2, l1)

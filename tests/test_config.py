@@ -22,7 +22,8 @@ def _getconf(name):
 
 def test_rule_from_the_l3_in_a_fresh_process():
     """Forwards stream from min(L3, 64 MiB) moved, backwards from min(L3, 32 MiB); inputs
-    of 16 MiB are far; no L3 reported counts as 32 MiB. Every kernel module agrees."""
+    of 16 MiB are far; no L3 reported counts as 32 MiB; the L2 and L1 as reported (512 and
+    32 KiB where not). Every kernel module agrees."""
     code = ("from bncore import _config, _batchnorm, _rownorm, _stats; "
             "print(_config.thresholds()); "
             "print(len({m._thresholds() for m in (_batchnorm, _rownorm, _stats)}))")
@@ -33,21 +34,24 @@ def test_rule_from_the_l3_in_a_fresh_process():
     llc = l3 or 32 * MIB
     want = {"l3_bytes": l3, "stream_forward_bytes": min(llc, 64 * MIB),
             "stream_backward_bytes": min(llc, 32 * MIB), "far_bytes": 16 * MIB,
-            "l2_bytes": _getconf("LEVEL2_CACHE_SIZE") or 512 << 10}
+            "l2_bytes": _getconf("LEVEL2_CACHE_SIZE") or 512 << 10,
+            "l1_bytes": _getconf("LEVEL1_DCACHE_SIZE") or 32 << 10}
     assert eval(got) == want
     assert distinct == "1"
 
 
 def test_set_thresholds_returns_the_old_and_sets_every_module():
     from bncore import _batchnorm, _rownorm, _stats
-    old = _config.set_thresholds(1, 2, 3, 4)
+    old = _config.set_thresholds(1, 2, 3, 4, 5)
     try:
-        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(1, 2, 3, 4)}
+        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(1, 2, 3, 4, 5)}
         assert _config.thresholds()["stream_backward_bytes"] == 2
+        _config.set_thresholds(6, 7, 8, 9)   # no l1_bytes: the L1's stays
+        assert {m._thresholds() for m in (_batchnorm, _rownorm, _stats)} == {(6, 7, 8, 9, 5)}
     finally:
-        assert _config.set_thresholds(**old) == {"stream_forward_bytes": 1,
-                                                 "stream_backward_bytes": 2, "far_bytes": 3,
-                                                 "l2_bytes": 4}
+        assert _config.set_thresholds(**old) == {"stream_forward_bytes": 6,
+                                                 "stream_backward_bytes": 7, "far_bytes": 8,
+                                                 "l2_bytes": 9, "l1_bytes": 5}
     assert _config.thresholds()["stream_forward_bytes"] == old["stream_forward_bytes"]
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import bncore
+from bncore import _config, _rownorm
 from bncore import _reference as ref
 
 SHAPE = (8, 64, 16, 16)          # 131,072 values: several chunks per thread
@@ -272,12 +273,24 @@ def test_channels_last_statistics_split_by_channel_blocks(shape, dtype):
 # dx and each column's sums with the threads on tiles of columns. The same bits for any
 # thread count, and each row's dx has the bits the row path (128 rows and more) gives it;
 # rows of wider arrays (views) too. Odd widths leave a last tile of a few columns; (3, 5000)
-# has more tiles than rows.
+# has more tiles than rows. Rows whose dy and x fit two thirds of the L1 (48 KiB: up to
+# 4096 floats) go by rows instead, or with more threads than row chunks ((64, 4096): 4)
+# by each chunk's tiles, with the row path's bits: an L1 of 32 KiB puts them all on tiles.
 WIDE_ROWS = [(64, 4096), (7, 2051), (127, 2048), (3, 5000)]
 
 
+@pytest.mark.parametrize("l1", [32 << 10, 48 << 10])
 @pytest.mark.parametrize("rows,d", WIDE_ROWS)
-def test_few_wide_rows_split_by_column_tiles(rows, d):
+def test_few_wide_rows_split_by_column_tiles(rows, d, l1):
+    from conftest import PINNED_THRESHOLDS
+    _config.set_thresholds(**{**PINNED_THRESHOLDS, "l1_bytes": l1})
+    try:
+        wide_rows_case(rows, d)
+    finally:
+        _config.set_thresholds(**PINNED_THRESHOLDS)
+
+
+def wide_rows_case(rows, d):
     rng = np.random.default_rng(9)
     x = rng.normal(100.0, 2.0, (128, d)).astype(np.float32)
     dy = rng.normal(size=(128, d)).astype(np.float32)
@@ -294,6 +307,19 @@ def test_few_wide_rows_split_by_column_tiles(rows, d):
     base = run(1)
     for nt in (2, 3, 8, None):
         assert identical(base, run(nt)), f"differs with {nt} threads"
+
+    def double_sums(nt):   # dweight/dbias before the float32 outputs round them
+        out = []
+        for mean, inv, dbias in ((mm, ss, np.empty(d)), (None, rr, None)):
+            dw, dx = np.empty(d), np.empty_like(g)
+            _rownorm.backward(g, xx, dx, rows, d, d, d, d, mean, inv, w.astype(np.float64),
+                              dw, dbias, mean is None, nt)
+            out += [dx, dw] + ([] if dbias is None else [dbias])
+        return tuple(out)
+
+    sums = double_sums(1)
+    for nt in (2, 3, 8):
+        assert identical(sums, double_sums(nt)), f"float64 sums differ with {nt} threads"
     assert np.array_equal(base[0], bncore.layer_norm_backward(dy, x, m, s, d, w)[0][:rows])
     assert np.array_equal(base[6], bncore.rms_norm_backward(dy, x, r, d, w)[0][:rows])
     tol = dict(rtol=1e-4, atol=1e-4)

@@ -200,18 +200,33 @@ static inline void bn_prefetch_step_l2(const char **p, const char *end)
  *     total this many bytes writes its output with streaming stores (streams());
  *   bn_far_bytes: inputs of this many bytes are taken to come from memory, not the caches
  *     (beyond_caches(): what is prefetched, and how);
- *   bn_l2_bytes: one core's L2 (beyond_l2(): data outgrowing the threads' L2s). */
+ *   bn_l2_bytes: one core's L2 (beyond_l2(): data outgrowing the threads' L2s);
+ *   bn_l1_bytes: one core's L1 data cache (the layer/RMS norm backward's rows that stay in
+ *     it between their two passes: see row_fits_l1). */
 static ptrdiff_t bn_stream_fwd __attribute__((unused)) = (ptrdiff_t)32 << 20;
 static ptrdiff_t bn_stream_bwd __attribute__((unused)) = (ptrdiff_t)32 << 20;
 static ptrdiff_t bn_far_bytes __attribute__((unused)) = (ptrdiff_t)16 << 20;
 static ptrdiff_t bn_l2_bytes __attribute__((unused)) = (ptrdiff_t)512 << 10;
+static ptrdiff_t bn_l1_bytes __attribute__((unused)) = (ptrdiff_t)32 << 10;
 
-static inline void bn_set_thresholds(ptrdiff_t fwd, ptrdiff_t bwd, ptrdiff_t far, ptrdiff_t l2)
+static inline void bn_set_thresholds(ptrdiff_t fwd, ptrdiff_t bwd, ptrdiff_t far, ptrdiff_t l2,
+                                     ptrdiff_t l1)
 {
     bn_stream_fwd = fwd;
     bn_stream_bwd = bwd;
     bn_far_bytes = far;
     bn_l2_bytes = l2;
+    bn_l1_bytes = l1;
+}
+
+/* One core's L1 data cache as the C library reports it (sysconf), or 0 when it does not. */
+static inline ptrdiff_t bn_l1_size(void)
+{
+    long v = -1;
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+    return v > 0 ? (ptrdiff_t)v : 0;
 }
 
 /* One core's L2 as the C library reports it (sysconf), or 0 when it does not. */
@@ -247,11 +262,12 @@ static inline ptrdiff_t bn_llc_bytes(void)
  *    37 MiB moved (float64 batch norm 0.85x) and at 73.5 MiB (0.72-0.96x, 1.05x once).
  * So forwards stream from the L3 or 64 MiB, whichever is less, backwards from the L3 or
  * 32 MiB (the guest's share of a big shared L3 is not known; these caps are what the
- * measurements support). No L3 reported: 32 MiB; no L2: 512 KiB. */
+ * measurements support). No L3 reported: 32 MiB; no L2: 512 KiB; no L1: 32 KiB. */
 static inline void bn_init_thresholds(void)
 {
-    ptrdiff_t l3 = bn_llc_bytes(), l2 = bn_l2_size();
+    ptrdiff_t l3 = bn_llc_bytes(), l2 = bn_l2_size(), l1 = bn_l1_size();
     bn_l2_bytes = l2 > 0 ? l2 : (ptrdiff_t)512 << 10;
+    bn_l1_bytes = l1 > 0 ? l1 : (ptrdiff_t)32 << 10;
     if (l3 <= 0)
         l3 = (ptrdiff_t)32 << 20;
     bn_stream_fwd = l3 < ((ptrdiff_t)64 << 20) ? l3 : (ptrdiff_t)64 << 20;
