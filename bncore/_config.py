@@ -85,3 +85,4 @@ def show_config():
     print(f"  streaming stores: forwards moving {c['stream_forward_bytes'] / mib:.0f} MiB or "
           f"more, backwards {c['stream_backward_bytes'] / mib:.0f} MiB "
           f"(L3 {c['l3_bytes'] / mib:.0f} MiB)")
+    print(f"  caches:      L2 {c['l2_bytes'] >> 10} KiB, L1d {c['l1_bytes'] >> 10} KiB a core")

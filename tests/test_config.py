@@ -57,7 +57,10 @@ def test_set_thresholds_returns_the_old_and_sets_every_module():
 
 def test_show_config_reports_the_thresholds(capsys):
     bncore.show_config()
-    assert "streaming stores: forwards moving" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "streaming stores: forwards moving" in out
+    t = _config.thresholds()
+    assert f"L2 {t['l2_bytes'] >> 10} KiB, L1d {t['l1_bytes'] >> 10} KiB a core" in out
 
 
 def _calls(dtype):
