@@ -309,8 +309,9 @@ def wide_rows_case(rows, d):
         assert identical(base, run(nt)), f"differs with {nt} threads"
 
     def double_sums(nt):   # dweight/dbias before the float32 outputs round them
-        out = []
-        for mean, inv, dbias in ((mm, ss, np.empty(d)), (None, rr, None)):
+        out = []   # (the kernel call takes float64 statistics; the forward gave float32)
+        m64, s64, r64 = (a.astype(np.float64) for a in (mm, ss, rr))
+        for mean, inv, dbias in ((m64, s64, np.empty(d)), (None, r64, None)):
             dw, dx = np.empty(d), np.empty_like(g)
             _rownorm.backward(g, xx, dx, rows, d, d, d, d, mean, inv, w.astype(np.float64),
                               dw, dbias, mean is None, nt)
