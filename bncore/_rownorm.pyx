@@ -409,22 +409,20 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                        const double *mean, const double *invstd, const double *w,
                        double *dweight, double *dbias, bint rms,
                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks, s, r, j, r1, per, ahead
+    cdef Py_ssize_t nchunks = row_chunks(nrows, d), s, r, j, r1, per, ahead
+    cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE
     cdef double *part
     cdef double *p
     cdef bint stream
     cdef int nt
-    nchunks = row_chunks(nrows, d)
     if by_tiles(nrows, d, sizeof(floating)):
         if not row_fits_l1(d, sizeof(floating)):
             return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
                                   dweight, dbias, rms, 1,
-                                  work_threads(n_threads, (d + BN_BWD_TILE - 1) // BN_BWD_TILE,
-                                               nrows * d, SERIAL_ELEMS))
+                                  work_threads(n_threads, ntiles, nrows * d, SERIAL_ELEMS))
         # rows in L1: by rows, or with more threads than chunks by the chunks' column
         # tiles (the same bits)
-        nt = work_threads(n_threads, nchunks * ((d + BN_BWD_TILE - 1) // BN_BWD_TILE),
-                          nrows * d, SERIAL_ELEMS)
+        nt = work_threads(n_threads, nchunks * ntiles, nrows * d, SERIAL_ELEMS)
         if nt > nchunks:
             return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
                                   dweight, dbias, rms, nchunks, nt)
