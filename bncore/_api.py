@@ -237,7 +237,7 @@ class Moments:
         """Merge another Moments into this one (``other`` is left unchanged); returns self."""
         if not isinstance(other, Moments):
             raise TypeError(f"other must be a Moments, got {type(other).__name__}")
-        if other._count:
+        if other._mean is not None:   # even with no values: its feature shape must match
             self._absorb(other._count, other._mean, other._m2, other._shape, "other")
         return self
 
@@ -283,9 +283,11 @@ class Moments:
         """Per-feature variance with ``ddof`` delta degrees of freedom (float64)."""
         if self._mean is None:
             return np.float64(np.nan)
-        dof = self._count - check_real(ddof, "ddof")
+        dof = max(self._count - check_real(ddof, "ddof"), 0)
+        if self._count and dof == 0:   # as moments() and NumPy
+            warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = self._m2 / dof if dof > 0 else np.full(self._m2.shape, np.nan)
+            v = self._m2 / dof   # dof == 0: inf, or nan for a zero M2, as NumPy (and moments)
         return self._shaped(v)
 
     def std(self, ddof=0):

@@ -671,3 +671,43 @@ def test_permuted_contiguous_input_is_reduced_in_memory_order(axis, memory_axis,
     got = bncore.moments(f, axis=(1, 2), n_threads=2)
     want = bncore.moments(np.ascontiguousarray(f.T), axis=(1, 2), n_threads=1)
     assert all(np.array_equal(g, w.T) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("ddof", [3, 4, 10.5])
+def test_var_with_no_degrees_of_freedom_left_as_numpy(ddof):
+    """ddof >= count: M2 / 0, inf (nan for a constant feature), as np.var and moments
+    give; Moments.var once gave nan whatever the data."""
+    x = np.array([[1.0, 2.0, 5.0], [3.0, 2.0, 6.0], [4.0, 2.0, 7.0]])
+    acc = bncore.Moments().update(x, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.var(x, axis=0, ddof=ddof)
+    np.testing.assert_array_equal(want, [np.inf, np.nan, np.inf])
+    for got in (lambda: acc.var(ddof), lambda: bncore.moments(x, axis=0, ddof=ddof)[1],
+                lambda: acc.std(ddof) ** 2):
+        with pytest.warns(RuntimeWarning, match="Degrees of freedom <= 0"):
+            np.testing.assert_array_equal(got(), want)
+
+
+def test_merge_checks_the_feature_shape_of_an_empty_accumulator():
+    """An accumulator fed only empty batches still has a feature shape: merging it into
+    one of another shape is the ValueError that update() with the same batch raises,
+    either way round, and nothing changes; of the same shape it merges as nothing."""
+    full = bncore.Moments().update(np.ones((2, 3)), axis=0)
+    empty4 = bncore.Moments().update(np.empty((0, 4)), axis=0)
+    with pytest.raises(ValueError, match="feature shape"):
+        bncore.Moments().update(np.ones((2, 3)), axis=0).update(np.empty((0, 4)), axis=0)
+    for a, b in ((full, empty4), (empty4, full)):
+        before = pickle.dumps(a)
+        with pytest.raises(ValueError, match=r"other has feature shape \(\d,\), which does "
+                                             r"not match this accumulator's"):
+            a.merge(b)
+        assert pickle.dumps(a) == before
+    empty3 = bncore.Moments().update(np.empty((5, 0, 3)), axis=(0, 1))
+    full.merge(empty3)
+    assert full.count == 2
+    np.testing.assert_array_equal(full.mean, np.ones(3))
+    fresh = bncore.Moments().merge(empty4)   # a new accumulator takes the shape on
+    assert fresh.count == 0 and repr(fresh) == "Moments(count=0, feature_shape=(4,))"
+    with pytest.raises(ValueError, match="feature shape"):
+        fresh.update(np.ones((2, 3)), axis=0)
