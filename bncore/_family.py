@@ -82,8 +82,8 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
         return res
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
-    if rms and eps is None:   # PyTorch: the machine epsilon of the input's dtype
-        eps = float(np.finfo(dtype).eps)
+    if rms and eps is None:   # PyTorch: the machine epsilon of the type it computes in
+        eps = float(np.finfo(np.float32 if dtype == np.float16 else dtype).eps)
     eps = check_eps(eps)
     w = param_vector(weight, "weight", shape)
     b = None if rms else param_vector(bias, "bias", shape)
@@ -299,8 +299,9 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=
         The trailing dimensions to normalise over.
     weight : array_like of shape ``normalized_shape``, optional
     eps : float or None, default None
-        None uses the machine epsilon of x's dtype (``np.finfo(x.dtype).eps``), as
-        PyTorch does.
+        None uses the machine epsilon of the dtype the op computes in, as PyTorch
+        does: ``np.finfo(x.dtype).eps`` for float32 and float64, float32's for float16
+        (which is computed in float32).
     out : ndarray, optional
         Where to write y; may be x itself.
     n_threads : int, optional

@@ -151,8 +151,8 @@ def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, o
 
 def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=None):
     xa = np.asarray(x)
-    if eps is None:
-        eps = float(np.finfo(xa.dtype).eps)
+    if eps is None:   # the machine epsilon of the compute type: float32 for float16
+        eps = float(np.finfo(np.float32 if xa.dtype.itemsize == 2 else xa.dtype).eps)
     x = _f64(xa)
     shape, red = _norm_axes(x, normalized_shape)
     invrms = 1.0 / np.sqrt((x * x).mean(axis=red, keepdims=True) + eps)

@@ -647,3 +647,24 @@ def test_float64_channels_last_wide_groups_exact(kind):
     for nt in (2, 3):
         got = bncore.group_norm_forward(x, 2, axis=-1, n_threads=nt)
         assert all(np.array_equal(a, b) for a, b in zip(got, (y, mean, invstd)))
+
+
+def test_rms_norm_default_eps_of_float16_is_float32s_as_pytorch():
+    """eps=None is the machine epsilon of the type the op computes in: float32's for
+    float16 input, as PyTorch 2.13 (F.rms_norm, its opmath type). float16's own (~1e-3)
+    would swamp the mean square of small activations (values ~1e-2 here: mean square
+    ~1e-4), which was off by up to 1.0 on outputs of size ~3."""
+    x = np.random.default_rng(3).normal(0.0, 0.01, (8, 64)).astype(np.float16)
+    w = np.random.default_rng(4).normal(1.0, 0.1, 64).astype(np.float16)
+    yt = F.rms_norm(torch.from_numpy(x), (64,), torch.from_numpy(w)).numpy()
+    y, invrms = bncore.rms_norm_forward(x, 64, w)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float64), yt.astype(np.float64), rtol=0,
+                               atol=4e-3 * np.abs(yt).max())
+    eps32 = float(np.finfo(np.float32).eps)
+    np.testing.assert_array_equal(y, bncore.rms_norm(x, 64, w, eps=eps32))
+    yr, rr = ref.rms_norm_forward(x, 64, w)   # the reference twin takes the same eps
+    np.testing.assert_allclose(invrms.ravel(), rr.ravel(), rtol=1e-6)
+    # float16's own epsilon would be visibly different: the test can tell them apart
+    y16 = bncore.rms_norm(x, 64, w, eps=float(np.finfo(np.float16).eps))
+    assert np.abs(y16.astype(np.float64) - yt).max() > 0.1
