@@ -516,7 +516,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     """
     y, mean, var = _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads)
     sdt = _stat_dtype(y.dtype)
-    return y, mean.astype(sdt), _api.invstd_of(var, eps).astype(sdt)
+    # eps as the kernel took it (a float): it passed check_eps there, so this cannot raise
+    return y, mean.astype(sdt), _api.invstd_of(var, check_eps(eps)).astype(sdt)
 
 
 def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):

@@ -107,8 +107,10 @@ cdef inline int trailing_dims(object x, object normalized_shape) noexcept:
     """For the row ops: how many trailing dims of x (plain) normalized_shape names, if it
     is an int or a tuple of ints equal to them; else -1."""
     cdef int i, k, nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    # the sizes compare as Python ints: a C cast of one past Py_ssize_t would raise, and
+    # this function cannot (it returned 0, "no trailing dims", and normalised elementwise)
     if type(normalized_shape) is int:
-        if nd < 1 or cnp.PyArray_DIM(<cnp.ndarray>x, nd - 1) != <Py_ssize_t>normalized_shape:
+        if nd < 1 or normalized_shape != cnp.PyArray_DIM(<cnp.ndarray>x, nd - 1):
             return -1
         return 1
     if type(normalized_shape) is not tuple:
@@ -118,7 +120,7 @@ cdef inline int trailing_dims(object x, object normalized_shape) noexcept:
         return -1
     for i in range(k):
         v = (<tuple>normalized_shape)[i]
-        if type(v) is not int or cnp.PyArray_DIM(<cnp.ndarray>x, nd - k + i) != <Py_ssize_t>v:
+        if type(v) is not int or v != cnp.PyArray_DIM(<cnp.ndarray>x, nd - k + i):
             return -1
     return k
 

@@ -50,8 +50,12 @@ def same_float_input(a, name, ref_dtype, shape):
     return arr
 
 
+MAX_THREADS = 65536   # counts above are taken as this (kernels take a C int)
+
+
 def resolve_threads(n_threads):
-    """None means OpenMP's default (OMP_NUM_THREADS, else all cores); else an int >= 1."""
+    """None means OpenMP's default (OMP_NUM_THREADS, else all cores); else an int >= 1
+    (at most MAX_THREADS: a bigger count, as 2**31, means as many as that)."""
     if n_threads is None:
         return _openmp.max_threads()
     if isinstance(n_threads, (bool, np.bool_)):
@@ -62,7 +66,7 @@ def resolve_threads(n_threads):
         raise TypeError(f"n_threads must be None or a positive int, got {n_threads!r}") from None
     if n < 1:
         raise ValueError(f"n_threads must be None or a positive int, got {n}")
-    return n
+    return min(n, MAX_THREADS)
 
 
 def check_eps(eps, name="eps"):
@@ -145,7 +149,7 @@ def check_out(out, shape, dtype, name="out"):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if out.dtype != dtype:
+    if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype:   # either byte order
         raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")

@@ -10,6 +10,8 @@ for every function that has that argument, and the table is checked against
 ``bncore.__all__`` so a new public function cannot go uncovered.
 """
 import inspect
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -236,8 +238,6 @@ def _cases_for(fn, good):
         case(fn, "out-shape", ValueError, r"\bout must have shape", out=lambda a: a["out"][0])
         case(fn, "out-float32", TypeError, r"\bout must have dtype float64",
              out=lambda a: a["out"].astype(np.float32))
-        case(fn, "out-byteswapped", TypeError, r"\bout must have dtype float64",
-             out=lambda a: a["out"].astype(">f8"))
         case(fn, "out-list", TypeError, r"\bout must be a NumPy array", out=[0.0])
     # --- scalars
     if "eps" in params:
@@ -267,11 +267,19 @@ def _cases_for(fn, good):
             case(fn, f"num_groups-{label}", TypeError, r"\bnum_groups must be an int",
                  num_groups=value)
     if "normalized_shape" in kw:
+        # sizes past Py_ssize_t: the one-step path once cast them in a function that could
+        # not raise, and normalised each value on its own (no error, a wrong result)
         for label, value in (("mismatch", (C, W)), ("wrong-int", H), ("empty", ()),
-                             ("negative", -W)):
+                             ("negative", -W), ("huge-int", 2**70), ("2**63", 2**63),
+                             ("huge-in-tuple", (H, 2**70)), ("minus-2**63", -2**63)):
             case(fn, f"normalized_shape-{label}", ValueError,
                  r"\bnormalized_shape .* must match the trailing dimensions of x",
                  normalized_shape=value)
+            # without weights, whose shape the size would fail first
+            case(fn, f"normalized_shape-{label}-no-weights", ValueError,
+                 r"\bnormalized_shape .* must match the trailing dimensions of x",
+                 normalized_shape=value, weight=None,
+                 **({"bias": None} if "bias" in kw else {}))
         for label, value in (("str", "5"), ("float", 5.0), ("float-tuple", (5.0,)),
                              ("None", None)):
             case(fn, f"normalized_shape-{label}", TypeError,
@@ -485,3 +493,47 @@ ACCEPTED = [
 def test_accepted(call_):
     """Things that look odd but are valid (and must stay so)."""
     call_(fresh())
+
+
+def same_results(fn, want_overrides, got_overrides):
+    """Run fn's GOOD call with each set of overrides (fresh arguments for each) and check
+    that every result is the same; returns the second call's arguments and results."""
+    runs = []
+    for overrides in (want_overrides, got_overrides):
+        kw, run = call(fn, overrides, fresh())
+        r = run()
+        runs.append((kw, r if isinstance(r, tuple) else (r,)))
+    for w, g in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(g, w)
+    return runs[1]
+
+
+def with_param(name):
+    """The GOOD functions whose signature has parameter ``name``."""
+    return sorted(n for n in GOOD if name in inspect.signature(
+        getattr(bncore, n, lambda: None)).parameters)
+
+
+@pytest.mark.parametrize("fn", with_param("out"))
+def test_out_of_either_byte_order(fn):
+    """out= may be byte-swapped (README: any byte order), as a NumPy ufunc's out may: the
+    call writes the same values into it as into a native out, and returns it."""
+    kw, got = same_results(fn, {}, {"out": lambda a: a["out"].astype(">f8")})
+    assert got[0] is kw["out"] and kw["out"].dtype == np.dtype(">f8")
+
+
+@pytest.mark.parametrize("fn", with_param("eps"))
+@pytest.mark.parametrize("eps", [Decimal("1e-5"), Fraction(1, 100000), np.float32(1e-5)],
+                         ids=["Decimal", "Fraction", "float32"])
+def test_eps_of_any_real_type_is_taken_as_a_float(fn, eps):
+    """eps need only convert to a float: every op with eps gives what eps=float(eps)
+    gives (group_norm_forward once wrote out, then raised on a Decimal)."""
+    same_results(fn, {"eps": float(eps)}, {"eps": eps})
+
+
+@pytest.mark.parametrize("fn", with_param("n_threads"))
+@pytest.mark.parametrize("n_threads", [2**31, 2**70])
+def test_any_positive_thread_count_is_accepted(fn, n_threads):
+    """A thread count past a C int is taken as the most bncore uses (65536), not an
+    OverflowError; the results are those of one thread (the same bits for any count)."""
+    same_results(fn, {"n_threads": 1}, {"n_threads": n_threads})
