@@ -12,6 +12,15 @@ from bncore._api import (
 from bncore._config import show_config
 from bncore._outputs import release_memory  # a utility, not an op: outside __all__
 
+
+def get_include():
+    """The directory of bncore's C header ``bn_kernels.h``, for code that embeds the
+    kernels: ``include_dirs=[bncore.get_include()]`` for a Cython module that does
+    ``cimport bncore._kernels`` or C that includes the header (README: "Embedding the
+    kernels"). Like ``numpy.get_include()``; outside ``__all__``, as it is not an op."""
+    import os
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
+
 __all__ = [
     "__version__", "show_config", "moments", "Moments",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",

@@ -26,6 +26,15 @@
 #ifndef BNCORE_KERNELS_H
 #define BNCORE_KERNELS_H
 
+/* A header of static functions: a program that includes it uses a few of them, and the
+ * compiler need not warn about the rest (bncore's own build passes -Wno-unused-function;
+ * code embedding the kernels does not have to). GCC's note on how 32-byte vector
+ * arguments are passed (-Wpsabi) cannot be silenced from here: -Wno-psabi does it. */
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
+
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -429,5 +438,9 @@ BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, i
 #undef BN_T
 #undef BN_T_IS_FLOAT
 #undef BN_SFX
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 #endif /* BNCORE_KERNELS_H */
