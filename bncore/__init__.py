@@ -6,6 +6,20 @@ RMS norm: Cython kernels with OpenMP and runtime SIMD dispatch behind a NumPy-st
 Results are bitwise identical for any number of threads.
 """
 from bncore._version import __version__
+
+try:   # a compiled module: is this a built bncore?
+    from bncore import _openmp  # noqa: F401
+except ImportError as _e:   # pragma: no cover - only in an unbuilt source tree
+    import os as _os
+    from importlib.machinery import EXTENSION_SUFFIXES as _SUFFIXES
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not any(_os.path.exists(_os.path.join(_here, "_openmp" + x)) for x in _SUFFIXES):
+        raise ImportError(
+            f"bncore in {_here} is an unbuilt source tree (its compiled modules are "
+            "missing). Python imports it before an installed bncore when run from the "
+            "repository's root: run from another directory, or build it in place with "
+            "`pip install -e .` (or `python setup.py build_ext --inplace`).") from _e
+    raise
 from bncore._api import (
     Moments, batch_norm, batch_norm_backward, batch_norm_forward, moments,
 )

@@ -1,8 +1,9 @@
 """python -m bncore {info | check | bench}
 
 info   print the build and runtime configuration (show_config)
-check  run every public op against its pure-NumPy float64 reference twin on random data
-       and print pass/fail, the worst error and the speed against the reference
+check  run every public op (and the Moments accumulator) against its pure-NumPy float64
+       reference twin on random data, float32 and float64, and print pass/fail, the worst
+       error and the speed against the reference
 bench  the benchmark table against PyTorch and a copy roofline (see --help)
 """
 import argparse
@@ -12,7 +13,7 @@ import numpy as np
 
 import bncore
 from bncore import _reference as ref
-from bncore._bench import measure
+from bncore._timing import measure   # not bncore._bench: info and check never import torch
 
 
 def _cases(rng):
@@ -54,21 +55,61 @@ def _cases(rng):
         ("batch_norm backward NCHW", *back(dy4, x4, 1)),
         ("batch_norm backward NHWC", *back(dycl, xcl, -1)),
     ]
+    x64 = x4[:4].astype(np.float64)
+    cases += [
+        ("moments float64", lambda: bncore.moments(x64, axis=(0, 2, 3)),
+         lambda: ref.moments(x64, axis=(0, 2, 3))),
+        ("Moments update+merge", lambda: _streamed(x4), lambda: ref.moments(x4, axis=0)),
+        ("batch_norm train NCHW float64", *train(x64, 1)),
+        ("batch_norm backward float64", *back(dy4[:4].astype(np.float64), x64, 1)),
+    ]
     if hasattr(bncore, "layer_norm"):
-        xs = rng.normal(size=(2048, 384)).astype(np.float32)
-        wl = rng.normal(size=384).astype(np.float32)
-        g32 = rng.normal(size=c).astype(np.float32)
-        cases += [
-            ("layer_norm", lambda: (bncore.layer_norm(xs, 384, wl, wl),),
-             lambda: (ref.layer_norm(xs, 384, wl, wl),)),
-            ("rms_norm", lambda: (bncore.rms_norm(xs, 384, wl),),
-             lambda: (ref.rms_norm(xs, 384, wl),)),
-            ("group_norm NCHW G=8", lambda: (bncore.group_norm(x4, 8, g32, g32),),
-             lambda: (ref.group_norm(x4, 8, g32, g32),)),
-            ("instance_norm NCHW", lambda: (bncore.instance_norm(x4),),
-             lambda: (ref.instance_norm(x4),)),
-        ]
+        cases += _family_cases(rng, x4, dy4, xcl, dycl)
     return cases
+
+
+def _streamed(x):
+    """The Moments accumulator over x's batch axis, two halves merged: (mean, var)."""
+    a = bncore.Moments().update(x[: len(x) // 2], axis=0)
+    a.merge(bncore.Moments().update(x[len(x) // 2:], axis=0))
+    return a.mean, a.var()
+
+
+def _family_cases(rng, x4, dy4, xcl, dycl):
+    """The layer, RMS, group and instance norm forwards (with their statistics) and
+    backwards, against the reference's."""
+    xs = rng.normal(3.0, 2.0, (2048, 384)).astype(np.float32)
+    dys = rng.normal(size=xs.shape).astype(np.float32)
+    wl = rng.normal(size=384).astype(np.float32)
+    c = x4.shape[1]
+    g32 = rng.normal(size=c).astype(np.float32)
+
+    def pair(name, *args, **kw):
+        """bncore's and the reference's ``name`` on the same arguments."""
+        return (lambda: getattr(bncore, name)(*args, **kw),
+                lambda: getattr(ref, name)(*args, **kw))
+
+    def backward(name, fwd_args, bwd_args, *, weight, **kw):
+        """``name``_backward from the reference forward's saved statistics."""
+        saved = getattr(ref, f"{name}_forward")(*fwd_args, weight, **kw)[1:]
+        return pair(f"{name}_backward", *bwd_args[:2], *saved, *bwd_args[2:], weight, **kw)
+
+    return [
+        ("layer_norm_forward", *pair("layer_norm_forward", xs, 384, wl, wl)),
+        ("layer_norm_backward", *backward("layer_norm", (xs, 384), (dys, xs, 384), weight=wl)),
+        ("rms_norm_forward", *pair("rms_norm_forward", xs, 384, wl)),
+        ("rms_norm_backward", *backward("rms_norm", (xs, 384), (dys, xs, 384), weight=wl)),
+        ("group_norm_forward NCHW G=8", *pair("group_norm_forward", x4, 8, g32, g32)),
+        ("group_norm_backward NHWC G=8",
+         *backward("group_norm", (xcl, 8), (dycl, xcl, 8), weight=g32, axis=-1)),
+        ("instance_norm_forward NHWC", *pair("instance_norm_forward", xcl, axis=-1)),
+        ("instance_norm_backward NCHW",
+         *backward("instance_norm", (x4,), (dy4, x4), weight=g32)),
+        ("layer_norm", *pair("layer_norm", xs, 384, wl, wl)),
+        ("rms_norm", *pair("rms_norm", xs, 384, wl)),
+        ("group_norm NCHW G=8", *pair("group_norm", x4, 8, g32, g32)),
+        ("instance_norm NCHW", *pair("instance_norm", x4)),
+    ]
 
 
 def _rel_error(got, want):
@@ -82,7 +123,8 @@ def _rel_error(got, want):
 def check(argv=None):
     p = argparse.ArgumentParser(prog="python -m bncore check",
                                 description="every op against its NumPy float64 reference")
-    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (float32 data)")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="relative tolerance of float32 results (float64 results: 1e-12)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     bncore.show_config()
@@ -95,7 +137,8 @@ def check(argv=None):
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         err = max(_rel_error(g, w) for g, w in zip(got, want))
-        ok = err <= args.tol and len(got) == len(want)
+        f32 = any(np.asarray(g).dtype == np.float32 for g in got)
+        ok = err <= (args.tol if f32 else min(args.tol, 1e-12)) and len(got) == len(want)
         failed += not ok
         t = measure({"fast": fast, "slow": slow}, repeat=3, min_time=0.02)
         t_fast, t_slow = float(np.median(t["fast"])), float(np.median(t["slow"]))
@@ -112,6 +155,9 @@ def main(argv=None):
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "info":
+        argparse.ArgumentParser(prog="python -m bncore info",
+                                description="print the build and runtime configuration"
+                                ).parse_args(rest)
         bncore.show_config()
         return 0
     if cmd == "check":

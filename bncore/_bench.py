@@ -42,6 +42,7 @@ from bncore._outputs import empty_like_apart
 import bncore
 from bncore import _openmp
 from bncore import _reference as ref
+from bncore._timing import _loop_time, measure  # noqa: F401 (tools and scripts use them)
 
 try:
     import torch
@@ -398,33 +399,6 @@ def all_cases():
     ] + family_cases()
 
 
-# -------------------------------------------------------------------------- timing
-
-def _loop_time(fn, min_time):
-    # Untimed warm-up first: bncore and PyTorch each bring an OpenMP runtime whose idle
-    # workers keep spinning for a while after a parallel region. Interleaving without a
-    # warm-up would bill one library for the other's spinning threads.
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max(min_time / 2, 0.005):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        t = time.perf_counter() - t0
-        if t >= min_time:
-            return t / n
-
-
-def measure(calls, repeat, min_time):
-    """Per-call seconds of each callable: ``repeat`` samples each, taken round-robin."""
-    samples = {k: [] for k in calls}
-    for _ in range(repeat):
-        for k, fn in calls.items():
-            samples[k].append(_loop_time(fn, min_time))
-    return samples
-
-
 def _agreement(got, want, layout):
     """Max |bncore - peer| over the first output, relative to max |peer| (shape-checked)."""
     a, b = _first_array(got, "NCHW"), _first_array(want, layout)
@@ -640,6 +614,15 @@ def main(argv=None):
         p.error("--threads must be >= 1")
     if args.repeat is not None and args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.min_time is not None and not (0 < args.min_time < math.inf):
+        p.error("--min-time must be a number of seconds > 0")   # nan would never end a sample
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        # fail before a long run, not after it, where the results would be lost
+        where = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.path.isdir(where)
+                     or not os.access(where, os.W_OK)):
+            p.error(f"{flag} {path}: cannot write there (no such directory, a directory, "
+                    "or not writable)")
     if args.plot:   # fail before a long run, not after it
         try:
             import matplotlib  # noqa: F401
@@ -649,7 +632,8 @@ def main(argv=None):
             return 2
     nt = args.threads or _openmp.max_threads()
     args.repeat = args.repeat or (3 if args.quick else 7)
-    args.min_time = args.min_time or (0.02 if args.quick else 0.05)
+    if args.min_time is None:
+        args.min_time = 0.02 if args.quick else 0.05
 
     cases = all_cases()
     if args.quick:
