@@ -22,6 +22,8 @@ __all__ = [
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+# numpy.exceptions is NumPy 1.25+; bncore runs on 1.24, where AxisError is numpy's own
+AxisError = getattr(np, "exceptions", np).AxisError
 
 
 def float_input(x, name="x"):
@@ -103,7 +105,7 @@ def normalize_axis(axis, ndim, name="axis"):
     except TypeError:
         raise TypeError(f"{name} must be an int, got {axis!r}") from None
     if not -ndim <= a < ndim:
-        raise np.exceptions.AxisError(
+        raise AxisError(
             f"{name} {axis} is out of bounds for an array of dimension {ndim}")
     return a % ndim
 
