@@ -685,12 +685,13 @@ cdef inline bint planes_by_sample(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t i
 cdef inline void merge_row_chunks(const double *buf, Py_ssize_t per, Py_ssize_t nchunks,
                                   Py_ssize_t nrows, Py_ssize_t unit, Py_ssize_t nch,
                                   const double *pivot, double *mean,
-                                  double *m2) noexcept nogil:
+                                  double *m2, bint relative=False) noexcept nogil:
     """The states of nchunks chunks of nrows rows (chunk k: rows k * nrows // nchunks on,
     unit values per row and channel; mean then M2 of nch channels at buf + k * per,
-    relative to pivot) merged in chunk order into mean (absolute) and m2. The one merge of
-    the chunked statistics: planes_stats, rows_stats and the channels-last group norm
-    that spreads a sample's chunks over threads (which must match rows_stats bit for bit)."""
+    relative to pivot) merged in chunk order into mean (absolute; relative to pivot when
+    ``relative``) and m2. The one merge of the chunked statistics: planes_stats,
+    rows_stats and the channels-last group norm that spreads a sample's chunks over
+    threads (which must match rows_stats bit for bit)."""
     cdef Py_ssize_t s, c, r0, r1
     for c in range(nch):
         mean[c] = buf[c]
@@ -700,8 +701,9 @@ cdef inline void merge_row_chunks(const double *buf, Py_ssize_t per, Py_ssize_t 
         r1 = (s + 1) * nrows // nchunks
         bn_chan_merge_vec(<double>(r0 * unit), mean, m2, <double>((r1 - r0) * unit),
                           buf + s * per, buf + s * per + nch, nch)
-    for c in range(nch):
-        mean[c] += pivot[c]
+    if not relative:
+        for c in range(nch):
+            mean[c] += pivot[c]
 
 
 cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_ssize_t nch,
@@ -777,19 +779,25 @@ cdef inline int rows_stats(const floating *x, Py_ssize_t nrows, Py_ssize_t nch, 
     return 0
 
 
+cdef inline double *rows_pivots(double *buf, Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
+    """Where rows_stats_in leaves the channels' pivots (nch) in its scratch buf."""
+    return buf + rows_chunks(nrows, nch) * rows_chunk_per(nch)
+
+
 cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t nch,
                                Py_ssize_t ld, double *mean, double *m2, int n_threads,
-                               double *buf) noexcept nogil:
+                               double *buf, bint relative=False) noexcept nogil:
     """rows_stats in the caller's scratch buf (rows_scratch doubles): a kernel called per
     sample allocates once per thread, not once per sample (group norm (256, 3, 3, 32) G=8
-    1.08x, its allocations had been two per sample)."""
+    1.08x, its allocations had been two per sample). ``relative``: the means are left
+    relative to the channels' pivots, which stay in buf (rows_pivots)."""
     cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, t
     cdef Py_ssize_t per = rows_chunk_per(nch), ncb = channel_blocks(nch)
     cdef double *pivot
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef int ntb = work_threads(n_threads, nchunks * ncb, nrows * nch, SERIAL_ELEMS)
     cdef bint far = beyond_caches(nrows * nch * <Py_ssize_t>sizeof(floating))
-    pivot = buf + nchunks * per
+    pivot = rows_pivots(buf, nrows, nch)
     for c in range(nch):   # the first row's values: every chunk shares these pivots
         pivot[c] = bn_pivot(<double>x[c])
     if nt == 1:
@@ -812,7 +820,7 @@ cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t n
     else:
         for s in prange(nchunks, schedule='static', num_threads=nt):
             rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far, 0, ncb)
-    merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
+    merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2, relative)
 
 
 # ------------------------------------------------------------------ row-norm family (rownorm)

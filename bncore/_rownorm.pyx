@@ -44,7 +44,7 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    rows_scratch, rows_stats_in,
+    rows_pivots, rows_scratch, rows_stats_in,
     bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
@@ -698,32 +698,37 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
 
 # ------------------------------------------------------------------ channels-last samples
 
-cdef inline void group_moments(const double *cmean, const double *cm2, Py_ssize_t g,
-                               Py_ssize_t cg, Py_ssize_t s, double *mean,
+cdef inline void group_moments(const double *cmean, const double *cm2, const double *pivot,
+                               Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s, double *mean,
                                double *var) noexcept nogil:
-    """Per-channel moments (each over s values) combined into per-group mean and biased
-    variance. The channels have equal counts, so the merge of all of them has a closed
-    form, the corrected two-pass over the channel means: mu = mean of the means,
-    M2 = sum(m2) + s * (sum(d^2) - sum(d)^2 / cg), d = mean_j - mu (the mean corrected by
-    sum(d) / cg). Exact as Chan's merge and without its division per channel, which ran as
-    one dependent chain per group: 64 channels a group cost 2000 cycles (group norm of
-    (32, 7, 7, 512), G=8, took 1.7x PyTorch's time)."""
+    """Per-channel moments (each over s values; means relative to the channels' pivots)
+    combined into per-group mean and biased variance. The channels have equal counts, so
+    the merge of all of them has a closed form, the corrected two-pass over the channel
+    means: mu = mean of the means, M2 = sum(m2) + s * (sum(d^2) - sum(d)^2 / cg),
+    d = mean_j - mu (the mean corrected by sum(d) / cg). Exact as Chan's merge and without
+    its division per channel, which ran as one dependent chain per group: 64 channels a
+    group cost 2000 cycles (group norm of (32, 7, 7, 512), G=8, took 1.7x PyTorch's time).
+    The means are taken relative to the group's first pivot P, m_j = (pivot_j - P) +
+    mean_j (pivot_j - P exact for nearby values, Sterbenz), and P added last: absolute
+    means of float64 data at 1e14 carry 0.016 of rounding each, which d = mean_j - mu kept
+    (a group variance near 1 was 0.3% off; NCHW and this path now agree)."""
     cdef Py_ssize_t gi, j
-    cdef double mu, sd, sdd, sm2, d
+    cdef double mu, sd, sdd, sm2, d, p
     for gi in range(g):
+        p = pivot[gi * cg]
         mu = 0
         for j in range(gi * cg, (gi + 1) * cg):
-            mu += cmean[j]
+            mu += (pivot[j] - p) + cmean[j]
         mu = mu / <double>cg
         sd = 0
         sdd = 0
         sm2 = 0
         for j in range(gi * cg, (gi + 1) * cg):
-            d = cmean[j] - mu
+            d = ((pivot[j] - p) + cmean[j]) - mu
             sd += d
             sdd += d * d
             sm2 += cm2[j]
-        mean[gi] = mu + sd / <double>cg
+        mean[gi] = p + (mu + sd / <double>cg)
         var[gi] = max(sm2 + <double>s * (sdd - sd * (sd / <double>cg)), 0.0) / <double>(cg * s)
 
 
@@ -747,8 +752,8 @@ cdef inline void sample_forward(const floating *x, floating *y, Py_ssize_t s, Py
                                 double *buf) noexcept nogil:
     """Group norm of one channels-last sample (s rows of c channels) on this thread, in
     the scratch buf (4 * c + rows_scratch(s, c) doubles)."""
-    rows_stats_in(x, s, c, c, buf, buf + c, 1, buf + 4 * c)
-    group_moments(buf, buf + c, g, c // g, s, mean, var)
+    rows_stats_in(x, s, c, c, buf, buf + c, 1, buf + 4 * c, True)
+    group_moments(buf, buf + c, rows_pivots(buf + 4 * c, s, c), g, c // g, s, mean, var)
     group_affine(mean, var, g, c // g, eps, w, b, buf, buf + 2 * c, buf + 3 * c)
     # in memory order: the sample's rows are one span for the kernel (see bn_cl_affine).
     # Last-read rows first (still in L2) measured 1.02-1.04x over rows walked forward one
@@ -806,8 +811,8 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
             rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
                              p + 2 * c, mine, p, p + c, far, 0, c)
         bncore_barrier()
-        merge_row_chunks(slot, per, nchunks, s, 1, c, mine, mine + c, mine + 2 * c)
-        group_moments(mine + c, mine + 2 * c, g, c // g, s, gm, gm + g)
+        merge_row_chunks(slot, per, nchunks, s, 1, c, mine, mine + c, mine + 2 * c, True)
+        group_moments(mine + c, mine + 2 * c, mine, g, c // g, s, gm, gm + g)
         if tid == 0:
             for j in range(g):
                 mean[t * g + j] = gm[j]

@@ -12,7 +12,7 @@ import bncore
 from bncore import _reference as ref
 from bncore import _rownorm
 
-from arrays import KINDS, check_float32_statistics, float32_rows
+from arrays import KINDS, check_float32_statistics, exact_moments, float32_rows, rel_err
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 2e-2}
 
@@ -668,3 +668,31 @@ def test_rms_norm_default_eps_of_float16_is_float32s_as_pytorch():
     # float16's own epsilon would be visibly different: the test can tell them apart
     y16 = bncore.rms_norm(x, 64, w, eps=float(np.finfo(np.float16).eps))
     assert np.abs(y16.astype(np.float64) - yt).max() > 0.1
+
+
+
+@pytest.mark.parametrize("cg", [2, 4, 8])
+@pytest.mark.parametrize("offset", [1e8, 1e12, 1e14])
+@pytest.mark.parametrize("n, nt", [(2, 1), (2, 2), (1, 2)], ids=["sample-each", "threads",
+                                                             "team"])
+def test_channels_last_float64_group_statistics_exact_at_large_offsets(cg, offset, n, nt):
+    """Channels-last group norm merges per-channel moments into groups: with absolute
+    channel means (0.016 of rounding each at 1e14) a group's variance near 1 was off by
+    up to 0.3% in float64, where NCHW was exact. The means now stay relative to the
+    channels' pivots: within 1e-12 of exact (Fraction) arithmetic, and as NCHW, on the one-sample-a-thread path and the one splitting a sample over threads."""
+    rng = np.random.default_rng(int(np.log10(offset)) * 10 + cg)
+    g = 2
+    # (N, H, W, C): 16384 rows, four row chunks a sample; one sample on two threads is
+    # shared by both (samples_team), two go one a thread
+    x = offset + rng.normal(0.0, 1.0, (n, 128, 128, g * cg))
+    _, mean, invstd = bncore.group_norm_forward(x, g, eps=0.0, axis=-1, n_threads=nt)
+    _, mean1, invstd1 = bncore.group_norm_forward(np.moveaxis(x, -1, 1), g, eps=0.0,
+                                                  n_threads=nt)
+    for i in range(n):
+        for gi in range(g):
+            em, ev = exact_moments(x[i, ..., gi * cg:(gi + 1) * cg])
+            assert rel_err(mean[i, gi], em) <= 4e-16
+            # (the rounding of 65536 squares summed, and of invstd: ~1e-14 at most)
+            assert rel_err(1.0 / invstd[i, gi] ** 2, ev) <= 1e-12
+    np.testing.assert_allclose(invstd, invstd1, rtol=1e-13)
+    np.testing.assert_allclose(mean, mean1, rtol=1e-16)
