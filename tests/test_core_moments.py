@@ -304,3 +304,26 @@ def test_moments_errors_leave_state_unchanged():
     assert empty.count == 0 and np.isnan(empty.mean)
     acc.merge(empty)
     assert acc.count == 4
+
+
+def test_a_variance_past_the_float64_range_is_inf_not_nan():
+    """Finite float64 data whose squares overflow (a spread past ~1e154): the one-pass
+    M2 = sum(u^2) - sum(u)^2/n was inf - inf = NaN, and the ops normalised to all NaN.
+    NumPy's var (and the reference's) is inf there, invstd 0; data holding inf or NaN still
+    give NaN."""
+    v = np.array([0.0, 1e306, 2e306, 3e306])
+    x = np.array([[[1e307, 5e306], [-1e307, -5e306], [2.5e306, 0.0]]])   # one group of 6
+    with np.errstate(over="ignore"):   # NumPy's overflow in square
+        assert np.var(v) == np.inf and ref.moments(v)[1] == np.inf
+        want_y = ref.layer_norm(v[None], 4)
+        want_g = ref.group_norm_forward(x, 1)[2][0, 0]
+    assert bncore.moments(v)[1] == np.inf
+    assert bncore.Moments().update(v.reshape(-1, 1), axis=0).var()[0] == np.inf
+    assert bncore.layer_norm_forward(v[None], 4)[2][0] == 0.0
+    assert bncore.batch_norm_forward(v.reshape(4, 1))[2][0] == 0.0
+    np.testing.assert_array_equal(bncore.layer_norm(v[None], 4), want_y)
+    assert bncore.group_norm_forward(x, 1)[2][0, 0] == 0.0 == want_g
+    for bad in (np.inf, np.nan):
+        w = v.copy()
+        w[2] = bad
+        assert np.isnan(bncore.moments(w)[1])

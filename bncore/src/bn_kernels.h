@@ -395,13 +395,24 @@ BN_INLINE double bn_v4d_total(bn_v4d v)
     return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
+/* M2 = sdd - sd^2 / n of n values u from sd = sum(u), sdd = sum(u^2): 0 where rounding
+ * left it below (a constant run), NaN where the data hold NaN or inf, and inf where the
+ * squares of finite data overflowed (a spread past ~1e154: sdd and sd^2 / n both inf,
+ * whose difference would be NaN where NumPy's var is inf). */
+BN_INLINE double bn_m2_of(double n, double sd, double sdd)
+{
+    const double v = sdd - sd * (sd / n);
+    if (v != v && isfinite(sd) && sdd == INFINITY)
+        return INFINITY;
+    return v < 0 ? 0.0 : v;
+}
+
 /* Finish corrected two-pass moments from mean0, sum(d), sum(d*d) over n values. */
 BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
                                double *mean, double *m2)
 {
-    double v = sdd - sd * (sd / n);
     *mean = isfinite(mean0) ? mean0 + sd / n : mean0;
-    *m2 = v < 0 ? 0.0 : v;   /* v < 0 only by rounding; NaN is kept */
+    *m2 = bn_m2_of(n, sd, sdd);
 }
 
 /* q and r of one row's layer/RMS norm dx = g * invstd + (x - mean) * q + r, from the row

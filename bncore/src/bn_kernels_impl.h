@@ -230,8 +230,7 @@ BN_INLINE void BN_NAME(bn_run_sums_body)(const float *x, ptrdiff_t nseg, ptrdiff
 /* mean (relative to the shift) and M2 of n values from their sums (bn_run_sums_body). */
 BN_INLINE void bn_run_finish(double n, double sd, double sdd, double *mean, double *m2)
 {
-    const double q = sdd - sd * (sd / n);
-    *m2 = q < 0 ? 0.0 : q;   /* < 0 only by rounding; nan is kept */
+    *m2 = bn_m2_of(n, sd, sdd);
     *mean = sd / n;
 }
 
