@@ -391,6 +391,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     running_mean, running_var : ndarray (C,) or None
         Running statistics. Used when ``training`` is False; updated in place when
         training as ``r = (1 - momentum) * r + momentum * batch`` (unbiased variance).
+        In training either may be None, and only the other is updated (PyTorch asks for
+        both or neither).
     weight, bias : array_like (C,), optional
         Per-channel affine transform.
     training : bool
@@ -435,7 +437,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, training=True, running_mean
         Batch mean and 1/sqrt(var + eps) in training; in eval the running mean and
         1/sqrt(running_var + eps). float32 for float16/float32 input, else float64.
 
-    See :func:`batch_norm` for the parameters.
+    See :func:`batch_norm` for the parameters, but for ``training``, which is True by
+    default here (the forward of a training step): running statistics passed to it are
+    updated unless ``training=False``.
 
     Examples
     --------
@@ -472,8 +476,12 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
     training : bool
         True: the statistics depended on x (full gradient). False: eval mode,
         dx = dy * weight * invstd.
+    axis : int
+        The channel axis, as in the forward call.
     out : ndarray, optional
         Where to write dx (may be dy itself).
+    n_threads : int, optional
+        Threads (default: OpenMP's default). Results are bitwise identical for any value.
 
     Returns
     -------
