@@ -514,7 +514,12 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=
     >>> mean.shape, invstd.dtype
     ((2, 3), dtype('float32'))
     """
-    y, mean, var = _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads)
+    # the common call in one Cython step, statistics included (None: anything else)
+    res = None if num_groups is None else _rownorm.group_common(
+        x, num_groups, weight, bias, eps, axis, n_threads, out, True)
+    if res is not None:
+        return res
+    y, mean, var = _group_general(x, num_groups, weight, bias, eps, axis, out, n_threads)
     sdt = _stat_dtype(y.dtype)
     # eps as the kernel took it (a float): it passed check_eps there, so this cannot raise
     return y, mean.astype(sdt), _api.invstd_of(var, check_eps(eps)).astype(sdt)
@@ -528,6 +533,11 @@ def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):
                                                                 eps, axis, n_threads, out)
     if res is not None:
         return res
+    return _group_general(x, num_groups, weight, bias, eps, axis, out, n_threads)
+
+
+def _group_general(x, num_groups, weight, bias, eps, axis, out, n_threads):
+    """_group_forward's general path: every check, then the kernel."""
     sp = _Spatial(x, axis)
     g = _check_groups(num_groups, sp.c)
     w = param_vector(weight, "weight", (sp.c,))
@@ -554,7 +564,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
         (N, C, ...) for ``axis=1`` or (N, ..., C) for ``axis=-1`` (channels-last); any
         strides and byte order (channels-last memory is used in place).
     num_groups : int
-        Must divide C.
+        Must divide C, with more than one value in each (sample, group): one value per
+        group is a ValueError (PyTorch only rejects a single value in all; such groups
+        normalise to the bias there).
     weight, bias : array_like (C,), optional
         Per-channel affine.
     eps : float, default 1e-5
@@ -633,7 +645,9 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
     """Instance norm with input statistics; also returns the per-(sample, channel) mean
     and invstd.
 
-    Parameters are those of :func:`instance_norm`.
+    Parameters are x, weight, bias, eps, axis, out and n_threads of
+    :func:`instance_norm` (``eps`` keyword-only here); no running statistics: the
+    statistics are always the input's.
 
     Returns
     -------
@@ -649,12 +663,12 @@ def instance_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, out=No
     >>> mean.shape
     (2, 3)
     """
-    # the common call in one Cython step (None: anything else)
-    res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out)
-    if res is None:
-        sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
-        res = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
-    y, mean, var = res
+    # the common call in one Cython step, statistics included (None: anything else)
+    res = _rownorm.group_common(x, None, weight, bias, eps, axis, n_threads, out, True)
+    if res is not None:
+        return res
+    sp, w, b, eps, out, nt = _instance_checked(x, weight, bias, eps, axis, out, n_threads)
+    y, mean, var = _spatial_forward(sp, sp.c, w, b, eps, out, nt)
     sdt = _stat_dtype(y.dtype)
     return y, mean.astype(sdt), _api.invstd_of(var, eps).astype(sdt)
 

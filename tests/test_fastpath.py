@@ -228,3 +228,23 @@ def test_overhead_tool_runs():
     rows = tool.main(["--rounds", "1", "--min-time", "0.0005"])
     assert len(rows) == len(tool.cases()) == 8
     assert all(general > 0 and fast > 0 for _, general, fast in rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_forward_statistics_have_the_general_paths_bits(dtype, axis, eps):
+    """group_norm_forward and instance_norm_forward make their (mean, invstd) in the
+    one-step call (group_common(saved=True)), where the general path computes them in
+    NumPy: the same dtypes and bits, constant groups with eps=0 (invstd inf) included."""
+    x = np.random.default_rng(5).normal(3.0, 2.0, (3, 6, 5, 4)).astype(dtype)
+    x[1, :2] = 7.0   # a constant group (and constant instances)
+    x = np.ascontiguousarray(np.moveaxis(x, 1, axis))
+    general = np.asfortranarray(x)   # not C-contiguous: the general path
+    for f in (lambda a: bncore.group_norm_forward(a, 3, eps=eps, axis=axis),
+              lambda a: bncore.instance_norm_forward(a, eps=eps, axis=axis)):
+        fast, slow = f(x), f(general)
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        assert (np.isinf(fast[2]).any()) == (eps == 0.0)
