@@ -284,6 +284,8 @@ class Moments:
         if self._mean is None:
             return np.float64(np.nan)
         dof = max(self._count - check_real(ddof, "ddof"), 0)
+        if self._count == 0:   # no values (only empty batches): NaN, as moments() gives
+            return self._shaped(np.full(self._m2.shape, np.nan))
         if self._count and dof == 0:   # as moments() and NumPy
             warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
         with np.errstate(divide="ignore", invalid="ignore"):

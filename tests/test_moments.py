@@ -709,5 +709,7 @@ def test_merge_checks_the_feature_shape_of_an_empty_accumulator():
     np.testing.assert_array_equal(full.mean, np.ones(3))
     fresh = bncore.Moments().merge(empty4)   # a new accumulator takes the shape on
     assert fresh.count == 0 and repr(fresh) == "Moments(count=0, feature_shape=(4,))"
+    for ddof in (0, 1, -1):   # no values: NaN whatever ddof, as moments() of an empty batch
+        assert np.isnan(fresh.var(ddof)).all() and fresh.var(ddof).shape == (4,)
     with pytest.raises(ValueError, match="feature shape"):
         fresh.update(np.ones((2, 3)), axis=0)
