@@ -716,6 +716,10 @@ cdef inline void group_moments(const double *cmean, const double *cm2, const dou
     cdef double mu, sd, sdd, sm2, d, p
     for gi in range(g):
         p = pivot[gi * cg]
+        for j in range(gi * cg, (gi + 1) * cg):
+            if not isfinite(pivot[j] - p):   # pivots 1e308 apart: absolute means, as before
+                p = 0
+                break
         mu = 0
         for j in range(gi * cg, (gi + 1) * cg):
             mu += (pivot[j] - p) + cmean[j]

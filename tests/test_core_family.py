@@ -696,3 +696,19 @@ def test_channels_last_float64_group_statistics_exact_at_large_offsets(cg, offse
             assert rel_err(1.0 / invstd[i, gi] ** 2, ev) <= 1e-12
     np.testing.assert_allclose(invstd, invstd1, rtol=1e-13)
     np.testing.assert_allclose(mean, mean1, rtol=1e-16)
+
+
+def test_channels_last_group_of_channels_near_the_float64_limits():
+    """Channel pivots 3e308 apart (their difference overflows): the group falls back to
+    absolute channel means, which stay finite here, so the group mean is the exact 0 and
+    the overflowing variance gives invstd 0, as NumPy's inf variance would."""
+    x = np.zeros((1, 4, 4, 4))
+    x[..., 0], x[..., 1], x[..., 2], x[..., 3] = 1.5e308, -1.5e308, 1.0, 2.0
+    x[0, 0, 0, :] = [1.4e308, -1.4e308, 1.5, 2.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no warning either
+        _, mean, invstd = bncore.group_norm_forward(x, 2, axis=-1)
+    assert mean[0, 0] == 0.0 and invstd[0, 0] == 0.0
+    want = ref.group_norm_forward(x[..., 2:], 1, axis=-1)
+    np.testing.assert_allclose([mean[0, 1], invstd[0, 1]],
+                               [want[1][0, 0], want[2][0, 0]], rtol=1e-14)
