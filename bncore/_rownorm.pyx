@@ -233,33 +233,29 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssi
                          <const double *>pw, <const double *>pb, pm, pi, rms, n_threads)
 
 
-cdef inline bint plain_param(object a, cnp.ndarray x, int k) noexcept:
-    """Whether ``a`` is a plain array (bncore._fastpath) of x's dtype and trailing k dims:
-    a weight/bias the row kernels read as it is."""
-    cdef int nd = cnp.PyArray_NDIM(x)
-    return plain_dims(a, x, nd - k, nd) == cnp.PyArray_TYPE(x)
-
-
 def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, out=None):
     """Layer/RMS norm forward for the common call, without the Python layer's overhead, or
     None.
 
     The common call: x an exact ndarray, float32/float64, C-contiguous, aligned, native and
     not empty; normalized_shape an int or a tuple of ints equal to x's trailing dims; weight
-    and bias None or plain arrays of x's dtype and those dims (see plain_param); eps a
+    and bias None or plain float32/float64 arrays of those dims (see plain_dims: in
+    another dtype than x they are converted to x's, as the general path does; NumPy's
+    np.ones(d) is float64, and a float32 layer norm given it had cost 5x the call); eps a
     finite float >= 0 (or None for RMS norm: the dtype's machine epsilon); n_threads None
     or an int >= 1. Anything else returns None and the caller takes the general path
     (bncore._family), which also raises every error. Same kernel and bits as that path.
     Returns (y, mean or None, invstd, lead shape); mean/invstd float64 (rows,).
     """
     cdef cnp.ndarray arr, y, invstd, mean = None
-    cdef int xt, nd, k, i, nt, ot
+    cdef int xt, nd, k, i, nt, ot, wt = -1, bt = -1
     cdef Py_ssize_t nrows = 1, d = 1
     cdef cnp.npy_intp dim
     cdef double ep
     cdef void *pw = NULL
     cdef void *pb = NULL
     cdef double *pm = NULL
+    cdef char *conv = NULL
     xt = plain_type(x)
     nt = plain_threads(n_threads)
     if xt < 0 or nt < 0:
@@ -278,11 +274,11 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
     else:
         return None
     if weight is not None:
-        if not plain_param(weight, arr, k):
+        if (wt := plain_dims(weight, arr, nd - k, nd)) < 0:
             return None
         pw = cnp.PyArray_DATA(<cnp.ndarray>weight)
     if bias is not None and not rms:
-        if not plain_param(bias, arr, k):
+        if (bt := plain_dims(bias, arr, nd - k, nd)) < 0:
             return None
         pb = cnp.PyArray_DATA(<cnp.ndarray>bias)
     for i in range(nd - k):
@@ -293,6 +289,14 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
     if ot < 0:
         return None
     # valid: nothing below can fail but for memory
+    if (wt >= 0 and wt != xt) or (bt >= 0 and bt != xt):   # weight/bias in x's dtype
+        conv = <char *>bn_alloc64(2 * d * cnp.PyArray_ITEMSIZE(arr))
+        if conv == NULL:
+            raise MemoryError("bncore: out of memory for the weights in x's dtype")
+        if wt >= 0 and wt != xt:
+            pw = as_dtype(pw, wt, conv, xt, d)
+        if bt >= 0 and bt != xt:
+            pb = as_dtype(pb, bt, conv + d * cnp.PyArray_ITEMSIZE(arr), xt, d)
     y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
     dim = nrows
     invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
@@ -308,7 +312,21 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
             forward_rows(<const double *>cnp.PyArray_DATA(arr), <double *>cnp.PyArray_DATA(y),
                          nrows, d, d, d, ep, <const double *>pw, <const double *>pb, pm,
                          <double *>cnp.PyArray_DATA(invstd), rms, nt)
+    bn_free64(conv)
     return y, mean, invstd, x.shape[:nd - k]
+
+
+cdef inline void *as_dtype(const void *src, int st, char *dst, int dt, Py_ssize_t n) noexcept:
+    """The n values at src (type st) in type dt at dst (float32 <-> float64: C's casts,
+    round to nearest, as NumPy's astype): returns dst."""
+    cdef Py_ssize_t i
+    if dt == cnp.NPY_FLOAT32:
+        for i in range(n):
+            (<float *>dst)[i] = <float>(<const double *>src)[i]
+    else:
+        for i in range(n):
+            (<double *>dst)[i] = (<const float *>src)[i]
+    return dst
 
 
 # ------------------------------------------------------------------ layer / RMS backward

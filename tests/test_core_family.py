@@ -413,7 +413,7 @@ def test_backward_common_calls_match_general_path(dtype):
                 assert a.dtype == b_.dtype and np.array_equal(a, b_)
 
 
-@pytest.mark.parametrize("kind", ["strided", "float16", "other_dtype_weight", "list_shape",
+@pytest.mark.parametrize("kind", ["strided", "float16", "int_weight", "list_shape",
                                   "shape_mismatch", "int_eps", "rms_none_eps_layer",
                                   "bool_threads", "empty", "subclass"])
 def test_row_fast_path_declines_all_but_the_common_call(kind):
@@ -423,8 +423,8 @@ def test_row_fast_path_declines_all_but_the_common_call(kind):
         args["x"] = data((4, 12), np.float32)[:, ::2]
     elif kind == "float16":
         args["x"] = x.astype(np.float16)
-    elif kind == "other_dtype_weight":
-        args["weight"] = w.astype(np.float64)
+    elif kind == "int_weight":   # (float64 weights for float32 x are converted there)
+        args["weight"] = w.astype(np.int64)
     elif kind == "list_shape":
         args["normalized_shape"] = [6]
     elif kind == "shape_mismatch":

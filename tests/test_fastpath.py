@@ -248,3 +248,21 @@ def test_forward_statistics_have_the_general_paths_bits(dtype, axis, eps):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
         assert (np.isinf(fast[2]).any()) == (eps == 0.0)
+
+
+@pytest.mark.parametrize("xdt, wdt", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_row_norm_weights_of_the_other_float_type_take_the_fast_path(xdt, wdt):
+    """np.ones(d) is float64: a float32 layer norm given it had left the one-step call
+    (5x a tiny call). The one-step call now converts weight and bias to x's dtype itself,
+    as the general path does: it takes the call, with the general path's bits."""
+    x = np.random.default_rng(6).normal(3.0, 2.0, (64, 48)).astype(xdt)
+    w = np.random.default_rng(7).normal(1.0, 0.3, 48).astype(wdt)
+    b = np.random.default_rng(8).normal(0.0, 1.0, 48).astype(wdt)
+    general = np.asfortranarray(x)   # not C-contiguous: the general path
+    for rms, wb in ((False, (w, b)), (False, (w, None)), (False, (None, b)), (True, (w, None))):
+        assert _rownorm.forward_common(x, 48, *wb, None if rms else 1e-5, None, rms) is not None
+        f = ((lambda a: bncore.rms_norm_forward(a, 48, wb[0])) if rms else
+             (lambda a: bncore.layer_norm_forward(a, 48, *wb)))
+        for p, q in zip(f(x), f(general)):
+            assert p.dtype == q.dtype
+            assert np.ascontiguousarray(p).tobytes() == np.ascontiguousarray(q).tobytes()
