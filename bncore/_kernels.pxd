@@ -38,6 +38,7 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l2,
                            Py_ssize_t l1)
     void bn_init_thresholds()
+    int bn_set_v4(int on)
     Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)
@@ -837,6 +838,28 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                         double mean, double invstd, const double *w, double *dw, double *db,
                         int rms, int stream)
+    void bn_row_bwd_v4_f32(const float *dy, const float *x, float *dx, Py_ssize_t d,
+                           double mean, double invstd, const double *w, double *dw,
+                           double *db, int rms, int stream)
+    void bn_row_bwd_v4_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
+                           double mean, double invstd, const double *w, double *dw,
+                           double *db, int rms, int stream)
+    void bn_row_bwd_sums_v4_f32(const float *dy, const float *x, Py_ssize_t d, double mean,
+                                double invstd, const double *w, int rms, double *q,
+                                double *r)
+    void bn_row_bwd_sums_v4_f64(const double *dy, const double *x, Py_ssize_t d,
+                                double mean, double invstd, const double *w, int rms,
+                                double *q, double *r)
+    void bn_rows_bwd_tile_v4_f32(const float *dy, const float *x, float *dx, Py_ssize_t nrows,
+                                 Py_ssize_t n, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd,
+                                 const double *mean, const double *invstd, const double *q,
+                                 const double *r, const double *w, double *dw, double *db)
+    void bn_rows_bwd_tile_v4_f64(const double *dy, const double *x, double *dx,
+                                 Py_ssize_t nrows, Py_ssize_t n, Py_ssize_t ldg,
+                                 Py_ssize_t ldx, Py_ssize_t ldd, const double *mean,
+                                 const double *invstd, const double *q, const double *r,
+                                 const double *w, double *dw, double *db)
+    int bn_use_v4
     void bn_row_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t d, double mean,
                              double invstd, const double *w, int rms, double *q, double *r)
     void bn_row_bwd_sums_f64(const double *dy, const double *x, Py_ssize_t d, double mean,
@@ -905,7 +928,12 @@ cdef inline void row_bwd_sums(const floating *dy, const floating *x, Py_ssize_t 
                               double mean, double invstd, const double *w, bint rms,
                               double *q, double *r) noexcept nogil:
     if floating is float:
-        bn_row_bwd_sums_f32(dy, x, d, mean, invstd, w, rms, q, r)
+        if bn_use_v4:
+            bn_row_bwd_sums_v4_f32(dy, x, d, mean, invstd, w, rms, q, r)
+        else:
+            bn_row_bwd_sums_f32(dy, x, d, mean, invstd, w, rms, q, r)
+    elif bn_use_v4:
+        bn_row_bwd_sums_v4_f64(dy, x, d, mean, invstd, w, rms, q, r)
     else:
         bn_row_bwd_sums_f64(dy, x, d, mean, invstd, w, rms, q, r)
 
@@ -916,7 +944,15 @@ cdef inline void rows_bwd_tile(const floating *dy, const floating *x, floating *
                                const double *q, const double *r, const double *w,
                                double *dw, double *db) noexcept nogil:
     if floating is float:
-        bn_rows_bwd_tile_f32(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w, dw, db)
+        if bn_use_v4:
+            bn_rows_bwd_tile_v4_f32(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w,
+                                    dw, db)
+        else:
+            bn_rows_bwd_tile_f32(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w,
+                                 dw, db)
+    elif bn_use_v4:
+        bn_rows_bwd_tile_v4_f64(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w, dw,
+                                db)
     else:
         bn_rows_bwd_tile_f64(dy, x, dx, nrows, n, ldg, ldx, ldd, mean, invstd, q, r, w, dw, db)
 
@@ -925,6 +961,11 @@ cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py
                          double mean, double invstd, const double *w, double *dw, double *db,
                          bint rms, bint stream) noexcept nogil:
     if floating is float:
-        bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+        if bn_use_v4:
+            bn_row_bwd_v4_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+        else:
+            bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+    elif bn_use_v4:
+        bn_row_bwd_v4_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
     else:
         bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)

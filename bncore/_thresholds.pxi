@@ -1,8 +1,9 @@
 # Included by each kernel module (_batchnorm, _rownorm, _stats): each holds its own copy of
 # the cache-size thresholds (static in bn_kernels.h), set here at its import from the
-# machine's caches and read or set through these (bncore._config gathers them).
+# machine's caches and read or set through these (bncore._config gathers them), and its
+# switch for the AVX-512 twins (on where the CPU has AVX-512).
 from bncore._kernels cimport (
-    bn_far_bytes, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_thresholds,
+    bn_far_bytes, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_thresholds, bn_set_v4,
     bn_stream_bwd, bn_stream_fwd,
 )
 
@@ -18,3 +19,9 @@ def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l
                     Py_ssize_t l1):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
     bn_set_thresholds(fwd, bwd, far, l2, l1)
+
+
+def _set_avx512(bint on):
+    """Let this module's kernels use their AVX-512 twins (where the CPU has them) or not;
+    returns the old setting (see bncore._config.use_avx512)."""
+    return bool(bn_set_v4(on))

@@ -12,7 +12,9 @@ outputs byte for byte. It needs the C compiler the build used and a CPU with AVX
 one property the thread split relies on below the Python layer, where the float32
 outputs would round it away: a channels-last sums call over a tile of channels gives the
 sums of the call over all of them; and the column-tile path of the layer/RMS norm backward
-gives the bits of the row path's one chunk (dx, and the double column sums).
+gives the bits of the row path's one chunk (dx, and the double column sums). Where the CPU
+has AVX-512 (x86-64-v4), it also checks the layer/RMS norm backward's AVX-512 twins
+(bn_*_v4, chosen at run time) against the baseline clone, byte for byte.
 """
 import os
 import pathlib
@@ -87,6 +89,12 @@ BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff
                                   ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
                                   const double *, const double *, const double *,
                                   const double *, double *, double *))
+BOTH(void, bn_row_bwd_sums_f64, (const double *, const double *, ptrdiff_t, double, double,
+                                 const double *, int, double *, double *))
+BOTH(void, bn_rows_bwd_tile_f64, (const double *, const double *, double *, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
+                                  const double *, const double *, const double *,
+                                  const double *, double *, double *))
 
 enum { N = 4099, R = 37, C = 45 };
 static float xf[N + 64], gf[N + 64], of[2][2 * N];
@@ -133,6 +141,8 @@ int main(void)
     bn_shift_moments_f64(xd, 1, 8, 0, 1e3, a[0], a[0] + 1);
     bn_planes_affine_f64(xd, od[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
+    bn_row_bwd_sums_f64(gd, xd, 8, 0, 1, w, 0, a[0], a[0] + 1);
+    bn_rows_bwd_tile_f64(gd, xd, od[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
         for (int stream = 0; stream < 2; stream++) {
             const float *x = xf + off, *g = gf + 2 * off;
@@ -327,6 +337,54 @@ int main(void)
             same(rowp, tilep, (rms ? 1 : 2) * D * sizeof(double), "column tiles: sums");
         }
     }
+    /* the AVX-512 twins (bn_*_v4, BN_HAVE_V4) give the baseline clone's bits, where this
+     * CPU runs them: layer and RMS norm, odd lengths and offsets, streaming on and off,
+     * float and double, the row kernel, the row sums and the column tiles (rows 813
+     * values apart, a last tile of 3 columns) */
+    if (bn_cpu_v4()) {
+        enum { RV = 5, DV = 771, LD = 813 };
+        static double rq[RV], rr2[RV], rm[RV], ri[RV];
+        for (int k = 0; k < RV; k++) {
+            ri[k] = 3.3 - 0.1 * k;
+            rq[k] = -0.01 * (k + 1);
+            rr2[k] = 0.002 * k - 0.003;
+        }
+        for (int off = 0; off < 3; off++)
+            for (int stream = 0; stream < 2; stream++)
+                for (int rms = 0; rms < 2; rms++) {
+                    const float *x = xf + off, *g = gf + 2 * off;
+                    double mn = rms ? 0.0 : 1e3 + 0.5;
+                    for (int k = 0; k < RV; k++)
+                        rm[k] = rms ? 0.0 : 1e3 + 0.25 * k;
+                    for (int k = 0; k < 2; k++) {
+                        memset(of[k], 0, sizeof of[k]);
+                        memset(od[k], 0, sizeof od[k]);
+                        memset(a[k], 0, sizeof a[k]);
+                        for (int r = 0; r < RV; r++)
+                            (k ? bn_row_bwd_v4_f32 : bn_row_bwd_f32_d)(
+                                g + r * DV, x + r * DV, of[k] + off + r * DV, DV, mn, 3.3, w,
+                                a[k], rms ? NULL : a[k] + DV, rms, stream);
+                        (k ? bn_row_bwd_v4_f64 : bn_row_bwd_f64_d)(
+                            gd + off, xd, od[k] + off, 1001, mn, 3.3, w, a[k] + 2000,
+                            rms ? NULL : a[k] + 3001, rms, stream);
+                        (k ? bn_row_bwd_sums_v4_f32 : bn_row_bwd_sums_f32_d)(
+                            g, x, 1003, mn, 3.3, w, rms, a[k] + 4010, a[k] + 4011);
+                        (k ? bn_row_bwd_sums_v4_f64 : bn_row_bwd_sums_f64_d)(
+                            gd, xd + off, 1003, mn, 3.3, w, rms, a[k] + 4012, a[k] + 4013);
+                        (k ? bn_rows_bwd_tile_v4_f32 : bn_rows_bwd_tile_f32_d)(
+                            g, x, of[k] + N + off, RV, DV, LD, LD, LD, rms ? NULL : rm, ri,
+                            rq, rr2, w, a[k] + 5000, rms ? NULL : a[k] + 6000);
+                        (k ? bn_rows_bwd_tile_v4_f64 : bn_rows_bwd_tile_f64_d)(
+                            gd, xd + off, od[k] + 1001 + off, 3, DV, LD, LD, LD,
+                            rms ? NULL : rm, ri, rq, rr2, w, a[k] + 7000,
+                            rms ? NULL : a[k] + 8000);
+                    }
+                    same(of[0], of[1], sizeof of[0], "v4 float dx (row, tiles)");
+                    same(od[0], od[1], sizeof od[0], "v4 double dx (row, tiles)");
+                    same(a[0], a[1], 9000 * sizeof(double), "v4 sums and partials");
+                }
+        printf("V4 ");
+    }
     printf(bad ? "FAILED\n" : "SAME\n");
     return bad != 0;
 }
@@ -338,9 +396,21 @@ def _compiler():
     return cc.split()[0]
 
 
+def _cpu_flags():
+    return (pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo")
+            else "").replace("\n", " ")
+
+
 def _cpu_has_avx2_fma():
-    flags = pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    flags = _cpu_flags()
     return " avx2 " in flags and " fma " in flags
+
+
+def _cpu_has_v4():
+    """Whether this CPU has the AVX-512 subsets of x86-64-v4 (the bn_*_v4 twins)."""
+    flags = _cpu_flags()
+    return all(f" {f} " in flags for f in ("avx512f", "avx512dq", "avx512vl", "avx512bw",
+                                            "avx512cd"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="target_clones: Linux builds")
@@ -355,3 +425,5 @@ def test_both_clones_give_the_same_bits(tmp_path):
                    check=True, capture_output=True, timeout=300)
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("SAME"), res.stdout + res.stderr
+    # the AVX-512 twins ran (and matched) exactly where the CPU has AVX-512
+    assert res.stdout.strip().endswith("V4 SAME") == _cpu_has_v4(), res.stdout

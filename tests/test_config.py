@@ -150,3 +150,50 @@ def test_streamed_and_far_paths_give_the_same_bits(dtype):
                 assert v is None
                 continue
             assert np.array_equal(u, v, equal_nan=True), f"{k} output {i}"
+
+
+def _cpu_has_v4():
+    flags = open("/proc/cpuinfo").read().replace("\n", " ") if os.path.exists(
+        "/proc/cpuinfo") else ""
+    return all(f" {f} " in flags for f in ("avx512f", "avx512dq", "avx512vl", "avx512bw",
+                                            "avx512cd"))
+
+
+def test_avx512_twins_are_on_exactly_where_the_cpu_has_them():
+    """use_avx512 returns the old setting: on by default on an AVX-512 CPU (the layer/RMS
+    norm backward then runs its AVX-512 twins), never on one without; show_config says so."""
+    assert _config.use_avx512(False) is _cpu_has_v4()
+    try:
+        assert _config.use_avx512(True) is False
+    finally:
+        _config.use_avx512(True)
+    assert _config.use_avx512(True) is _cpu_has_v4()
+    assert ("AVX-512" in _config.config()["simd"]) is _cpu_has_v4()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(300, 771), (5, 13), (16, 4096), (32, 8192), (40, 2053),
+                                   (7, 3, 64)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_avx512_twins_give_the_same_bits(shape, dtype, n_threads):
+    """Layer and RMS norm backward with and without the AVX-512 twins: the same bytes,
+    over the row path, the column tiles of one chunk (32, 8192) and of several (16, 4096 on
+    two threads), odd widths; float64 shows the double sums' own bits."""
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=shape) * 3 + 100).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    d = shape[-1]
+    w = rng.normal(size=d).astype(dtype)
+    _, m, inv = bncore.layer_norm_forward(x, d, w)
+    _, ir = bncore.rms_norm_forward(x, d, w)
+    got = {}
+    try:
+        for on in (False, True):
+            _config.use_avx512(on)
+            got[on] = (bncore.layer_norm_backward(dy, x, m, inv, d, w, n_threads=n_threads)
+                       + bncore.rms_norm_backward(dy, x, ir, d, w, n_threads=n_threads))
+    finally:
+        _config.use_avx512(True)
+    for a, b in zip(got[False], got[True]):
+        if a is not None:
+            assert a.tobytes() == b.tobytes()

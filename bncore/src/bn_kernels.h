@@ -67,6 +67,46 @@ typedef long long bn_v4l __attribute__((vector_size(32)));
 #endif
 #define BN_INLINE static inline __attribute__((always_inline))
 
+/* AVX-512 (x86-64-v4) twins of the kernels that arithmetic, not memory, bounds: the
+ * layer/RMS norm backward rows (bn_row_bwd_v4), which convert every value to double and
+ * back and run two passes of fused multiply-adds over it. Eight doubles a vector halve the
+ * instructions of the four-lane AVX2 clone; the lanes and the order of every sum are the
+ * clone's (an eight-lane accumulator is its two four-lane ones side by side), so the bits
+ * are the same (tests/test_clones.py). Chosen at run time (bn_use_v4, from the CPU at
+ * import; bn_set_v4 turns it off for tests and measurements). Memory-bound kernels gain
+ * nothing from it (measured: batch-norm and group-norm channels-last, layer-norm forward
+ * rows 0.91-1.0x) and keep one path. */
+#if defined(BNCORE_TARGET_CLONES) && defined(__x86_64__) && defined(__GNUC__)
+#define BN_HAVE_V4 1
+#include <immintrin.h>
+#define BN_V4 __attribute__((target("arch=x86-64-v4")))
+#else
+#define BN_HAVE_V4 0
+#endif
+static int bn_use_v4 __attribute__((unused)) = 0;
+static int bn_v4_ok __attribute__((unused)) = 0;
+
+/* Whether this CPU (and its operating system) runs x86-64-v4 code. */
+static inline int bn_cpu_v4(void)
+{
+#if BN_HAVE_V4
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512cd");
+#else
+    return 0;
+#endif
+}
+
+/* Use the AVX-512 twins (on = 1, where the CPU has them) or not; returns the old setting. */
+static inline int bn_set_v4(int on)
+{
+    int old = bn_use_v4;
+    bn_use_v4 = on && bn_v4_ok;
+    return old;
+}
+
 /* Scratch for the kernels' partial sums, aligned to a cache line. malloc aligns to 16 bytes
  * (a large block starts 16 bytes into its page), and then every other 32-byte vector access
  * of those sums split two lines: layer-norm backward (8192, 768), which updates its chunk's
@@ -282,6 +322,7 @@ static inline void bn_init_thresholds(void)
     bn_stream_fwd = l3 < ((ptrdiff_t)64 << 20) ? l3 : (ptrdiff_t)64 << 20;
     bn_stream_bwd = l3 < ((ptrdiff_t)32 << 20) ? l3 : (ptrdiff_t)32 << 20;
     bn_far_bytes = (ptrdiff_t)16 << 20;
+    bn_v4_ok = bn_use_v4 = bn_cpu_v4();
 }
 
 /* Which SIMD level the kernels run with on this CPU (reported by show_config()). */
@@ -291,6 +332,9 @@ static const char *bn_simd_level(void)
     return "native (-march=native build)";
 #elif defined(BNCORE_TARGET_CLONES)
     __builtin_cpu_init();
+    if (bn_cpu_v4())
+        return "AVX2+FMA (x86-64-v3 clone, runtime dispatch), AVX-512 for the layer/RMS norm "
+               "backward rows";
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return "AVX2+FMA (x86-64-v3 clone, runtime dispatch)";
     return "baseline (x86-64 clone, runtime dispatch)";
@@ -395,6 +439,18 @@ BN_INLINE double bn_v4d_total(bn_v4d v)
     return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
+#if BN_HAVE_V4
+/* bn_v4d_total(lo + hi) of an eight-lane accumulator: that of the two four-lane ones
+ * (lanes 0-3 and 4-7) an AVX2 loop keeps for the same eight values a step. */
+BN_V4 static inline double bn_v8d_total(__m512d v)
+{
+    __m256d t = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    bn_v4d u;
+    memcpy(&u, &t, sizeof u);
+    return (u[0] + u[2]) + (u[1] + u[3]);
+}
+#endif
+
 /* M2 = sdd - sd^2 / n of n values u from sd = sum(u), sdd = sum(u^2): 0 where rounding
  * left it below (a constant run), NaN where the data hold NaN or inf, and inf where the
  * squares of finite data overflowed (a spread past ~1e154: sdd and sd^2 / n both inf,
@@ -449,6 +505,15 @@ BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, i
 #undef BN_T
 #undef BN_T_IS_FLOAT
 #undef BN_SFX
+
+#if !BN_HAVE_V4   /* one path: the names the modules call resolve to it */
+#define bn_row_bwd_v4_f32 bn_row_bwd_f32
+#define bn_row_bwd_v4_f64 bn_row_bwd_f64
+#define bn_row_bwd_sums_v4_f32 bn_row_bwd_sums_f32
+#define bn_row_bwd_sums_v4_f64 bn_row_bwd_sums_f64
+#define bn_rows_bwd_tile_v4_f32 bn_rows_bwd_tile_f32
+#define bn_rows_bwd_tile_v4_f64 bn_rows_bwd_tile_f64
+#endif
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop

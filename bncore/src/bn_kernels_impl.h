@@ -1657,6 +1657,22 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
         BN_PUT4(dx + (j), BN_FMA4(g_, ww, u_), nt); \
     } while (0)
 #define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
+/* The scalar tail of the row sums from i (into tg, tx), and of the row sums with the
+ * column partials: one code for the clones and the AVX-512 twins. */
+#define BN_ROW_SUMS_TAIL(i) \
+    for (; (i) < d; (i)++) { \
+        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i]; \
+        tg = BN_FMA(g, w[i], tg); \
+        tx = BN_FMA(p, u, tx); \
+    }
+#define BN_ROW_BWD_TAIL(i) \
+    for (; (i) < d; (i)++) { \
+        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i]; \
+        tg = BN_FMA(g, w[i], tg); \
+        tx = BN_FMA(p, u, tx); \
+        dw[i] = BN_FMA(g, u * invstd, dw[i]); \
+        if (db) db[i] += g; \
+    }
 static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *restrict x,
                                          BN_T *restrict dx, ptrdiff_t d, double mean,
                                          double invstd, const double *restrict w,
@@ -1685,13 +1701,7 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
             memcpy(db + i + 4, &a1, 32);
         }
     }
-    for (; i < d; i++) {
-        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
-        tg = BN_FMA(g, w[i], tg);
-        tx = BN_FMA(p, u, tx);
-        dw[i] = BN_FMA(g, u * invstd, dw[i]);
-        if (db) db[i] += g;
-    }
+    BN_ROW_BWD_TAIL(i);
     bn_row_bwd_qr(bn_v4d_total(sg0 + sg1) + tg, bn_v4d_total(sx0 + sx1) + tx, d, invstd,
                   rms, &q, &r);
     const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
@@ -1712,14 +1722,47 @@ static BN_CLONES void BN_NAME(bn_row_bwd_sums)(const BN_T *restrict dy, const BN
     for (; i + 8 <= d; i += 8) {
         BN_ROW_SUMS_STEP(i);
     }
-    for (; i < d; i++) {
-        double g = (double)dy[i], u = (double)x[i] - mean, p = g * w[i];
-        tg = BN_FMA(g, w[i], tg);
-        tx = BN_FMA(p, u, tx);
-    }
+    BN_ROW_SUMS_TAIL(i);
     bn_row_bwd_qr(bn_v4d_total(sg0 + sg1) + tg, bn_v4d_total(sx0 + sx1) + tx, d, invstd,
                   rms, q, r);
 }
+
+/* The frame of bn_rows_bwd_tile and of its AVX-512 twin: ROW_SETUP declares a row's
+ * vector constants, STEP(j) the W columns from j (dx and the column sums aw, ab). */
+#define BN_ROWS_BWD_TILE_FRAME(W, ROW_SETUP, STEP) \
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += BN_BWD_TILE) { \
+        const ptrdiff_t nc = n - c0 < BN_BWD_TILE ? n - c0 : BN_BWD_TILE; \
+        const double *restrict w = w0 + c0; \
+        double aw[BN_BWD_TILE] = {0}, ab[BN_BWD_TILE] = {0}; \
+        for (ptrdiff_t k = 0; k < nrows; k++) { \
+            const BN_T *dy = dy0 + k * ldg + c0, *x = x0 + k * ldx + c0; \
+            BN_T *dx = dx0 + k * ldd + c0; \
+            const double mean = rmean ? rmean[k] : 0.0, invstd = rinvstd[k]; \
+            const double q = rq[k], r = rr[k]; \
+            ROW_SETUP; \
+            ptrdiff_t j = 0; \
+            if (k + 4 < nrows) {   /* row k + 4's piece: dy and x, and dx for writing */ \
+                const char *pg = (const char *)(dy + 4 * ldg), *px = (const char *)(x + 4 * ldx); \
+                const char *pd = (const char *)(dx + 4 * ldd); \
+                for (ptrdiff_t b = 0; b < (ptrdiff_t)(nc * sizeof(BN_T)); b += 64) { \
+                    __builtin_prefetch(pg + b, 0, 3); \
+                    __builtin_prefetch(px + b, 0, 3); \
+                    __builtin_prefetch(pd + b, 1, 3); \
+                } \
+            } \
+            for (; j + (W) <= nc; j += (W)) { \
+                STEP(j); \
+            } \
+            for (; j < nc; j++) { \
+                double g = (double)dy[j], u = (double)x[j] - mean; \
+                BN_ROW_DXS(j); \
+                aw[j] = BN_FMA(g, u * invstd, aw[j]); \
+                ab[j] += g; \
+            } \
+        } \
+        memcpy(dw + c0, aw, nc * sizeof(double)); \
+        if (db) memcpy(db + c0, ab, nc * sizeof(double)); \
+    }
 
 /* Columns [0, n) of nrows rows of the layer/RMS norm backward, the rows' q and r known
  * (bn_row_bwd_sums): dx as bn_row_bwd (the same bits), and the column sums
@@ -1737,49 +1780,120 @@ static BN_CLONES void BN_NAME(bn_rows_bwd_tile)(const BN_T *dy0, const BN_T *x0,
                                                const double *restrict w0, double *restrict dw,
                                                double *restrict db)
 {
-    for (ptrdiff_t c0 = 0; c0 < n; c0 += BN_BWD_TILE) {
-        const ptrdiff_t nc = n - c0 < BN_BWD_TILE ? n - c0 : BN_BWD_TILE;
-        const double *restrict w = w0 + c0;
-        double aw[BN_BWD_TILE] = {0}, ab[BN_BWD_TILE] = {0};
-        for (ptrdiff_t k = 0; k < nrows; k++) {
-            const BN_T *dy = dy0 + k * ldg + c0, *x = x0 + k * ldx + c0;
-            BN_T *dx = dx0 + k * ldd + c0;
-            const double mean = rmean ? rmean[k] : 0.0, invstd = rinvstd[k];
-            const double q = rq[k], r = rr[k];
-            const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd};
-            const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r};
-            ptrdiff_t j = 0;
-            if (k + 4 < nrows) {   /* row k + 4's piece: dy and x, and dx for writing */
-                const char *pg = (const char *)(dy + 4 * ldg), *px = (const char *)(x + 4 * ldx);
-                const char *pd = (const char *)(dx + 4 * ldd);
-                for (ptrdiff_t b = 0; b < (ptrdiff_t)(nc * sizeof(BN_T)); b += 64) {
-                    __builtin_prefetch(pg + b, 0, 3);
-                    __builtin_prefetch(px + b, 0, 3);
-                    __builtin_prefetch(pd + b, 1, 3);
-                }
-            }
-            for (; j + 4 <= nc; j += 4) {
-                bn_v4d g = BN_LOAD4(dy + j), u = BN_LOAD4(x + j) - m, a, b;
-                BN_ROW_DXV(j, 0);
-                memcpy(&a, aw + j, 32);
-                memcpy(&b, ab + j, 32);
-                a = BN_FMA4(g, u * s, a);
-                b += g;
-                memcpy(aw + j, &a, 32);
-                memcpy(ab + j, &b, 32);
-            }
-            for (; j < nc; j++) {
-                double g = (double)dy[j], u = (double)x[j] - mean;
-                BN_ROW_DXS(j);
-                aw[j] = BN_FMA(g, u * invstd, aw[j]);
-                ab[j] += g;
-            }
-        }
-        memcpy(dw + c0, aw, nc * sizeof(double));
-        if (db) memcpy(db + c0, ab, nc * sizeof(double));
-    }
+#define BN_TILE_SETUP4 \
+        const bn_v4d m = {mean, mean, mean, mean}, s = {invstd, invstd, invstd, invstd}; \
+        const bn_v4d vq = {q, q, q, q}, vr = {r, r, r, r}
+#define BN_TILE_STEP4(j) do { \
+        bn_v4d g = BN_LOAD4(dy + (j)), u = BN_LOAD4(x + (j)) - m, a, b; \
+        BN_ROW_DXV((j), 0); \
+        memcpy(&a, aw + (j), 32); \
+        memcpy(&b, ab + (j), 32); \
+        a = BN_FMA4(g, u * s, a); \
+        b += g; \
+        memcpy(aw + (j), &a, 32); \
+        memcpy(ab + (j), &b, 32); \
+    } while (0)
+    BN_ROWS_BWD_TILE_FRAME(4, BN_TILE_SETUP4, BN_TILE_STEP4);
+#undef BN_TILE_SETUP4
+#undef BN_TILE_STEP4
 }
+
+#if BN_HAVE_V4
+/* bn_row_bwd on eight lanes (see BN_HAVE_V4): the same operations on the same lanes, so
+ * the same bits; the scalar tail and unaligned ends are bn_row_bwd's own code. */
+#if BN_T_IS_FLOAT
+#define BN_ZLOAD(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define BN_ZPUT(q, v, nt) do { __m256 o_ = _mm512_cvtpd_ps(v); \
+        if (nt) _mm256_stream_ps((q), o_); else _mm256_storeu_ps((q), o_); } while (0)
+#else
+#define BN_ZLOAD(p) _mm512_loadu_pd(p)
+#define BN_ZPUT(q, v, nt) do { if (nt) _mm512_stream_pd((q), (v)); \
+        else _mm512_storeu_pd((q), (v)); } while (0)
+#endif
+#define BN_ROW_DXZ(j, nt) do { __m512d g_ = BN_ZLOAD(dy + (j)); \
+        __m512d u_ = _mm512_sub_pd(BN_ZLOAD(x + (j)), zm); \
+        __m512d w_ = _mm512_mul_pd(_mm512_loadu_pd(w + (j)), zs); \
+        BN_ZPUT(dx + (j), _mm512_fmadd_pd(g_, w_, _mm512_fmadd_pd(u_, zq, zr)), nt); \
+    } while (0)
+/* BN_ROW_SUMS_STEP on eight lanes: g, u of values i..i+7 and the row sums sg, sx. */
+#define BN_ROW_SUMS_STEP8(i) \
+        __m512d g = BN_ZLOAD(dy + (i)), u = _mm512_sub_pd(BN_ZLOAD(x + (i)), zm); \
+        __m512d wv = _mm512_loadu_pd(w + (i)); \
+        sg = _mm512_fmadd_pd(g, wv, sg); \
+        sx = _mm512_fmadd_pd(_mm512_mul_pd(g, wv), u, sx)
+static BN_V4 void BN_NAME(bn_row_bwd_v4)(const BN_T *restrict dy, const BN_T *restrict x,
+                                        BN_T *restrict dx, ptrdiff_t d, double mean,
+                                        double invstd, const double *restrict w,
+                                        double *restrict dw, double *restrict db, int rms,
+                                        int stream)
+{
+    const __m512d zm = _mm512_set1_pd(mean), zs = _mm512_set1_pd(invstd);
+    __m512d sg = _mm512_setzero_pd(), sx = _mm512_setzero_pd();
+    double tg = 0, tx = 0, q, r;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        BN_ROW_SUMS_STEP8(i);
+        _mm512_storeu_pd(dw + i, _mm512_fmadd_pd(g, _mm512_mul_pd(u, zs),
+                                                 _mm512_loadu_pd(dw + i)));
+        if (db)
+            _mm512_storeu_pd(db + i, _mm512_add_pd(_mm512_loadu_pd(db + i), g));
+    }
+    BN_ROW_BWD_TAIL(i);
+    bn_row_bwd_qr(bn_v8d_total(sg) + tg, bn_v8d_total(sx) + tx, d, invstd, rms, &q, &r);
+    const __m512d zq = _mm512_set1_pd(q), zr = _mm512_set1_pd(r);
+    BN_SPAN_LOOP(dx, d, stream, 8, BN_ROW_DXS, BN_ROW_DXZ);
+}
+
+/* bn_row_bwd_sums on eight lanes: the same sums, so the same q and r. */
+static BN_V4 void BN_NAME(bn_row_bwd_sums_v4)(const BN_T *restrict dy, const BN_T *restrict x,
+                                             ptrdiff_t d, double mean, double invstd,
+                                             const double *restrict w, int rms, double *q,
+                                             double *r)
+{
+    const __m512d zm = _mm512_set1_pd(mean);
+    __m512d sg = _mm512_setzero_pd(), sx = _mm512_setzero_pd();
+    double tg = 0, tx = 0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        BN_ROW_SUMS_STEP8(i);
+    }
+    BN_ROW_SUMS_TAIL(i);
+    bn_row_bwd_qr(bn_v8d_total(sg) + tg, bn_v8d_total(sx) + tx, d, invstd, rms, q, r);
+}
+
+/* bn_rows_bwd_tile on eight lanes: the same operations, so the same bits. */
+static BN_V4 void BN_NAME(bn_rows_bwd_tile_v4)(const BN_T *dy0, const BN_T *x0, BN_T *dx0,
+                                              ptrdiff_t nrows, ptrdiff_t n, ptrdiff_t ldg,
+                                              ptrdiff_t ldx, ptrdiff_t ldd,
+                                              const double *rmean, const double *rinvstd,
+                                              const double *rq, const double *rr,
+                                              const double *restrict w0, double *restrict dw,
+                                              double *restrict db)
+{
+#define BN_TILE_SETUP8 \
+        const __m512d zm = _mm512_set1_pd(mean), zs = _mm512_set1_pd(invstd); \
+        const __m512d zq = _mm512_set1_pd(q), zr = _mm512_set1_pd(r)
+#define BN_TILE_STEP8(j) do { \
+        __m512d g = BN_ZLOAD(dy + (j)), u = _mm512_sub_pd(BN_ZLOAD(x + (j)), zm); \
+        BN_ROW_DXZ((j), 0); \
+        _mm512_storeu_pd(aw + (j), _mm512_fmadd_pd(g, _mm512_mul_pd(u, zs), \
+                                                   _mm512_loadu_pd(aw + (j)))); \
+        _mm512_storeu_pd(ab + (j), _mm512_add_pd(_mm512_loadu_pd(ab + (j)), g)); \
+    } while (0)
+    BN_ROWS_BWD_TILE_FRAME(8, BN_TILE_SETUP8, BN_TILE_STEP8);
+#undef BN_TILE_SETUP8
+#undef BN_TILE_STEP8
+}
+#undef BN_ROW_DXZ
+#undef BN_ROW_SUMS_STEP8
+#undef BN_ZLOAD
+#undef BN_ZPUT
+#endif
+
 #undef BN_ROW_SUMS_STEP
+#undef BN_ROW_SUMS_TAIL
+#undef BN_ROW_BWD_TAIL
+#undef BN_ROWS_BWD_TILE_FRAME
 #undef BN_ROW_DX
 #undef BN_ROW_DXV
 #undef BN_ROW_DXS
