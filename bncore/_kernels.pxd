@@ -834,16 +834,18 @@ cdef extern from "bn_kernels.h" nogil:
                            double invstd, const double *w, const double *b, int stream)
     void bn_row_bwd_f32(const float *dy, const float *x, float *dx, Py_ssize_t d, double mean,
                         double invstd, const double *w, double *dw, double *db, int rms,
-                        int stream)
+                        int stream, const float *fetch_dy, const float *fetch_x)
     void bn_row_bwd_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                         double mean, double invstd, const double *w, double *dw, double *db,
-                        int rms, int stream)
+                        int rms, int stream, const double *fetch_dy, const double *fetch_x)
     void bn_row_bwd_v4_f32(const float *dy, const float *x, float *dx, Py_ssize_t d,
                            double mean, double invstd, const double *w, double *dw,
-                           double *db, int rms, int stream)
+                           double *db, int rms, int stream, const float *fetch_dy,
+                           const float *fetch_x)
     void bn_row_bwd_v4_f64(const double *dy, const double *x, double *dx, Py_ssize_t d,
                            double mean, double invstd, const double *w, double *dw,
-                           double *db, int rms, int stream)
+                           double *db, int rms, int stream, const double *fetch_dy,
+                           const double *fetch_x)
     void bn_row_bwd_sums_v4_f32(const float *dy, const float *x, Py_ssize_t d, double mean,
                                 double invstd, const double *w, int rms, double *q,
                                 double *r)
@@ -959,13 +961,16 @@ cdef inline void rows_bwd_tile(const floating *dy, const floating *x, floating *
 
 cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py_ssize_t d,
                          double mean, double invstd, const double *w, double *dw, double *db,
-                         bint rms, bint stream) noexcept nogil:
+                         bint rms, bint stream, const floating *fetch_dy,
+                         const floating *fetch_x) noexcept nogil:
     if floating is float:
         if bn_use_v4:
-            bn_row_bwd_v4_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+            bn_row_bwd_v4_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy,
+                              fetch_x)
         else:
-            bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+            bn_row_bwd_f32(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy,
+                           fetch_x)
     elif bn_use_v4:
-        bn_row_bwd_v4_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+        bn_row_bwd_v4_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy, fetch_x)
     else:
-        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream)
+        bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy, fetch_x)

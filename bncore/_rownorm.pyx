@@ -431,7 +431,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef Py_ssize_t ntiles = (d + BN_BWD_TILE - 1) // BN_BWD_TILE
     cdef double *part
     cdef double *p
-    cdef bint stream
+    cdef bint stream, far, fetch
     cdef int nt
     if by_tiles(nrows, d, sizeof(floating)):
         if not row_fits_l1(d, sizeof(floating)):
@@ -449,6 +449,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     part = <double *>bn_alloc64(nchunks * per * sizeof(double))
     stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3)
     nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
+    far = beyond_caches(2 * nrows * d * <Py_ssize_t>sizeof(floating))
     if part == NULL:
         return -1
     for s in prange(nchunks, schedule='static', num_threads=nt):
@@ -457,10 +458,11 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             p[j] = 0
         r1 = (s + 1) * nrows // nchunks
         for r in range(s * nrows // nchunks, r1):
-            prefetch_row(dy, r + ahead, r1, ldg, d)
-            prefetch_row(x, r + ahead, r1, ldx, d)
+            fetch = far and r + ahead < r1   # row r + ahead, spread over row r's first pass
             row_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, d, 0.0 if rms else mean[r],
-                    invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream)
+                    invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream,
+                    dy + (r + ahead) * ldg if fetch else NULL,
+                    x + (r + ahead) * ldx if fetch else NULL)
         if stream:
             bn_fence()
     merge_chunk_sums(part, nchunks, per, d, dweight, dbias)

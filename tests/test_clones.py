@@ -37,9 +37,11 @@ HARNESS = r"""
     ret name##_d params __asm__(#name ".default"); \
     ret name##_v params __asm__(#name ".arch_x86_64_v3");
 BOTH(void, bn_row_bwd_f32, (const float *, const float *, float *, ptrdiff_t, double, double,
-                            const double *, double *, double *, int, int))
+                            const double *, double *, double *, int, int, const float *,
+                            const float *))
 BOTH(void, bn_row_bwd_f64, (const double *, const double *, double *, ptrdiff_t, double,
-                            double, const double *, double *, double *, int, int))
+                            double, const double *, double *, double *, int, int,
+                            const double *, const double *))
 BOTH(void, bn_seg_bwd_dx_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
                                ptrdiff_t, ptrdiff_t, ptrdiff_t, double, double, double,
                                double, int))
@@ -122,8 +124,8 @@ int main(void)
         pinv[c] = 3.3 - 0.2 * c;
     }
     /* force the dispatchers (and so both clones) to be emitted */
-    bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
-    bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0);
+    bn_row_bwd_f32(gf, xf, of[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
+    bn_row_bwd_f64(gd, xd, od[0], 8, 0, 1, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
     bn_seg_bwd_dx_f32(gf, xf, of[0], 1, 8, 0, 0, 0, 0, 1, 1, 1, 0);
     bn_seg_bwd_sums_f32(gf, xf, 1, 8, 0, 0, 0, a[0], a[0] + 1, 0);
     bn_seg_moments_f32(xf, 1, 8, 0, 0, a[0], a[0] + 1);
@@ -153,7 +155,8 @@ int main(void)
                 for (int r = 0; r < 5; r++)
                     (k ? bn_row_bwd_f32_v : bn_row_bwd_f32_d)(
                         g + r * 771, x + r * 771, of[k] + off + r * 771, 771, 1e3 + 0.5, 3.3,
-                        w, a[k], a[k] + 771, r & 1, stream);
+                        w, a[k], a[k] + 771, r & 1, stream, r < 4 ? g + (r + 1) * 771 : NULL,
+                        r < 4 ? x + (r + 1) * 771 : NULL);
             }
             same(of[0], of[1], sizeof of[0], "bn_row_bwd_f32 dx");
             same(a[0], a[1], 2 * 771 * sizeof(double), "bn_row_bwd_f32 dw/db");
@@ -162,7 +165,7 @@ int main(void)
                 memset(a[k], 0, sizeof a[k]);
                 (k ? bn_row_bwd_f64_v : bn_row_bwd_f64_d)(gd + off, xd, od[k] + off, 1001,
                                                          1e3 + 0.5, 3.3, w, a[k], a[k] + 1001,
-                                                         0, stream);
+                                                         0, stream, gd + 1001, xd + 1001);
                 memset(of[k], 0, sizeof of[k]);
                 (k ? bn_seg_bwd_dx_f32_v : bn_seg_bwd_dx_f32_d)(g, x, of[k] + off, 3, 1001,
                                                                1003, 1002, 1001, 1e3 + 0.5,
@@ -324,7 +327,7 @@ int main(void)
                 mean[k] = rms ? 0.0 : 1e3 + 0.25 * k;
                 inv[k] = 3.3 - 0.1 * k;
                 bn_row_bwd_f32(gf + k * D, xf + k * D, dxr + k * D, D, mean[k], inv[k], w,
-                               rowp, rms ? NULL : rowp + D, rms, 0);
+                               rowp, rms ? NULL : rowp + D, rms, 0, NULL, NULL);
                 bn_row_bwd_sums_f32(gf + k * D, xf + k * D, D, mean[k], inv[k], w, rms, &q[k],
                                     &rr[k]);
             }
@@ -363,10 +366,11 @@ int main(void)
                         for (int r = 0; r < RV; r++)
                             (k ? bn_row_bwd_v4_f32 : bn_row_bwd_f32_d)(
                                 g + r * DV, x + r * DV, of[k] + off + r * DV, DV, mn, 3.3, w,
-                                a[k], rms ? NULL : a[k] + DV, rms, stream);
+                                a[k], rms ? NULL : a[k] + DV, rms, stream,
+                                r < 4 ? g + (r + 1) * DV : NULL, r < 4 ? x + (r + 1) * DV : NULL);
                         (k ? bn_row_bwd_v4_f64 : bn_row_bwd_f64_d)(
                             gd + off, xd, od[k] + off, 1001, mn, 3.3, w, a[k] + 2000,
-                            rms ? NULL : a[k] + 3001, rms, stream);
+                            rms ? NULL : a[k] + 3001, rms, stream, gd + 1001, xd + 1001);
                         (k ? bn_row_bwd_sums_v4_f32 : bn_row_bwd_sums_f32_d)(
                             g, x, 1003, mn, 3.3, w, rms, a[k] + 4010, a[k] + 4011);
                         (k ? bn_row_bwd_sums_v4_f64 : bn_row_bwd_sums_f64_d)(
