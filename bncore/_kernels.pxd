@@ -861,6 +861,24 @@ cdef extern from "bn_kernels.h" nogil:
                                  Py_ssize_t ldx, Py_ssize_t ldd, const double *mean,
                                  const double *invstd, const double *q, const double *r,
                                  const double *w, double *dw, double *db)
+    void bn_row_bwd2_f32(const float *dy, const float *x, float *dx, Py_ssize_t ldg,
+                         Py_ssize_t ldx, Py_ssize_t ldd, Py_ssize_t d, const double *mean2,
+                         const double *invstd2, const double *w, double *dw, double *db,
+                         int rms, int stream, const float *fetch_dy, const float *fetch_x)
+    void bn_row_bwd2_f64(const double *dy, const double *x, double *dx, Py_ssize_t ldg,
+                         Py_ssize_t ldx, Py_ssize_t ldd, Py_ssize_t d, const double *mean2,
+                         const double *invstd2, const double *w, double *dw, double *db,
+                         int rms, int stream, const double *fetch_dy, const double *fetch_x)
+    void bn_row_bwd2_v4_f32(const float *dy, const float *x, float *dx, Py_ssize_t ldg,
+                            Py_ssize_t ldx, Py_ssize_t ldd, Py_ssize_t d,
+                            const double *mean2, const double *invstd2, const double *w,
+                            double *dw, double *db, int rms, int stream,
+                            const float *fetch_dy, const float *fetch_x)
+    void bn_row_bwd2_v4_f64(const double *dy, const double *x, double *dx, Py_ssize_t ldg,
+                            Py_ssize_t ldx, Py_ssize_t ldd, Py_ssize_t d,
+                            const double *mean2, const double *invstd2, const double *w,
+                            double *dw, double *db, int rms, int stream,
+                            const double *fetch_dy, const double *fetch_x)
     int bn_use_v4
     void bn_row_bwd_sums_f32(const float *dy, const float *x, Py_ssize_t d, double mean,
                              double invstd, const double *w, int rms, double *q, double *r)
@@ -974,3 +992,23 @@ cdef inline void row_bwd(const floating *dy, const floating *x, floating *dx, Py
         bn_row_bwd_v4_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy, fetch_x)
     else:
         bn_row_bwd_f64(dy, x, dx, d, mean, invstd, w, dw, db, rms, stream, fetch_dy, fetch_x)
+
+
+cdef inline void row_bwd2(const floating *dy, const floating *x, floating *dx, Py_ssize_t ldg,
+                          Py_ssize_t ldx, Py_ssize_t ldd, Py_ssize_t d, const double *mean2,
+                          const double *invstd2, const double *w, double *dw, double *db,
+                          bint rms, bint stream, const floating *fetch_dy,
+                          const floating *fetch_x) noexcept nogil:
+    if floating is float:
+        if bn_use_v4:
+            bn_row_bwd2_v4_f32(dy, x, dx, ldg, ldx, ldd, d, mean2, invstd2, w, dw, db, rms,
+                               stream, fetch_dy, fetch_x)
+        else:
+            bn_row_bwd2_f32(dy, x, dx, ldg, ldx, ldd, d, mean2, invstd2, w, dw, db, rms,
+                            stream, fetch_dy, fetch_x)
+    elif bn_use_v4:
+        bn_row_bwd2_v4_f64(dy, x, dx, ldg, ldx, ldd, d, mean2, invstd2, w, dw, db, rms,
+                           stream, fetch_dy, fetch_x)
+    else:
+        bn_row_bwd2_f64(dy, x, dx, ldg, ldx, ldd, d, mean2, invstd2, w, dw, db, rms, stream,
+                        fetch_dy, fetch_x)

@@ -50,7 +50,7 @@ from bncore._kernels cimport (
     bn_fence, seg_bwd_sums,
     cl_affine, cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_nblocks,
     beyond_l2, prefetch_seg,
-    row_affine, row_bwd, row_bwd_sums, rows_bwd_tile, BN_BWD_TILE, rows_norm,
+    row_affine, row_bwd, row_bwd2, row_bwd_sums, rows_bwd_tile, BN_BWD_TILE, rows_norm,
     seg_affine, seg_affine_stream, seg_bwd_dx, seg_moments,
     seg_sumsq,
 )
@@ -457,12 +457,22 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         for j in range(per):
             p[j] = 0
         r1 = (s + 1) * nrows // nchunks
-        for r in range(s * nrows // nchunks, r1):
+        r = s * nrows // nchunks
+        while r + 1 < r1:   # rows in pairs (row_bwd2: two calls' bits), then the odd one
+            fetch = far and r + ahead + 1 < r1   # rows r + ahead, r + ahead + 1
+            row_bwd2(dy + r * ldg, x + r * ldx, dx + r * ldd, ldg, ldx, ldd, d,
+                     mean if rms else mean + r, invstd + r, w, p,
+                     p + d if dbias != NULL else NULL, rms, stream,
+                     dy + (r + ahead) * ldg if fetch else NULL,
+                     x + (r + ahead) * ldx if fetch else NULL)
+            r = r + 2
+        while r < r1:
             fetch = far and r + ahead < r1   # row r + ahead, spread over row r's first pass
             row_bwd(dy + r * ldg, x + r * ldx, dx + r * ldd, d, 0.0 if rms else mean[r],
                     invstd[r], w, p, p + d if dbias != NULL else NULL, rms, stream,
                     dy + (r + ahead) * ldg if fetch else NULL,
                     x + (r + ahead) * ldx if fetch else NULL)
+            r = r + 1
         if stream:
             bn_fence()
     merge_chunk_sums(part, nchunks, per, d, dweight, dbias)

@@ -91,6 +91,14 @@ BOTH(void, bn_rows_bwd_tile_f32, (const float *, const float *, float *, ptrdiff
                                   ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
                                   const double *, const double *, const double *,
                                   const double *, double *, double *))
+BOTH(void, bn_row_bwd2_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
+                             ptrdiff_t, ptrdiff_t, const double *, const double *,
+                             const double *, double *, double *, int, int, const float *,
+                             const float *))
+BOTH(void, bn_row_bwd2_f64, (const double *, const double *, double *, ptrdiff_t, ptrdiff_t,
+                             ptrdiff_t, ptrdiff_t, const double *, const double *,
+                             const double *, double *, double *, int, int, const double *,
+                             const double *))
 BOTH(void, bn_row_bwd_sums_f64, (const double *, const double *, ptrdiff_t, double, double,
                                  const double *, int, double *, double *))
 BOTH(void, bn_rows_bwd_tile_f64, (const double *, const double *, double *, ptrdiff_t,
@@ -144,6 +152,8 @@ int main(void)
     bn_planes_affine_f64(xd, od[0], 0, 1, 1, 8, 8, 8, 8, 8, pm, pinv, NULL, NULL, 0);
     bn_rows_bwd_tile_f32(gf, xf, of[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     bn_row_bwd_sums_f64(gd, xd, 8, 0, 1, w, 0, a[0], a[0] + 1);
+    bn_row_bwd2_f32(gf, xf, of[0], 8, 8, 8, 8, pm, pinv, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
+    bn_row_bwd2_f64(gd, xd, od[0], 8, 8, 8, 8, pm, pinv, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
     bn_rows_bwd_tile_f64(gd, xd, od[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
     for (int off = 0; off < 3; off++)
         for (int stream = 0; stream < 2; stream++) {
@@ -339,6 +349,42 @@ int main(void)
             same(dxr, dxt, sizeof dxr, "column tiles: dx");
             same(rowp, tilep, (rms ? 1 : 2) * D * sizeof(double), "column tiles: sums");
         }
+    }
+    /* a pair of rows in one call (bn_row_bwd2: the first passes together) gives two
+     * bn_row_bwd calls' bits, in the AVX2 clone, the baseline clone and, where the CPU runs
+     * it, the AVX-512 twin: layer and RMS norm, float and double, rows 780 values apart
+     * (771 used), streaming on and off, the next pair prefetched */
+    {
+        enum { D2 = 771, L2 = 780 };
+        double m2[2] = {1e3 + 0.5, 1e3 - 0.25}, i2[2] = {3.3, 2.9};
+        for (int rms = 0; rms < 2; rms++)
+            for (int stream = 0; stream < 2; stream++)
+                for (int v = 0; v < 3; v++) {
+                    if (v == 2 && !bn_cpu_v4())
+                        continue;
+                    for (int k = 0; k < 2; k++) {
+                        memset(of[k], 0, sizeof of[k]);
+                        memset(od[k], 0, sizeof od[k]);
+                        memset(a[k], 0, sizeof a[k]);
+                    }
+                    for (int r = 0; r < 2; r++) {   /* the reference: two calls */
+                        bn_row_bwd_f32_d(gf + r * L2, xf + r * L2, of[0] + r * L2, D2,
+                                         rms ? 0.0 : m2[r], i2[r], w, a[0],
+                                         rms ? NULL : a[0] + D2, rms, stream, NULL, NULL);
+                        bn_row_bwd_f64_d(gd + r * L2, xd + r * L2, od[0] + r * L2, D2,
+                                         rms ? 0.0 : m2[r], i2[r], w, a[0] + 2000,
+                                         rms ? NULL : a[0] + 3000, rms, stream, NULL, NULL);
+                    }
+                    (v == 0 ? bn_row_bwd2_f32_v : v == 1 ? bn_row_bwd2_f32_d : bn_row_bwd2_v4_f32)(
+                        gf, xf, of[1], L2, L2, L2, D2, rms ? NULL : m2, i2, w, a[1],
+                        rms ? NULL : a[1] + D2, rms, stream, gf + 2 * L2, xf + 2 * L2);
+                    (v == 0 ? bn_row_bwd2_f64_v : v == 1 ? bn_row_bwd2_f64_d : bn_row_bwd2_v4_f64)(
+                        gd, xd, od[1], L2, L2, L2, D2, rms ? NULL : m2, i2, w, a[1] + 2000,
+                        rms ? NULL : a[1] + 3000, rms, stream, gd + 2 * L2, xd + 2 * L2);
+                    same(of[0], of[1], sizeof of[0], "row pair: float dx");
+                    same(od[0], od[1], sizeof od[0], "row pair: double dx");
+                    same(a[0], a[1], 4000 * sizeof(double), "row pair: partials");
+                }
     }
     /* the AVX-512 twins (bn_*_v4, BN_HAVE_V4) give the baseline clone's bits, where this
      * CPU runs them: layer and RMS norm, odd lengths and offsets, streaming on and off,

@@ -509,6 +509,8 @@ BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, i
 #if !BN_HAVE_V4   /* one path: the names the modules call resolve to it */
 #define bn_row_bwd_v4_f32 bn_row_bwd_f32
 #define bn_row_bwd_v4_f64 bn_row_bwd_f64
+#define bn_row_bwd2_v4_f32 bn_row_bwd2_f32
+#define bn_row_bwd2_v4_f64 bn_row_bwd2_f64
 #define bn_row_bwd_sums_v4_f32 bn_row_bwd_sums_f32
 #define bn_row_bwd_sums_v4_f64 bn_row_bwd_sums_f64
 #define bn_rows_bwd_tile_v4_f32 bn_rows_bwd_tile_f32
