@@ -461,7 +461,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         while r + 1 < r1:   # rows in pairs (row_bwd2: two calls' bits), then the odd one
             fetch = far and r + ahead + 1 < r1   # rows r + ahead, r + ahead + 1
             row_bwd2(dy + r * ldg, x + r * ldx, dx + r * ldd, ldg, ldx, ldd, d,
-                     mean if rms else mean + r, invstd + r, w, p,
+                     mean if rms else mean + r, invstd + r, w, p,   # mean: NULL for RMS
                      p + d if dbias != NULL else NULL, rms, stream,
                      dy + (r + ahead) * ldg if fetch else NULL,
                      x + (r + ahead) * ldx if fetch else NULL)

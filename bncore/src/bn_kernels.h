@@ -67,15 +67,16 @@ typedef long long bn_v4l __attribute__((vector_size(32)));
 #endif
 #define BN_INLINE static inline __attribute__((always_inline))
 
-/* AVX-512 (x86-64-v4) twins of the kernels that arithmetic, not memory, bounds: the
- * layer/RMS norm backward rows (bn_row_bwd_v4), which convert every value to double and
- * back and run two passes of fused multiply-adds over it. Eight doubles a vector halve the
- * instructions of the four-lane AVX2 clone; the lanes and the order of every sum are the
- * clone's (an eight-lane accumulator is its two four-lane ones side by side), so the bits
- * are the same (tests/test_clones.py). Chosen at run time (bn_use_v4, from the CPU at
- * import; bn_set_v4 turns it off for tests and measurements). Memory-bound kernels gain
- * nothing from it (measured: batch-norm and group-norm channels-last, layer-norm forward
- * rows 0.91-1.0x) and keep one path. */
+/* AVX-512 (x86-64-v4) twins of the kernels that arithmetic, not memory alone, bounds: the
+ * layer/RMS norm backward (bn_row_bwd_v4, bn_row_bwd2_v4, bn_row_bwd_sums_v4,
+ * bn_rows_bwd_tile_v4), which converts every value to double and back and runs two passes
+ * of fused multiply-adds over it. Eight doubles a vector halve the instructions of the
+ * four-lane AVX2 clone; the lanes and the order of every sum are the clone's (an
+ * eight-lane accumulator is its two four-lane ones side by side), so the bits are the
+ * same (tests/test_clones.py). Chosen at run time (bn_use_v4, from the CPU at import;
+ * bn_set_v4 turns it off for tests and measurements). Memory-bound kernels gained nothing
+ * from such twins (measured: batch-norm and group-norm channels-last 0.94-1.0x, layer-norm
+ * forward rows 0.91-1.06x) and keep one path. */
 #if defined(BNCORE_TARGET_CLONES) && defined(__x86_64__) && defined(__GNUC__)
 #define BN_HAVE_V4 1
 #include <immintrin.h>
