@@ -85,11 +85,17 @@ cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil
     """Row chunks of the backward column sums, from the shape alone (<= MAX_CHUNKS): one
     per 65536 values, and at least 8 (of 8192 values and 16 rows or more) where that gives
     fewer. One chunk per 65536 values left (1024, 64) on one thread, where 8 chunks run
-    1.57x; (2048, 64) 1.24x, (512, 128) 1.35x, (4096, 32) 1.31x, (128, 512) 1.54x."""
+    1.57x; (2048, 64) 1.24x, (512, 128) 1.35x, (4096, 32) 1.31x, (128, 512) 1.54x. An odd
+    count above one goes up by one: (48, 4096) had 3 chunks, two for one thread and one
+    for the other, and 4 ran 1.27x on two threads (0.96x on one); (80, 4096) 1.09x,
+    (48, 2048) 1.04x, (112, 4096) 1.035x (in-process A/B, medians of 7)."""
     cdef Py_ssize_t s = (nrows * d) // 65536
     if s < 8:
         s = max(s, min(8, min((nrows * d) // 8192, nrows // 16)))
-    return max(1, min(s, min(nrows, <Py_ssize_t>MAX_CHUNKS)))
+    s = max(1, min(s, min(nrows, <Py_ssize_t>MAX_CHUNKS)))
+    if s > 1 and s % 2 == 1 and s < nrows and s < MAX_CHUNKS:
+        s += 1   # an even count: two (or four) threads take as many chunks each
+    return s
 
 
 cdef inline void run_moments(const floating *x, Py_ssize_t n, double *mean,
