@@ -71,6 +71,7 @@ cdef enum:
     SMALL_CHUNK = 8192       # values per parallel chunk of small NCHW groups
     DIRECT_MIN_CG = 16       # channels-last groups this wide (3x over more than 64 rows)
     DIRECT_MAX_CG = 1024     # take their statistics straight from the block
+    ROW_CHUNK_MIN_ROWS = 64  # backward row chunks: rows each, where there are enough
 
 
 cdef inline double *f64_or_null(object a):
@@ -83,13 +84,18 @@ cdef inline void *ptr_or_null(object a):
 
 cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil:
     """Row chunks of the backward column sums, from the shape alone (<= MAX_CHUNKS): one
-    per 65536 values, and at least 8 (of 8192 values and 16 rows or more) where that gives
-    fewer. One chunk per 65536 values left (1024, 64) on one thread, where 8 chunks run
-    1.57x; (2048, 64) 1.24x, (512, 128) 1.35x, (4096, 32) 1.31x, (128, 512) 1.54x. An odd
+    per 65536 values or per ROW_CHUNK_MIN_ROWS rows, whichever is more values, and at least
+    8 (of 8192 values and 16 rows or more) where that gives fewer. One chunk per 65536
+    values left (1024, 64) on one thread, where 8 chunks run 1.57x; (2048, 64) 1.24x,
+    (512, 128) 1.35x, (4096, 32) 1.31x, (128, 512) 1.54x. The rows: each chunk zeroes, and
+    the merge reads, 16 bytes a column, which at 16 rows of 4096 values was a sixth of the
+    rows' own traffic: (1024, 4096) ran 1.16x with 64 rows a chunk, (512,
+    4096) 1.15x, (256, 8192) 1.24x, (2048, 2048) 1.04x, (8192, 768) 1.01x, on two threads
+    (in-process A/B, medians of 7; one thread (1024, 4096) 1.12x). An odd
     count above one goes up by one: (48, 4096) had 3 chunks, two for one thread and one
     for the other, and 4 ran 1.27x on two threads (0.96x on one); (80, 4096) 1.09x,
     (48, 2048) 1.04x, (112, 4096) 1.035x (in-process A/B, medians of 7)."""
-    cdef Py_ssize_t s = (nrows * d) // 65536
+    cdef Py_ssize_t s = (nrows * d) // max(65536, ROW_CHUNK_MIN_ROWS * d)
     if s < 8:
         s = max(s, min(8, min((nrows * d) // 8192, nrows // 16)))
     s = max(1, min(s, min(nrows, <Py_ssize_t>MAX_CHUNKS)))
