@@ -84,8 +84,11 @@ cdef inline void *ptr_or_null(object a):
 
 cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil:
     """Row chunks of the backward column sums, from the shape alone (<= MAX_CHUNKS): one
-    per 65536 values or per ROW_CHUNK_MIN_ROWS rows, whichever is more values, and at least
-    8 (of 8192 values and 16 rows or more) where that gives fewer. One chunk per 65536
+    per 65536 values or per ROW_CHUNK_MIN_ROWS rows, whichever is more values, and where
+    that gives fewer, up to 8 of 8192 values and 32 rows or more (two of 16 rows where
+    that gives one: two threads then share the rows). 16 rows had been the floor: 32 ran
+    (64, 2048) 1.095x, (96, 2048) 1.09x, (128, 512) 1.17x, (64, 4096) 1.07x on two
+    threads, 1.0-1.05x on one (in-process A/B, medians of 7). One chunk per 65536
     values left (1024, 64) on one thread, where 8 chunks run 1.57x; (2048, 64) 1.24x,
     (512, 128) 1.35x, (4096, 32) 1.31x, (128, 512) 1.54x. The rows: each chunk zeroes, and
     the merge reads, 16 bytes a column, which at 16 rows of 4096 values was a sixth of the
@@ -97,7 +100,7 @@ cdef inline Py_ssize_t row_chunks(Py_ssize_t nrows, Py_ssize_t d) noexcept nogil
     (48, 2048) 1.04x, (112, 4096) 1.035x (in-process A/B, medians of 7)."""
     cdef Py_ssize_t s = (nrows * d) // max(65536, ROW_CHUNK_MIN_ROWS * d)
     if s < 8:
-        s = max(s, min(8, min((nrows * d) // 8192, nrows // 16)))
+        s = max(s, min(8, min((nrows * d) // 8192, max(nrows // 32, min(2, nrows // 16)))))
     s = max(1, min(s, min(nrows, <Py_ssize_t>MAX_CHUNKS)))
     if s > 1 and s % 2 == 1 and s < nrows and s < MAX_CHUNKS:
         s += 1   # an even count: two (or four) threads take as many chunks each
