@@ -201,6 +201,17 @@ static inline void bn_fence(void)
         for (; i_ < (n); i_++) { SCALAR(i_); } \
     } while (0)
 
+/* The prefetch of a later row spread over a pass of i = 0, 1, ... over this one: the line of
+ * p + i once every 64 bytes (p NULL: nothing), then the row's last line (BN_FETCH_LAST, n
+ * values). A burst of the whole row's prefetches before the pass stalled the loads behind
+ * them (one thread, rows of 768 floats from memory: 0.69 ns a value, no prefetch 0.64,
+ * spread 0.54). */
+#define BN_FETCH_SPREAD(p, i) do { \
+        if ((p) != NULL && !((i) & (64 / (ptrdiff_t)sizeof(*(p)) - 1))) \
+            __builtin_prefetch((p) + (i), 0, 3); } while (0)
+#define BN_FETCH_LAST(p, n) do { \
+        if ((p) != NULL && (n) > 0) __builtin_prefetch((p) + (n) - 1, 0, 3); } while (0)
+
 /* Prefetch the next two 64-byte lines of the range [*p, end) and step past them: called once
  * per row step of a kernel, it spreads the fetch of the next block over the current one in
  * address order (which DRAM serves best). A NULL range prefetches nothing. */

@@ -1494,10 +1494,6 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
  * near the mean at any offset; x == mean gives exactly b[i]); for double it is double. */
 /* The span loop of bn_row_affine with the expression inline: VEXPR of v (x), ww (w) and
  * bb (b) vectors at i, SEXPR of element i. */
-/* A line of the row at fetch (NULL: none) every 64 bytes of the row at x, and its last
- * line after the loop: the prefetch of a later row spread over this one's affine. */
-#define BN_AFFINE_FETCH(i) do { if (fetch != NULL && !((i) & (64 / sizeof(BN_T) - 1))) \
-        __builtin_prefetch(fetch + (i), 0, 3); } while (0)
 #define BN_ROW_AFFINE_LOOP(VEXPR, SEXPR) do { \
         ptrdiff_t lo_, hi_, i; \
         bn_stream_span(y, n, sizeof(*y), stream, &lo_, &hi_); \
@@ -1506,11 +1502,11 @@ static BN_CLONES void BN_NAME(bn_cl_bwd_dx)(const BN_T *dy, ptrdiff_t lddy, cons
         for (; i < hi_; i += BN_RW) BN_ROW_VEC(VEXPR, 1); \
         for (; i + BN_RW <= n; i += BN_RW) BN_ROW_VEC(VEXPR, 0); \
         for (; i < n; i++) y[i] = (SEXPR); \
-        if (fetch != NULL && n > 0) __builtin_prefetch(fetch + n - 1, 0, 3); } while (0)
+        BN_FETCH_LAST(fetch, n); } while (0)
 #if BN_T_IS_FLOAT
 #define BN_RW 8
 #define BN_ROW_VEC(VEXPR, nt) do { bn_v8f v, ww, bb; memcpy(&v, x + i, sizeof v); \
-        BN_AFFINE_FETCH(i); \
+        BN_FETCH_SPREAD(fetch, i); \
         if (w) memcpy(&ww, w + i, sizeof ww); \
         if (b) memcpy(&bb, b + i, sizeof bb); \
         BN_PUT8F(y + i, (VEXPR), nt); } while (0)
@@ -1535,7 +1531,7 @@ BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restric
 #else
 #define BN_RW 4
 #define BN_ROW_VEC(VEXPR, nt) do { bn_v4d v = BN_LOAD4(x + i), ww, bb; \
-        BN_AFFINE_FETCH(i); \
+        BN_FETCH_SPREAD(fetch, i); \
         if (w) memcpy(&ww, w + i, sizeof ww); \
         if (b) memcpy(&bb, b + i, sizeof bb); \
         BN_PUT4(y + i, (VEXPR), nt); } while (0)
@@ -1557,7 +1553,6 @@ BN_INLINE void BN_NAME(bn_row_affine_body)(const BN_T *restrict x, BN_T *restric
 }
 #endif
 #undef BN_ROW_AFFINE_LOOP
-#undef BN_AFFINE_FETCH
 #undef BN_ROW_VEC
 #undef BN_RW
 
@@ -1580,9 +1575,10 @@ static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restr
  * nfetch rows from x: the caller's later rows), one row in, one row fetched: the hardware's
  * prefetcher alone left the rows waiting on memory between the groups' stages (two
  * threads: d = 64 1.2x, 128 1.2x, 768 1.23x), where fetching the whole next group at once
- * had run 6-10% slower. The fetch is spread over the row's affine, a line per 64 bytes
- * (BN_AFFINE_FETCH), rather than issued in one burst before it: two threads, layer norm
- * (16384, 1024) 1.035x, RMS norm (8192, 768) 1.015x, (8192, 768) and (65536, 64) 1.0x. mean may be NULL (rms); invstd gets 1 / sqrt(var + eps), or
+ * had run 6-10% slower. The fetch is spread over the row's affine (BN_FETCH_SPREAD), not
+ * issued in one burst before it: two threads, layer norm (16384, 1024) 1.035x, RMS norm
+ * (8192, 768) 1.015x, (8192, 768) and (65536, 64) 1.0x. mean may be NULL (rms); invstd
+ * gets 1 / sqrt(var + eps), or
  * 1 / sqrt(mean(x^2) + eps). */
 #define BN_ROWS_GROUP 16
 static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nrows,
@@ -1667,17 +1663,12 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
         BN_PUT4(dx + (j), BN_FMA4(g_, ww, u_), nt); \
     } while (0)
 #define BN_ROW_DXS(j) dx[j] = BN_ROW_DX(j)
-/* The prefetch of another row (fetch_dy, fetch_x; NULL: none) spread over a row's first
- * pass: a line of each every 64 bytes of the row, at the step of values i..i+7, then the
- * last line. A burst of the whole row's prefetches at its start had stalled the loads
- * behind them (one thread, rows of 768 floats from memory: 0.69 ns a value, no prefetch
- * 0.64, spread 0.54). */
-#define BN_ROW_FETCH(i) do { if (fetch_dy != NULL && !((i) & (64 / sizeof(BN_T) - 1))) { \
-        __builtin_prefetch(fetch_dy + (i), 0, 3); \
-        __builtin_prefetch(fetch_x + (i), 0, 3); } } while (0)
-#define BN_ROW_FETCH_END do { if (fetch_dy != NULL && d > 0) { \
-        __builtin_prefetch(fetch_dy + d - 1, 0, 3); \
-        __builtin_prefetch(fetch_x + d - 1, 0, 3); } } while (0)
+/* The prefetch of a later row (fetch_dy, fetch_x; NULL: none) spread over a row's first
+ * pass (BN_FETCH_SPREAD). */
+#define BN_ROW_FETCH(i) do { BN_FETCH_SPREAD(fetch_dy, i); BN_FETCH_SPREAD(fetch_x, i); \
+    } while (0)
+#define BN_ROW_FETCH_END do { BN_FETCH_LAST(fetch_dy, d); BN_FETCH_LAST(fetch_x, d); \
+    } while (0)
 /* The scalar tail of the row sums from i (into tg, tx), and of the row sums with the
  * column partials: one code for the clones and the AVX-512 twins. */
 #define BN_ROW_SUMS_TAIL(i) \
@@ -1734,16 +1725,12 @@ static BN_CLONES void BN_NAME(bn_row_bwd)(const BN_T *restrict dy, const BN_T *r
 
 /* The prefetch of two later rows (fetch_dy, fetch_x and the rows ldg, ldx on; NULL: none)
  * spread over the first pass of a pair of rows, as BN_ROW_FETCH. */
-#define BN_ROW2_FETCH(i) do { if (fetch_dy != NULL && !((i) & (64 / sizeof(BN_T) - 1))) { \
-        __builtin_prefetch(fetch_dy + (i), 0, 3); \
-        __builtin_prefetch(fetch_dy + ldg + (i), 0, 3); \
-        __builtin_prefetch(fetch_x + (i), 0, 3); \
-        __builtin_prefetch(fetch_x + ldx + (i), 0, 3); } } while (0)
-#define BN_ROW2_FETCH_END do { if (fetch_dy != NULL && d > 0) { \
-        __builtin_prefetch(fetch_dy + d - 1, 0, 3); \
-        __builtin_prefetch(fetch_dy + ldg + d - 1, 0, 3); \
-        __builtin_prefetch(fetch_x + d - 1, 0, 3); \
-        __builtin_prefetch(fetch_x + ldx + d - 1, 0, 3); } } while (0)
+#define BN_ROW2_FETCH(i) do { if (fetch_dy != NULL) { \
+        BN_ROW_FETCH(i); BN_FETCH_SPREAD(fetch_dy + ldg, i); BN_FETCH_SPREAD(fetch_x + ldx, i); \
+    } } while (0)
+#define BN_ROW2_FETCH_END do { if (fetch_dy != NULL) { \
+        BN_ROW_FETCH_END; BN_FETCH_LAST(fetch_dy + ldg, d); BN_FETCH_LAST(fetch_x + ldx, d); \
+    } } while (0)
 /* The scalar tail of a pair's first pass from i: each row's sums (tg, tx; hg, hx) and each
  * column's partials, row 0's term then row 1's, as two bn_row_bwd calls add them. */
 #define BN_ROW2_TAIL(i) \
