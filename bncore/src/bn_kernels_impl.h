@@ -184,7 +184,8 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
  * running statistics of a float32 batch are exact to two ulps), and never worse than
  * z^2 <= n (and a few float ulps) since K lies among the values of the run, within
  * sqrt(n - 1) standard deviations of their mean (Samuelson): below n^2/16 * eps, 7e-9 (an eighth of a float32
- * ulp) at BN_RUN_MAX. Layer-norm rows, the (sample, group) runs of group and instance norm
+ * ulp) at BN_RUN_MAX. Layer-norm rows (up to BLOCK values: bn_rows_norm, which shifts
+ * by the first value), the (sample, group) runs of group and instance norm
  * and batch-norm channels that small, which read each value once here instead of twice
  * (float shift pass, then double pass). A constant run gives K == its value, u == 0:
  * M2 == 0 and mean == K exactly. Squares of float differences cannot overflow a double;
@@ -1577,9 +1578,17 @@ static BN_CLONES void BN_NAME(bn_row_affine)(const BN_T *restrict x, BN_T *restr
  * threads: d = 64 1.2x, 128 1.2x, 768 1.23x), where fetching the whole next group at once
  * had run 6-10% slower. The fetch is spread over the row's affine (BN_FETCH_SPREAD), not
  * issued in one burst before it: two threads, layer norm (16384, 1024) 1.035x, RMS norm
- * (8192, 768) 1.015x, (8192, 768) and (65536, 64) 1.0x. mean may be NULL (rms); invstd
- * gets 1 / sqrt(var + eps), or
- * 1 / sqrt(mean(x^2) + eps). */
+ * (8192, 768) 1.015x, (8192, 768) and (65536, 64) 1.0x. Float layer-norm rows take
+ * bn_run_moments' one double pass around a shift K, but K is the row's first value (or 0
+ * where it is not finite) rather than a float tree over its first 16: that tree, its
+ * conversion and its horizontal adds cost 14% of a 64-value row in L1 (two threads:
+ * (65536, 64) 1.13x, (1024, 64) 1.08x, (16384, 128) 1.02x, (8192, 768) 1.03x, one thread
+ * 1.11x). K is one of the row's d <= BLOCK values, so within sqrt(d - 1) standard
+ * deviations of its mean (Samuelson), and M2's relative error stays below about
+ * 2 d^2 eps (1e-9 at 2048 values, 1e-12 at 64) where a float32 ulp is 6e-8: mean,
+ * invstd and y came out bit for bit the same as with the tree's shift on 1.26 million
+ * values of rows with offsets up to 1e5 and outliers first. mean may be NULL (rms);
+ * invstd gets 1 / sqrt(var + eps), or 1 / sqrt(mean(x^2) + eps). */
 #define BN_ROWS_GROUP 16
 static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nrows,
                                            ptrdiff_t nfetch, ptrdiff_t d, ptrdiff_t ldx,
@@ -1602,8 +1611,10 @@ static BN_CLONES void BN_NAME(bn_rows_norm)(const BN_T *x, BN_T *y, ptrdiff_t nr
         } else {
 #if BN_T_IS_FLOAT
             double k[BN_ROWS_GROUP];
-            for (ptrdiff_t i = 0; i < nr; i++)   /* one double pass (bn_run_moments) */
-                BN_NAME(bn_run_sums_body)(xg + i * ldx, 1, d, 0, &k[i], &m[i], &q[i]);
+            for (ptrdiff_t i = 0; i < nr; i++) {   /* one double pass around the first value */
+                k[i] = bn_pivot((double)xg[i * ldx]);
+                BN_NAME(bn_seg_dev)(xg + i * ldx, 1, d, 0, k[i], 0.0, 1, &m[i], &q[i]);
+            }
             for (ptrdiff_t i = 0; i < nr; i++) {   /* divisions 4 rows to a vector */
                 double mi;
                 bn_run_finish(n, m[i], q[i], &mi, &q[i]);
