@@ -484,7 +484,7 @@ BN_INLINE void bn_finish_block(double n, double mean0, double sd, double sdd,
 }
 
 /* q and r of one row's layer/RMS norm dx = g * invstd + (x - mean) * q + r, from the row
- * sums sg = sum(dy * w), sx = sum(dy * w * (x - mean)) over d values (bn_row_bwd). The
+ * sums sg = sum(dy * w), sx = sum(dy * (x - mean) * w) over d values (bn_row_bwd). The
  * 1/d multiplies are off the critical path: two divisions by d waited on the sums, and dx
  * waits on them. */
 BN_INLINE void bn_row_bwd_qr(double sg, double sx, ptrdiff_t d, double invstd, int rms,
