@@ -44,6 +44,7 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
+    bn_chan_merge_vec,
     rows_pivots, rows_scratch, rows_stats_in,
     bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
@@ -811,21 +812,22 @@ cdef inline void sample_forward(const floating *x, floating *y, Py_ssize_t s, Py
 cdef int samples_team(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
                       Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
                       const double *b, double *mean, double *var, int nt,
-                      bint stream) noexcept nogil:
-    """Group norm of channels-last samples one after another, every thread on each: a
-    thread reduces its share of the sample's row chunks (rows_chunks), waits for the
-    others (one barrier), merges all the chunks in chunk order by itself (the chunks,
-    pivots and merges of rows_stats: the same bits as sample_forward), then normalises
-    its own rows. Partials alternate between two slots by sample parity, so a thread
-    may start the next sample while another still merges this one."""
+                      bint stream, bint cols=False) noexcept nogil:
+    """Group norm of channels-last samples one after another, every thread on each:
+    by rows (team_forward), or with cols by groups (cols_forward). -1 if out of memory."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
-    cdef double *part = <double *>bn_alloc64((2 * nchunks * per + nt * (5 * c + 2 * g))
-                                         * sizeof(double))
+    cdef Py_ssize_t size = (nt * nchunks * per + 5 * c if cols
+                            else 2 * nchunks * per + nt * (5 * c + 2 * g))
+    cdef double *part = <double *>bn_alloc64(size * sizeof(double))
     if part == NULL:
         return -1
     with parallel(num_threads=nt):
-        team_forward(x, y, n, s, c, g, eps, w, b, mean, var, part, omp_get_thread_num(),
-                     omp_get_num_threads(), stream)
+        if cols:
+            cols_forward(x, y, n, s, c, g, eps, w, b, mean, var, part,
+                         omp_get_thread_num(), omp_get_num_threads(), stream)
+        else:
+            team_forward(x, y, n, s, c, g, eps, w, b, mean, var, part,
+                         omp_get_thread_num(), omp_get_num_threads(), stream)
     bn_free64(part)
     return 0
 
@@ -834,7 +836,12 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
                        Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
                        const double *b, double *mean, double *var, double *part, int tid,
                        int team, bint stream) noexcept nogil:
-    """Thread tid's part of samples_team."""
+    """Thread tid's part of samples_team by rows: a thread reduces its share of the
+    sample's row chunks (rows_chunks), waits for the others (one barrier), merges all the
+    chunks in chunk order by itself (the chunks, pivots and merges of rows_stats: the
+    same bits as sample_forward), then normalises its own rows. Partials alternate
+    between two slots by sample parity, so a thread may start the next sample while
+    another still merges this one."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
     cdef Py_ssize_t k, t, j, r0, r1
     cdef Py_ssize_t k0 = tid * nchunks // team, k1 = (tid + 1) * nchunks // team
@@ -870,6 +877,81 @@ cdef void team_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
         elif r1 > r0:
             cl_affine(xt + r0 * c, c, y + (t * s + r0) * c, c, r1 - r0, c, mine + c,
                       mine + 3 * c, mine + 4 * c)
+    if stream:
+        bn_fence()
+
+
+cdef inline Py_ssize_t cols_unit(Py_ssize_t c, Py_ssize_t g, Py_ssize_t itemsize) noexcept nogil:
+    """Groups per share of cols_forward: one for float; for double a multiple of 16
+    channels, as the double channels-last moments kernel redoes a tile of 16 channels by
+    the two-pass where any of them needs it, so a share must start and end on the tiles
+    of the whole row."""
+    cdef Py_ssize_t cg = c // g, a = 16, m = cg
+    if itemsize == 4:
+        return 1
+    while m:   # 16 / gcd(cg, 16)
+        a, m = m, a % m
+    return 16 // a
+
+
+cdef void cols_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t s,
+                       Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                       const double *b, double *mean, double *var, double *part, int tid,
+                       int team, bint stream) noexcept nogil:
+    """Thread tid's part of samples_team by groups, for samples too few, and of too few
+    row chunks, for a thread each (a batch of one of up to a few hundred rows): each
+    thread takes whole groups of every sample, its channels' moments (rows_chunk_stats
+    over the sample's chunks, merged in chunk order), its groups' statistics and its
+    channels' affine. A float channel's arithmetic is its own lane's whichever channels a
+    call covers (and a double's, in shares of whole 16-channel tiles: cols_unit), so the
+    bits are sample_forward's. Such a sample had run on one thread: group norm
+    (1, 14, 14, 256) G=32 18.1 -> 12.9 us (PyTorch 17.5), G=8 19.7 -> 14.9 (14.5),
+    (1, 10, 10, 512) G=16 19.4 -> 13.8 (12.3), two threads. part holds each thread's chunk
+    states (nchunks of 2 * c + 5 * CHANNEL_BLOCK doubles), then the shared pivot, cm, cm2,
+    scale and shift (c each), of which the thread writes its own channels."""
+    cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
+    cdef Py_ssize_t cg = c // g, u = cols_unit(c, g, sizeof(floating)), k, t, j, r0, r1
+    cdef Py_ssize_t g0 = tid * (g // u) // team * u
+    cdef Py_ssize_t g1 = g if tid == team - 1 else (tid + 1) * (g // u) // team * u
+    cdef Py_ssize_t c0 = g0 * cg, c1 = g1 * cg
+    cdef double *mine = part + tid * nchunks * per
+    cdef double *pivot = part + team * nchunks * per
+    cdef double *cm = pivot + c
+    cdef double *cm2 = cm + c
+    cdef double *scale = cm2 + c
+    cdef double *shift = scale + c
+    cdef const floating *xt
+    cdef bint far = beyond_caches(n * s * c * <Py_ssize_t>sizeof(floating))
+    if g1 == g0:
+        return
+    for t in range(n):
+        xt = x + t * s * c
+        for j in range(c0, c1):
+            pivot[j] = bn_pivot(<double>xt[j])
+        for k in range(nchunks):
+            r0 = k * s // nchunks
+            r1 = (k + 1) * s // nchunks
+            rows_chunk_stats(xt, r0, r1, c, c, mine + k * per + 2 * c, pivot, mine + k * per,
+                             mine + k * per + c, far, c0, c1)
+        for j in range(c0, c1):   # merge_row_chunks, for channels c0..c1-1
+            cm[j] = mine[j]
+            cm2[j] = mine[c + j]
+        for k in range(1, nchunks):
+            r0 = k * s // nchunks
+            r1 = (k + 1) * s // nchunks
+            bn_chan_merge_vec(<double>r0, cm + c0, cm2 + c0, <double>(r1 - r0),
+                              mine + k * per + c0, mine + k * per + c + c0, c1 - c0)
+        group_moments(cm + c0, cm2 + c0, pivot + c0, g1 - g0, cg, s, mean + t * g + g0,
+                      var + t * g + g0)
+        group_affine(mean + t * g + g0, var + t * g + g0, g1 - g0, cg, eps,
+                     w + c0 if w != NULL else NULL, b + c0 if b != NULL else NULL,
+                     cm + c0, scale + c0, shift + c0)
+        if stream:
+            cl_affine_stream(xt + c0, c, y + t * s * c + c0, c, s, c1 - c0, cm + c0,
+                             scale + c0, shift + c0)
+        else:
+            cl_affine(xt + c0, c, y + t * s * c + c0, c, s, c1 - c0, cm + c0, scale + c0,
+                      shift + c0)
     if stream:
         bn_fence()
 
@@ -974,13 +1056,15 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
                          const double *b, double *mean, double *var,
                          int n_threads) noexcept nogil:
     """Group norm of n channels-last samples: a sample per thread, or every thread on
-    each sample when that leaves fewer threads idle (team_pays), or for wide groups over
-    few rows (direct_groups) a run of (sample, group) blocks per thread (direct_run). The
-    same bits."""
+    each sample when that leaves fewer threads idle (team_pays), or, with fewer samples
+    than threads and too few row chunks to share, each thread its own groups of every
+    sample (cols_forward), or for wide groups over few rows (direct_groups) a run of
+    (sample, group) blocks per thread (direct_run). The same bits."""
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c), cg = c // g
     cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
+    cdef int ntc
     cdef bint fetch
     cdef int tid = 0, team = 1   # (private in the parallel blocks; set for the compiler)
     cdef double *buf = NULL
@@ -995,6 +1079,10 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
         return 0
     if team_pays(n, nchunks, nt, ntt):
         return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntt, stream)
+    ntc = work_threads(n_threads, g // cols_unit(c, g, sizeof(floating)), n * s * c,
+                       SERIAL_ELEMS)
+    if n < ntc and nchunks < ntc:
+        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntc, stream, True)
     with parallel(num_threads=nt):   # scratch once per thread, not per sample
         buf = <double *>bn_alloc64((4 * c + rows_scratch(s, c)) * sizeof(double))
         for t in prange(n, schedule='static'):

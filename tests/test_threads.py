@@ -158,9 +158,12 @@ def test_bitwise_identical_for_any_n_threads(name, dtype):
 # batch-1 inference, or a last round that only some threads fill). Each case has several
 # row chunks per sample (rows_chunks: 4 for 3,136 rows of 64 channels, 2 for 16,384 of 5
 # and 9,216 of 12), so both ways run across n_threads: n=1 is shared by any team of 2 or
-# more; n=3 is shared by 2 threads and runs a sample per thread with 3.
+# more; n=3 is shared by 2 threads and runs a sample per thread with 3. The last two are
+# one row chunk each (196 rows of 256 channels, 144 of 400), so their threads split the
+# groups instead (cols_forward): float anywhere, double in shares of 16 channels (G=50:
+# groups of 8 channels, two to a share; instance norm's groups of one, 16).
 FEW_SAMPLES = [((1, 56, 56, 64), 8), ((3, 56, 56, 64), 32), ((1, 128, 128, 5), 5),
-               ((1, 96, 96, 12), 4)]
+               ((1, 96, 96, 12), 4), ((1, 14, 14, 256), 8), ((1, 12, 12, 400), 50)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
