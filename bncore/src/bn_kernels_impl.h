@@ -1112,12 +1112,21 @@ BN_INLINE void BN_NAME(bn_cl_affine_body)(const float *x, ptrdiff_t ldx, float *
         float *restrict hi = f, *restrict lo = f + e, *restrict k = f + 2 * e;
         float *restrict b = f + 3 * e;
         ptrdiff_t j = 0;   /* the channel of the next value */
-        for (ptrdiff_t c = 0; c < e; c++) {
-            const ptrdiff_t cc = c % nch;
-            hi[c] = (float)mean[cc];
-            lo[c] = (float)(mean[cc] - (double)hi[c]);
-            k[c] = (float)scale[cc];
-            b[c] = (float)shift[cc];
+        for (ptrdiff_t c = 0; c < nch; c++) {
+            hi[c] = (float)mean[c];
+            lo[c] = (float)(mean[c] - (double)hi[c]);
+            k[c] = (float)scale[c];
+            b[c] = (float)shift[c];
+        }
+        /* the 8 after them wrap around (a counter: c % nch, a division per channel, had
+         * taken 60% of the call for a sample of 16 rows of 64 channels) */
+        for (ptrdiff_t c = nch, cc = 0; c < e; c++) {
+            hi[c] = hi[cc];
+            lo[c] = lo[cc];
+            k[c] = k[cc];
+            b[c] = b[cc];
+            if (++cc == nch)
+                cc = 0;
         }
 #define BN_SCALAR(i) do { y[i] = ((x[i] - hi[j]) - lo[j]) * k[j] + b[j]; \
         if (++j == nch) j = 0; } while (0)
