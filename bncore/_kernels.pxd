@@ -686,22 +686,26 @@ cdef inline bint planes_by_sample(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t i
 cdef inline void merge_row_chunks(const double *buf, Py_ssize_t per, Py_ssize_t nchunks,
                                   Py_ssize_t nrows, Py_ssize_t unit, Py_ssize_t nch,
                                   const double *pivot, double *mean,
-                                  double *m2, bint relative=False) noexcept nogil:
+                                  double *m2, bint relative=False,
+                                  Py_ssize_t ld=0) noexcept nogil:
     """The states of nchunks chunks of nrows rows (chunk k: rows k * nrows // nchunks on,
-    unit values per row and channel; mean then M2 of nch channels at buf + k * per,
-    relative to pivot) merged in chunk order into mean (absolute; relative to pivot when
-    ``relative``) and m2. The one merge of the chunked statistics: planes_stats,
-    rows_stats and the channels-last group norm that spreads a sample's chunks over
-    threads (which must match rows_stats bit for bit)."""
+    unit values per row and channel; mean then M2 of nch channels at buf + k * per, the
+    M2 ld doubles after the means (nch when 0), relative to pivot) merged in chunk order
+    into mean (absolute; relative to pivot when ``relative``) and m2. The one merge of
+    the chunked statistics: planes_stats, rows_stats and the channels-last group norm
+    that spreads a sample's chunks or groups over threads (which must match rows_stats
+    bit for bit)."""
     cdef Py_ssize_t s, c, r0, r1
+    if ld == 0:
+        ld = nch
     for c in range(nch):
         mean[c] = buf[c]
-        m2[c] = buf[nch + c]
+        m2[c] = buf[ld + c]
     for s in range(1, nchunks):
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
         bn_chan_merge_vec(<double>(r0 * unit), mean, m2, <double>((r1 - r0) * unit),
-                          buf + s * per, buf + s * per + nch, nch)
+                          buf + s * per, buf + s * per + ld, nch)
     if not relative:
         for c in range(nch):
             mean[c] += pivot[c]

@@ -44,7 +44,6 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    bn_chan_merge_vec,
     rows_pivots, rows_scratch, rows_stats_in,
     bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
@@ -910,7 +909,7 @@ cdef void cols_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
     states (nchunks of 2 * c + 5 * CHANNEL_BLOCK doubles), then the shared pivot, cm, cm2,
     scale and shift (c each), of which the thread writes its own channels."""
     cdef Py_ssize_t nchunks = rows_chunks(s, c), per = 2 * c + 5 * CHANNEL_BLOCK
-    cdef Py_ssize_t cg = c // g, u = cols_unit(c, g, sizeof(floating)), k, t, j, r0, r1
+    cdef Py_ssize_t cg = c // g, u = cols_unit(c, g, sizeof(floating)), k, t, j
     cdef Py_ssize_t g0 = tid * (g // u) // team * u
     cdef Py_ssize_t g1 = g if tid == team - 1 else (tid + 1) * (g // u) // team * u
     cdef Py_ssize_t c0 = g0 * cg, c1 = g1 * cg
@@ -929,18 +928,11 @@ cdef void cols_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t 
         for j in range(c0, c1):
             pivot[j] = bn_pivot(<double>xt[j])
         for k in range(nchunks):
-            r0 = k * s // nchunks
-            r1 = (k + 1) * s // nchunks
-            rows_chunk_stats(xt, r0, r1, c, c, mine + k * per + 2 * c, pivot, mine + k * per,
+            rows_chunk_stats(xt, k * s // nchunks, (k + 1) * s // nchunks, c, c,
+                             mine + k * per + 2 * c, pivot, mine + k * per,
                              mine + k * per + c, far, c0, c1)
-        for j in range(c0, c1):   # merge_row_chunks, for channels c0..c1-1
-            cm[j] = mine[j]
-            cm2[j] = mine[c + j]
-        for k in range(1, nchunks):
-            r0 = k * s // nchunks
-            r1 = (k + 1) * s // nchunks
-            bn_chan_merge_vec(<double>r0, cm + c0, cm2 + c0, <double>(r1 - r0),
-                              mine + k * per + c0, mine + k * per + c + c0, c1 - c0)
+        merge_row_chunks(mine + c0, per, nchunks, s, 1, c1 - c0, pivot + c0, cm + c0,
+                         cm2 + c0, True, c)
         group_moments(cm + c0, cm2 + c0, pivot + c0, g1 - g0, cg, s, mean + t * g + g0,
                       var + t * g + g0)
         group_affine(mean + t * g + g0, var + t * g + g0, g1 - g0, cg, eps,
