@@ -420,7 +420,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """
     # the common call in one Cython step (None: anything else)
     res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, axis, n_threads, out)
+                                    momentum, eps, axis, n_threads, out, False)
     if res is not None:
         return res[0]
     return _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
@@ -454,10 +454,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, training=True, running_mean
     # the common call in one Cython step (None: anything else)
     res = _batchnorm.forward_common(x, running_mean, running_var, weight, bias, training,
                                     momentum, eps, axis, n_threads, out)
-    if res is None:
-        res = _forward(x, weight, bias, training, running_mean, running_var, momentum, eps,
-                       axis, out, n_threads)
-    y, mean, invstd = res
+    if res is not None:
+        return res   # mean and invstd already in the statistics' dtype
+    y, mean, invstd = _forward(x, weight, bias, training, running_mean, running_var, momentum,
+                               eps, axis, out, n_threads)
     sdt = np.float32 if y.dtype.itemsize <= 4 else np.float64
     return y, mean.astype(sdt), invstd.astype(sdt)
 
@@ -503,9 +503,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
     res = _batchnorm.backward_common(dy, x, save_mean, save_invstd, weight, training, axis,
                                      n_threads, out)
     if res is not None:
-        dx, dweight, dbias = res
-        sdt = np.float32 if dx.dtype.itemsize <= 4 else np.float64
-        return dx, dweight.astype(sdt), dbias.astype(sdt)
+        return res   # dweight and dbias already in the statistics' dtype
     arr, dtype = float_input(x)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")

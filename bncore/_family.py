@@ -75,9 +75,12 @@ def _rows(a, nrows, d):
     return r, (r.strides[0] // r.itemsize if nrows > 1 else d)
 
 
-def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
+def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms, stats=True):
+    """(y, mean or None, invstd) of a layer/RMS norm, the statistics of x's leading dims in
+    the statistics' dtype; not stats: (y, ...) with whatever statistics come cheapest."""
     # the common call in one Cython step (None: anything else)
-    res = _rownorm.forward_common(x, normalized_shape, weight, bias, eps, n_threads, rms, out)
+    res = _rownorm.forward_common(x, normalized_shape, weight, bias, eps, n_threads, rms, out,
+                                  stats)
     if res is not None:
         return res
     arr, dtype = float_input(x)
@@ -98,7 +101,7 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
         if mean is not None:
             mean.fill(np.nan)
         y = out if out is not None else np.empty(arr.shape, dtype)
-        return y, mean, invstd, lead
+        return _row_stats(y, mean, invstd, lead)
     xr, ldx = _rows(arr, nrows, d)
     y = out if _direct_out(out, arr.dtype, arr) else empty_like_apart(arr.shape, arr.dtype, xr)
     # weight/bias in x's dtype: for float32 the elementwise pass is float arithmetic
@@ -106,7 +109,14 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms):
                      None if w is None else w.reshape(d).astype(arr.dtype),
                      None if b is None else b.reshape(d).astype(arr.dtype), mean, invstd,
                      rms, nt)
-    return finish_output(y, out, dtype), mean, invstd, lead
+    return _row_stats(finish_output(y, out, dtype), mean, invstd, lead)
+
+
+def _row_stats(y, mean, invstd, lead):
+    """(y, mean, invstd), the float64 (rows,) statistics shaped and typed."""
+    sdt = _stat_dtype(y.dtype)
+    return (y, None if mean is None else mean.astype(sdt).reshape(lead),
+            invstd.astype(sdt).reshape(lead))
 
 
 def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads, rms):
@@ -114,9 +124,7 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     res = _rownorm.backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads,
                                    rms, out)
     if res is not None:
-        dx, dweight, dbias = res
-        shape = x.shape[x.ndim - _trailing(normalized_shape):]
-        return _row_grads(dx, dweight, dbias, shape)
+        return res   # dweight and dbias already shaped and typed
     arr, dtype = float_input(x)
     shape = _normalized_shape(arr, normalized_shape)
     g = same_float_input(dy, "dy", dtype, arr.shape)
@@ -147,11 +155,6 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     return _row_grads(dx, dweight, dbias, shape)
 
 
-def _trailing(normalized_shape):
-    """How many trailing dims a (checked) normalized_shape names."""
-    return 1 if type(normalized_shape) is int else len(normalized_shape)
-
-
 def _row_grads(dx, dweight, dbias, shape):
     """(dx, dweight, dbias) of a row norm, the float64 (d,) sums shaped and typed."""
     sdt = _stat_dtype(dx.dtype)
@@ -180,10 +183,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     >>> mean.shape, invstd.dtype
     ((4,), dtype('float32'))
     """
-    y, mean, invstd, lead = _row_forward(x, normalized_shape, weight, bias, eps, out,
-                                         n_threads, rms=False)
-    sdt = _stat_dtype(y.dtype)
-    return y, mean.astype(sdt).reshape(lead), invstd.astype(sdt).reshape(lead)
+    return _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms=False)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
@@ -222,7 +222,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     array([[-1.2247,  0.    ,  1.2247],
            [-1.2247,  0.    ,  1.2247]])
     """
-    return _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms=False)[0]
+    return _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms=False,
+                        stats=False)[0]
 
 
 def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, out=None,
@@ -281,9 +282,9 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, n_
     >>> invrms
     array([0.5, 0.5])
     """
-    y, _, invrms, lead = _row_forward(x, normalized_shape, weight, None, eps, out, n_threads,
-                                      rms=True)
-    return y, invrms.astype(_stat_dtype(y.dtype)).reshape(lead)
+    y, _, invrms = _row_forward(x, normalized_shape, weight, None, eps, out, n_threads,
+                                rms=True)
+    return y, invrms
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=None):
@@ -316,7 +317,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, n_threads=
     >>> bncore.rms_norm(np.array([[3.0, 4.0]]), 2, eps=0.0).round(4)
     array([[0.8485, 1.1314]])
     """
-    return _row_forward(x, normalized_shape, weight, None, eps, out, n_threads, rms=True)[0]
+    return _row_forward(x, normalized_shape, weight, None, eps, out, n_threads, rms=True,
+                        stats=False)[0]
 
 
 def rms_norm_backward(dy, x, invrms, normalized_shape, weight=None, *, out=None,
@@ -464,7 +466,7 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         dy, x, mean, invstd, None if num_groups is _INSTANCE else num_groups, weight, axis,
         n_threads, out)
     if res is not None:
-        return _group_grads(*res)
+        return res   # dweight and dbias already in the statistics' dtype
     sp = _Spatial(x, axis)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
     gk = sp.like(dy, "dy")

@@ -52,6 +52,23 @@ cdef inline void as_doubles(object a, int t, double *dst, Py_ssize_t n) noexcept
             dst[i] = (<double *>p)[i]
 
 
+cdef inline object stat_array(const double *v, int nd, cnp.npy_intp *dims, int t):
+    """A new C-ordered array of shape dims[:nd] and type t (float32 or float64) holding the
+    doubles v, rounded to float32 as NumPy's astype rounds them. The common calls return
+    their statistics and weight gradients so, typed and shaped: NumPy's astype and reshape
+    after had cost 0.75 us of a 12 us batch-norm backward."""
+    cdef cnp.ndarray a = cnp.PyArray_EMPTY(nd, dims, t, 0)
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(a)
+    cdef void *p = cnp.PyArray_DATA(a)
+    if t == cnp.NPY_FLOAT32:
+        for i in range(n):
+            (<float *>p)[i] = <float>v[i]
+    else:
+        for i in range(n):
+            (<double *>p)[i] = v[i]
+    return a
+
+
 cdef inline int plain_threads(object n_threads) noexcept:
     """n_threads None (OpenMP's default) or an int >= 1 as a thread count; else -1."""
     if n_threads is None:

@@ -56,7 +56,7 @@ from bncore._kernels cimport (
 )
 from bncore._fastpath cimport (
     as_doubles, plain_channel_axis, plain_dims, plain_eps, plain_like, plain_out, plain_threads,
-    plain_type, plain_vector, trailing_dims,
+    plain_type, plain_vector, stat_array, trailing_dims,
 )
 from bncore._outputs cimport empty_apart
 from bncore._openmp cimport bncore_barrier, omp_get_num_threads, omp_get_thread_num, work_threads
@@ -242,7 +242,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssi
                          <const double *>pw, <const double *>pb, pm, pi, rms, n_threads)
 
 
-def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, out=None):
+def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, out=None,
+                   bint stats=True):
     """Layer/RMS norm forward for the common call, without the Python layer's overhead, or
     None.
 
@@ -254,9 +255,11 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
     finite float >= 0 (or None for RMS norm: the dtype's machine epsilon); n_threads None
     or an int >= 1. Anything else returns None and the caller takes the general path
     (bncore._family), which also raises every error. Same kernel and bits as that path.
-    Returns (y, mean or None, invstd, lead shape); mean/invstd float64 (rows,).
+    Returns (y, mean or None, invstd): the statistics of x's leading dims and dtype, or
+    (y, None, None) when not stats (layer_norm's and rms_norm's call, which drop them).
     """
-    cdef cnp.ndarray arr, y, invstd, mean = None
+    cdef cnp.ndarray arr, y
+    cdef object mean = None, invstd = None
     cdef int xt, nd, k, i, nt, ot, wt = -1, bt = -1
     cdef Py_ssize_t nrows = 1, d = 1
     cdef cnp.npy_intp dim
@@ -264,6 +267,7 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
     cdef void *pw = NULL
     cdef void *pb = NULL
     cdef double *pm = NULL
+    cdef double *pi
     cdef char *conv = NULL
     xt = plain_type(x)
     nt = plain_threads(n_threads)
@@ -306,23 +310,30 @@ def forward_common(x, normalized_shape, weight, bias, eps, n_threads, bint rms, 
             pw = as_dtype(pw, wt, conv, xt, d)
         if bt >= 0 and bt != xt:
             pb = as_dtype(pb, bt, conv + d * cnp.PyArray_ITEMSIZE(arr), xt, d)
+    # the rows' statistics in doubles here, made arrays of x's dtype after when asked for
+    pi = <double *>bn_alloc64(2 * nrows * sizeof(double))
+    if pi == NULL:
+        bn_free64(conv)
+        raise MemoryError("bncore: out of memory for per-row statistics")
     y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
-    dim = nrows
-    invstd = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     if not rms:
-        mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-        pm = <double *>cnp.PyArray_DATA(mean)
+        pm = pi + nrows
     with nogil:
         if xt == cnp.NPY_FLOAT32:
             forward_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y),
-                         nrows, d, d, d, ep, <const float *>pw, <const float *>pb, pm,
-                         <double *>cnp.PyArray_DATA(invstd), rms, nt)
+                         nrows, d, d, d, ep, <const float *>pw, <const float *>pb, pm, pi,
+                         rms, nt)
         else:
             forward_rows(<const double *>cnp.PyArray_DATA(arr), <double *>cnp.PyArray_DATA(y),
-                         nrows, d, d, d, ep, <const double *>pw, <const double *>pb, pm,
-                         <double *>cnp.PyArray_DATA(invstd), rms, nt)
+                         nrows, d, d, d, ep, <const double *>pw, <const double *>pb, pm, pi,
+                         rms, nt)
     bn_free64(conv)
-    return y, mean, invstd, x.shape[:nd - k]
+    if stats:
+        invstd = stat_array(pi, nd - k, cnp.PyArray_DIMS(arr), xt)
+        if not rms:
+            mean = stat_array(pm, nd - k, cnp.PyArray_DIMS(arr), xt)
+    bn_free64(pi)
+    return y, mean, invstd
 
 
 cdef inline void *as_dtype(const void *src, int st, char *dst, int dt, Py_ssize_t n) noexcept:
@@ -1463,12 +1474,13 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
     of x's dtype and shape, mean (layer norm) and invstd plain arrays of x's leading dims,
     weight None or a plain array of the trailing dims. Anything else returns None and the
     general path (bncore._family) takes the call. Returns (dx, dweight, dbias or None),
-    the latter float64 (d,)."""
-    cdef cnp.ndarray arr, dx, dweight, dbias = None
+    the latter of x's trailing dims and dtype."""
+    cdef cnp.ndarray arr, dx
+    cdef object dbias = None
     cdef int xt, nd, k, nt, mt = -1, st, wt = -1, rc, ot
     cdef Py_ssize_t nrows = 1, d = 1, i
-    cdef cnp.npy_intp dim
     cdef double *buf
+    cdef double *pdw
     cdef double *pm = NULL
     xt = plain_type(x)
     nt = plain_threads(n_threads)
@@ -1495,13 +1507,12 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
         return None
     # valid: nothing below can fail but for memory
     dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
-    dim = d
-    dweight = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
-    if not rms:
-        dbias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>bn_alloc64((2 * nrows + d) * sizeof(double))
+    # the kernels' dweight and dbias in buf (after invstd, mean and w), made arrays of x's
+    # trailing dims and dtype after
+    buf = <double *>bn_alloc64((2 * nrows + 3 * d) * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-row work arrays")
+    pdw = buf + 2 * nrows + d
     as_doubles(invstd, st, buf, nrows)
     if not rms:
         pm = buf + nrows
@@ -1516,17 +1527,19 @@ def backward_common(dy, x, mean, invstd, normalized_shape, weight, n_threads, bi
             rc = backward_rows(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                <const float *>cnp.PyArray_DATA(arr),
                                <float *>cnp.PyArray_DATA(dx), nrows, d, d, d, d, pm, buf,
-                               buf + 2 * nrows, <double *>cnp.PyArray_DATA(dweight),
-                               NULL if rms else <double *>cnp.PyArray_DATA(dbias), rms, nt)
+                               buf + 2 * nrows, pdw, NULL if rms else pdw + d, rms, nt)
         else:
             rc = backward_rows(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                <const double *>cnp.PyArray_DATA(arr),
                                <double *>cnp.PyArray_DATA(dx), nrows, d, d, d, d, pm, buf,
-                               buf + 2 * nrows, <double *>cnp.PyArray_DATA(dweight),
-                               NULL if rms else <double *>cnp.PyArray_DATA(dbias), rms, nt)
-    bn_free64(buf)
+                               buf + 2 * nrows, pdw, NULL if rms else pdw + d, rms, nt)
     if rc != 0:
+        bn_free64(buf)
         raise MemoryError("bncore: out of memory for per-chunk partial sums")
+    dweight = stat_array(pdw, k, cnp.PyArray_DIMS(arr) + nd - k, xt)
+    if not rms:
+        dbias = stat_array(pdw + d, k, cnp.PyArray_DIMS(arr) + nd - k, xt)
+    bn_free64(buf)
     return dx, dweight, dbias
 
 
@@ -1536,8 +1549,9 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     x, num_groups, axis and n_threads as group_common accepts them (the value-count rule
     aside), dy a plain array of x's dtype and shape, mean and invstd plain (N, G) arrays,
     weight None or a plain (C,) vector. Anything else returns None and the general path
-    (bncore._family) takes the call. Returns (dx, dweight, dbias), the latter float64 (C,)."""
-    cdef cnp.ndarray arr, dx, dweight, dbias
+    (bncore._family) takes the call. Returns (dx, dweight, dbias), the latter (C,) of x's
+    dtype."""
+    cdef cnp.ndarray arr, dx
     cdef int xt, nd, ax, nt, mt, st, wt = -1, rc = 0, ot
     cdef Py_ssize_t n, c, g, s = 1
     cdef cnp.npy_intp dim
@@ -1567,10 +1581,8 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
         return None
     # valid: nothing below can fail but for memory
     dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, dy)
-    dim = c
-    dweight = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    dbias = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    buf = <double *>bn_alloc64((2 * n * g + c) * sizeof(double))
+    # the kernels' dweight and dbias in buf, made arrays of x's dtype after
+    buf = <double *>bn_alloc64((2 * n * g + 3 * c) * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-sample work arrays")
     as_doubles(mean, mt, buf, n * g)
@@ -1581,11 +1593,14 @@ def group_backward_common(dy, x, mean, invstd, num_groups, weight, axis, n_threa
     with nogil:
         rc = group_bwd_run(cnp.PyArray_DATA(<cnp.ndarray>dy), cnp.PyArray_DATA(arr),
                            cnp.PyArray_DATA(dx), xt == cnp.NPY_FLOAT32, cl, n, c, s, g, buf,
-                           buf + n * g, pw, <double *>cnp.PyArray_DATA(dweight),
-                           <double *>cnp.PyArray_DATA(dbias), nt)
-    bn_free64(buf)
+                           buf + n * g, pw, buf + 2 * n * g + c, buf + 2 * n * g + 2 * c, nt)
     if rc != 0:
+        bn_free64(buf)
         raise MemoryError("bncore: out of memory for per-sample work arrays")
+    dim = c
+    dweight = stat_array(buf + 2 * n * g + c, 1, &dim, xt)
+    dbias = stat_array(buf + 2 * n * g + 2 * c, 1, &dim, xt)
+    bn_free64(buf)
     return dx, dweight, dbias
 
 
