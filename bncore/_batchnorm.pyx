@@ -35,6 +35,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.string cimport memcpy
 
 from bncore._kernels cimport (
     bn_alloc64, bn_free64,
@@ -48,8 +49,8 @@ from bncore._kernels cimport (
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
 from bncore._fastpath cimport (
-    as_doubles, plain_channel_axis, plain_eps, plain_like, plain_out, plain_vector,
-    stat_array,
+    bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps, plain_like, plain_out,
+    plain_vector,
 )
 from bncore._openmp cimport work_threads
 from bncore._outputs cimport empty_apart
@@ -72,14 +73,114 @@ cdef inline double *f64_or_null(object a):
     return NULL if a is None else <double *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+# ------------------------------------------------------------------ per-channel io
+
+ctypedef struct chan_io:
+    # The common call's per-channel arrays, converted channel range by channel range by
+    # the thread that works on those channels (io_in, io_out). Converted on the calling
+    # thread before the parallel region instead, each call's work lines were written on one
+    # core and read on the other, and the results' the other way: that traffic was 1.23x
+    # the time of a batch-norm backward (1, 512, 7, 7), 1.27x at (1, 2048, 7, 7).
+    const void *src[4]    # inputs as the user gave them (NULL: none), float32 or float64
+    int st[4]             # (their types)
+    double *dst[4]        # the kernels' double work arrays for them
+    const double *res[2]  # the kernels' double results ...
+    void *out[2]          # ... into these arrays of type ot (NULL: none)
+    int ot
+    char *run[2]          # running mean and var (type rt; NULL: none): run = (1 - momentum)
+    int rt[2]             # * run + momentum * fac * rsrc
+    const double *rsrc[2]
+    double fac[2]
+    double momentum
+
+
+cdef inline void io_clear(chan_io *io) noexcept nogil:
+    cdef int k
+    for k in range(4):
+        io.src[k] = NULL
+    for k in range(2):
+        io.out[k] = NULL
+        io.run[k] = NULL
+
+
+cdef inline void io_src(chan_io *io, int k, object a, int t, double *dst) noexcept:
+    """Input k: the plain vector a (type t), converted into dst."""
+    io.src[k] = cnp.PyArray_DATA(<cnp.ndarray>a)
+    io.st[k] = t
+    io.dst[k] = dst
+
+
+cdef inline void io_result(chan_io *io, int k, const double *res, cnp.ndarray out,
+                           int t) noexcept:
+    """Result k: res converted into out (type t, as every result)."""
+    io.res[k] = res
+    io.out[k] = cnp.PyArray_DATA(out)
+    io.ot = t
+
+
+cdef inline void io_running(chan_io *io, int k, object r, int t, const double *src,
+                           double fac) noexcept:
+    """Running statistic k: the plain vector r (type t), updated from the doubles src with
+    factor fac (io.momentum set by the caller)."""
+    io.run[k] = <char *>cnp.PyArray_DATA(<cnp.ndarray>r)
+    io.rt[k] = t
+    io.rsrc[k] = src
+    io.fac[k] = fac
+
+
+cdef inline void io_in(const chan_io *io, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels c0..c1-1 of the inputs into the work arrays (io NULL: nothing to do)."""
+    cdef Py_ssize_t c
+    cdef int k
+    if io == NULL:
+        return
+    for k in range(4):
+        if io.src[k] == NULL:
+            pass
+        elif io.st[k] != cnp.NPY_FLOAT32:
+            memcpy(io.dst[k] + c0, <const double *>io.src[k] + c0, (c1 - c0) * sizeof(double))
+        elif c1 - c0 <= CHANNEL_GROUP:   # a group's few: no call
+            for c in range(c0, c1):
+                io.dst[k][c] = (<const float *>io.src[k])[c]
+        else:
+            bn_widen_f32(<const float *>io.src[k] + c0, io.dst[k] + c0, c1 - c0)
+
+
+cdef inline void io_out(const chan_io *io, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels c0..c1-1 of the results into the result arrays, and of the running
+    statistics' update (io NULL: nothing to do)."""
+    cdef Py_ssize_t c
+    cdef int k
+    if io == NULL:
+        return
+    for k in range(2):
+        if io.out[k] == NULL:
+            pass
+        elif io.ot != cnp.NPY_FLOAT32:
+            memcpy(<double *>io.out[k] + c0, io.res[k] + c0, (c1 - c0) * sizeof(double))
+        elif c1 - c0 <= CHANNEL_GROUP:
+            for c in range(c0, c1):
+                (<float *>io.out[k])[c] = <float>io.res[k][c]
+        else:
+            bn_narrow_f64(io.res[k] + c0, <float *>io.out[k] + c0, c1 - c0)
+    for k in range(2):
+        if io.run[k] != NULL:
+            running_update(io.run[k] + c0 * (4 if io.rt[k] == cnp.NPY_FLOAT32 else 8),
+                           4 if io.rt[k] == cnp.NPY_FLOAT32 else 8,
+                           io.rt[k] == cnp.NPY_FLOAT32, c1 - c0, io.rsrc[k] + c0,
+                           io.momentum, io.fac[k])
+
+
 # ------------------------------------------------------------------ forward
 
 cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t nch,
                         Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
                         Py_ssize_t ysc, double *mean, double *var, double *invstd,
                         const double *w, const double *b, bint training, double eps,
-                        int n_threads) noexcept nogil:
-    cdef Py_ssize_t c, t, s, t1, nchunks, nb = plane_nblocks(outer, inner)
+                        int n_threads, const chan_io *io) noexcept nogil:
+    """The batch-norm forward of planes. io: see chan_io (NULL: the per-channel arrays are
+    doubles already, and mean/invstd the results)."""
+    cdef Py_ssize_t c, t, s, t0, t1, nchunks, nb = plane_nblocks(outer, inner)
     cdef double m = <double>outer * <double>inner
     # a channel's statistics then its affine while it is in L2/L3 whenever the channels
     # are the parallel unit: it also beat walking many short planes sample by sample
@@ -89,14 +190,20 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 2)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    # a batch of one in eval: the affine's chunks are runs of channels, each converts its own
+    # (and computes their invstd): eval (1, 2048, 7, 7) 20.2 -> 12.4 us on two threads
+    cdef bint own = io != NULL and not training and outer == 1
+    if not own:
+        io_in(io, 0, nch)
     if training and not fused:
         if planes_stats(x, outer, nch, inner, so, sc, mean, var, n_threads, True) != 0:
             return -1
         for c in range(nch):
             var[c] = var[c] / m
     if not fused:
-        for c in range(nch):
-            invstd[c] = 1.0 / sqrt(var[c] + eps)
+        if not own:
+            for c in range(nch):
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
         # (n, c) planes in memory order, in chunks of about AFFINE_CHUNK values (one fence
         # per chunk: a fence per small plane would wait on memory every few hundred bytes;
         # and enough chunks to share out evenly: 3 chunks on 2 threads ran 2:1). Planes
@@ -114,10 +221,19 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
         for s in prange(nchunks, schedule='static', num_threads=nt):
             t = s * (outer * nch) // nchunks
-            planes_affine(x, y, t, (s + 1) * (outer * nch) // nchunks - t, nch, inner, so, sc,
-                          yso, ysc, mean, invstd, w, b, stream)
+            t1 = (s + 1) * (outer * nch) // nchunks
+            if own:
+                io_in(io, t, t1)
+                for c in range(t, t1):
+                    invstd[c] = 1.0 / sqrt(var[c] + eps)
+            planes_affine(x, y, t, t1 - t, nch, inner, so, sc, yso, ysc, mean, invstd, w, b,
+                          stream)
             if stream:
                 bn_fence()
+            if own:
+                io_out(io, t, t1)
+        if not own:
+            io_out(io, 0, nch)
         return 0
     cdef Py_ssize_t ng
     if outer * inner > SMALL_CHANNEL:
@@ -128,12 +244,15 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         # for planes under 8 KiB, whose scraps the prefetch only scattered: (256,256,14,14)
         # backward 0.84-0.92x, (32,128,28,28) 0.97x
         for t in prange(nt, schedule='static', num_threads=nt):
+            t0 = t * nch // nt
             t1 = (t + 1) * nch // nt
-            for c in range(t * nch // nt, t1):
+            io_in(io, t0, t1)
+            for c in range(t0, t1):
                 forward_channel(x + c * sc, y + c * ysc, outer, inner, so, yso, nb, &mean[c],
                                 &var[c], &invstd[c], w[c] if w != NULL else 1.0,
                                 b[c] if b != NULL else 0.0, eps, stream,
                                 x + (c + 1) * sc if fetch and c + 1 < t1 else NULL)
+            io_out(io, t0, t1)
         return 0
     nt = work_threads(n_threads, nch, outer * nch * inner + nch * CHANNEL_COST, SERIAL_ELEMS)
     ng = channel_groups(nch, nt)
@@ -141,7 +260,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     for t in prange(ng, schedule='static', num_threads=nt):
         forward_group(x, y, t * nch // ng, (t + 1) * nch // ng, outer, inner, so, sc, yso,
                       ysc, nb, mean, var, invstd, w, b, eps, stream,
-                      (t + 2) * nch // ng if fetch and t + 1 < ng else 0, nch)
+                      (t + 2) * nch // ng if fetch and t + 1 < ng else 0, nch, io)
     return 0
 
 
@@ -157,7 +276,7 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
                                Py_ssize_t sc, Py_ssize_t yso, Py_ssize_t ysc, Py_ssize_t nb,
                                double *mean, double *var, double *invstd, const double *w,
                                const double *b, double eps, bint stream,
-                               Py_ssize_t n1, Py_ssize_t nch) noexcept nogil:
+                               Py_ssize_t n1, Py_ssize_t nch, const chan_io *io) noexcept nogil:
     """forward_channel for small channels c0..c1-1 (together in L2), phase by phase: each
     channel's statistics, then every variance and invstd (independent divisions and square
     roots that overlap, where one channel at a time waited ~50 cycles on its own before
@@ -178,6 +297,7 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
     cdef Py_ssize_t c, j, k0, k1
     cdef double m = <double>outer * <double>inner
     cdef bint run = n1 > c1 and sc == inner and ysc == inner and inner >= 8
+    io_in(io, c0, c1)
     for c in range(c0, c1):
         if n1 > c1:   # the next group's planes, a share of its samples per channel here
             k0 = (c - c0) * outer // (c1 - c0)
@@ -193,6 +313,7 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
             planes_affine(x, y, j * nch + c0, c1 - c0, nch, inner, so, sc, yso, ysc, mean,
                           invstd, w, b, True)
         bn_fence()
+        io_out(io, c0, c1)
         return
     for c in range(c1 - 1, c0 - 1, -1):
         channel_affine(x + c * sc, y + c * ysc, outer, inner, so, yso, mean[c],
@@ -200,6 +321,7 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
                        stream)
     if stream:   # one fence for the group
         bn_fence()
+    io_out(io, c0, c1)
 
 
 cdef inline void forward_channel(const floating *x, floating *y, Py_ssize_t outer,
@@ -255,12 +377,15 @@ cdef inline void channel_affine(const floating *x, floating *y, Py_ssize_t outer
 cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,
                       Py_ssize_t ld, Py_ssize_t ldy, double *mean, double *var,
                       double *invstd, const double *w, const double *b, bint training,
-                      double eps, int n_threads) noexcept nogil:
+                      double eps, int n_threads, const chan_io *io) noexcept nogil:
+    """The batch-norm forward of rows of nch channels; io: see chan_io (every chunk of
+    rows reads every channel: converted before and after)."""
     cdef Py_ssize_t c, s, nchunks, r0, r1
     cdef double *scale
     cdef double *shift
     cdef int nt
     cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 2)
+    io_in(io, 0, nch)
     if training:
         if rows_stats(x, nrows, nch, ld, mean, var, n_threads) != 0:
             return -1
@@ -292,6 +417,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
         else:
             cl_affine(x + r0 * ld, ld, y + r0 * ldy, ldy, r1 - r0, nch, mean, scale, shift)
     bn_free64(scale)
+    io_out(io, 0, nch)
     return 0
 
 
@@ -317,16 +443,17 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch, Py_s
     with nogil:
         if rows and is_f32:
             rc = forward_rows(<const float *>px, <float *>py, outer, nch, so, yso, pm, pv, pi,
-                              pw, pb, training, eps, n_threads)
+                              pw, pb, training, eps, n_threads, NULL)
         elif rows:
             rc = forward_rows(<const double *>px, <double *>py, outer, nch, so, yso, pm, pv,
-                              pi, pw, pb, training, eps, n_threads)
+                              pi, pw, pb, training, eps, n_threads, NULL)
         elif is_f32:
             rc = forward_planes(<const float *>px, <float *>py, outer, nch, inner, so, sc, yso,
-                                ysc, pm, pv, pi, pw, pb, training, eps, n_threads)
+                                ysc, pm, pv, pi, pw, pb, training, eps, n_threads, NULL)
         else:
             rc = forward_planes(<const double *>px, <double *>py, outer, nch, inner, so, sc,
-                                yso, ysc, pm, pv, pi, pw, pb, training, eps, n_threads)
+                                yso, ysc, pm, pv, pi, pw, pb, training, eps, n_threads,
+                                NULL)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
 
@@ -353,8 +480,11 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                          Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso,
                          Py_ssize_t dsc, const double *mean, const double *invstd,
                          const double *w, bint training, double *dweight, double *dbias,
-                         int n_threads) noexcept nogil:
-    cdef Py_ssize_t c, t, t1, ng
+                         int n_threads, const chan_io *io) noexcept nogil:
+    """The batch-norm backward of planes. io: see chan_io (NULL: the per-channel arrays
+    are doubles already, and dweight/dbias the results)."""
+    cdef Py_ssize_t c, t, t0, t1, ng
+    cdef int rc
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 3)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
@@ -362,17 +492,23 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
                                      2 * outer * nch * inner * <Py_ssize_t>sizeof(floating), nt)
     if (gsc == inner and sc == inner and (dx == NULL or dsc == inner)
             and inner * <Py_ssize_t>sizeof(floating) < SAMPLE_PLANE and stream):
-        return backward_by_sample(dy, x, dx, outer, nch, inner, gso, so, dso, mean, invstd,
-                                  w, training, dweight, dbias, n_threads)
+        io_in(io, 0, nch)   # every thread reads every channel there
+        rc = backward_by_sample(dy, x, dx, outer, nch, inner, gso, so, dso, mean, invstd, w,
+                                training, dweight, dbias, n_threads)
+        io_out(io, 0, nch)
+        return rc
     if outer * inner > SMALL_CHANNEL:   # as forward_planes (the next channel prefetched)
         for t in prange(nt, schedule='static', num_threads=nt):
+            t0 = t * nch // nt
             t1 = (t + 1) * nch // nt
-            for c in range(t * nch // nt, t1):
+            io_in(io, t0, t1)
+            for c in range(t0, t1):
                 backward_channel(dy + c * gsc, x + c * sc,
                                  dx + c * dsc if dx != NULL else NULL, outer, inner, gso, so,
                                  dso, mean[c], invstd[c], w[c] if w != NULL else 1.0,
                                  training, &dweight[c], &dbias[c], stream,
                                  fetch and c + 1 < t1, gsc, sc, pd)
+            io_out(io, t0, t1)
         return 0
     # small channels cost per channel as much as ~CHANNEL_COST values: count it when
     # deciding whether threads pay ((1, 512, 7, 7): 25K values, 23 -> 14 us on two)
@@ -380,7 +516,8 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     ng = channel_groups(nch, nt)
     for t in prange(ng, schedule='static', num_threads=nt):
         backward_group(dy, x, dx, t * nch // ng, (t + 1) * nch // ng, outer, inner, gso, gsc,
-                       so, sc, dso, dsc, mean, invstd, w, training, dweight, dbias, stream)
+                       so, sc, dso, dsc, mean, invstd, w, training, dweight, dbias, stream,
+                       io)
     return 0
 
 
@@ -435,8 +572,8 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
     lines of a short plane are partial: see forward_planes). Channel by channel, a
     channel there is ``outer`` scraps of a few hundred bytes a sample apart, each a DRAM
     page of its own, and when the sample stride is a multiple of 4 KiB they all map to the
-    same cache sets, so the dx pass finds few of them still cached. In-process A/B against the channel walk, 15 rounds:
-    (64,2048,7,7) 1.29-1.5x, (128,1024,7,7) 1.51x, (256,512,7,7) 1.3x, (512,256,7,7)
+    same cache sets, so the dx pass finds few of them still cached. In-process A/B against
+    the channel walk, 15 rounds: (64,2048,7,7) 1.29-1.5x, (128,1024,7,7) 1.51x, (256,512,7,7) 1.3x, (512,256,7,7)
     1.41x, (8,8192,7,7) 1.42x, (128,1024,6,6) 1.7x, (256,512,5,5) 1.87x, (128,4096,4,4)
     1.71x; but 0.63-0.66x over 8x8 and 10x10 planes (256 and 400 bytes) and 1.07-1.18x
     over 9x9, so planes from 256 bytes stay channel by channel."""
@@ -478,14 +615,16 @@ cdef inline void backward_group(const floating *dy, const floating *x, floating 
                                 Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso, Py_ssize_t dsc,
                                 const double *mean, const double *invstd, const double *w,
                                 bint training, double *dweight, double *dbias,
-                                bint stream) noexcept nogil:
+                                bint stream, const chan_io *io) noexcept nogil:
     """backward_channel for small channels c0..c1-1 (at most CHANNEL_GROUP), phase by
     phase (see forward_group), each phase one kernel call for the group: the sums, every
-    channel's coefficients (independent divisions), then each dx. Same bits."""
+    channel's coefficients (independent divisions), then each dx. Same bits. io: see
+    chan_io."""
     cdef Py_ssize_t c
     cdef double kc[CHANNEL_GROUP]
     cdef double qc[CHANNEL_GROUP]
     cdef double rc[CHANNEL_GROUP]
+    io_in(io, c0, c1)
     for c in range(c0, c1):
         dbias[c] = 0
         dweight[c] = 0
@@ -502,6 +641,7 @@ cdef inline void backward_group(const floating *dy, const floating *x, floating 
             bn_fence()
     for c in range(c0, c1):
         dweight[c] = dweight[c] * invstd[c]
+    io_out(io, c0, c1)
 
 
 cdef inline void backward_channel(const floating *dy, const floating *x, floating *dx,
@@ -541,8 +681,9 @@ cdef inline void backward_channel(const floating *dy, const floating *x, floatin
 cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
                        Py_ssize_t nch, Py_ssize_t lddy, Py_ssize_t ldx, Py_ssize_t lddx,
                        const double *mean, const double *invstd, const double *w,
-                       bint training, double *dweight, double *dbias,
-                       int n_threads) noexcept nogil:
+                       bint training, double *dweight, double *dbias, int n_threads,
+                       const chan_io *io) noexcept nogil:
+    """The batch-norm backward of rows of nch channels; io: see chan_io."""
     cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, r0, r1, c0, c1, ntile = 1, npart
     cdef double *buf
     cdef double *k
@@ -572,6 +713,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         for s in prange(ntile, schedule='static', num_threads=nt):
             c0 = (s * nch // ntile) // 32 * 32
             c1 = nch if s == ntile - 1 else ((s + 1) * nch // ntile) // 32 * 32
+            io_in(io, c0, c1)
             for c in range(c0, c1):
                 buf[c] = 0
                 buf[nch + c] = 0
@@ -584,9 +726,11 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                           mean + c0, k + c0, q + c0, r + c0, stream, far)
                 if stream:
                     bn_fence()
+            io_out(io, c0, c1)
         bn_free64(buf)
         return 0
     else:
+        io_in(io, 0, nch)   # every chunk reads every channel
         for s in prange(nchunks, schedule='static', num_threads=nt):
             r0 = s * nrows // nchunks
             r1 = (s + 1) * nrows // nchunks
@@ -596,6 +740,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
                         buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
     chunk_sums_coefficients(buf, nchunks, nch, invstd, w, 1.0 / <double>nrows, training,
                             dweight, dbias, k, q, r)
+    io_out(io, 0, nch)
     if dx != NULL:
         npart = max(nchunks, ntile)   # dx is elementwise: any split of the rows
         for s in prange(npart, schedule='static', num_threads=nt):
@@ -631,18 +776,20 @@ def backward(cnp.ndarray dy, cnp.ndarray x, dx, Py_ssize_t outer, Py_ssize_t nch
     with nogil:
         if rows and is_f32:
             rc = backward_rows(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
-                               gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads)
+                               gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads,
+                               NULL)
         elif rows:
             rc = backward_rows(<const double *>pg, <const double *>px, <double *>pd, outer,
-                               nch, gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads)
+                               nch, gso, so, dso, pm, pi, pw, training, pdw, pdb, n_threads,
+                               NULL)
         elif is_f32:
             rc = backward_planes(<const float *>pg, <const float *>px, <float *>pd, outer, nch,
                                  inner, gso, gsc, so, sc, dso, dsc, pm, pi, pw, training, pdw,
-                                 pdb, n_threads)
+                                 pdb, n_threads, NULL)
         else:
             rc = backward_planes(<const double *>pg, <const double *>px, <double *>pd, outer,
                                  nch, inner, gso, gsc, so, sc, dso, dsc, pm, pi, pw, training,
-                                 pdw, pdb, n_threads)
+                                 pdw, pdb, n_threads, NULL)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
 
@@ -692,8 +839,9 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     (C,) of x's dtype, or (y, None, None) when not stats (batch_norm's call: no arrays to
     make for statistics it drops).
     """
-    cdef cnp.ndarray arr, y
+    cdef cnp.ndarray arr, y, mean = None, invstd = None
     cdef cnp.npy_intp dim
+    cdef chan_io io
     cdef double *pm
     cdef double *pi
     cdef int xt, wt = -1, bt = -1, mt = -1, vt = -1, nd, ax, nt, ot
@@ -744,8 +892,10 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
         return None
     # valid: nothing below can fail but for memory
     y = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, arr, None)
-    # the kernels' mean and invstd in buf; arrays of x's dtype made only when asked for,
-    # after (NumPy's astype calls were 0.75 us of a small call)
+    # the kernels' mean and invstd in buf, made arrays of x's dtype (only when asked for:
+    # NumPy's astype calls after had been 0.75 us of a small call); each channel's
+    # converted in and out by the thread that works on it (chan_io), the running
+    # statistics updated so too
     buf = <double *>bn_alloc64(5 * nch * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
@@ -754,59 +904,53 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
     pv = buf
     pw = NULL
     pb = NULL
+    io_clear(&io)
     if wt >= 0:
         pw = buf + nch
-        as_doubles(weight, wt, pw, nch)
+        io_src(&io, 0, weight, wt, pw)
     if bt >= 0:
         pb = buf + 2 * nch
-        as_doubles(bias, bt, pb, nch)
+        io_src(&io, 1, bias, bt, pb)
     if not train:
-        as_doubles(running_mean, mt, pm, nch)
-        as_doubles(running_var, vt, pv, nch)
+        io_src(&io, 2, running_mean, mt, pm)
+        io_src(&io, 3, running_var, vt, pv)
+    if stats:
+        dim = nch
+        mean = cnp.PyArray_EMPTY(1, &dim, xt, 0)
+        invstd = cnp.PyArray_EMPTY(1, &dim, xt, 0)
+        io_result(&io, 0, pm, mean, xt)
+        io_result(&io, 1, pi, invstd, xt)
+    if update:
+        io.momentum = mom
+        if mt >= 0:
+            io_running(&io, 0, running_mean, mt, pm, 1.0)
+        if vt >= 0:
+            m = outer * inner
+            io_running(&io, 1, running_var, vt, pv, <double>m / <double>(m - 1))
     rows = inner == 1
     with nogil:
         if rows and xt == cnp.NPY_FLOAT32:
             rc = forward_rows(<const float *>cnp.PyArray_DATA(arr), <float *>cnp.PyArray_DATA(y),
-                              outer, nch, nch, nch, pm, pv,
-                              pi, pw, pb, train, ep, nt)
+                              outer, nch, nch, nch, pm, pv, pi, pw, pb, train, ep, nt, &io)
         elif rows:
             rc = forward_rows(<const double *>cnp.PyArray_DATA(arr),
-                              <double *>cnp.PyArray_DATA(y), outer, nch, nch, nch,
-                              pm, pv,
-                              pi, pw, pb, train, ep, nt)
+                              <double *>cnp.PyArray_DATA(y), outer, nch, nch, nch, pm, pv, pi,
+                              pw, pb, train, ep, nt, &io)
         elif xt == cnp.NPY_FLOAT32:
             rc = forward_planes(<const float *>cnp.PyArray_DATA(arr),
                                 <float *>cnp.PyArray_DATA(y), outer, nch, inner, nch * inner,
-                                inner, nch * inner, inner, pm,
-                                pv, pi, pw, pb, train, ep, nt)
+                                inner, nch * inner, inner, pm, pv, pi, pw, pb, train, ep, nt,
+                                &io)
         else:
             rc = forward_planes(<const double *>cnp.PyArray_DATA(arr),
                                 <double *>cnp.PyArray_DATA(y), outer, nch, inner, nch * inner,
-                                inner, nch * inner, inner, pm,
-                                pv, pi, pw, pb, train, ep, nt)
-        if rc == 0 and update:
-            m = outer * inner
-            if mt >= 0:
-                running_update(<char *>cnp.PyArray_DATA(<cnp.ndarray>running_mean),
-                               cnp.PyArray_ITEMSIZE(<cnp.ndarray>running_mean),
-                               mt == cnp.NPY_FLOAT32, nch, pm,
-                               mom, 1.0)
-            if vt >= 0:
-                running_update(<char *>cnp.PyArray_DATA(<cnp.ndarray>running_var),
-                               cnp.PyArray_ITEMSIZE(<cnp.ndarray>running_var),
-                               vt == cnp.NPY_FLOAT32, nch, pv, mom,
-                               <double>m / <double>(m - 1))
-    if rc != 0:
-        bn_free64(buf)
-        raise MemoryError("bncore: out of memory for per-channel work arrays")
-    if not stats:
-        bn_free64(buf)
-        return y, None, None
-    dim = nch
-    mean = stat_array(pm, 1, &dim, xt)
-    invstd = stat_array(pi, 1, &dim, xt)
+                                inner, nch * inner, inner, pm, pv, pi, pw, pb, train, ep, nt,
+                                &io)
     bn_free64(buf)
-    return y, mean, invstd
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
+    return (y, mean, invstd) if stats else (y, None, None)
+
 
 
 def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_threads,
@@ -816,8 +960,9 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
     and save_invstd plain (C,) vectors, weight None or one, an int axis, n_threads None or
     an int >= 1. Anything else returns None and the general path (bncore._api) takes the
     call. Returns (dx, dweight, dbias), the latter (C,) of x's dtype."""
-    cdef cnp.ndarray arr, dx
+    cdef cnp.ndarray arr, dx, dweight, dbias
     cdef cnp.npy_intp dim
+    cdef chan_io io
     cdef int xt, mt, st, wt = -1, nd, ax, nt, rc, ot
     cdef Py_ssize_t nch, outer = 1, inner = 1, i
     cdef bint train
@@ -846,49 +991,52 @@ def backward_common(dy, x, save_mean, save_invstd, weight, training, axis, n_thr
         return None
     # valid: nothing below can fail but for memory
     dx = <cnp.ndarray>out if ot else empty_apart(nd, cnp.PyArray_DIMS(arr), xt, dy, x)
-    # the kernels' dweight and dbias in buf, made arrays of x's dtype after: NumPy's two
-    # astype calls had been 0.75 us of a 12 us (1, 512, 7, 7) call
+    # dweight and dbias made here in x's dtype (NumPy's two astype calls after had been
+    # 0.75 us of a 12 us (1, 512, 7, 7) call); the kernels' doubles in buf, each channel's
+    # converted in and out by the thread that works on it (chan_io)
+    dim = nch
+    dweight = cnp.PyArray_EMPTY(1, &dim, xt, 0)
+    dbias = cnp.PyArray_EMPTY(1, &dim, xt, 0)
     buf = <double *>bn_alloc64(5 * nch * sizeof(double))
     if buf == NULL:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
     pdw = buf + 3 * nch
     pdb = buf + 4 * nch
-    as_doubles(save_mean, mt, buf, nch)
-    as_doubles(save_invstd, st, buf + nch, nch)
+    io_clear(&io)
+    io_src(&io, 0, save_mean, mt, buf)
+    io_src(&io, 1, save_invstd, st, buf + nch)
     if wt >= 0:
         pw = buf + 2 * nch
-        as_doubles(weight, wt, pw, nch)
+        io_src(&io, 2, weight, wt, pw)
+    io_result(&io, 0, pdw, dweight, xt)
+    io_result(&io, 1, pdb, dbias, xt)
     with nogil:
         if inner == 1 and xt == cnp.NPY_FLOAT32:
             rc = backward_rows(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                <const float *>cnp.PyArray_DATA(arr),
                                <float *>cnp.PyArray_DATA(dx), outer, nch, nch, nch, nch, buf,
-                               buf + nch, pw, train, pdw, pdb, nt)
+                               buf + nch, pw, train, pdw, pdb, nt, &io)
         elif inner == 1:
             rc = backward_rows(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                <const double *>cnp.PyArray_DATA(arr),
                                <double *>cnp.PyArray_DATA(dx), outer, nch, nch, nch, nch, buf,
-                               buf + nch, pw, train, pdw, pdb, nt)
+                               buf + nch, pw, train, pdw, pdb, nt, &io)
         elif xt == cnp.NPY_FLOAT32:
             rc = backward_planes(<const float *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                  <const float *>cnp.PyArray_DATA(arr),
                                  <float *>cnp.PyArray_DATA(dx), outer, nch, inner, nch * inner,
                                  inner, nch * inner, inner, nch * inner, inner, buf, buf + nch,
-                                 pw, train, pdw, pdb, nt)
+                                 pw, train, pdw, pdb, nt, &io)
         else:
             rc = backward_planes(<const double *>cnp.PyArray_DATA(<cnp.ndarray>dy),
                                  <const double *>cnp.PyArray_DATA(arr),
                                  <double *>cnp.PyArray_DATA(dx), outer, nch, inner,
                                  nch * inner, inner, nch * inner, inner, nch * inner, inner,
                                  buf, buf + nch, pw, train,
-                                 pdw, pdb, nt)
-    if rc != 0:
-        bn_free64(buf)
-        raise MemoryError("bncore: out of memory for per-channel work arrays")
-    dim = nch
-    dweight = stat_array(pdw, 1, &dim, xt)
-    dbias = stat_array(pdb, 1, &dim, xt)
+                                 pdw, pdb, nt, &io)
     bn_free64(buf)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for per-channel work arrays")
     return dx, dweight, dbias
 
 

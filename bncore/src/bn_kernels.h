@@ -451,6 +451,23 @@ BN_INLINE double bn_v4d_total(bn_v4d v)
     return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
+/* dst[i] = src[i], widened (exact) or rounded to nearest (as NumPy's astype): the common
+ * calls' per-channel parameters in and statistics out. The AVX2 clone converts eight
+ * values an instruction where the baseline converts two: at 2048 channels the five
+ * conversions of a batch-norm backward had cost 2-2.7 us of a 37 us call. */
+static BN_CLONES void bn_widen_f32(const float *restrict src, double *restrict dst, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dst[i] = (double)src[i];
+}
+
+static BN_CLONES void bn_narrow_f64(const double *restrict src, float *restrict dst,
+                                    ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dst[i] = (float)src[i];
+}
+
 #if BN_HAVE_V4
 /* bn_v4d_total(lo + hi) of an eight-lane accumulator: that of the two four-lane ones
  * (lanes 0-3 and 4-7) an AVX2 loop keeps for the same eight values a step. */
