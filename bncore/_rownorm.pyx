@@ -72,6 +72,7 @@ cdef enum:
     DIRECT_MIN_CG = 16       # channels-last groups this wide (3x over more than 64 rows)
     DIRECT_MAX_CG = 1024     # take their statistics straight from the block
     ROW_CHUNK_MIN_ROWS = 64  # backward row chunks: rows each, where there are enough
+    PARAM_CHUNKS = 8         # group-norm weight gradients: runs of samples summed apart
 
 
 cdef inline double *f64_or_null(object a):
@@ -1314,12 +1315,48 @@ cdef int group_bwd_run(const void *pg, const void *px, void *pd, bint is_f32, bi
     else:
         group_rows_bwd(<const double *>pg, <const double *>px, <double *>pd, n, g, cg, s, pm,
                        pi, pw, sdy, sdyx, n_threads)
+    if rc == 0:
+        rc = group_param_grads(dweight, dbias, sdyx, sdy, pi, n, g, cg, n * c * s, n_threads)
+    bn_free64(sdy)
+    return rc
+
+
+cdef int group_param_grads(double *dweight, double *dbias, const double *sdyx,
+                           const double *sdy, const double *pi, Py_ssize_t n, Py_ssize_t g,
+                           Py_ssize_t cg, Py_ssize_t work, int n_threads) noexcept nogil:
+    """dweight = sum over samples of sdyx * invstd, dbias = sum over samples of sdy (per
+    (n, c) sums). By PARAM_CHUNKS runs of samples (from n alone: the same bits for any
+    thread count; a sample a run up to that many, so the bits of adding sample after
+    sample), each run's sums on the threads that wrote its samples' (n, c) sums, the runs
+    added in order after. Added serially on the calling thread, the half of those sums
+    written on the other core crossed to it, and the lines went back on the next call:
+    1.33x the time of a channels-last group-norm backward (128, 4, 4, 64) G=8. -1 if out
+    of memory."""
+    cdef Py_ssize_t k, j, t0, t1, c = g * cg, nrun = min(n, PARAM_CHUNKS)
+    cdef int nt = work_threads(n_threads, nrun, work, SERIAL_ELEMS)
+    cdef double *part
     for j in range(c):
         dweight[j] = 0
         dbias[j] = 0
-    bn_group_param_grads(dweight, dbias, sdyx, sdy, pi, n, g, cg)
-    bn_free64(sdy)
-    return rc
+    if nrun == 1:
+        bn_group_param_grads(dweight, dbias, sdyx, sdy, pi, n, g, cg)
+        return 0
+    part = <double *>bn_alloc64(2 * nrun * c * sizeof(double))
+    if part == NULL:
+        return -1
+    for k in prange(nrun, schedule='static', num_threads=nt):
+        t0 = k * n // nrun
+        t1 = (k + 1) * n // nrun
+        for j in range(2 * c):
+            part[2 * c * k + j] = 0
+        bn_group_param_grads(part + 2 * c * k, part + 2 * c * k + c, sdyx + t0 * c,
+                             sdy + t0 * c, pi + t0 * g, t1 - t0, g, cg)
+    for k in range(nrun):
+        for j in range(c):
+            dweight[j] += part[2 * c * k + j]
+            dbias[j] += part[2 * c * k + c + j]
+    bn_free64(part)
+    return 0
 
 
 def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t c,

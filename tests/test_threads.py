@@ -715,3 +715,34 @@ def test_row_norms_beyond_the_caches_prefetching_rows_ahead():
         np.testing.assert_allclose(runs[0][0], ry, rtol=0, atol=4e-6 * np.abs(ry).max())
         rr = ref.rms_norm(x64, (d,), w.astype(np.float64))
         np.testing.assert_allclose(runs[0][3], rr, rtol=0, atol=4e-6 * np.abs(rr).max())
+
+
+# more samples than group_param_grads' runs (PARAM_CHUNKS), not a multiple of them: each
+# run's weight-gradient sums on its own thread, the runs added in order after
+MANY_SAMPLES = [((19, 16, 5, 5), 1, 4), ((19, 5, 5, 16), -1, 4), ((130, 4, 4, 64), -1, 8),
+                ((67, 8, 6, 6), 1, 8)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape,axis,groups", MANY_SAMPLES)
+def test_group_weight_grads_over_many_samples(shape, axis, groups, dtype):
+    c = shape[axis]
+    x, dy, w, b = group_inputs(7, shape, dtype, 2.0, c)
+
+    def run(nt):
+        _, m, s = bncore.group_norm_forward(x, groups, w, b, axis=axis, n_threads=nt)
+        _, mi, si = bncore.instance_norm_forward(x, w, b, axis=axis, n_threads=nt)
+        return (bncore.group_norm_backward(dy, x, m, s, groups, w, axis=axis, n_threads=nt)
+                + bncore.instance_norm_backward(dy, x, mi, si, w, axis=axis, n_threads=nt))
+
+    base = run(1)
+    for nt in (2, 3, 8):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    _, rm, rs = ref.group_norm_forward(x, groups, w, b, axis=axis)
+    for got, want in zip(base[:3], ref.group_norm_backward(dy, x, rm, rs, groups, w,
+                                                           axis=axis)):
+        np.testing.assert_allclose(got, want, **tol)
+    _, rm, rs = ref.instance_norm_forward(x, w, b, axis=axis)
+    for got, want in zip(base[3:], ref.instance_norm_backward(dy, x, rm, rs, w, axis=axis)):
+        np.testing.assert_allclose(got, want, **tol)
