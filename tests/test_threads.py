@@ -746,3 +746,35 @@ def test_group_weight_grads_over_many_samples(shape, axis, groups, dtype):
     _, rm, rs = ref.instance_norm_forward(x, w, b, axis=axis)
     for got, want in zip(base[3:], ref.instance_norm_backward(dy, x, rm, rs, w, axis=axis)):
         np.testing.assert_allclose(got, want, **tol)
+
+
+# rows few for their width (_batchnorm.few_rows): the threads split the channels, in the
+# forward (forward_cols) and the backward (tiles); and just past the bound, by rows
+FEW_ROWS = [((1, 7, 7, 2048), -1), ((8, 4096), 1), ((64, 1300), 1), ((3, 4, 4, 1024), -1),
+            ((130, 2048), 1)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape,axis", FEW_ROWS)
+def test_batch_norm_few_wide_rows(shape, axis, dtype):
+    c = shape[axis]
+    x, dy, w, b = group_inputs(8, shape, dtype, 40.0, c)
+
+    def run(nt):
+        rm, rv = np.linspace(-1, 1, c).astype(dtype), np.linspace(1, 2, c).astype(dtype)
+        y, m, s = bncore.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
+                                            axis=axis, n_threads=nt)
+        ye = bncore.batch_norm(x, rm, rv, w, b, training=False, axis=axis, n_threads=nt)
+        return (y, m, s, rm, rv, ye) + bncore.batch_norm_backward(dy, x, m, s, w, axis=axis,
+                                                                  n_threads=nt)
+
+    base = run(1)
+    for nt in (2, 3, 8):
+        assert identical(base, run(nt)), f"differs with {nt} threads"
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == "float32" else dict(rtol=1e-9, atol=1e-9)
+    ry, rm_, rs = ref.batch_norm_forward(x, w, b, axis=axis)
+    for got, want in zip(base[:3], (ry, rm_, rs)):
+        np.testing.assert_allclose(got, want, **tol)
+    for got, want in zip(base[6:], ref.batch_norm_backward(dy, x, base[1], base[2], w,
+                                                           axis=axis)):
+        np.testing.assert_allclose(got, want, **tol)
