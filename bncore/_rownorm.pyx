@@ -377,22 +377,40 @@ cdef inline bint row_fits_l1(Py_ssize_t d, Py_ssize_t itemsize) noexcept nogil:
 
 
 cdef void merge_chunk_sums(const double *part, Py_ssize_t nchunks, Py_ssize_t per,
-                           Py_ssize_t d, double *dweight, double *dbias) noexcept nogil:
+                           Py_ssize_t d, double *dweight, double *dbias, Py_ssize_t j0=0,
+                           Py_ssize_t j1=-1) noexcept nogil:
     """dweight (and dbias: NULL for RMS norm) from the chunks' column partials (per doubles
     a chunk: d of dweight, then d of dbias), added in chunk order: the same sums for any
-    thread count."""
+    thread count. Columns j0..j1-1 only (j1 -1: to d)."""
     cdef Py_ssize_t s, j
-    for j in range(d):
+    if j1 < 0:
+        j1 = d
+    for j in range(j0, j1):
         dweight[j] = 0
     for s in range(nchunks):
-        for j in range(d):
+        for j in range(j0, j1):
             dweight[j] += part[per * s + j]
     if dbias != NULL:
-        for j in range(d):
+        for j in range(j0, j1):
             dbias[j] = 0
         for s in range(nchunks):
-            for j in range(d):
+            for j in range(j0, j1):
                 dbias[j] += part[per * s + d + j]
+
+
+cdef void merge_chunk_sums_par(const double *part, Py_ssize_t nchunks, Py_ssize_t per,
+                               Py_ssize_t d, double *dweight, double *dbias,
+                               int nt) noexcept nogil:
+    """merge_chunk_sums with the columns shared by nt threads where the partials are many
+    (the same bits: each column's chunk order). On the calling thread alone it read the
+    other core's chunks across: 1.02x of layer-norm backward (8192, 768), 1.034x of
+    (2048, 768) were that merge."""
+    cdef Py_ssize_t t
+    if nt < 2 or nchunks * per < SERIAL_ELEMS:
+        merge_chunk_sums(part, nchunks, per, d, dweight, dbias)
+        return
+    for t in prange(nt, schedule='static', num_threads=nt):
+        merge_chunk_sums(part, nchunks, per, d, dweight, dbias, t * d // nt, (t + 1) * d // nt)
 
 
 cdef int backward_tiles(const floating *dy, const floating *x, floating *dx, Py_ssize_t nrows,
@@ -496,7 +514,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             r = r + 1
         if stream:
             bn_fence()
-    merge_chunk_sums(part, nchunks, per, d, dweight, dbias)
+    merge_chunk_sums_par(part, nchunks, per, d, dweight, dbias, nt)
     bn_free64(part)
     return 0
 
