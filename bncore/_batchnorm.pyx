@@ -50,8 +50,8 @@ from bncore._kernels cimport (
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
 from bncore._fastpath cimport (
-    bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps, plain_like, plain_out,
-    plain_vector,
+    bn_copy_f64, bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps, plain_like,
+    plain_out, plain_vector,
 )
 from bncore._openmp cimport work_threads
 from bncore._outputs cimport empty_apart
@@ -139,7 +139,7 @@ cdef inline void io_in(const chan_io *io, Py_ssize_t c0, Py_ssize_t c1) noexcept
         if io.src[k] == NULL:
             pass
         elif io.st[k] != cnp.NPY_FLOAT32:
-            memcpy(io.dst[k] + c0, <const double *>io.src[k] + c0, (c1 - c0) * sizeof(double))
+            bn_copy_f64(<const double *>io.src[k] + c0, io.dst[k] + c0, c1 - c0)
         elif c1 - c0 <= CHANNEL_GROUP:   # a group's few: no call
             for c in range(c0, c1):
                 io.dst[k][c] = (<const float *>io.src[k])[c]

@@ -21,6 +21,7 @@ from bncore._openmp cimport omp_get_max_threads
 
 cdef extern from "bn_kernels.h":
     void bn_widen_f32(const float *src, double *dst, Py_ssize_t n) noexcept nogil
+    void bn_copy_f64(const double *src, double *dst, Py_ssize_t n) noexcept nogil
     void bn_narrow_f64(const double *src, float *dst, Py_ssize_t n) noexcept nogil
 
 
@@ -48,12 +49,13 @@ cdef inline int plain_vector(object a, Py_ssize_t n) noexcept:
 
 
 cdef inline void as_doubles(object a, int t, double *dst, Py_ssize_t n) noexcept:
-    """dst[i] = a[i] for a plain vector of type t (exact: float32 widens)."""
+    """dst[i] = a[i] for a plain vector of type t (exact: float32 widens), leaving the
+    pieces of dst that hold the values already unwritten (see bn_widen_f32)."""
     cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>a)
     if t == cnp.NPY_FLOAT32:
         bn_widen_f32(<float *>p, dst, n)
     else:
-        memcpy(dst, p, n * sizeof(double))
+        bn_copy_f64(<double *>p, dst, n)
 
 
 cdef inline object stat_array(const double *v, int nd, cnp.npy_intp *dims, int t):
