@@ -45,6 +45,7 @@ from bncore._kernels cimport (
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
     CHANNEL_BLOCK, bn_pivot, channel_blocks, merge_row_chunks, rows_chunk_stats,
+    BN_FUSED_MAX, bn_seg_bwd_fused_f32,
     seg_affine_pf,
     seg_affine_stream,
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
@@ -698,6 +699,17 @@ cdef inline void backward_group(const floating *dy, const floating *x, floating 
     for c in range(c0, c1):
         dbias[c] = 0
         dweight[c] = 0
+    if floating is float and dx != NULL and not stream and outer * inner <= BN_FUSED_MAX:
+        # the three steps below in one kernel, dy and x - mean kept in L1 (the same bits)
+        bn_seg_bwd_fused_f32(dy + c0 * gsc, x + c0 * sc, dx + c0 * dsc, c1 - c0, outer,
+                             inner, gso, so, dso, gsc, sc, dsc, mean + c0, invstd + c0,
+                             w + c0 if w != NULL else NULL,
+                             1.0 / (<double>outer * <double>inner), training, dbias + c0,
+                             dweight + c0)
+        for c in range(c0, c1):
+            dweight[c] = dweight[c] * invstd[c]
+        io_out(io, c0, c1)
+        return
     seg_bwd_sums_many(dy + c0 * gsc, x + c0 * sc, c1 - c0, outer, inner, gso, so, gsc, sc,
                       mean + c0, dbias + c0, dweight + c0)
     if dx != NULL:

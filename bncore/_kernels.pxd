@@ -115,6 +115,13 @@ cdef extern from "bn_kernels.h" nogil:
                                   Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
                                   Py_ssize_t sx, Py_ssize_t gsc, Py_ssize_t sc,
                                   const double *mean, double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_fused_f32(const float *dy, const float *x, float *dx, Py_ssize_t nch,
+                              Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx,
+                              Py_ssize_t sdx, Py_ssize_t gsc, Py_ssize_t sc, Py_ssize_t dsc,
+                              const double *mean, const double *invstd, const double *w,
+                              double inv_m, int training, double *sum_dy,
+                              double *sum_dy_xmu)
+    enum: BN_FUSED_MAX
     void bn_seg_bwd_dx_many_f32(const float *dy, const float *x, float *dx, Py_ssize_t nch,
                                 Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy,
                                 Py_ssize_t sx, Py_ssize_t sdx, Py_ssize_t gsc, Py_ssize_t sc,

@@ -12,7 +12,8 @@ outputs byte for byte. It needs the C compiler the build used and a CPU with AVX
 one property the thread split relies on below the Python layer, where the float32
 outputs would round it away: a channels-last sums call over a tile of channels gives the
 sums of the call over all of them; and the column-tile path of the layer/RMS norm backward
-gives the bits of the row path's one chunk (dx, and the double column sums). Where the CPU
+gives the bits of the row path's one chunk (dx, and the double column sums); and the fused
+small-channel batch-norm backward gives the bits of its three steps. Where the CPU
 has AVX-512 (x86-64-v4), it also checks the layer/RMS norm backward's AVX-512 twins
 (bn_*_v4, chosen at run time) against the baseline clone, byte for byte.
 """
@@ -105,6 +106,10 @@ BOTH(void, bn_rows_bwd_tile_f64, (const double *, const double *, double *, ptrd
                                   ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,
                                   const double *, const double *, const double *,
                                   const double *, double *, double *))
+BOTH(void, bn_seg_bwd_fused_f32, (const float *, const float *, float *, ptrdiff_t, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                                  ptrdiff_t, ptrdiff_t, const double *, const double *,
+                                  const double *, double, int, double *, double *))
 
 enum { N = 4099, R = 37, C = 45 };
 static float xf[N + 64], gf[N + 64], of[2][2 * N];
@@ -155,6 +160,8 @@ int main(void)
     bn_row_bwd2_f32(gf, xf, of[0], 8, 8, 8, 8, pm, pinv, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
     bn_row_bwd2_f64(gd, xd, od[0], 8, 8, 8, 8, pm, pinv, w, a[0], a[0] + 8, 0, 0, NULL, NULL);
     bn_rows_bwd_tile_f64(gd, xd, od[0], 1, 8, 8, 8, 8, w, w, w, w, w, a[0], a[0] + 8);
+    bn_seg_bwd_fused_f32(gf, xf, of[0], 1, 1, 8, 0, 0, 0, 8, 8, 8, pm, pinv, NULL, 0.125, 1,
+                         a[0], a[0] + 1);
     for (int off = 0; off < 3; off++)
         for (int stream = 0; stream < 2; stream++) {
             const float *x = xf + off, *g = gf + 2 * off;
@@ -244,6 +251,10 @@ int main(void)
                 (k ? bn_planes_affine_f64_v : bn_planes_affine_f64_d)(
                     xd + off, od[k] + 2000 + off, 2, 12, 5, 13, 65, 13, 65, 13, pm, pinv,
                     w + 7, NULL, stream);
+                /* 4 channels of 2 planes of 13 (a channel's planes 60 apart, channels 17) */
+                (k ? bn_seg_bwd_fused_f32_v : bn_seg_bwd_fused_f32_d)(
+                    g, x, of[k] + 8050 + off, 4, 2, 13, 60, 60, 60, 17, 17, 17, pm, pinv,
+                    stream ? w + 3 : NULL, 1.0 / 26, !stream, a[k] + 5300, a[k] + 5310);
             }
             same(od[0], od[1], sizeof od[0], "double outputs (bn_row_bwd_f64 dx, "
                  "planes_affine)");
@@ -322,6 +333,39 @@ int main(void)
                            tile[1] + 32, 0);
         same(whole[0] + 32, tile[0] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile sum_dy");
         same(whole[1] + 32, tile[1] + 32, 8 * sizeof(double), "bn_cl_bwd_sums tile xmu");
+    }
+    /* the fused small-channel batch-norm backward gives the bits of its three steps:
+     * bn_seg_bwd_sums_many, dx_coefficients' arithmetic, bn_seg_bwd_dx_many; 3 channels
+     * of 2 planes of 37 values (16-value steps, 4-value steps and a scalar tail), and of
+     * one plane of 1000 values; training and eval, with and without a weight */
+    {
+        static float f1[3100], f2[3100];
+        static double s1[8], s2[8], kc[3], qc[3], rc[3];
+        const ptrdiff_t shapes[2][2] = {{2, 37}, {1, 1000}};
+        for (int sh = 0; sh < 2; sh++)
+            for (int training = 0; training < 2; training++)
+                for (int wt = 0; wt < 2; wt++) {
+                    const ptrdiff_t nseg = shapes[sh][0], len = shapes[sh][1];
+                    const ptrdiff_t sseg = 3 * len, sch = len;   /* NCHW: (nseg, 3, len) */
+                    const double *wv = wt ? w + 9 : NULL, inv_m = 1.0 / (double)(nseg * len);
+                    memset(f1, 0, sizeof f1);
+                    memset(f2, 0, sizeof f2);
+                    memset(s1, 0, sizeof s1);
+                    memset(s2, 0, sizeof s2);
+                    bn_seg_bwd_fused_f32(gf, xf, f1, 3, nseg, len, sseg, sseg, sseg, sch, sch,
+                                         sch, pm, pinv, wv, inv_m, training, s1, s1 + 4);
+                    bn_seg_bwd_sums_many_f32(gf, xf, 3, nseg, len, sseg, sseg, sch, sch, pm,
+                                             s2, s2 + 4);
+                    for (int c = 0; c < 3; c++) {
+                        kc[c] = (wv ? wv[c] : 1.0) * pinv[c];
+                        qc[c] = training ? -kc[c] * pinv[c] * pinv[c] * s2[4 + c] * inv_m : 0;
+                        rc[c] = training ? -kc[c] * s2[c] * inv_m : 0;
+                    }
+                    bn_seg_bwd_dx_many_f32(gf, xf, f2, 3, nseg, len, sseg, sseg, sseg, sch,
+                                           sch, sch, pm, kc, qc, rc, 0);
+                    same(f1, f2, sizeof f1, "bn_seg_bwd_fused_f32 dx: its three steps'");
+                    same(s1, s2, sizeof s1, "bn_seg_bwd_fused_f32 sums: its three steps'");
+                }
     }
     /* the column-tile path of the layer/RMS norm backward (bn_row_bwd_sums per row, then
      * bn_rows_bwd_tile per tile of columns) gives bn_row_bwd's bits for one chunk of the
