@@ -752,10 +752,14 @@ def test_group_weight_grads_over_many_samples(shape, axis, groups, dtype):
 # forward (forward_cols) and the backward (tiles); and just past the bound, by rows
 FEW_ROWS = [((1, 7, 7, 2048), -1), ((8, 4096), 1), ((64, 1300), 1), ((3, 4, 4, 1024), -1),
             ((130, 2048), 1)]
+# NCHW batches of one: each thread converts its own channels' parameters (chan_io), eval
+# by runs of channels, the backward's small channels in one fused kernel (7x7, 1x1000)
+BATCH_OF_ONE = [((1, 300, 5, 5), 1), ((1, 2048, 7, 7), 1), ((1, 40, 1, 1000), 1),
+                ((2, 77, 3, 3), 1)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape,axis", FEW_ROWS)
+@pytest.mark.parametrize("shape,axis", FEW_ROWS + BATCH_OF_ONE)
 def test_batch_norm_few_wide_rows(shape, axis, dtype):
     c = shape[axis]
     x, dy, w, b = group_inputs(8, shape, dtype, 40.0, c)
