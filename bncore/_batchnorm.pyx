@@ -51,8 +51,8 @@ from bncore._kernels cimport (
     seg_bwd_dx, seg_bwd_dx_many, seg_bwd_dx_pf, seg_bwd_sums, seg_bwd_sums_many, streams,
 )
 from bncore._fastpath cimport (
-    bn_copy_f64, bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps, plain_like,
-    plain_out, plain_vector,
+    _overlap, bn_copy_f64, bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps,
+    plain_like, plain_out, plain_vector,
 )
 from bncore._openmp cimport work_threads
 from bncore._outputs cimport empty_apart
@@ -103,6 +103,18 @@ cdef inline void io_clear(chan_io *io) noexcept nogil:
     for k in range(2):
         io.out[k] = NULL
         io.run[k] = NULL
+
+
+cdef inline bint running_shares(object r, tuple others) noexcept:
+    """Whether the plain vector r (or None) shares memory with any of the plain arrays
+    ``others`` (None skipped)."""
+    if r is None:
+        return False
+    for a in others:
+        if a is not None and _overlap(<char *>cnp.PyArray_DATA(<cnp.ndarray>r),
+                                      cnp.PyArray_NBYTES(<cnp.ndarray>r), a):
+            return True
+    return False
 
 
 cdef inline void io_src(chan_io *io, int k, object a, int t, double *dst) noexcept:
@@ -967,6 +979,13 @@ def forward_common(x, running_mean, running_var, weight, bias, training, momentu
             mom = momentum
             if ((mt >= 0 and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean))
                     or (vt >= 0 and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var))):
+                return None
+            # each thread updates its channels' running statistics as it finishes them
+            # (chan_io), while others may still read: running statistics that share
+            # memory with x, a weight or each other go to the general path, which
+            # updates them after
+            if (running_shares(running_mean, (x, weight, bias, running_var))
+                    or running_shares(running_var, (x, weight, bias, running_mean))):
                 return None
     elif mt < 0 or vt < 0:
         return None

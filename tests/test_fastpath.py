@@ -288,3 +288,36 @@ def test_parameters_rewritten_when_only_their_bits_differ(shape, axis, dtype):
                                                 running_var=rv, axis=axis)
             assert m.dtype == dtype
             assert m.tobytes() == rm.astype(dtype).tobytes()
+
+
+@pytest.mark.parametrize("case", ["x_rows", "x_planes", "weight", "each_other"])
+def test_running_statistics_sharing_memory_take_the_general_path(case):
+    """The common call updates each channel's running statistics on the thread that
+    finishes it, while other threads may still read x and the weights: running statistics
+    that share memory with x, a weight or each other go to the general path, which
+    updates them after the kernel, as on copies."""
+    rng = np.random.default_rng(9)
+    x, w = rng.normal(2.0, 1.5, (64, 12)), None
+    rv = np.ones(12)
+    if case == "x_rows":
+        rm = x[5]                                    # sample 5's row
+    elif case == "x_planes":
+        x = rng.normal(2.0, 1.5, (3, 8, 4, 8))
+        rm, rv = x[0, 0, 0, :], np.ones(8)           # channel 0's first row
+    elif case == "weight":
+        w = rng.normal(size=12)
+        rm = w
+    else:
+        both = np.ones(18)
+        rm, rv = both[:12], both[6:]
+    assert _batchnorm.forward_common(x, rm.copy(), rv.copy(), w, None, True, 0.1, 1e-5, 1,
+                                     None) is not None   # unshared: the common call
+    assert _batchnorm.forward_common(x, rm, rv, w, None, True, 0.1, 1e-5, 1, None) is None
+    want = [x.copy(), rm.copy(), rv.copy(), None if w is None else w.copy()]
+    y_want = bncore.batch_norm(want[0], want[1], want[2], want[3], training=True,
+                               momentum=0.1)
+    y = bncore.batch_norm(x, rm, rv, w, training=True, momentum=0.1)
+    np.testing.assert_array_equal(y, y_want)
+    if case != "each_other":   # (there the general path's second update overwrites half)
+        np.testing.assert_array_equal(rm, want[1])
+        np.testing.assert_array_equal(rv, want[2])
