@@ -13,7 +13,6 @@ reject.
 """
 cimport numpy as cnp
 from libc.math cimport isfinite
-
 from libc.string cimport memcpy
 
 from bncore._openmp cimport omp_get_max_threads
