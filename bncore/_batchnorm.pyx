@@ -412,10 +412,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     if scale == NULL:
         return -1
     shift = scale + nch
-    for c in range(nch):
-        invstd[c] = 1.0 / sqrt(var[c] + eps)
-        scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
-        shift[c] = b[c] if b != NULL else 0.0
+    rows_affine_params(0, nch, var, eps, w, b, invstd, scale, shift)
     # pieces of rows for the threads (the affine's bits do not depend on them): the
     # statistics' chunks, or one a thread where more threads than chunks are worth starting
     nchunks = rows_chunks(nrows, nch)
@@ -436,6 +433,18 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     bn_free64(scale)
     io_out(io, 0, nch)
     return 0
+
+
+cdef inline void rows_affine_params(Py_ssize_t c0, Py_ssize_t c1, const double *var,
+                                    double eps, const double *w, const double *b,
+                                    double *invstd, double *scale,
+                                    double *shift) noexcept nogil:
+    """Channels c0..c1-1 of a rows affine: invstd, scale = w invstd, shift = b."""
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
+        shift[c] = b[c] if b != NULL else 0.0
 
 
 cdef inline bint few_rows(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
@@ -488,10 +497,7 @@ cdef int forward_cols(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
                              mean + c0, var + c0, False, nch)
             for c in range(c0, c1):
                 var[c] = var[c] / <double>nrows
-        for c in range(c0, c1):
-            invstd[c] = 1.0 / sqrt(var[c] + eps)
-            scale[c] = (w[c] if w != NULL else 1.0) * invstd[c]
-            shift[c] = b[c] if b != NULL else 0.0
+        rows_affine_params(c0, c1, var, eps, w, b, invstd, scale, shift)
         if stream:
             cl_affine_stream(x + c0, ld, y + c0, ldy, nrows, c1 - c0, mean + c0, scale + c0,
                              shift + c0)
@@ -707,24 +713,23 @@ cdef inline void backward_group(const floating *dy, const floating *x, floating 
     cdef double kc[CHANNEL_GROUP]
     cdef double qc[CHANNEL_GROUP]
     cdef double rc[CHANNEL_GROUP]
+    # the three steps in one kernel, dy and x - mean kept in L1 (the same bits)
+    cdef bint fused = (floating is float and dx != NULL and not stream
+                       and outer * inner <= BN_FUSED_MAX)
     io_in(io, c0, c1)
     for c in range(c0, c1):
         dbias[c] = 0
         dweight[c] = 0
-    if floating is float and dx != NULL and not stream and outer * inner <= BN_FUSED_MAX:
-        # the three steps below in one kernel, dy and x - mean kept in L1 (the same bits)
+    if floating is float and fused:   # (the type test first: Cython prunes on it)
         bn_seg_bwd_fused_f32(dy + c0 * gsc, x + c0 * sc, dx + c0 * dsc, c1 - c0, outer,
                              inner, gso, so, dso, gsc, sc, dsc, mean + c0, invstd + c0,
                              w + c0 if w != NULL else NULL,
                              1.0 / (<double>outer * <double>inner), training, dbias + c0,
                              dweight + c0)
-        for c in range(c0, c1):
-            dweight[c] = dweight[c] * invstd[c]
-        io_out(io, c0, c1)
-        return
-    seg_bwd_sums_many(dy + c0 * gsc, x + c0 * sc, c1 - c0, outer, inner, gso, so, gsc, sc,
-                      mean + c0, dbias + c0, dweight + c0)
-    if dx != NULL:
+    else:
+        seg_bwd_sums_many(dy + c0 * gsc, x + c0 * sc, c1 - c0, outer, inner, gso, so, gsc,
+                          sc, mean + c0, dbias + c0, dweight + c0)
+    if dx != NULL and not fused:
         for c in range(c0, c1):
             dx_coefficients(dbias[c], dweight[c], invstd[c], w[c] if w != NULL else 1.0,
                             1.0 / (<double>outer * <double>inner), training, &kc[c - c0],
