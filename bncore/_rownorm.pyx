@@ -71,6 +71,7 @@ cdef enum:
     SMALL_CHUNK = 8192       # values per parallel chunk of small NCHW groups
     DIRECT_MIN_CG = 16       # channels-last groups this wide (3x over more than 64 rows)
     DIRECT_MAX_CG = 1024     # take their statistics straight from the block
+    DIRECT_BYTES = 2097152   # and groups from 2 * DIRECT_MIN_CG in inputs up to this size
     ROW_CHUNK_MIN_ROWS = 64  # backward row chunks: rows each, where there are enough
     PARAM_CHUNKS = 8         # group-norm weight gradients: runs of samples summed apart
 
@@ -988,16 +989,25 @@ cdef inline bint team_pays(Py_ssize_t n, Py_ssize_t nchunks, int nt, int ntt) no
                         < 9 * nchunks * ((n + nt - 1) // nt))
 
 
-cdef inline bint direct_groups(Py_ssize_t s, Py_ssize_t cg) noexcept nogil:
+cdef inline bint direct_groups(Py_ssize_t n, Py_ssize_t s, Py_ssize_t c, Py_ssize_t cg,
+                               Py_ssize_t itemsize) noexcept nogil:
     """Whether channels-last group statistics come straight from each (sample, group)
     block (s rows of cg adjacent channels) rather than from per-channel moments combined
     per group: for wide groups over few rows, where the per-channel work (a finish per
     channel, 49 rows of 512 channels in G=8) cost more than the values. Groups of 16
     channels over many rows stay per channel (1024 rows: 340 us direct against 180 at
-    (8, 32, 32, 128), G=8; 1.09x slower at 32, faster from 48). From the shape alone, so
-    for any thread count."""
-    return ((cg >= 3 * DIRECT_MIN_CG or (cg >= DIRECT_MIN_CG and s <= 64))
-            and cg <= DIRECT_MAX_CG and cg * s <= BN_RUN_MAX)
+    (8, 32, 32, 128), G=8; 1.09x slower at 32, faster from 48). Float groups of 32 to 47
+    channels go direct too while the whole input is at most DIRECT_BYTES: each block's
+    rows then come from the caches, and its statistics overlap the previous block's affine
+    (bn_cl_group_pipe_f32): (4, 14, 14, 256) G=8 33.5 -> 28.4 us (PyTorch 26.8),
+    (2, 14, 14, 512) G=16 34.6 -> 29.6, (1, 28, 28, 256) G=8 37.5 -> 33.2; from memory a
+    block's short rows a row apart ran slower ((8, 28, 28, 128) G=4, 3 MiB: 1.11x
+    slower). From the shape alone, so for any thread count."""
+    if not (cg <= DIRECT_MAX_CG and cg * s <= BN_RUN_MAX):
+        return False
+    if cg >= 3 * DIRECT_MIN_CG or (cg >= DIRECT_MIN_CG and s <= 64):
+        return True
+    return itemsize == 4 and cg >= 2 * DIRECT_MIN_CG and n * s * c * itemsize <= DIRECT_BYTES
 
 
 cdef inline void direct_stats_f64(const double *x, Py_ssize_t s, Py_ssize_t c, Py_ssize_t cg,
@@ -1090,7 +1100,7 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     cdef bint fetch
     cdef int tid = 0, team = 1   # (private in the parallel blocks; set for the compiler)
     cdef double *buf = NULL
-    if direct_groups(s, cg):
+    if direct_groups(n, s, c, cg, sizeof(floating)):
         nt = work_threads(n_threads, n * g, n * s * c, SERIAL_ELEMS)
         fetch = beyond_l2(n * s * c * <Py_ssize_t>sizeof(floating), nt)
         with parallel(num_threads=nt):

@@ -99,6 +99,17 @@ def _calls(dtype):
         calls[f"moments {name}"] = lambda x=x, ax=ax: bncore.moments(
             x, axis=(0, 2, 3) if ax == 1 else (0, 1, 2))
 
+    # 40 channels, a multiple of 8: unstreamed, the channels-last affine goes row by row
+    # (bn_cl_affine); streamed, as one span over the rows
+    x40 = (rng.standard_normal((3, 9, 13, 40)) * 2 + 5).astype(dtype)
+    w40, b40 = rng.normal(size=40), rng.normal(size=40)
+    rm40, rv40 = rng.normal(size=40), rng.uniform(1, 2, 40)
+    calls["bn train nhwc 40"] = lambda: bncore.batch_norm_forward(x40, w40, b40, axis=-1)
+    calls["bn eval nhwc 40"] = lambda: bncore.batch_norm(x40, rm40, rv40, w40, b40,
+                                                         training=False, axis=-1)
+    calls["group norm nhwc 40"] = lambda: bncore.group_norm_forward(x40, 5, w40, b40, axis=-1)
+    calls["instance norm nhwc 40"] = lambda: bncore.instance_norm(x40, axis=-1)
+
     def ln(x=x2, d=d2):
         y, m, s = bncore.layer_norm_forward(x, (301,), w2, w2)
         return (y, m, s) + tuple(bncore.layer_norm_backward(d, x, m, s, (301,), w2))

@@ -384,10 +384,12 @@ def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
 # BN_RUN_MAX values take their statistics straight from each (sample, group) block, a run
 # of blocks per thread (direct_groups; float blocks pipelined, each block's statistics
 # beside the last one's affine, so in place the affine must not reach the next block):
-# 64 channels a group over 49 rows, 17 over 63, 48 over 400, float64 too.
+# 64 channels a group over 49 rows, 17 over 63, 48 over 400, float64 too; and float groups
+# of 32 channels over 196 rows in inputs of up to 2 MiB (DIRECT_BYTES).
 WIDE_GROUPS = [((32, 7, 7, 512), 8, "float32"), ((2, 7, 9, 51), 3, "float32"),
                ((2, 20, 20, 96), 2, "float32"), ((3, 5, 7, 48), 3, "float64"),
-               ((1, 4, 4, 1024), 1, "float32")]
+               ((1, 4, 4, 1024), 1, "float32"), ((4, 14, 14, 256), 8, "float32"),
+               ((2, 14, 14, 512), 16, "float32")]
 
 
 @pytest.mark.parametrize("shape,groups,dtype", WIDE_GROUPS)
