@@ -43,7 +43,8 @@ from bncore._kernels cimport (
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
-    planes_affine, planes_stats, rows_chunks, rows_stats, sample_chunks, seg_affine,
+    BN_SHORT_REUSE, planes_affine, planes_affine_rect, planes_stats, short_planes, rows_chunks,
+    rows_stats, sample_chunks, seg_affine,
     CHANNEL_BLOCK, bn_pivot, channel_blocks, merge_row_chunks, rows_chunk_stats,
     BN_FUSED_MAX, bn_seg_bwd_fused_f32,
     seg_affine_pf,
@@ -327,6 +328,13 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
             planes_affine(x, y, j * nch + c0, c1 - c0, nch, inner, so, sc, yso, ysc, mean,
                           invstd, w, b, True)
         bn_fence()
+        io_out(io, c0, c1)
+        return
+    if (not stream and sc == inner and ysc == inner and short_planes(inner, sizeof(floating))
+            and outer >= BN_SHORT_REUSE):
+        # short planes: the group's planes of a sample as one run (the same bits):
+        # (256, 64, 2, 2) training
+        planes_affine_rect(x, y, 0, outer, c0, c1, inner, so, yso, mean, invstd, w, b)
         io_out(io, c0, c1)
         return
     for c in range(c1 - 1, c0 - 1, -1):

@@ -83,6 +83,17 @@ cdef extern from "bn_kernels.h" nogil:
                               Py_ssize_t yso, Py_ssize_t ysc, const double *mean,
                               const double *invstd, const double *w, const double *b,
                               int stream)
+    void bn_planes_affine_rect_f32(const float *x, float *y, Py_ssize_t n0, Py_ssize_t n1,
+                                   Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t inner,
+                                   Py_ssize_t so, Py_ssize_t yso, const double *mean,
+                                   const double *invstd, const double *w, const double *b)
+    void bn_planes_affine_rect_f64(const double *x, double *y, Py_ssize_t n0, Py_ssize_t n1,
+                                   Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t inner,
+                                   Py_ssize_t so, Py_ssize_t yso, const double *mean,
+                                   const double *invstd, const double *w, const double *b)
+    const Py_ssize_t BN_SHORT_REUSE
+    const Py_ssize_t BN_SHORT_PLANE_F32
+    const Py_ssize_t BN_SHORT_PLANE_F64
     void bn_seg_affine_pf_f32(const float *x, float *y, Py_ssize_t len, double mean,
                               double scale, double shift, int stream, const void *pf,
                               const void *pe)
@@ -255,6 +266,22 @@ cdef inline void planes_affine(const floating *x, floating *y, Py_ssize_t t0,
     else:
         bn_planes_affine_f64(x, y, t0, nplanes, nch, inner, so, sc, yso, ysc, mean, invstd, w,
                              b, stream)
+
+
+cdef inline bint short_planes(Py_ssize_t inner, Py_ssize_t itemsize) noexcept nogil:
+    """Planes too short for an affine of their own (bn_planes_affine_rect)."""
+    return inner < (BN_SHORT_PLANE_F32 if itemsize == 4 else BN_SHORT_PLANE_F64)
+
+
+cdef inline void planes_affine_rect(const floating *x, floating *y, Py_ssize_t n0,
+                                    Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1,
+                                    Py_ssize_t inner, Py_ssize_t so, Py_ssize_t yso,
+                                    const double *mean, const double *invstd, const double *w,
+                                    const double *b) noexcept nogil:
+    if floating is float:
+        bn_planes_affine_rect_f32(x, y, n0, n1, c0, c1, inner, so, yso, mean, invstd, w, b)
+    else:
+        bn_planes_affine_rect_f64(x, y, n0, n1, c0, c1, inner, so, yso, mean, invstd, w, b)
 
 
 cdef inline void seg_affine_pf(const floating *x, floating *y, Py_ssize_t length,

@@ -552,3 +552,52 @@ def test_backward_rejects_mismatched_dy():
         bncore.batch_norm_backward(np.ones((4, 3, 2), np.float32), x, m, s)
     with pytest.raises(ValueError, match="save_invstd must have shape"):
         bncore.batch_norm_backward(np.ones((4, 3, 2)), x, m, np.ones(4))
+
+
+# Short NCHW planes (under 16 floats or 8 doubles) of adjacent channels: each sample's
+# planes go as one run with per-value parameters from tables (bn_planes_affine_rect), in
+# eval chunks that start and end inside samples ((300, 37, 1, 3): 111 values a sample,
+# chunks of 16384), in training per group of channels; (7, 3000, 2, 2) has too few
+# samples a chunk for the tables and goes plane by plane. Longer planes, in eval chunks
+# holding every channel's planes at least twice, take their channel's parameters from a
+# table made once a chunk: (128, 128, 4, 4), (40, 30, 5, 5), (64, 64, 3, 3) (float64).
+SHORT_PLANES = [(256, 64, 2, 2), (300, 37, 1, 3), (64, 100, 3, 5), (9, 40, 1, 7),
+                (7, 3000, 2, 2), (600, 5, 1, 1), (128, 128, 4, 4), (40, 30, 5, 5),
+                (64, 64, 3, 3)]
+
+
+def _affine_bits(x, mean, invstd, w, b):
+    """The eval affine's documented arithmetic, elementwise in NumPy: float32 input gets
+    ((x - hi) - lo) * k + b in float32 (mean = hi + lo, k = float32(w * invstd)); float64
+    input (x - mean) * (w * invstd) + b."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    k = (w * invstd).reshape(shape)
+    m, bb = mean.reshape(shape), b.reshape(shape)
+    if x.dtype == np.float64:
+        return (x - m) * k + bb
+    hi = m.astype(np.float32)
+    lo = (m - hi.astype(np.float64)).astype(np.float32)
+    return ((x - hi) - lo) * k.astype(np.float32) + bb.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHORT_PLANES, ids=str)
+def test_short_planes_eval_bits_and_training(shape, dtype):
+    rng = np.random.default_rng(17)
+    c = shape[1]
+    x = rng.normal(1e3, 3.0, shape).astype(dtype)
+    rm, rv = rng.normal(1e3, 1.0, c), rng.uniform(0.5, 4.0, c)
+    w, b = rng.normal(size=c), rng.normal(size=c)
+    invstd = 1.0 / np.sqrt(rv + 1e-5)
+    want = _affine_bits(x, rm, invstd, w, b)
+    for nt in (1, 2, 3):
+        y = bncore.batch_norm(x, rm, rv, w, b, training=False, n_threads=nt)
+        assert np.array_equal(y, want), f"eval, {nt} threads"
+    base = bncore.batch_norm_forward(x, w, b, n_threads=1)
+    for nt in (2, 3):
+        got = bncore.batch_norm_forward(x, w, b, n_threads=nt)
+        assert all(np.array_equal(u, v) for u, v in zip(base, got)), f"training, {nt} threads"
+    if dtype == np.float64:   # the double statistics come back whole: the same expression
+        assert np.array_equal(base[0], _affine_bits(x, base[1], base[2], w, b))
+    for got, want_ in zip(base, ref.batch_norm_forward(x, w, b)):
+        close(got, want_, dtype)

@@ -228,6 +228,14 @@ static inline void bn_prefetch_step(const char **p, const char *end)
  * bytes apart (one row: an address range). */
 typedef struct { const char *p; ptrdiff_t off, width, ld, rows; } bn_pf2;
 
+/* Short planes (bn_planes_affine_rect): shorter than BN_SHORT_PLANE_F32 floats or
+ * BN_SHORT_PLANE_F64 doubles, with each table entry serving at least BN_SHORT_REUSE
+ * samples; tables of BN_SHORT_TAB floats (half as many doubles) a parameter. */
+#define BN_SHORT_PLANE_F32 16
+#define BN_SHORT_PLANE_F64 8
+#define BN_SHORT_REUSE 4
+#define BN_SHORT_TAB 2048
+
 static inline void bn_pf2_step(bn_pf2 *f)
 {
     if (f->rows > 0) {
@@ -519,6 +527,22 @@ BN_V4 static inline double bn_v8d_total(__m512d v)
  * left it below (a constant run), NaN where the data hold NaN or inf, and inf where the
  * squares of finite data overflowed (a spread past ~1e154: sdd and sd^2 / n both inf,
  * whose difference would be NaN where NumPy's var is inf). */
+/* One vector of the float affine with per-value parameters from tables (hi + lo the mean
+ * split in two floats, k the scale, b the shift, all at the value's index):
+ * q[0..8) = ((p - hi) - lo) * k + b, bn_seg_affine's float expression. */
+BN_INLINE void bn_tab8_affine(const float *p, float *q, const float *hi, const float *lo,
+                              const float *k, const float *b)
+{
+    bn_v8f v_, h_, l_, k_, b_;
+    memcpy(&v_, p, sizeof v_);
+    memcpy(&h_, hi, sizeof h_);
+    memcpy(&l_, lo, sizeof l_);
+    memcpy(&k_, k, sizeof k_);
+    memcpy(&b_, b, sizeof b_);
+    v_ = ((v_ - h_) - l_) * k_ + b_;
+    memcpy(q, &v_, sizeof v_);
+}
+
 BN_INLINE double bn_m2_of(double n, double sd, double sdd)
 {
     const double v = sdd - sd * (sd / n);
