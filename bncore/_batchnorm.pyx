@@ -70,6 +70,10 @@ cdef enum:
     FETCH_PLANE = 8192     # bytes: planes at least this long get the next channel prefetched
     STREAM_PLANE = 512     # bytes: shorter planes are not streamed in the memory-order affine
     SAMPLE_PLANE = 256     # bytes: a backward beyond the caches over shorter planes goes by sample
+    # "beyond the caches" for that choice: a fixed size, not the machine's streaming
+    # threshold (bn_stream_bwd), since the two orders of the sums give different float64
+    # bits: every machine, and any thresholds set, must give the same
+    BY_SAMPLE_BYTES = 33554432
 
 
 cdef inline double *f64_or_null(object a):
@@ -588,7 +592,8 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     cdef Py_ssize_t pd = plane_fetch(inner * <Py_ssize_t>sizeof(floating),
                                      2 * outer * nch * inner * <Py_ssize_t>sizeof(floating), nt)
     if (gsc == inner and sc == inner and (dx == NULL or dsc == inner)
-            and inner * <Py_ssize_t>sizeof(floating) < SAMPLE_PLANE and stream):
+            and inner * <Py_ssize_t>sizeof(floating) < SAMPLE_PLANE
+            and 3 * outer * nch * inner * <Py_ssize_t>sizeof(floating) >= BY_SAMPLE_BYTES):
         io_in(io, 0, nch)   # every thread reads every channel there
         rc = backward_by_sample(dy, x, dx, outer, nch, inner, gso, so, dso, mean, invstd, w,
                                 training, dweight, dbias, n_threads)

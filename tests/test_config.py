@@ -110,6 +110,17 @@ def _calls(dtype):
     calls["group norm nhwc 40"] = lambda: bncore.group_norm_forward(x40, 5, w40, b40, axis=-1)
     calls["instance norm nhwc 40"] = lambda: bncore.instance_norm(x40, axis=-1)
 
+    # planes of 16 values: the backward's dx plane by plane, streamed or by the plain loop
+    xs = (rng.standard_normal((20, 16, 4, 4)) + 2).astype(dtype)
+    ds = rng.standard_normal(xs.shape).astype(dtype)
+
+    def bn_bwd_short(x=xs, d=ds):
+        _, m, s = bncore.batch_norm_forward(x, axis=1)
+        return (bncore.batch_norm_backward(d, x, m, s, w[:16], axis=1)
+                + bncore.batch_norm_backward(d, x, m, s, w[:16], axis=1, training=False))
+
+    calls["bn backward short planes"] = bn_bwd_short
+
     def ln(x=x2, d=d2):
         y, m, s = bncore.layer_norm_forward(x, (301,), w2, w2)
         return (y, m, s) + tuple(bncore.layer_norm_backward(d, x, m, s, (301,), w2))
