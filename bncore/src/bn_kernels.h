@@ -235,6 +235,9 @@ typedef struct { const char *p; ptrdiff_t off, width, ld, rows; } bn_pf2;
 #define BN_SHORT_PLANE_F64 8
 #define BN_SHORT_REUSE 4
 #define BN_SHORT_TAB 2048
+/* Eval chunks holding every channel's planes at least twice take per-channel parameter
+ * tables for up to BN_PLANE_TAB channels (bn_planes_affine). */
+#define BN_PLANE_TAB 1024
 
 static inline void bn_pf2_step(bn_pf2 *f)
 {
@@ -523,10 +526,6 @@ BN_V4 static inline double bn_v8d_total(__m512d v)
 }
 #endif
 
-/* M2 = sdd - sd^2 / n of n values u from sd = sum(u), sdd = sum(u^2): 0 where rounding
- * left it below (a constant run), NaN where the data hold NaN or inf, and inf where the
- * squares of finite data overflowed (a spread past ~1e154: sdd and sd^2 / n both inf,
- * whose difference would be NaN where NumPy's var is inf). */
 /* One vector of the float affine with per-value parameters from tables (hi + lo the mean
  * split in two floats, k the scale, b the shift, all at the value's index):
  * q[0..8) = ((p - hi) - lo) * k + b, bn_seg_affine's float expression. */
@@ -543,6 +542,10 @@ BN_INLINE void bn_tab8_affine(const float *p, float *q, const float *hi, const f
     memcpy(q, &v_, sizeof v_);
 }
 
+/* M2 = sdd - sd^2 / n of n values u from sd = sum(u), sdd = sum(u^2): 0 where rounding
+ * left it below (a constant run), NaN where the data hold NaN or inf, and inf where the
+ * squares of finite data overflowed (a spread past ~1e154: sdd and sd^2 / n both inf,
+ * whose difference would be NaN where NumPy's var is inf). */
 BN_INLINE double bn_m2_of(double n, double sd, double sdd)
 {
     const double v = sdd - sd * (sd / n);

@@ -462,13 +462,6 @@ BN_INLINE void BN_NAME(bn_run_affine_body)(const BN_T *p, BN_T *q, ptrdiff_t np,
 #undef BN_RUN_EXPR
 #undef BN_RUN_SEL
 
-/* The eval affine of planes t0 .. t0 + nplanes - 1 in memory order (plane t is sample
- * t / nch, channel t % nch; x's planes at n * so + c * sc, y's at n * yso + c * ysc), one
- * call for the run: called plane by plane, a 49-value plane cost about as much in the
- * call as in its values. Channel c: y = (x - mean[c]) * (w[c] * invstd[c]) + b[c], w and
- * b optional (NULL: ones, zeros); streamed as bn_seg_affine (the caller fences). Streamed
- * planes of adjacent channels (sc == inner, ysc == inner) go sample by sample, each
- * sample's planes one run (bn_run_affine_body): the same bits. */
 /* The affine of short planes of adjacent channels (each sample's planes contiguous, x's
  * samples so apart, y's yso): samples [n0, n1) by channels [c0, c1). The planes of a band
  * of channels are one run of values per sample, each value's channel parameters read from
@@ -479,7 +472,6 @@ BN_INLINE void BN_NAME(bn_run_affine_body)(const BN_T *p, BN_T *q, ptrdiff_t np,
  * value gets bn_seg_affine_body's expression with its channel's parameters: the same
  * bits. Worth it where each table entry serves several samples (BN_SHORT_REUSE). */
 #define BN_SHORT_PLANE (BN_T_IS_FLOAT ? BN_SHORT_PLANE_F32 : BN_SHORT_PLANE_F64)
-#define BN_PLANE_TAB 1024
 static BN_CLONES void BN_NAME(bn_planes_affine_rect)(const BN_T *x, BN_T *y, ptrdiff_t n0,
                                                     ptrdiff_t n1, ptrdiff_t c0, ptrdiff_t c1,
                                                     ptrdiff_t inner, ptrdiff_t so,
@@ -539,6 +531,13 @@ static BN_CLONES void BN_NAME(bn_planes_affine_rect)(const BN_T *x, BN_T *y, ptr
     }
 }
 
+/* The eval affine of planes t0 .. t0 + nplanes - 1 in memory order (plane t is sample
+ * t / nch, channel t % nch; x's planes at n * so + c * sc, y's at n * yso + c * ysc), one
+ * call for the run: called plane by plane, a 49-value plane cost about as much in the
+ * call as in its values. Channel c: y = (x - mean[c]) * (w[c] * invstd[c]) + b[c], w and
+ * b optional (NULL: ones, zeros); streamed as bn_seg_affine (the caller fences). Streamed
+ * planes of adjacent channels (sc == inner, ysc == inner) go sample by sample, each
+ * sample's planes one run (bn_run_affine_body): the same bits. */
 static BN_CLONES void BN_NAME(bn_planes_affine)(const BN_T *x, BN_T *y, ptrdiff_t t0,
                                                ptrdiff_t nplanes, ptrdiff_t nch,
                                                ptrdiff_t inner, ptrdiff_t so, ptrdiff_t sc,
@@ -594,8 +593,10 @@ static BN_CLONES void BN_NAME(bn_planes_affine)(const BN_T *x, BN_T *y, ptrdiff_
             const float *p = x + n * so + c * sc;
             float *q = y + n * yso + c * ysc;
             const float hi = th[c], lo = tl[c], k = tk[c], bb = tb[c];
-            const bn_v8f vh = {hi, hi, hi, hi, hi, hi, hi, hi}, vl = {lo, lo, lo, lo, lo, lo, lo, lo};
-            const bn_v8f vk = {k, k, k, k, k, k, k, k}, vb = {bb, bb, bb, bb, bb, bb, bb, bb};
+            const bn_v8f vh = {hi, hi, hi, hi, hi, hi, hi, hi};
+            const bn_v8f vl = {lo, lo, lo, lo, lo, lo, lo, lo};
+            const bn_v8f vk = {k, k, k, k, k, k, k, k};
+            const bn_v8f vb = {bb, bb, bb, bb, bb, bb, bb, bb};
             ptrdiff_t i = 0;
             for (; i + 8 <= inner; i += 8) {
                 bn_v8f v_;
