@@ -72,6 +72,7 @@ cdef enum:
     DIRECT_MIN_CG = 16       # channels-last groups this wide (3x over more than 64 rows)
     DIRECT_MAX_CG = 1024     # take their statistics straight from the block
     DIRECT_BYTES = 2097152   # and groups from 2 * DIRECT_MIN_CG in inputs up to this size
+    DIRECT_ONE_ROWS = 256    # and from DIRECT_MIN_CG in a batch of one up to this many rows
     ROW_CHUNK_MIN_ROWS = 64  # backward row chunks: rows each, where there are enough
     PARAM_CHUNKS = 8         # group-norm weight gradients: runs of samples summed apart
 
@@ -1002,10 +1003,18 @@ cdef inline bint direct_groups(Py_ssize_t n, Py_ssize_t s, Py_ssize_t c, Py_ssiz
     (bn_cl_group_pipe_f32): (4, 14, 14, 256) G=8 33.5 -> 28.4 us (PyTorch 26.8),
     (2, 14, 14, 512) G=16 34.6 -> 29.6, (1, 28, 28, 256) G=8 37.5 -> 33.2; from memory a
     block's short rows a row apart ran slower ((8, 28, 28, 128) G=4, 3 MiB: 1.11x
-    slower). From the shape alone, so for any thread count."""
+    slower). A float batch of one goes direct from DIRECT_MIN_CG channels a group over up
+    to DIRECT_ONE_ROWS rows (its per-channel path shares each sample's chunks out with a
+    barrier): (1, 14, 14, 512) G=32 26.1 -> 21.6 us, (1, 12, 12, 768) G=48 32.4 -> 24.8,
+    (1, 10, 10, 1024) G=64 35.0 -> 26.1, (1, 14, 14, 384) G=24 20.4 -> 16.2, (1, 16, 16,
+    256) G=16 23.0 -> 14.0, 1.0-1.07x elsewhere (separate processes, medians of three);
+    not with more samples ((2, 14, 14, 256) G=16 0.88x in process) or rows ((1, 28, 28,
+    256) G=16 0.95x). From the shape alone, so for any thread count."""
     if not (cg <= DIRECT_MAX_CG and cg * s <= BN_RUN_MAX):
         return False
     if cg >= 3 * DIRECT_MIN_CG or (cg >= DIRECT_MIN_CG and s <= 64):
+        return True
+    if itemsize == 4 and n == 1 and cg >= DIRECT_MIN_CG and s <= DIRECT_ONE_ROWS:
         return True
     return itemsize == 4 and cg >= 2 * DIRECT_MIN_CG and n * s * c * itemsize <= DIRECT_BYTES
 

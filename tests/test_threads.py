@@ -385,11 +385,13 @@ def test_nchw_group_runs_shared_by_the_threads(shape, groups, dtype):
 # of blocks per thread (direct_groups; float blocks pipelined, each block's statistics
 # beside the last one's affine, so in place the affine must not reach the next block):
 # 64 channels a group over 49 rows, 17 over 63, 48 over 400, float64 too; and float groups
-# of 32 channels over 196 rows in inputs of up to 2 MiB (DIRECT_BYTES).
+# of 32 channels over 196 rows in inputs of up to 2 MiB (DIRECT_BYTES), and of 16 channels
+# in a batch of one over up to 256 rows (DIRECT_ONE_ROWS).
 WIDE_GROUPS = [((32, 7, 7, 512), 8, "float32"), ((2, 7, 9, 51), 3, "float32"),
                ((2, 20, 20, 96), 2, "float32"), ((3, 5, 7, 48), 3, "float64"),
                ((1, 4, 4, 1024), 1, "float32"), ((4, 14, 14, 256), 8, "float32"),
-               ((2, 14, 14, 512), 16, "float32")]
+               ((2, 14, 14, 512), 16, "float32"), ((1, 14, 14, 384), 24, "float32"),
+               ((1, 16, 16, 256), 16, "float32")]
 
 
 @pytest.mark.parametrize("shape,groups,dtype", WIDE_GROUPS)
