@@ -62,7 +62,8 @@ def set_thresholds(stream_forward_bytes, stream_backward_bytes, far_bytes, l2_by
 
 def use_avx512(on):
     """Let the kernels that have AVX-512 twins (the layer/RMS norm backward: its rows, row
-    pairs, row sums and column tiles) use them where this CPU has AVX-512 (the default), or
+    pairs, row sums and column tiles; the float batch-norm backward of small channels in
+    cache) use them where this CPU has AVX-512 (the default), or
     keep them to the AVX2 clone; returns the old setting (False on a CPU without AVX-512).
     The bits are the same either way; for tests and for measuring the twins."""
     old = False

@@ -70,7 +70,8 @@ typedef long long bn_v4l __attribute__((vector_size(32)));
 /* AVX-512 (x86-64-v4) twins of the kernels that arithmetic, not memory alone, bounds: the
  * layer/RMS norm backward (bn_row_bwd_v4, bn_row_bwd2_v4, bn_row_bwd_sums_v4,
  * bn_rows_bwd_tile_v4), which converts every value to double and back and runs two passes
- * of fused multiply-adds over it. Eight doubles a vector halve the instructions of the
+ * of fused multiply-adds over it, and the batch-norm backward of small float channels in
+ * cache (bn_seg_bwd_fused_v4_f32). Eight doubles a vector halve the instructions of the
  * four-lane AVX2 clone; the lanes and the order of every sum are the clone's (an
  * eight-lane accumulator is its two four-lane ones side by side), so the bits are the
  * same (tests/test_clones.py). Chosen at run time (bn_use_v4, from the CPU at import;
@@ -357,7 +358,7 @@ static const char *bn_simd_level(void)
     __builtin_cpu_init();
     if (bn_cpu_v4())
         return "AVX2+FMA (x86-64-v3 clone, runtime dispatch), AVX-512 for the layer/RMS norm "
-               "backward rows";
+               "backward rows and the small-channel batch-norm backward";
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return "AVX2+FMA (x86-64-v3 clone, runtime dispatch)";
     return "baseline (x86-64 clone, runtime dispatch)";
@@ -522,6 +523,18 @@ BN_V4 static inline double bn_v8d_total(__m512d v)
     __m256d t = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
     bn_v4d u;
     memcpy(&u, &t, sizeof u);
+    return (u[0] + u[2]) + (u[1] + u[3]);
+}
+
+/* bn_v4d_total((a0 + a1) + (a2 + a3)) of four four-lane accumulators held as two
+ * eight-lane ones, a = a0|a1 and b = a2|a3 (bn_seg_bwd_sums_body's, on eight lanes). */
+BN_V4 static inline double bn_v8d_pair_total(__m512d a, __m512d b)
+{
+    __m256d s = _mm256_add_pd(_mm512_castpd512_pd256(a), _mm512_extractf64x4_pd(a, 1));
+    __m256d t = _mm256_add_pd(_mm512_castpd512_pd256(b), _mm512_extractf64x4_pd(b, 1));
+    __m256d v = _mm256_add_pd(s, t);
+    bn_v4d u;
+    memcpy(&u, &v, sizeof u);
     return (u[0] + u[2]) + (u[1] + u[3]);
 }
 #endif
