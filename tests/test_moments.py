@@ -149,7 +149,7 @@ def test_float64_exact_to_1e12(offset, spread, shape, axis):
 
 def _rows_f64_cases():
     """float64 channels-last data (700 rows of 37 channels: two tiles of 16 and 5 more;
-    blocks of 221 rows) that the one-pass statistics must get right, or hand to the
+    blocks of 221, 221 and 258 rows) that the one-pass statistics must get right, or hand to the
     two-pass: offsets, drifting rows (each block's mean far from the running shift), a
     step, constant channels (one whose first rows differ), and a channel of huge values."""
     rng = np.random.default_rng(23)
@@ -187,6 +187,32 @@ def test_float64_channels_last_exact_with_one_pass_blocks(kind):
     for nt in (2, 3, 8):
         got = bncore.moments(x, axis=0, n_threads=nt)
         assert np.array_equal(got[0], mean) and np.array_equal(got[1], var)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [127, 128, 129, 255, 256, 257, 383, 1151])
+def test_channels_last_blocks_and_their_remainders_exact(rows, dtype):
+    """Row counts about the statistics blocks of 64 channels (128 rows; a chunk's last
+    block takes a remainder of up to 255 rows: block_rows), at an offset of 1e6 with a
+    drift along the rows: exact to 1e-15 (mean) and 1e-12 (variance) of the values given
+    (float32 results: within one float32 ulp of the exact values), the same bits for any
+    thread count."""
+    rng = np.random.default_rng(rows)
+    x = (1e6 + np.linspace(0, 3, rows)[:, None] + rng.normal(0, 0.5, (rows, 64))).astype(dtype)
+    mean, var = bncore.moments(x, axis=0, n_threads=1)
+    assert mean.dtype == dtype and var.dtype == dtype
+    for c in range(0, 64, 7):
+        emean, evar = exact_moments(x[:, c].astype(np.float64))
+        if dtype == np.float64:
+            assert abs(Fraction(float(mean[c])) - emean) <= abs(emean) * 1e-15, c
+            assert rel_err(var[c], evar) <= 1e-12, c
+        else:
+            ulp_m = Fraction(float(np.spacing(np.float32(float(emean)))))
+            ulp_v = Fraction(float(np.spacing(np.float32(float(evar)))))
+            assert abs(Fraction(float(mean[c])) - emean) <= ulp_m, c
+            assert abs(Fraction(float(var[c])) - evar) <= ulp_v, c
+    got = bncore.moments(x, axis=0, n_threads=3)
+    assert np.array_equal(got[0], mean) and np.array_equal(got[1], var)
 
 
 def test_float64_channels_last_nan_inf_stay_in_their_channel():
