@@ -304,7 +304,10 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
     group) are prefetched meanwhile: x beyond the L2s, short planes scattered one per
     sample wait on the L3 or memory one line at a time, which the hardware prefetchers do
     not follow across pages ((64, 512, 7, 7) 1.10-1.13x, (128, 512, 5, 5) 1.11x, on a
-    Xeon with 2 MiB L2s; in the L2s it cost 4-8%: (32, 512, 7, 7) 0.96x). There, where
+    Xeon with 2 MiB L2s; in the L2s it cost 4-8%: (32, 512, 7, 7) 0.96x). Since the
+    streamed runs below, in session 24, the prefetch measured within noise of none
+    (0.98-1.02x; T1 and T2 hints alike) on that machine, where these inputs stay in its
+    480 MiB L3; it stays for inputs from memory. There, where
     each sample's planes are adjacent channels (any C-contiguous NCHW array), the group's
     affine streams each sample's planes as one run, whose lines are full but at its two
     ends, so the output needs no read-for-ownership (bn_planes_affine, the same bits):
