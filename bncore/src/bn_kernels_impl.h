@@ -941,6 +941,11 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_many)(const BN_T *dy, const BN_T *x,
         const double k = (w ? w[c] : 1.0) * invstd[c]; \
         const double q = training ? -k * invstd[c] * invstd[c] * sum_dy_xmu[c] * inv_m : 0.0; \
         const double r = training ? -k * sum_dy[c] * inv_m : 0.0
+/* The scalar steps that the clone and its AVX-512 twin share (the twin's bits are the
+ * clone's): value i of a segment into the buffers and the sums ta, tb; dx of value i. */
+#define BN_FUSED_SCALAR(i) do { double v_ = (double)g[i], u_ = (double)p[i] - mc; \
+        gb[o + (i)] = v_; ub[o + (i)] = u_; ta += v_; tb = BN_FMA(v_, u_, tb); } while (0)
+#define BN_FUSED_DXS(i) out[i] = (float)BN_FMA(k, gv[i], BN_FMA(q, uv[i], r))
 #define BN_FUSED_STEP(a, b, off) do { bn_v4d g_ = BN_LOAD4(g + i + (off)), \
         u_ = BN_LOAD4(p + i + (off)) - m; memcpy(gb + o + i + (off), &g_, 32); \
         memcpy(ub + o + i + (off), &u_, 32); a += g_; b = BN_FMA4(g_, u_, b); } while (0)
@@ -991,13 +996,8 @@ static BN_V4 void bn_seg_bwd_fused_v4_f32 BN_FUSED_PARAMS
                 a01 = _mm512_mask_add_pd(a01, 0x0F, a01, g0);
                 b01 = _mm512_mask3_fmadd_pd(g0, u0, b01, 0x0F);
             }
-            for (; i < len; i++) {
-                double v = (double)g[i], u = (double)p[i] - mc;
-                gb[o + i] = v;
-                ub[o + i] = u;
-                ta += v;
-                tb = BN_FMA(v, u, tb);
-            }
+            for (; i < len; i++)
+                BN_FUSED_SCALAR(i);
         }
         sum_dy[c] += bn_v8d_pair_total(a01, a23) + ta;
         sum_dy_xmu[c] += bn_v8d_pair_total(b01, b23) + tb;
@@ -1019,7 +1019,7 @@ static BN_V4 void bn_seg_bwd_fused_v4_f32 BN_FUSED_PARAMS
                 _mm_storeu_ps(out + j, _mm256_cvtpd_ps(o_));
             }
             for (; j < len; j++)
-                out[j] = (float)BN_FMA(k, gv[j], BN_FMA(q, uv[j], r));
+                BN_FUSED_DXS(j);
         }
     }
 }
@@ -1055,13 +1055,8 @@ static BN_CLONES void bn_seg_bwd_fused_f32 BN_FUSED_PARAMS
             }
             for (; i + 4 <= len; i += 4)
                 BN_FUSED_STEP(a0, b0, 0);
-            for (; i < len; i++) {
-                double v = (double)g[i], u = (double)p[i] - mc;
-                gb[o + i] = v;
-                ub[o + i] = u;
-                ta += v;
-                tb = BN_FMA(v, u, tb);
-            }
+            for (; i < len; i++)
+                BN_FUSED_SCALAR(i);
         }
         sum_dy[c] += bn_v4d_total((a0 + a1) + (a2 + a3)) + ta;
         sum_dy_xmu[c] += bn_v4d_total((b0 + b1) + (b2 + b3)) + tb;
@@ -1079,13 +1074,15 @@ static BN_CLONES void bn_seg_bwd_fused_f32 BN_FUSED_PARAMS
                 BN_STORE4(out + i, BN_FMA4(kk, g_, u_));
             }
             for (; i < len; i++)
-                out[i] = (float)BN_FMA(k, gv[i], BN_FMA(q, uv[i], r));
+                BN_FUSED_DXS(i);
         }
     }
 }
 #undef BN_FUSED_STEP
 #undef BN_FUSED_PARAMS
 #undef BN_FUSED_COEFS
+#undef BN_FUSED_SCALAR
+#undef BN_FUSED_DXS
 #endif
 
 /* Group norm backward of NCHW (sample, group) blocks t0 .. t0 + nblk - 1 (block t: the
