@@ -55,7 +55,7 @@ from bncore._fastpath cimport (
     _overlap, bn_copy_f64, bn_narrow_f64, bn_widen_f32, plain_channel_axis, plain_eps,
     plain_like, plain_out, plain_vector,
 )
-from bncore._openmp cimport work_threads
+from bncore._openmp cimport team_threads, work_threads
 from bncore._outputs cimport empty_apart
 
 cnp.import_array()
@@ -238,7 +238,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
             stream = False
         nchunks = min(outer * nch, max(1, outer * nch * inner // AFFINE_CHUNK))
         nt = work_threads(n_threads, nchunks, outer * nch * inner, SERIAL_ELEMS)
-        for s in prange(nchunks, schedule='static', num_threads=nt):
+        for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
             t = s * (outer * nch) // nchunks
             t1 = (s + 1) * (outer * nch) // nchunks
             if own:
@@ -262,7 +262,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
         # 1.05x, (8,64,112,112) 1.13x; its backward, which does the same, 1.03-1.14x. Not
         # for planes under 8 KiB, whose scraps the prefetch only scattered: (256,256,14,14)
         # backward 0.84-0.92x, (32,128,28,28) 0.97x
-        for t in prange(nt, schedule='static', num_threads=nt):
+        for t in prange(nt, schedule='static', num_threads=team_threads(nt, n_threads)):
             t0 = t * nch // nt
             t1 = (t + 1) * nch // nt
             io_in(io, t0, t1)
@@ -276,7 +276,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     nt = work_threads(n_threads, nch, outer * nch * inner + nch * CHANNEL_COST, SERIAL_ELEMS)
     ng = channel_groups(nch, nt)
     fetch = beyond_l2(outer * nch * inner * <Py_ssize_t>sizeof(floating), nt)
-    for t in prange(ng, schedule='static', num_threads=nt):
+    for t in prange(ng, schedule='static', num_threads=team_threads(nt, n_threads)):
         forward_group(x, y, t * nch // ng, (t + 1) * nch // ng, outer, inner, so, sc, yso,
                       ysc, nb, mean, var, invstd, w, b, eps, stream,
                       (t + 2) * nch // ng if fetch and t + 1 < ng else 0, nch, io)
@@ -416,7 +416,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 2)
     if nt > 1 and few_rows(nrows, nch):
         return forward_cols(x, y, nrows, nch, ld, ldy, mean, var, invstd, w, b, training, eps,
-                            nt, stream, io)
+                            nt, n_threads, stream, io)
     io_in(io, 0, nch)
     if training:
         if rows_stats(x, nrows, nch, ld, mean, var, n_threads) != 0:
@@ -436,7 +436,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
         nchunks = nt
     else:
         nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    for s in prange(nchunks, schedule='static', num_threads=nt):
+    for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
         if stream:
@@ -478,7 +478,8 @@ cdef inline bint few_rows(Py_ssize_t nrows, Py_ssize_t nch) noexcept nogil:
 cdef int forward_cols(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize_t nch,
                       Py_ssize_t ld, Py_ssize_t ldy, double *mean, double *var,
                       double *invstd, const double *w, const double *b, bint training,
-                      double eps, int nt, bint stream, const chan_io *io) noexcept nogil:
+                      double eps, int nt, int n_threads, bint stream,
+                      const chan_io *io) noexcept nogil:
     """forward_rows with each thread on its own channel blocks (CHANNEL_BLOCK channels
     each) start to finish: its channels' parameters (io), their moments over every row
     chunk of rows_stats merged in chunk order (rows_stats' bits), their invstd and affine
@@ -496,7 +497,7 @@ cdef int forward_cols(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     pivot = part + nt * nchunks * per
     scale = pivot + nch
     shift = scale + nch
-    for t in prange(nt, schedule='static', num_threads=nt):
+    for t in prange(nt, schedule='static', num_threads=team_threads(nt, n_threads)):
         c0 = t * nblk // nt * CHANNEL_BLOCK
         c1 = min(nch, (t + 1) * nblk // nt * CHANNEL_BLOCK)
         mine = part + t * nchunks * per
@@ -603,7 +604,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
         io_out(io, 0, nch)
         return rc
     if outer * inner > SMALL_CHANNEL:   # as forward_planes (the next channel prefetched)
-        for t in prange(nt, schedule='static', num_threads=nt):
+        for t in prange(nt, schedule='static', num_threads=team_threads(nt, n_threads)):
             t0 = t * nch // nt
             t1 = (t + 1) * nch // nt
             io_in(io, t0, t1)
@@ -619,7 +620,7 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     # deciding whether threads pay ((1, 512, 7, 7): 25K values, 23 -> 14 us on two)
     nt = work_threads(n_threads, nch, outer * nch * inner + nch * CHANNEL_COST, SERIAL_ELEMS)
     ng = channel_groups(nch, nt)
-    for t in prange(ng, schedule='static', num_threads=nt):
+    for t in prange(ng, schedule='static', num_threads=team_threads(nt, n_threads)):
         backward_group(dy, x, dx, t * nch // ng, (t + 1) * nch // ng, outer, inner, gso, gsc,
                        so, sc, dso, dsc, mean, invstd, w, training, dweight, dbias, stream,
                        io)
@@ -692,7 +693,7 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
     cdef double *r
     if buf == NULL:
         return -1
-    for s in prange(nchunks, schedule='static', num_threads=nt):
+    for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         p = buf + 2 * nch * s
         for c in range(2 * nch):
             p[c] = 0
@@ -707,7 +708,7 @@ cdef int backward_by_sample(const floating *dy, const floating *x, floating *dx,
                             k, q, r)
     if dx != NULL:
         nt = work_threads(n_threads, outer, outer * nch * inner, SERIAL_ELEMS)
-        for n in prange(outer, schedule='static', num_threads=nt):
+        for n in prange(outer, schedule='static', num_threads=team_threads(nt, n_threads)):
             seg_bwd_dx_many(dy + n * gso, x + n * so, dx + n * dso, nch, 1, inner, 0, 0, 0,
                             inner, inner, inner, mean, k, q, r, False)
     bn_free64(buf)
@@ -826,7 +827,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         # over every row while the tile is in its L2 (a channel's dx needs only its own
         # sums): one parallel region, no serial step between, the same bits. (64, 1024)
         # 40 -> 28 us (1.44x), (32, 2048) 1.40x
-        for s in prange(ntile, schedule='static', num_threads=nt):
+        for s in prange(ntile, schedule='static', num_threads=team_threads(nt, n_threads)):
             c0 = (s * nch // ntile) // 32 * 32
             c1 = nch if s == ntile - 1 else ((s + 1) * nch // ntile) // 32 * 32
             io_in(io, c0, c1)
@@ -847,7 +848,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         return 0
     else:
         io_in(io, 0, nch)   # every chunk reads every channel
-        for s in prange(nchunks, schedule='static', num_threads=nt):
+        for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
             r0 = s * nrows // nchunks
             r1 = (s + 1) * nrows // nchunks
             for c in range(2 * nch):
@@ -859,7 +860,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     io_out(io, 0, nch)
     if dx != NULL:
         npart = max(nchunks, ntile)   # dx is elementwise: any split of the rows
-        for s in prange(npart, schedule='static', num_threads=nt):
+        for s in prange(npart, schedule='static', num_threads=team_threads(nt, n_threads)):
             r0 = s * nrows // npart
             r1 = (s + 1) * nrows // npart
             cl_bwd_dx(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx, r1 - r0,

@@ -20,7 +20,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite
 
-from bncore._openmp cimport work_threads
+from bncore._openmp cimport team_threads, work_threads
 
 cdef extern from "bn_kernels.h" nogil:
     ctypedef struct bn_moments:
@@ -699,7 +699,7 @@ cdef inline int planes_stats(const floating *x, Py_ssize_t outer, Py_ssize_t nch
     part = <bn_moments *>bn_alloc64(max(nch * nchunks, 1) * sizeof(bn_moments))
     if part == NULL:
         return -1
-    for t in prange(nch * nchunks, schedule='static', num_threads=nt):
+    for t in prange(nch * nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         c = t // nchunks
         s = t - c * nchunks
         part[t].n = 0
@@ -777,7 +777,7 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
     pivot = buf + nchunks * per
     for c in range(nch):   # each channel's first value: every chunk shares the pivots
         pivot[c] = bn_pivot(<double>x[c * inner])
-    for s in prange(nchunks, schedule='static', num_threads=nt):
+    for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         p = buf + s * per
         n0 = s * outer // nchunks
         n1 = (s + 1) * outer // nchunks
@@ -865,12 +865,12 @@ cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t n
         # faster than on 8: 0.72 -> 0.41 ms, channels-last (64, 7, 7, 2048) 1.25 -> 0.79.
         # A view of one chunk stays on one thread (above): split over two, (32, 2048)
         # ran 0.88x, (100, 300) 0.94x, (128, 512) 1.11x
-        for t in prange(nchunks * ncb, schedule='static', num_threads=ntb):
+        for t in prange(nchunks * ncb, schedule='static', num_threads=team_threads(ntb, n_threads)):
             s = t // ncb
             rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far,
                              t - s * ncb, 1)
     else:
-        for s in prange(nchunks, schedule='static', num_threads=nt):
+        for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
             rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far, 0, ncb)
     merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2, relative)
 

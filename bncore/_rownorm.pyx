@@ -59,7 +59,9 @@ from bncore._fastpath cimport (
     plain_type, plain_vector, stat_array, trailing_dims,
 )
 from bncore._outputs cimport empty_apart
-from bncore._openmp cimport bncore_barrier, omp_get_num_threads, omp_get_thread_num, work_threads
+from bncore._openmp cimport (
+    bncore_barrier, omp_get_num_threads, omp_get_thread_num, team_threads, work_threads,
+)
 
 cnp.import_array()
 
@@ -201,7 +203,7 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
     cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r0, r1
     cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 2)
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
-    for s in prange(nchunks, schedule='static', num_threads=nt):
+    for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         r0 = s * nrows // nchunks
         r1 = (s + 1) * nrows // nchunks
         if d <= BLOCK:   # rows of one statistics block: staged in groups (bn_rows_norm)
@@ -402,7 +404,7 @@ cdef void merge_chunk_sums(const double *part, Py_ssize_t nchunks, Py_ssize_t pe
 
 cdef void merge_chunk_sums_par(const double *part, Py_ssize_t nchunks, Py_ssize_t per,
                                Py_ssize_t d, double *dweight, double *dbias,
-                               int nt) noexcept nogil:
+                               int nt, int n_threads) noexcept nogil:
     """merge_chunk_sums with the columns shared by nt threads where the partials are many
     (the same bits: each column's chunk order). On the calling thread alone it read the
     other core's chunks across: 1.02x of layer-norm backward (8192, 768), 1.034x of
@@ -411,7 +413,7 @@ cdef void merge_chunk_sums_par(const double *part, Py_ssize_t nchunks, Py_ssize_
     if nt < 2 or nchunks * per < SERIAL_ELEMS:
         merge_chunk_sums(part, nchunks, per, d, dweight, dbias)
         return
-    for t in prange(nt, schedule='static', num_threads=nt):
+    for t in prange(nt, schedule='static', num_threads=team_threads(nt, n_threads)):
         merge_chunk_sums(part, nchunks, per, d, dweight, dbias, t * d // nt, (t + 1) * d // nt)
 
 
@@ -478,13 +480,14 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
         if not row_fits_l1(d, sizeof(floating)):
             return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
                                   dweight, dbias, rms, 1,
-                                  work_threads(n_threads, ntiles, nrows * d, SERIAL_ELEMS))
+                                  team_threads(work_threads(n_threads, ntiles, nrows * d,
+                                                            SERIAL_ELEMS), n_threads))
         # rows in L1: by rows, or with more threads than chunks by the chunks' column
         # tiles (the same bits)
         nt = work_threads(n_threads, nchunks * ntiles, nrows * d, SERIAL_ELEMS)
         if nt > nchunks:
             return backward_tiles(dy, x, dx, nrows, d, ldg, ldx, ldd, mean, invstd, w,
-                                  dweight, dbias, rms, nchunks, nt)
+                                  dweight, dbias, rms, nchunks, team_threads(nt, n_threads))
     per = 2 * d if dbias != NULL else d
     ahead = rows_ahead(2 * d, sizeof(floating))
     part = <double *>bn_alloc64(nchunks * per * sizeof(double))
@@ -493,7 +496,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     far = beyond_caches(2 * nrows * d * <Py_ssize_t>sizeof(floating))
     if part == NULL:
         return -1
-    for s in prange(nchunks, schedule='static', num_threads=nt):
+    for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         p = part + per * s
         for j in range(per):
             p[j] = 0
@@ -516,7 +519,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
             r = r + 1
         if stream:
             bn_fence()
-    merge_chunk_sums_par(part, nchunks, per, d, dweight, dbias, nt)
+    merge_chunk_sums_par(part, nchunks, per, d, dweight, dbias, nt, n_threads)
     bn_free64(part)
     return 0
 
@@ -631,11 +634,12 @@ cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
         # fewer (sample, group) runs than threads (batch-1 inference, one or two groups) or
         # a last round only some threads fill: every thread on each run, its chunks then
         # its channels (same bits)
-        return group_rows_team(x, y, n * g, g, cg, s, eps, w, b, mean, var, team, stream)
+        return group_rows_team(x, y, n * g, g, cg, s, eps, w, b, mean, var,
+                               team_threads(team, n_threads), stream)
     if small_groups(cg, s):   # many (sample, group) blocks per call
         nchunks = block_chunks(n * g, cg * s, &nblk)
         nt = work_threads(n_threads, nchunks, n * g * cg * s, SERIAL_ELEMS)
-        for t in prange(nchunks, schedule='static', num_threads=nt):
+        for t in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
             k0 = t * nblk
             if floating is float:
                 bn_group_blocks_f32(x, y, k0, min(nblk, n * g - k0), g, cg, s, eps, w, b, mean,
@@ -646,7 +650,7 @@ cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
             if stream:
                 bn_fence()
         return 0
-    for t in prange(n * g, schedule='static', num_threads=nt):
+    for t in prange(n * g, schedule='static', num_threads=team_threads(nt, n_threads)):
         group_block(x + t * cg * s, y + t * cg * s, cg, s, (t % g) * cg, eps, w, b, &mean[t],
                     &var[t], stream)
     return 0
@@ -731,7 +735,7 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
         # threads when there are fewer blocks than threads)
         nchunks = block_chunks(n * g, cg * s, &nblk)
         nt = work_threads(n_threads, nchunks, n * g * cg * s, SERIAL_ELEMS)
-        for t in prange(nchunks, schedule='static', num_threads=nt):
+        for t in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
             k0 = t * nblk
             if floating is float:
                 bn_group_blocks_bwd_f32(dy, x, dx, k0, min(nblk, n * g - k0), g, cg, s, mean,
@@ -748,20 +752,20 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
         for t in range(n * g):
             off = t * cg * s
             c0 = (t % g) * cg
-            for j in prange(cg, schedule='static', num_threads=team):
+            for j in prange(cg, schedule='static', num_threads=team_threads(team, n_threads)):
                 sdy[t * cg + j] = 0
                 sdyx[t * cg + j] = 0
                 seg_bwd_sums(dy + off + j * s, x + off + j * s, 1, s, 0, 0, mean[t],
                              &sdy[t * cg + j], &sdyx[t * cg + j])
             group_qr(sdy + t * cg, sdyx + t * cg, cg, s, c0, invstd[t], w, &q, &r)
-            for j in prange(cg, schedule='static', num_threads=team):
+            for j in prange(cg, schedule='static', num_threads=team_threads(team, n_threads)):
                 seg_bwd_dx(dy + off + j * s, x + off + j * s, dx + off + j * s, 1, s, 0, 0, 0,
                            mean[t], (w[c0 + j] if w != NULL else 1.0) * invstd[t], q, r,
                            stream)
                 if stream:
                     bn_fence()
         return
-    for t in prange(n * g, schedule='static', num_threads=nt):
+    for t in prange(n * g, schedule='static', num_threads=team_threads(nt, n_threads)):
         off = t * cg * s
         group_block_bwd(dy + off, x + off, dx + off, cg, s, (t % g) * cg, mean[t], invstd[t],
                         w, sdy + t * cg, sdyx + t * cg, stream)
@@ -1112,19 +1116,21 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     if direct_groups(n, s, c, cg, sizeof(floating)):
         nt = work_threads(n_threads, n * g, n * s * c, SERIAL_ELEMS)
         fetch = beyond_l2(n * s * c * <Py_ssize_t>sizeof(floating), nt)
-        with parallel(num_threads=nt):
+        with parallel(num_threads=team_threads(nt, n_threads)):
             tid = omp_get_thread_num()
             team = omp_get_num_threads()
             direct_run(x, y, s, c, g, eps, w, b, mean, var, tid * n * g // team,
                        (tid + 1) * n * g // team, n * g, stream, fetch)
         return 0
     if team_pays(n, nchunks, nt, ntt):
-        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntt, stream)
+        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var,
+                            team_threads(ntt, n_threads), stream)
     ntc = work_threads(n_threads, g // cols_unit(c, g, sizeof(floating)), n * s * c,
                        SERIAL_ELEMS)
     if n < ntc and nchunks < ntc:
-        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var, ntc, stream, True)
-    with parallel(num_threads=nt):   # scratch once per thread, not per sample
+        return samples_team(x, y, n, s, c, g, eps, w, b, mean, var,
+                            team_threads(ntc, n_threads), stream, True)
+    with parallel(num_threads=team_threads(nt, n_threads)):   # scratch once a thread
         buf = <double *>bn_alloc64((4 * c + rows_scratch(s, c)) * sizeof(double))
         for t in prange(n, schedule='static'):
             if buf == NULL:
@@ -1278,9 +1284,10 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     if team_pays(n, nchunks, nt, ntt):
-        return samples_bwd_team(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx, ntt,
+        return samples_bwd_team(dy, x, dx, n, s, c, g, mean, invstd, w, sdy, sdyx,
+                                team_threads(ntt, n_threads),
                                 stream)
-    with parallel(num_threads=nt):   # scratch once per thread, not per sample
+    with parallel(num_threads=team_threads(nt, n_threads)):   # scratch once a thread
         buf = <double *>bn_alloc64((4 + 2 * nchunks) * c * sizeof(double))
         for t in prange(n, schedule='static'):
             if buf == NULL:
@@ -1381,7 +1388,7 @@ cdef int group_param_grads(double *dweight, double *dbias, const double *sdyx,
     part = <double *>bn_alloc64(2 * nrun * c * sizeof(double))
     if part == NULL:
         return -1
-    for k in prange(nrun, schedule='static', num_threads=nt):
+    for k in prange(nrun, schedule='static', num_threads=team_threads(nt, n_threads)):
         t0 = k * n // nrun
         t1 = (k + 1) * n // nrun
         for j in range(2 * c):

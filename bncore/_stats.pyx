@@ -14,7 +14,7 @@ from bncore._kernels cimport (
     bn_llc_bytes,
     SERIAL_ELEMS, bn_chan_merge_vec, bn_simd_level, planes_stats, rows_stats,
 )
-from bncore._openmp cimport work_threads
+from bncore._openmp cimport team_threads, work_threads
 
 cnp.import_array()
 
@@ -56,7 +56,7 @@ cdef int _batches(const floating *x, Py_ssize_t nb, Py_ssize_t sb, Py_ssize_t ou
     cdef Py_ssize_t b, fails = 0
     cdef int nt = work_threads(n_threads, nb, nb * outer * nch * inner, SERIAL_ELEMS)
     if nt > 1 and (nb % nt == 0 or nb >= 4 * nt):
-        for b in prange(nb, schedule='static', num_threads=nt):
+        for b in prange(nb, schedule='static', num_threads=team_threads(nt, n_threads)):
             fails += _view(x + b * sb, outer, nch, inner, so, sc, mean + b * nch,
                            m2 + b * nch, 1) != 0
         return -1 if fails else 0

@@ -5,6 +5,9 @@
   values; the kernels stay serial under 32K) in both layouts, float32 and float64.
 - Eight Python threads calling every op at once, on shared and on separate inputs, get
   exactly the serial results and leave the inputs untouched.
+- Calls keep the OpenMP threads they find: every region starts one thread or all
+  n_threads, so repeated calls and one op after another neither end nor create threads
+  (libgomp ends the pool's threads beyond a smaller team; ids of /proc/self/task).
 - Kernels release the GIL. Robust on a busy 2-core machine: a heartbeat thread ticks
   while one long call runs; if the call held the GIL the heartbeat would stall for the
   whole call, so the longest stall must be well under the call's duration (the best of
@@ -452,6 +455,55 @@ def test_bitwise_identical_across_OMP_NUM_THREADS():
     for t in ("2", "3"):
         differ = sorted(k for k in base if runs[t]["digests"][k] != base[k])
         assert not differ, f"OMP_NUM_THREADS={t} changes the results of {differ}"
+
+
+_POOL_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np, bncore
+from test_threads import make_ops
+cases = dict(make_ops()[0])
+for k, v in make_ops((4, 32, 24, 24), np.float64, seed=3)[0].items():
+    cases[k + "/f64"] = v
+x = np.random.default_rng(0).normal(size=(128, 64, 14, 14)).astype(np.float32)
+_, m, s = bncore.group_norm_forward(x, 8)
+cases["group_norm_backward (128, 64, 14, 14) G=8"] = (
+    lambda nt: bncore.group_norm_backward(x, x, m, s, 8, n_threads=nt))
+tids = lambda: sorted(os.listdir("/proc/self/task"))
+nt = {nt}
+for f in cases.values():      # the pool grows to its largest team
+    f(nt)
+churn = []
+for name, f in sorted(cases.items()):
+    before = tids()
+    f(nt)
+    f(nt)
+    if tids() != before:
+        churn.append(name)
+first = tids()
+for f in cases.values():      # one op after another
+    f(nt)
+print(json.dumps({{"threads": len(first), "churn": churn, "steady": tids() == first}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_calls_keep_the_openmp_threads_they_find():
+    """Every region starts a team of one thread or of all n_threads, so the OpenMP pool
+    keeps its threads from call to call and op to op. libgomp ends the pool's threads
+    beyond a smaller team (of two or more) and creates them anew for the next larger one:
+    a group-norm backward whose weight-gradient step started 8 threads of 16 re-created 8
+    threads on every call (slower on 16 threads than on 8). In a fresh process: the
+    thread ids of /proc/self/task stay the same over repeated calls of every op, with
+    n_threads=16 (more than this machine may have; the pool is libgomp's all the same)."""
+    script = _POOL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), nt=16)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["threads"] >= 16, f"no 16-thread pool: {got['threads']} threads"
+    assert not got["churn"], f"calls end or create OpenMP threads: {got['churn']}"
+    assert got["steady"], "running the ops one after another ends or creates threads"
 
 
 def _snapshot(inputs):
