@@ -206,7 +206,7 @@ cdef int forward_planes(const floating *x, floating *y, Py_ssize_t outer, Py_ssi
     # (planes_by_sample, which read x twice), e.g. (256,256,14,14) 1.26x (1.06x with a
     # fresh output), (1024,256,7,7) 1.28x, (256,512,7,7) 1.37x, (256,64,7,7) 1.8x
     cdef bint fused = training and plane_chunks(outer, nch, inner) == 1
-    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 2)
+    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 2, y, x)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     # a batch of one in eval: the affine's chunks are runs of channels, each converts its own
@@ -413,7 +413,7 @@ cdef int forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssize
     cdef double *scale
     cdef double *shift
     cdef int nt = work_threads(n_threads, channel_blocks(nch), nrows * nch, SERIAL_ELEMS)
-    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 2)
+    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 2, y, x)
     if nt > 1 and few_rows(nrows, nch):
         return forward_cols(x, y, nrows, nch, ld, ldy, mean, var, invstd, w, b, training, eps,
                             nt, n_threads, stream, io)
@@ -591,7 +591,8 @@ cdef int backward_planes(const floating *dy, const floating *x, floating *dx,
     cdef Py_ssize_t c, t, t0, t1, ng
     cdef int rc
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
-    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 3)
+    cdef bint stream = streams(outer * nch * inner * <Py_ssize_t>sizeof(floating), 3, dx, dy,
+                               x)
     cdef bint fetch = stream and inner * <Py_ssize_t>sizeof(floating) >= FETCH_PLANE
     cdef Py_ssize_t pd = plane_fetch(inner * <Py_ssize_t>sizeof(floating),
                                      2 * outer * nch * inner * <Py_ssize_t>sizeof(floating), nt)
@@ -807,7 +808,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     cdef double *q
     cdef double *r
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
-    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3)
+    cdef bint stream = streams(nrows * nch * <Py_ssize_t>sizeof(floating), 3, dx, dy, x)
     cdef bint far = beyond_caches(3 * nrows * nch * <Py_ssize_t>sizeof(floating))  # dy, x, dx
     if nchunks == 1:
         # few rows of many channels ((64, 1024), a 7x7 batch of one): the threads take

@@ -201,7 +201,7 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
                        const floating *b, double *mean, double *invstd, bint rms,
                        int n_threads) noexcept nogil:
     cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS)), s, r, r0, r1
-    cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 2)
+    cdef bint stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 2, y, x)
     cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
         r0 = s * nrows // nchunks
@@ -491,7 +491,7 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     per = 2 * d if dbias != NULL else d
     ahead = rows_ahead(2 * d, sizeof(floating))
     part = <double *>bn_alloc64(nchunks * per * sizeof(double))
-    stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3)
+    stream = streams(nrows * d * <Py_ssize_t>sizeof(floating), 3, dx, dy, x)
     nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
     far = beyond_caches(2 * nrows * d * <Py_ssize_t>sizeof(floating))
     if part == NULL:
@@ -625,7 +625,7 @@ cdef int group_rows(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t g,
                     Py_ssize_t cg, Py_ssize_t s, double eps, const double *w, const double *b,
                     double *mean, double *var, int n_threads) noexcept nogil:
     cdef Py_ssize_t t, nblk, nchunks, k0
-    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 2)
+    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 2, y, x)
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     cdef int team = work_threads(n_threads, n * g * run_chunks(cg * s), n * g * cg * s,
                                  SERIAL_ELEMS)
@@ -725,7 +725,8 @@ cdef void group_rows_bwd(const floating *dy, const floating *x, floating *dx, Py
                          const double *invstd, const double *w, double *sdy, double *sdyx,
                          int n_threads) noexcept nogil:
     cdef Py_ssize_t t, off, j, c0, nblk, nchunks, k0
-    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 3)
+    cdef bint stream = streams(n * g * cg * s * <Py_ssize_t>sizeof(floating), 3, dx, dy,
+                               x)
     cdef int nt = work_threads(n_threads, n * g, n * g * cg * s, SERIAL_ELEMS)
     cdef int team = work_threads(n_threads, n * g * cg, n * g * cg * s, SERIAL_ELEMS)
     cdef double q, r
@@ -1106,7 +1107,7 @@ cdef int samples_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_
     sample (cols_forward), or for wide groups over few rows (direct_groups) a run of
     (sample, group) blocks per thread (direct_run). The same bits."""
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c), cg = c // g
-    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2)
+    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 2, y, x)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     cdef int ntc
@@ -1280,7 +1281,7 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
                           int n_threads) noexcept nogil:
     cdef Py_ssize_t t, fails = 0, nchunks = rows_chunks(s, c)
     cdef double *buf = NULL   # (private in the parallel block; set for the compiler)
-    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 3)
+    cdef bint stream = streams(n * s * c * <Py_ssize_t>sizeof(floating), 3, dx, dy, x)
     cdef int nt = work_threads(n_threads, n, n * s * c, SERIAL_ELEMS)
     cdef int ntt = work_threads(n_threads, nchunks, n * s * c, SERIAL_ELEMS)
     if team_pays(n, nchunks, nt, ntt):
