@@ -95,7 +95,8 @@ def extensions():
     exts = [
         Extension(f"bncore.{name}", [f"bncore/{name}.pyx"],
                   include_dirs=[np.get_include(), "bncore/src"],
-                  depends=["bncore/src/bn_kernels.h", "bncore/src/bn_kernels_impl.h"],
+                  depends=["bncore/src/bn_kernels.h", "bncore/src/bn_kernels_impl.h",
+                           "bncore/src/bn_half.h"],
                   define_macros=macros, extra_compile_args=compile_args,
                   extra_link_args=link_args)
         for name in MODULES

@@ -10,11 +10,13 @@ import warnings
 import numpy as np
 
 from bncore import _batchnorm, _stats
+from bncore._outputs import half_to_float
 from bncore._validation import (
     canonical_view, check_eps, check_out, check_real, check_writeable, finish_output,
-    float_input, matching_view, normalize_axis, output_like, param_vector, resolve_threads,
-    running_stat, same_float_input,
+    float_input, in_half_input, matching_view, normalize_axis, output_like, param_vector,
+    resolve_threads, running_stat, same_float_input,
 )
+from bncore._validation import _convert_threads
 
 __all__ = ["moments", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -40,7 +42,7 @@ def _reduce_axes(axis, ndim):
     return out
 
 
-def _stats_input(x):
+def _stats_input(x, n_threads=None):
     arr = x if type(x) is np.ndarray else np.asarray(x)
     kind = arr.dtype.kind
     if kind in "biu":
@@ -48,7 +50,7 @@ def _stats_input(x):
     if kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"x must be a real (bool, integer or float) array, got dtype {arr.dtype}")
     if arr.dtype.itemsize == 2:
-        return arr.astype(np.float32), arr.dtype.newbyteorder("=")
+        return half_to_float(arr, _convert_threads(n_threads)), arr.dtype.newbyteorder("=")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr, arr.dtype
@@ -178,7 +180,7 @@ def moments(x, axis=None, *, ddof=0, keepdims=False, n_threads=None):
 
 def _moments_general(x, axis, ddof, keepdims, n_threads):
     """moments() for every call (the common one also runs in _stats.moments_common)."""
-    arr, dtype = _stats_input(x)
+    arr, dtype = _stats_input(x, n_threads)
     axes = _reduce_axes(axis, arr.ndim)
     ddof = check_real(ddof, "ddof")
     count, mean, m2 = _raw_moments(arr, axes, n_threads)
@@ -312,8 +314,8 @@ class Moments:
 
 # ------------------------------------------------------------------ batch norm
 
-def _check_bn(x, weight, bias, running_mean, running_var, training, eps, axis):
-    arr, dtype = float_input(x)
+def _check_bn(x, weight, bias, running_mean, running_var, training, eps, axis, n_threads):
+    arr, dtype = float_input(x, "x", n_threads)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")
     ax = normalize_axis(axis, arr.ndim)
@@ -337,7 +339,7 @@ def _check_bn(x, weight, bias, running_mean, running_var, training, eps, axis):
 def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps, axis,
              out, n_threads):
     arr, dtype, ax, w, b, rm, rv, eps = _check_bn(x, weight, bias, running_mean, running_var,
-                                                 training, eps, axis)
+                                                 training, eps, axis, n_threads)
     update = training and (rm is not None or rv is not None)
     if update:
         momentum = check_real(momentum, "momentum")
@@ -362,14 +364,14 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
             invstd[...] = invstd_of(var, eps)
         return y, mean, invstd
     v = canonical_view(arr, ax)
-    y, yv = output_like(v, dtype, out, ax)
+    y, yv = (v.arr, v) if in_half_input(dtype, out) else output_like(v, dtype, out, ax)
     _batchnorm.forward(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
                        mean, var, invstd, w, b, training, eps, nt)
     if update:
         m = arr.size // nch
         _update_running(rm, mean, momentum, 1.0)
         _update_running(rv, var, momentum, m / (m - 1))
-    return finish_output(y, out, dtype), mean, invstd
+    return finish_output(y, out, dtype, n_threads), mean, invstd
 
 
 def _update_running(r, batch, momentum, factor):
@@ -504,10 +506,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
                                      n_threads, out)
     if res is not None:
         return res   # dweight and dbias already in the statistics' dtype
-    arr, dtype = float_input(x)
+    arr, dtype = float_input(x, "x", n_threads)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")
-    g = same_float_input(dy, "dy", dtype, arr.shape)
+    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, arr)
     ax = normalize_axis(axis, arr.ndim)
     nch = arr.shape[ax]
     mean = param_vector(save_mean, "save_mean", (nch,))
@@ -525,7 +527,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
         return dx, dweight.astype(sdt), dbias.astype(sdt)
     v = canonical_view(arr, ax)
     gv = matching_view(g, ax, v)
-    dx, dv = output_like(gv, dtype, out, ax, v.arr)
+    dx, dv = ((gv.arr, gv) if in_half_input(dtype, out)
+              else output_like(gv, dtype, out, ax, v.arr))
     _batchnorm.backward(gv.arr, v.arr, dx, v.outer, v.nch, v.inner, gv.so, gv.sc, v.so, v.sc,
                         dv.so, dv.sc, mean, invstd, w, training, dweight, dbias, nt)
-    return finish_output(dx, out, dtype), dweight.astype(sdt), dbias.astype(sdt)
+    return finish_output(dx, out, dtype, n_threads), dweight.astype(sdt), dbias.astype(sdt)

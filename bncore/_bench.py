@@ -396,6 +396,11 @@ def all_cases():
         # BatchNorm1d-like, 64 rows of 1024 channels: one row chunk, the threads split the
         # channels (0.76x PyTorch on one thread)
         bn_backward((64, 1024, 1, 1), "NHWC", f32, 1.0),
+        # float16 (computed in float32 and rounded back; no target: PyTorch's float16
+        # kernels accumulate in float, bncore in double as for float32)
+        bn_train(big, "NCHW", np.float16, None),
+        bn_eval(big, np.float16, None),
+        bn_backward(big, "NCHW", np.float16, None),
     ] + family_cases()
 
 

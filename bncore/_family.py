@@ -21,7 +21,8 @@ from bncore import _api, _rownorm
 from bncore._outputs import empty_like_apart
 from bncore._validation import (
     check_eps, check_out, check_real, check_writeable, finish_output, float_input,
-    normalize_axis, param_vector, resolve_threads, running_stat, same_float_input,
+    in_half_input, normalize_axis, param_vector, resolve_threads, running_stat,
+    same_float_input,
 )
 
 __all__ = [
@@ -83,7 +84,7 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms, st
                                   stats)
     if res is not None:
         return res
-    arr, dtype = float_input(x)
+    arr, dtype = float_input(x, "x", n_threads)
     shape = _normalized_shape(arr, normalized_shape)
     if rms and eps is None:   # PyTorch: the machine epsilon of the type it computes in
         eps = float(np.finfo(np.float32 if dtype == np.float16 else dtype).eps)
@@ -103,13 +104,18 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms, st
         y = out if out is not None else np.empty(arr.shape, dtype)
         return _row_stats(y, mean, invstd, lead)
     xr, ldx = _rows(arr, nrows, d)
-    y = out if _direct_out(out, arr.dtype, arr) else empty_like_apart(arr.shape, arr.dtype, xr)
+    if in_half_input(dtype, out) and arr.flags.c_contiguous:
+        y = arr   # over float16 input's own float32 copy
+    elif _direct_out(out, arr.dtype, arr):
+        y = out
+    else:
+        y = empty_like_apart(arr.shape, arr.dtype, xr)
     # weight/bias in x's dtype: for float32 the elementwise pass is float arithmetic
     _rownorm.forward(xr, y, nrows, d, ldx, d, eps,
                      None if w is None else w.reshape(d).astype(arr.dtype),
                      None if b is None else b.reshape(d).astype(arr.dtype), mean, invstd,
                      rms, nt)
-    return _row_stats(finish_output(y, out, dtype), mean, invstd, lead)
+    return _row_stats(finish_output(y, out, dtype, n_threads), mean, invstd, lead)
 
 
 def _row_stats(y, mean, invstd, lead):
@@ -125,9 +131,9 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
                                    rms, out)
     if res is not None:
         return res   # dweight and dbias already shaped and typed
-    arr, dtype = float_input(x)
+    arr, dtype = float_input(x, "x", n_threads)
     shape = _normalized_shape(arr, normalized_shape)
-    g = same_float_input(dy, "dy", dtype, arr.shape)
+    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, arr)
     lead = arr.shape[:arr.ndim - len(shape)]
     nrows, d = math.prod(lead), math.prod(shape)
     name = "invrms" if rms else "invstd"
@@ -146,12 +152,16 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     else:
         xr, ldx = _rows(arr, nrows, d)
         gr, ldg = _rows(g, nrows, d)
-        dx = (out if _direct_out(out, arr.dtype, arr, g)
-              else empty_like_apart(arr.shape, arr.dtype, xr, gr))
+        if in_half_input(dtype, out) and g.flags.c_contiguous:
+            dx = g   # over float16 dy's own float32 copy
+        elif _direct_out(out, arr.dtype, arr, g):
+            dx = out
+        else:
+            dx = empty_like_apart(arr.shape, arr.dtype, xr, gr)
         _rownorm.backward(gr, xr, dx, nrows, d, ldg, ldx, d,
                           None if m is None else m.reshape(nrows), s.reshape(nrows),
                           np.ones(d) if w is None else w.reshape(d), dweight, dbias, rms, nt)
-        dx = finish_output(dx, out, dtype)
+        dx = finish_output(dx, out, dtype, n_threads)
     return _row_grads(dx, dweight, dbias, shape)
 
 
@@ -363,10 +373,11 @@ class _Spatial:
     """x (or dy) as the kernels' canonical array: C-contiguous (N, C, S) when ``cl`` is
     False, (N, S, C) when True; ``user(a)`` gives a kernel-layout array back in the
     caller's shape and axis order."""
-    __slots__ = ("arr", "dtype", "shape", "ax", "n", "c", "s", "cl", "data")
+    __slots__ = ("arr", "dtype", "shape", "ax", "n", "c", "s", "cl", "data", "nt")
 
-    def __init__(self, x, axis, name="x"):
-        arr, self.dtype = float_input(x, name)
+    def __init__(self, x, axis, n_threads, name="x"):
+        self.nt = n_threads   # the call's (unchecked): for float16 conversions
+        arr, self.dtype = float_input(x, name, n_threads)
         if arr.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), "
                              f"got shape {arr.shape}")
@@ -396,7 +407,7 @@ class _Spatial:
 
     def like(self, a, name):
         """Another array of x's shape and dtype (dy) in the kernel layout of x."""
-        arr = same_float_input(a, name, self.dtype, self.shape)
+        arr = same_float_input(a, name, self.dtype, self.shape, self.nt, self.arr)
         return np.ascontiguousarray(self._moved(arr)).reshape(self.data.shape)
 
     def _moved(self, a):
@@ -449,9 +460,10 @@ def _spatial_forward(sp, g, w, b, eps, out, nt):
         var.fill(np.nan)
         y = out if out is not None else np.empty(sp.shape, sp.dtype)
         return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
-    yk, direct = sp.output(out, sp.arr)
+    # (over float16 input's own float32 copy, or where sp.output says)
+    yk, direct = (sp.data, False) if in_half_input(sp.dtype, out) else sp.output(out, sp.arr)
     _rownorm.group_forward(sp.data, yk, sp.n, sp.c, sp.s, g, sp.cl, eps, w, b, mean, var, nt)
-    y = out if direct else finish_output(sp.user(yk), out, sp.dtype)
+    y = out if direct else finish_output(sp.user(yk), out, sp.dtype, nt)
     return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
 
 
@@ -467,7 +479,7 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         n_threads, out)
     if res is not None:
         return res   # dweight and dbias already in the statistics' dtype
-    sp = _Spatial(x, axis)
+    sp = _Spatial(x, axis, n_threads)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
     gk = sp.like(dy, "dy")
     mean = param_vector(mean, "mean", (sp.n, g))
@@ -483,10 +495,11 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
     dweight = np.empty(sp.c, _F64)
     dbias = np.empty(sp.c, _F64)
-    dxk, direct = sp.output(out, sp.arr, gk, dy=gk)
+    dxk, direct = ((gk, False) if in_half_input(sp.dtype, out)
+                   else sp.output(out, sp.arr, gk, dy=gk))
     _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd, w,
                             dweight, dbias, nt)
-    dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype)
+    dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype, nt)
     return _group_grads(dx, dweight, dbias)
 
 
@@ -540,7 +553,7 @@ def _group_forward(x, num_groups, weight, bias, eps, axis, out, n_threads):
 
 def _group_general(x, num_groups, weight, bias, eps, axis, out, n_threads):
     """_group_forward's general path: every check, then the kernel."""
-    sp = _Spatial(x, axis)
+    sp = _Spatial(x, axis, n_threads)
     g = _check_groups(num_groups, sp.c)
     w = param_vector(weight, "weight", (sp.c,))
     b = param_vector(bias, "bias", (sp.c,))
@@ -630,7 +643,7 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, axis=1,
 
 
 def _instance_checked(x, weight, bias, eps, axis, out, n_threads):
-    sp = _Spatial(x, axis)
+    sp = _Spatial(x, axis, n_threads)
     w = param_vector(weight, "weight", (sp.c,))
     b = param_vector(bias, "bias", (sp.c,))
     eps = check_eps(eps)

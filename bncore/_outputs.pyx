@@ -52,13 +52,15 @@ cdef extern from *:
     #define BN_ALIAS_SPAN 4096u   /* a load is checked against stores on address bits 11:0 */
     #define BN_ALIAS_NEAR 256u    /* trailing an input by 1..this many bytes stalls its loads */
     #define BN_APART_STEP 512u
-    #define BN_APART_HDR 64u      /* the block's address, the array's size and the block's
-                                     size, before it */
+    #define BN_APART_HDR 64u      /* the block's address, the array's size, the block's
+                                     size and whether it is scratch, before it */
     #define BN_CACHE_MIN ((size_t)32 << 20)   /* glibc's largest mmap threshold */
+    #define BN_SCRATCH_MIN ((size_t)1 << 20)  /* scratch blocks (empty_scratch) kept from */
     #define BN_CACHE_SLOTS 4
     #define BN_CACHE_STALE 8      /* big requests since a block came back: then it may go */
 
     static __thread size_t bn_apart_inputs[2];   /* set around each allocation */
+    static __thread int bn_apart_scratch;         /* set around a scratch allocation */
 
     /* freed blocks of BN_CACHE_MIN bytes or more, kept for reuse (see the module notes);
      * arrays can be freed on any thread: a spin lock guards the slots */
@@ -82,11 +84,11 @@ cdef extern from *:
 
     /* A cached block of at least `need` bytes and at most 1/8 more (the smallest such),
      * taken out of the cache, or NULL; its size in *cap. */
-    static char *bn_cache_take(size_t need, size_t *cap)
+    static char *bn_cache_take(size_t need, size_t *cap, int scratch)
     {
         char *raw = NULL;
         int best = -1;
-        if (need < BN_CACHE_MIN)
+        if (need < (scratch ? BN_SCRATCH_MIN : BN_CACHE_MIN))
             return NULL;
         bn_cache_lock();
         bn_cache_clock++;
@@ -112,11 +114,11 @@ cdef extern from *:
      * calls paid for a fresh mapping (a (64, 64, 56, 56) training forward 9.9 ms instead of
      * 2.9). Blocks in use by a loop over up to four sizes come back within a few requests
      * and stay. */
-    static void bn_cache_give(char *raw, size_t cap)
+    static void bn_cache_give(char *raw, size_t cap, int scratch)
     {
         char *evicted[BN_CACHE_SLOTS] = {NULL};
         int nev = 0;
-        if (cap >= BN_CACHE_MIN && cap <= bn_cache_limit) {
+        if (cap >= (scratch ? BN_SCRATCH_MIN : BN_CACHE_MIN) && cap <= bn_cache_limit) {
             bn_cache_lock();
             for (;;) {
                 int free_slot = -1, oldest = -1;
@@ -181,7 +183,7 @@ cdef extern from *:
         if (size > SIZE_MAX - BN_ALIAS_SPAN - 2 * BN_APART_HDR)
             return NULL;
         size_t cap = size + BN_ALIAS_SPAN + 2 * BN_APART_HDR;
-        char *raw = bn_cache_take(cap, &cap);
+        char *raw = bn_cache_take(cap, &cap, bn_apart_scratch);
         if (raw == NULL)
             raw = (char *)malloc(cap);
         if (raw == NULL)
@@ -195,6 +197,7 @@ cdef extern from *:
         ((void **)p)[-1] = raw;
         ((size_t *)p)[-2] = size;
         ((size_t *)p)[-3] = cap;
+        ((size_t *)p)[-4] = (size_t)bn_apart_scratch;
     #if defined(__linux__) && defined(MADV_HUGEPAGE)
         if (size >= ((size_t)1 << 22)) {   /* as NumPy's allocator does */
             uintptr_t a = (p + 4095) & ~(uintptr_t)4095, e = (p + size) & ~(uintptr_t)4095;
@@ -219,7 +222,8 @@ cdef extern from *:
     {
         (void)ctx; (void)size;
         if (ptr != NULL)
-            bn_cache_give((char *)((void **)ptr)[-1], ((size_t *)ptr)[-3]);
+            bn_cache_give((char *)((void **)ptr)[-1], ((size_t *)ptr)[-3],
+                          (int)((size_t *)ptr)[-4]);
     }
 
     static void *bn_apart_realloc(void *ctx, void *ptr, size_t new_size)
@@ -244,6 +248,7 @@ cdef extern from *:
         pass
     PyDataMem_Handler bn_apart_handler
     size_t bn_apart_inputs[2]
+    int bn_apart_scratch
     size_t bn_cache_bytes, bn_cache_limit
     size_t bn_cache_release(size_t limit)
     object PyDataMem_SetHandler(object handler)
@@ -277,6 +282,21 @@ cdef object empty_apart(int nd, cnp.npy_intp *dims, int typenum, object a, objec
         PyDataMem_SetHandler(old)
         bn_apart_inputs[0] = bn_apart_inputs[1] = 0
     return y
+
+
+cdef object empty_scratch(int nd, cnp.npy_intp *dims, int typenum, object a, object b):
+    """empty_apart for a call's own working copy (float16 input widened to float32): kept
+    for reuse when freed from 1 MiB (BN_SCRATCH_MIN), not only from 32 MiB. A float16
+    batch-norm backward of (32, 64, 56, 56) holds two 25 MiB float32 copies and its 12 MiB
+    result; freed to the heap, the three outgrew glibc's trim threshold (twice its raised
+    mmap threshold) and went back to the system after every call, to be faulted in again
+    on the next (1,272 pages a call, 14 ms against 3.6 with the copies kept)."""
+    global bn_apart_scratch
+    bn_apart_scratch = 1
+    try:
+        return empty_apart(nd, dims, typenum, a, b)
+    finally:
+        bn_apart_scratch = 0
 
 
 def empty_like_apart(shape, dtype, a=None, b=None):
@@ -338,3 +358,133 @@ def _limit_from_environment():
 
 
 _limit_from_environment()
+
+
+# ------------------------------------------------------------------ float16 in and out
+
+import numpy as np
+from libc.stdint cimport uint16_t
+from cython.parallel cimport prange
+from bncore._openmp cimport team_threads, work_threads
+
+cdef extern from "bn_half.h" nogil:
+    int bn_use_f16c
+    int bn_cpu_f16c()
+    void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
+    void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
+
+bn_use_f16c = bn_cpu_f16c()
+
+cdef enum:
+    CONVERT_CHUNK = 32768   # values per parallel piece (elementwise: any split, same bits)
+    CONVERT_SERIAL = 65536  # fewer values: one thread
+
+
+def use_f16c(on=None):
+    """Whether float16 conversions use the CPU's F16C instructions; with ``on``, set it
+    first (on only where the CPU has them). For tests: both ways give the same bits."""
+    global bn_use_f16c
+    if on is not None:
+        bn_use_f16c = 1 if (on and bn_cpu_f16c()) else 0
+    return bool(bn_use_f16c)
+
+
+cdef bint _dense(cnp.ndarray a):
+    """Whether a's values fill its memory with no gaps, in some order of its axes
+    (positive strides)."""
+    cdef int i, j, k, nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    cdef cnp.npy_intp *sh = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp expect = cnp.PyArray_ITEMSIZE(a), best = 0
+    cdef bint used[32]
+    if cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a):
+        return True
+    if nd > 32:
+        return False
+    for i in range(nd):
+        used[i] = sh[i] == 1
+        if sh[i] == 0:
+            return True
+    for k in range(nd):   # the axes by stride, each the size of the ones before
+        j = -1
+        for i in range(nd):
+            if not used[i] and (j < 0 or st[i] < best):
+                j = i
+                best = st[i]
+        if j < 0:
+            break
+        if st[j] != expect:
+            return False
+        used[j] = True
+        expect *= sh[j]
+    return True
+
+
+cdef bint _same_order(cnp.ndarray a, cnp.ndarray b):
+    """a and b dense, of one shape, their values in the same order in memory."""
+    cdef int i, nd = cnp.PyArray_NDIM(a)
+    if nd != cnp.PyArray_NDIM(b) or not _dense(a) or not _dense(b):
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(b)[i]:
+            return False
+        if (cnp.PyArray_DIMS(a)[i] > 1 and cnp.PyArray_STRIDES(a)[i] * cnp.PyArray_ITEMSIZE(b)
+                != cnp.PyArray_STRIDES(b)[i] * cnp.PyArray_ITEMSIZE(a)):
+            return False
+    return True
+
+
+cdef void _convert(const void *src, void *dst, Py_ssize_t n, bint widen,
+                   int n_threads) noexcept nogil:
+    cdef Py_ssize_t k, nchunks = (n + CONVERT_CHUNK - 1) // CONVERT_CHUNK, i0, m
+    cdef int nt = work_threads(n_threads, nchunks, n, CONVERT_SERIAL)
+    for k in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
+        i0 = k * CONVERT_CHUNK
+        m = min(<Py_ssize_t>CONVERT_CHUNK, n - i0)
+        if widen:
+            bn_half_to_float(<const uint16_t *>src + i0, <float *>dst + i0, m)
+        else:
+            bn_float_to_half(<const float *>src + i0, <uint16_t *>dst + i0, m)
+
+
+def half_to_float(cnp.ndarray x, int n_threads, other=None):
+    """x (float16, native byte order) as a new float32 array, its values in x's memory
+    order when x is dense (NumPy's astype there; bit for bit the same values), placed
+    apart from ``other`` (the call's other float32 copy, read in step with this one)."""
+    cdef cnp.ndarray y
+    if not (cnp.PyArray_ISNOTSWAPPED(x) and _dense(x)):
+        return x.astype(np.float32)
+    if cnp.PyArray_IS_C_CONTIGUOUS(x):
+        y = empty_scratch(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.NPY_FLOAT32, x,
+                          other)
+    else:
+        y = np.empty_like(x, np.float32)   # order 'K': x's order of axes
+        if not _same_order(x, y):
+            return x.astype(np.float32)
+    with nogil:
+        _convert(cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), cnp.PyArray_SIZE(x), True,
+                 n_threads)
+    return y
+
+
+def float_to_half(cnp.ndarray y, out, int n_threads):
+    """y (float32, native) rounded to float16: into out (float16, y's shape) when given,
+    else into a new array with y's memory order; returns it (NumPy's astype or copyto
+    where the orders differ; the same bits)."""
+    cdef cnp.ndarray h
+    if out is None:
+        if not _dense(y) or not cnp.PyArray_ISNOTSWAPPED(y):
+            return y.astype(np.float16)
+        h = np.empty_like(y, np.float16)
+        if not _same_order(y, h):
+            return y.astype(np.float16)
+    else:
+        h = out
+        if not (cnp.PyArray_ISNOTSWAPPED(y) and cnp.PyArray_ISNOTSWAPPED(h)
+                and cnp.PyArray_TYPE(h) == cnp.NPY_FLOAT16 and _same_order(y, h)):
+            np.copyto(h, y, casting="unsafe")
+            return h
+    with nogil:
+        _convert(cnp.PyArray_DATA(y), cnp.PyArray_DATA(h), cnp.PyArray_SIZE(y), False,
+                 n_threads)
+    return h

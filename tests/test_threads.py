@@ -469,6 +469,11 @@ x = np.random.default_rng(0).normal(size=(128, 64, 14, 14)).astype(np.float32)
 _, m, s = bncore.group_norm_forward(x, 8)
 cases["group_norm_backward (128, 64, 14, 14) G=8"] = (
     lambda nt: bncore.group_norm_backward(x, x, m, s, 8, n_threads=nt))
+x16 = x.astype(np.float16)   # its conversions run on the call's threads too
+cases["batch_norm_forward float16"] = lambda nt: bncore.batch_norm_forward(x16, n_threads=nt)
+_, lm, ls = bncore.layer_norm_forward(x16, (14, 14))
+cases["layer_norm_backward float16"] = (
+    lambda nt: bncore.layer_norm_backward(x16, x16, lm, ls, (14, 14), n_threads=nt))
 tids = lambda: sorted(os.listdir("/proc/self/task"))
 nt = {nt}
 for f in cases.values():      # the pool grows to its largest team
