@@ -21,6 +21,7 @@ from bncore._validation import _convert_threads
 __all__ = ["moments", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
 
 
 # ------------------------------------------------------------------ moments
@@ -315,7 +316,8 @@ class Moments:
 # ------------------------------------------------------------------ batch norm
 
 def _check_bn(x, weight, bias, running_mean, running_var, training, eps, axis, n_threads):
-    arr, dtype = float_input(x, "x", n_threads)
+    # float16 in eval stays float16 (eval_forward_half widens it a piece at a time)
+    arr, dtype = float_input(x, "x", n_threads, widen=training)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")
     ax = normalize_axis(axis, arr.ndim)
@@ -364,6 +366,11 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
             invstd[...] = invstd_of(var, eps)
         return y, mean, invstd
     v = canonical_view(arr, ax)
+    if arr.dtype == _F16:
+        y, yv = output_like(v, dtype, out, ax)
+        _batchnorm.eval_forward_half(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so,
+                                     yv.sc, mean, var, invstd, w, b, eps, nt)
+        return finish_output(y, out, dtype, n_threads), mean, invstd
     y, yv = (v.arr, v) if in_half_input(dtype, out) else output_like(v, dtype, out, ax)
     _batchnorm.forward(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
                        mean, var, invstd, w, b, training, eps, nt)

@@ -33,12 +33,13 @@ expression in both layouts (planes and rows give the same bits).
 """
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
+from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
 
 from bncore._kernels cimport (
-    bn_alloc64, bn_free64,
+    bn_alloc64, bn_free64, bn_float_to_half, bn_half_to_float, bn_planes_affine_f32,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
@@ -63,6 +64,7 @@ cnp.import_array()
 
 cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
+    HALF_STAGE = 8192      # float16 eval: values widened at a time (32 KiB float32, L1)
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     CHANNEL_GROUP = 8      # small channels per group
     CL_TILE = 128          # channels a thread takes at least, when few rows split by channel
@@ -561,6 +563,80 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch, Py_s
                                 NULL)
     if rc != 0:
         raise MemoryError("bncore: out of memory for per-channel work arrays")
+
+
+cdef int eval_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t nch,
+                   Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
+                   Py_ssize_t ysc, const double *mean, const double *var, double *invstd,
+                   const double *w, const double *b, double eps,
+                   int n_threads) noexcept nogil:
+    """The eval forward of float16 (inference) a piece at a time: up to HALF_STAGE values
+    widened into a float32 buffer of the thread's (in L1), normalised there by the float32
+    affine of forward_planes / forward_rows (bn_planes_affine, bn_cl_affine: whose bits do
+    not depend on how the values are cut), rounded back into y. Pieces: runs of a sample's
+    channels (planes), or of rows of all channels (rows: inner == 1, sc == ysc == 1). One
+    float16 read and write a value, where widening the whole array first and rounding the
+    result back moved four more float32-sized passes. -1 if out of memory."""
+    cdef bint rows = inner == 1 and sc == 1 and ysc == 1
+    cdef Py_ssize_t width = nch if rows else inner
+    cdef Py_ssize_t per = max(1, HALF_STAGE // width)   # rows, or planes, a piece
+    cdef Py_ssize_t runs = 1 if rows else (nch + per - 1) // per
+    cdef Py_ssize_t npieces = ((outer + per - 1) // per if rows else outer * runs)
+    cdef Py_ssize_t t, k, n, c0, m, fails = 0
+    cdef int nt = work_threads(n_threads, npieces, outer * nch * inner, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    cdef double *scale = <double *>bn_alloc64(2 * nch * sizeof(double))
+    if scale == NULL:
+        return -1
+    for k in range(nch):   # rows_affine_params' invstd, scale and shift
+        invstd[k] = 1.0 / sqrt(var[k] + eps)
+        scale[k] = (w[k] if w != NULL else 1.0) * invstd[k]
+        scale[nch + k] = b[k] if b != NULL else 0.0
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(per * width * sizeof(float))
+        for t in prange(npieces, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            elif rows:
+                n = t * per
+                m = min(per, outer - n)
+                for k in range(m):
+                    bn_half_to_float(x + (n + k) * so, buf + k * nch, nch)
+                cl_affine(buf, nch, buf, nch, m, nch, mean, scale, scale + nch)
+                for k in range(m):
+                    bn_float_to_half(buf + k * nch, y + (n + k) * yso, nch)
+            else:
+                n = t // runs
+                c0 = (t - n * runs) * per
+                m = min(per, nch - c0)
+                for k in range(m):
+                    bn_half_to_float(x + n * so + (c0 + k) * sc, buf + k * inner, inner)
+                bn_planes_affine_f32(buf, buf, 0, m, m, inner, m * inner, inner, m * inner,
+                                     inner, mean + c0, invstd + c0,
+                                     w + c0 if w != NULL else NULL,
+                                     b + c0 if b != NULL else NULL, False)
+                for k in range(m):
+                    bn_float_to_half(buf + k * inner, y + n * yso + (c0 + k) * ysc, inner)
+        bn_free64(buf)
+    bn_free64(scale)
+    return -1 if fails else 0
+
+
+def eval_forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch,
+                      Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
+                      Py_ssize_t ysc, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
+                      weight, bias, double eps, int n_threads):
+    """forward() in eval of float16 x and y (see eval_half)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pb = f64_or_null(bias)
+    with nogil:
+        rc = eval_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(y),
+                       outer, nch, inner, so, sc, yso, ysc, <double *>cnp.PyArray_DATA(mean),
+                       <double *>cnp.PyArray_DATA(var), <double *>cnp.PyArray_DATA(invstd),
+                       pw, pb, eps, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
 
 
 # ------------------------------------------------------------------ backward

@@ -72,6 +72,19 @@ def use_avx512(on):
     return old
 
 
+def use_f16c(on):
+    """Let the float16 conversions (float16 input widened to float32, results rounded
+    back: bncore._outputs, and the kernels that stage float16 rows) use the CPU's F16C
+    instructions where it has them (the default), or the portable code; returns the old
+    setting (False on a CPU without F16C). The bits are the same either way (NumPy's); for
+    tests and for measuring."""
+    from bncore import _outputs
+    old = False
+    for m in (_outputs,) + _modules():
+        old = m._set_f16c(bool(on)) or old
+    return old
+
+
 def show_config():
     """Print bncore's version, OpenMP on/off, default thread count and SIMD level.
 

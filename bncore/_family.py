@@ -34,6 +34,7 @@ __all__ = [
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
 
 
 def _stat_dtype(dtype):
@@ -84,7 +85,7 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms, st
                                   stats)
     if res is not None:
         return res
-    arr, dtype = float_input(x, "x", n_threads)
+    arr, dtype = float_input(x, "x", n_threads, widen=False)   # float16 rows stay float16
     shape = _normalized_shape(arr, normalized_shape)
     if rms and eps is None:   # PyTorch: the machine epsilon of the type it computes in
         eps = float(np.finfo(np.float32 if dtype == np.float16 else dtype).eps)
@@ -104,17 +105,15 @@ def _row_forward(x, normalized_shape, weight, bias, eps, out, n_threads, rms, st
         y = out if out is not None else np.empty(arr.shape, dtype)
         return _row_stats(y, mean, invstd, lead)
     xr, ldx = _rows(arr, nrows, d)
-    if in_half_input(dtype, out) and arr.flags.c_contiguous:
-        y = arr   # over float16 input's own float32 copy
-    elif _direct_out(out, arr.dtype, arr):
-        y = out
+    y = out if _direct_out(out, arr.dtype, arr) else empty_like_apart(arr.shape, arr.dtype, xr)
+    # weight/bias in the compute dtype: for float32 the elementwise pass is float arithmetic
+    cdt = _F32 if dtype == _F16 else arr.dtype
+    wk = None if w is None else w.reshape(d).astype(cdt)
+    bk = None if b is None else b.reshape(d).astype(cdt)
+    if dtype == _F16:   # staged through float32 rows in L1 (forward_half)
+        _rownorm.forward_half(xr, y, nrows, d, ldx, d, eps, wk, bk, mean, invstd, rms, nt)
     else:
-        y = empty_like_apart(arr.shape, arr.dtype, xr)
-    # weight/bias in x's dtype: for float32 the elementwise pass is float arithmetic
-    _rownorm.forward(xr, y, nrows, d, ldx, d, eps,
-                     None if w is None else w.reshape(d).astype(arr.dtype),
-                     None if b is None else b.reshape(d).astype(arr.dtype), mean, invstd,
-                     rms, nt)
+        _rownorm.forward(xr, y, nrows, d, ldx, d, eps, wk, bk, mean, invstd, rms, nt)
     return _row_stats(finish_output(y, out, dtype, n_threads), mean, invstd, lead)
 
 

@@ -19,6 +19,7 @@ Tiling (see DESIGN.md "Kernels and numerics"):
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite
+from libc.stdint cimport uint16_t
 
 from bncore._openmp cimport team_threads, work_threads
 
@@ -40,6 +41,10 @@ cdef extern from "bn_kernels.h" nogil:
                            Py_ssize_t l1)
     void bn_init_thresholds()
     int bn_set_v4(int on)
+    void bn_init_f16c()
+    int bn_set_f16c(int on)
+    void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
+    void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
     Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)

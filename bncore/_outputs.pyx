@@ -368,25 +368,22 @@ from cython.parallel cimport prange
 from bncore._openmp cimport team_threads, work_threads
 
 cdef extern from "bn_half.h" nogil:
-    int bn_use_f16c
-    int bn_cpu_f16c()
+    void bn_init_f16c()
+    int bn_set_f16c(int on)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
 
-bn_use_f16c = bn_cpu_f16c()
+bn_init_f16c()
 
 cdef enum:
     CONVERT_CHUNK = 32768   # values per parallel piece (elementwise: any split, same bits)
     CONVERT_SERIAL = 65536  # fewer values: one thread
 
 
-def use_f16c(on=None):
-    """Whether float16 conversions use the CPU's F16C instructions; with ``on``, set it
-    first (on only where the CPU has them). For tests: both ways give the same bits."""
-    global bn_use_f16c
-    if on is not None:
-        bn_use_f16c = 1 if (on and bn_cpu_f16c()) else 0
-    return bool(bn_use_f16c)
+def _set_f16c(bint on):
+    """This module's float16 conversions with F16C (where the CPU has it) or portable;
+    returns the old setting (see bncore._config.use_f16c)."""
+    return bool(bn_set_f16c(on))
 
 
 cdef bint _dense(cnp.ndarray a):

@@ -35,11 +35,12 @@ Design notes
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
+from libc.stdint cimport uint16_t
 from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport isfinite, sqrt
 
 from bncore._kernels cimport (
-    bn_alloc64, bn_free64, bn_l1_bytes,
+    bn_alloc64, bn_free64, bn_l1_bytes, bn_float_to_half, bn_half_to_float,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
@@ -68,6 +69,7 @@ cnp.import_array()
 cdef enum:
     PREFETCH_BYTES = 4096   # how far ahead the row loops fetch
     ROW_CHUNK_ELEMS = 16384  # forward rows per parallel chunk: about this many values
+    HALF_STAGE = 4096        # float16 rows widened this many values at a time (16 KiB, L1)
     RUN_CHUNK = 16384        # values per chunk of a long run's statistics
     GROUP_TILE = 64          # NCHW group channels per affine call
     SMALL_CHUNK = 8192       # values per parallel chunk of small NCHW groups
@@ -222,6 +224,67 @@ cdef void forward_rows(const floating *x, floating *y, Py_ssize_t nrows, Py_ssiz
                               stream)
         if stream:
             bn_fence()
+
+
+cdef int forward_rows_half(const uint16_t *x, uint16_t *y, Py_ssize_t nrows, Py_ssize_t d,
+                           Py_ssize_t ldx, Py_ssize_t ldy, double eps, const float *w,
+                           const float *b, double *mean, double *invstd, bint rms,
+                           int n_threads) noexcept nogil:
+    """forward_rows of float16 rows: a few rows at a time (HALF_STAGE values) widened to
+    float32 in a buffer of the thread's (in L1), normalised there by the float32 row
+    kernels, rounded back into y. Each row's results are those of the float32 rows (a row's
+    statistics and affine depend on nothing else), rounded, with one read of x and one
+    write of y in float16, where widening the whole array first, normalising it in float32
+    and rounding it back moved five float32-sized passes. -1 if out of memory."""
+    cdef Py_ssize_t nchunks = max(1, min(nrows, (nrows * d) // ROW_CHUNK_ELEMS))
+    cdef Py_ssize_t per = max(1, HALF_STAGE // d), s, r, k, nr, r1, fails = 0
+    cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(per * d * sizeof(float))
+        for s in prange(nchunks, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                r = s * nrows // nchunks
+                r1 = (s + 1) * nrows // nchunks
+                while r < r1:
+                    nr = min(per, r1 - r)
+                    for k in range(nr):
+                        bn_half_to_float(x + (r + k) * ldx, buf + k * d, d)
+                    if d <= BLOCK:
+                        rows_norm(buf, buf, nr, nr, d, d, d, eps, w, b,
+                                  NULL if rms else mean + r, invstd + r, rms, False)
+                    else:
+                        for k in range(nr):
+                            if rms:
+                                rms_row(buf + k * d, buf + k * d, d, eps, w, &invstd[r + k],
+                                        False)
+                            else:
+                                layer_row(buf + k * d, buf + k * d, d, eps, w, b, &mean[r + k],
+                                          &invstd[r + k], False)
+                    for k in range(nr):
+                        bn_float_to_half(buf + k * d, y + (r + k) * ldy, d)
+                    r = r + nr
+        bn_free64(buf)
+    return -1 if fails else 0
+
+
+def forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t ldx,
+                 Py_ssize_t ldy, double eps, weight, bias, mean, cnp.ndarray invstd, bint rms,
+                 int n_threads):
+    """forward() of float16 rows (x, y float16; weight/bias None or float32 (d,))."""
+    cdef int rc
+    cdef const uint16_t *px = <const uint16_t *>cnp.PyArray_DATA(x)
+    cdef uint16_t *py = <uint16_t *>cnp.PyArray_DATA(y)
+    cdef double *pm = f64_or_null(mean)
+    cdef double *pi = <double *>cnp.PyArray_DATA(invstd)
+    cdef const float *pw = <const float *>ptr_or_null(weight)
+    cdef const float *pb = <const float *>ptr_or_null(bias)
+    with nogil:
+        rc = forward_rows_half(px, py, nrows, d, ldx, ldy, eps, pw, pb, pm, pi, rms, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 row buffers")
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t ldx,

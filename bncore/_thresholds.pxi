@@ -1,13 +1,15 @@
 # Included by each kernel module (_batchnorm, _rownorm, _stats): each holds its own copy of
 # the cache-size thresholds (static in bn_kernels.h), set here at its import from the
 # machine's caches and read or set through these (bncore._config gathers them), and its
-# switch for the AVX-512 twins (on where the CPU has AVX-512).
+# switch for the AVX-512 twins (on where the CPU has AVX-512), and its switch for the F16C
+# float16 conversions (on where the CPU has F16C).
 from bncore._kernels cimport (
-    bn_far_bytes, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_thresholds, bn_set_v4,
-    bn_stream_bwd, bn_stream_fwd,
+    bn_far_bytes, bn_init_f16c, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_f16c,
+    bn_set_thresholds, bn_set_v4, bn_stream_bwd, bn_stream_fwd,
 )
 
 bn_init_thresholds()
+bn_init_f16c()
 
 
 def _thresholds():
@@ -19,6 +21,12 @@ def _set_thresholds(Py_ssize_t fwd, Py_ssize_t bwd, Py_ssize_t far, Py_ssize_t l
                     Py_ssize_t l1):
     """Set this module's thresholds (see bncore._config.set_thresholds)."""
     bn_set_thresholds(fwd, bwd, far, l2, l1)
+
+
+def _set_f16c(bint on):
+    """This module's float16 conversions with F16C (where the CPU has it) or portable;
+    returns the old setting (see bncore._config.use_f16c)."""
+    return bool(bn_set_f16c(on))
 
 
 def _set_avx512(bint on):

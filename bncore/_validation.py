@@ -38,17 +38,20 @@ def _convert_threads(n_threads):
         return 1
 
 
-def float_input(x, name="x", n_threads=None, other=None):
+def float_input(x, name="x", n_threads=None, other=None, widen=True):
     """Return (array in float32/float64 native order, result dtype) or raise TypeError.
 
     float16 is computed in float32 and cast back (bncore._outputs.half_to_float, on the
-    call's n_threads); byte-swapped input is made native.
+    call's n_threads; not ``widen``: float16 stays float16, for kernels that widen it
+    themselves); byte-swapped input is made native.
     """
     arr = x if type(x) is np.ndarray else np.asarray(x)
     dt = arr.dtype
     if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
         raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
     if dt.itemsize == 2:
+        if not widen:
+            return (arr if dt.isnative else arr.astype(_F16)), _F16
         return half_to_float(arr, _convert_threads(n_threads), other), _F16
     if not dt.isnative:
         arr = arr.astype(dt.newbyteorder("="))

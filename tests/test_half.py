@@ -19,15 +19,20 @@ import pytest
 import bncore
 from bncore import _config, _outputs
 
-F16C = [True, False] if _outputs.use_f16c() else [False]
+def _has_f16c():
+    old = _config.use_f16c(True)
+    _config.use_f16c(old)
+    return old
+
+
+F16C = [True, False] if _has_f16c() else [False]
 
 
 @pytest.fixture(params=F16C, ids=lambda on: "f16c" if on else "portable")
 def f16c(request):
-    old = _outputs.use_f16c()
-    _outputs.use_f16c(request.param)
+    old = _config.use_f16c(request.param)
     yield request.param
-    _outputs.use_f16c(old)
+    _config.use_f16c(old)
 
 
 def same_bits(a, b):

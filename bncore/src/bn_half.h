@@ -20,9 +20,10 @@
 #define BN_HAVE_F16C 0
 #endif
 
-/* 1 where the F16C path runs (set at import from the CPU; tests turn it off to check the
+/* 1 where the F16C path runs (each module including this header has its own copy: set
+ * at its import from the CPU, bn_init_f16c; tests turn it off, bn_set_f16c, to check the
  * portable path). */
-static int bn_use_f16c = 0;
+static int bn_use_f16c __attribute__((unused)) = 0;
 
 static inline int bn_cpu_f16c(void)
 {
@@ -32,6 +33,19 @@ static inline int bn_cpu_f16c(void)
 #else
     return 0;
 #endif
+}
+
+static inline void bn_init_f16c(void)
+{
+    bn_use_f16c = bn_cpu_f16c();
+}
+
+/* F16C on (where the CPU has it) or off; returns the old setting. */
+static inline int bn_set_f16c(int on)
+{
+    int old = bn_use_f16c;
+    bn_use_f16c = on && bn_cpu_f16c();
+    return old;
 }
 
 /* Exact: every binary16 value is a float32 value. NaN payloads are kept (as NumPy). */
@@ -112,7 +126,7 @@ static void bn_float_to_half_f16c(const float *x, uint16_t *y, ptrdiff_t n)
 #endif
 
 /* n values, x to y (contiguous) */
-static void bn_half_to_float(const uint16_t *x, float *y, ptrdiff_t n)
+static inline void bn_half_to_float(const uint16_t *x, float *y, ptrdiff_t n)
 {
 #if BN_HAVE_F16C
     if (bn_use_f16c) {
@@ -124,7 +138,7 @@ static void bn_half_to_float(const uint16_t *x, float *y, ptrdiff_t n)
         y[i] = bn_half_to_float1(x[i]);
 }
 
-static void bn_float_to_half(const float *x, uint16_t *y, ptrdiff_t n)
+static inline void bn_float_to_half(const float *x, uint16_t *y, ptrdiff_t n)
 {
 #if BN_HAVE_F16C
     if (bn_use_f16c) {

@@ -42,6 +42,7 @@
 #include <string.h>
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>   /* sysconf: the cache sizes */
+#include "bn_half.h"   /* float16 <-> float32 */
 #endif
 #if defined(__SSE2__)
 #include <emmintrin.h>   /* streaming stores: SSE2 is in every x86-64 clone */
