@@ -266,3 +266,47 @@ def test_in_place_beyond_the_stream_threshold_gives_new_output_bits(dtype):
     finally:
         from conftest import PINNED_THRESHOLDS
         _config.set_thresholds(**PINNED_THRESHOLDS)
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 90, 100), 1), ((3, 5), 1), ((1, 2048, 7, 7), 1),
+                                        ((7, 9, 11, 3), -1), ((2, 5, 4000), -1),
+                                        ((1, 1, 1, 1), 1), ((1, 64, 3, 3), 1)])
+def test_float16_eval_in_pieces_of_any_size(shape, axis):
+    """The float16 eval forward goes a piece at a time (runs of a sample's planes, or of
+    rows): planes longer than a piece, (N, C) rows, wide channels-last rows, one value."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(2.0, 3.0, shape).astype(np.float16)
+    c = shape[axis]
+    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    w, b = rng.normal(size=c).astype(np.float16), rng.normal(size=c).astype(np.float16)
+    for nt in (1, 2, 3):
+        got = bncore.batch_norm(x, rm, rv, w, b, axis=axis, n_threads=nt)
+        want = bncore.batch_norm(x.astype(np.float32), rm, rv, w.astype(np.float32),
+                                 b.astype(np.float32), axis=axis, n_threads=nt)
+        assert same_bits(got, want.astype(np.float16)), nt
+
+
+@pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
+                                   (9, 2049)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_float16_rows_in_pieces_of_any_length(shape, rms):
+    """The float16 layer/RMS norm forward widens a few rows at a time: rows longer than a
+    statistics block (one row a piece, the long-row kernels) and short ones many a piece."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(5.0, 2.0, shape).astype(np.float16)
+    d = shape[-1]
+    w = rng.normal(1.0, 0.3, d).astype(np.float16)
+    for nt in (1, 2):
+        if rms:
+            got, want = (bncore.rms_norm_forward(x, d, w, n_threads=nt),
+                         bncore.rms_norm_forward(x.astype(np.float32), d, w.astype(np.float32),
+                                                 eps=float(np.finfo(np.float32).eps),
+                                                 n_threads=nt))
+        else:
+            got, want = (bncore.layer_norm_forward(x, d, w, w, n_threads=nt),
+                         bncore.layer_norm_forward(x.astype(np.float32), d,
+                                                   w.astype(np.float32), w.astype(np.float32),
+                                                   n_threads=nt))
+        assert same_bits(got[0], want[0].astype(np.float16))
+        for g, v in zip(got[1:], want[1:]):
+            assert same_bits(g, v)
