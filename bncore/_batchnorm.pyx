@@ -33,13 +33,13 @@ expression in both layouts (planes and rows give the same bits).
 """
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
 
 from bncore._kernels cimport (
-    bn_alloc64, bn_free64, bn_float_to_half, bn_half_to_float, bn_planes_affine_f32,
+    bn_affine_half, bn_alloc64, bn_free64, bn_rows_affine_half,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
@@ -64,7 +64,6 @@ cnp.import_array()
 
 cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
-    HALF_STAGE = 8192      # float16 eval: values widened at a time (32 KiB float32, L1)
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     CHANNEL_GROUP = 8      # small channels per group
     CL_TILE = 128          # channels a thread takes at least, when few rows split by channel
@@ -570,56 +569,49 @@ cdef int eval_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t 
                    Py_ssize_t ysc, const double *mean, const double *var, double *invstd,
                    const double *w, const double *b, double eps,
                    int n_threads) noexcept nogil:
-    """The eval forward of float16 (inference) a piece at a time: up to HALF_STAGE values
-    widened into a float32 buffer of the thread's (in L1), normalised there by the float32
-    affine of forward_planes / forward_rows (bn_planes_affine, bn_cl_affine: whose bits do
-    not depend on how the values are cut), rounded back into y. Pieces: runs of a sample's
-    channels (planes), or of rows of all channels (rows: inner == 1, sc == ysc == 1). One
-    float16 read and write a value, where widening the whole array first and rounding the
-    result back moved four more float32-sized passes. -1 if out of memory."""
+    """The eval forward of float16 (inference): each value widened, the float32 eval's
+    affine (its float parameters and expression: bn_planes_affine, bn_cl_affine), rounded
+    back, in one pass (bn_affine_half, bn_rows_affine_half): one float16 read and write a
+    value, where widening the whole array first and rounding the result back moved four
+    more float32-sized passes. The threads take pieces of about AFFINE_CHUNK values: runs of
+    planes in memory order, or of rows (rows: inner == 1, sc == ysc == 1). -1 if out of
+    memory."""
     cdef bint rows = inner == 1 and sc == 1 and ysc == 1
     cdef Py_ssize_t width = nch if rows else inner
-    cdef Py_ssize_t per = max(1, HALF_STAGE // width)   # rows, or planes, a piece
-    cdef Py_ssize_t runs = 1 if rows else (nch + per - 1) // per
-    cdef Py_ssize_t npieces = ((outer + per - 1) // per if rows else outer * runs)
-    cdef Py_ssize_t t, k, n, c0, m, fails = 0
+    cdef Py_ssize_t per = max(1, AFFINE_CHUNK // width)   # rows, or planes, a piece
+    cdef Py_ssize_t total = outer if rows else outer * nch
+    cdef Py_ssize_t npieces = (total + per - 1) // per
+    cdef Py_ssize_t t, k, n, c, p0, p1
     cdef int nt = work_threads(n_threads, npieces, outer * nch * inner, SERIAL_ELEMS)
-    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
-    cdef double *scale = <double *>bn_alloc64(2 * nch * sizeof(double))
-    if scale == NULL:
+    cdef float *tab = <float *>bn_alloc64(4 * nch * sizeof(float))
+    cdef float *lo
+    cdef float *kk
+    cdef float *bb
+    if tab == NULL:
         return -1
-    for k in range(nch):   # rows_affine_params' invstd, scale and shift
+    lo = tab + nch
+    kk = lo + nch
+    bb = kk + nch
+    for k in range(nch):   # forward_planes' invstd; bn_cl_float_params' floats
         invstd[k] = 1.0 / sqrt(var[k] + eps)
-        scale[k] = (w[k] if w != NULL else 1.0) * invstd[k]
-        scale[nch + k] = b[k] if b != NULL else 0.0
-    with parallel(num_threads=team_threads(nt, n_threads)):
-        buf = <float *>bn_alloc64(per * width * sizeof(float))
-        for t in prange(npieces, schedule='static'):
-            if buf == NULL:
-                fails += 1
-            elif rows:
-                n = t * per
-                m = min(per, outer - n)
-                for k in range(m):
-                    bn_half_to_float(x + (n + k) * so, buf + k * nch, nch)
-                cl_affine(buf, nch, buf, nch, m, nch, mean, scale, scale + nch)
-                for k in range(m):
-                    bn_float_to_half(buf + k * nch, y + (n + k) * yso, nch)
-            else:
-                n = t // runs
-                c0 = (t - n * runs) * per
-                m = min(per, nch - c0)
-                for k in range(m):
-                    bn_half_to_float(x + n * so + (c0 + k) * sc, buf + k * inner, inner)
-                bn_planes_affine_f32(buf, buf, 0, m, m, inner, m * inner, inner, m * inner,
-                                     inner, mean + c0, invstd + c0,
-                                     w + c0 if w != NULL else NULL,
-                                     b + c0 if b != NULL else NULL, False)
-                for k in range(m):
-                    bn_float_to_half(buf + k * inner, y + n * yso + (c0 + k) * ysc, inner)
-        bn_free64(buf)
-    bn_free64(scale)
-    return -1 if fails else 0
+        tab[k] = <float>mean[k]
+        lo[k] = <float>(mean[k] - <double>tab[k])
+        kk[k] = <float>((w[k] if w != NULL else 1.0) * invstd[k])
+        bb[k] = <float>(b[k] if b != NULL else 0.0)
+    for t in prange(npieces, schedule='static', num_threads=team_threads(nt, n_threads)):
+        p0 = t * per
+        p1 = min(p0 + per, total)
+        if rows:
+            bn_rows_affine_half(x + p0 * so, so, y + p0 * yso, yso, p1 - p0, nch, tab, lo, kk,
+                                bb)
+        else:
+            for k in range(p0, p1):
+                n = k // nch
+                c = k - n * nch
+                bn_affine_half(x + n * so + c * sc, y + n * yso + c * ysc, inner, tab[c], lo[c],
+                               kk[c], bb[c])
+    bn_free64(tab)
+    return 0
 
 
 def eval_forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch,

@@ -45,6 +45,11 @@ cdef extern from "bn_kernels.h" nogil:
     int bn_set_f16c(int on)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
+    void bn_affine_half(const uint16_t *x, uint16_t *y, Py_ssize_t n, float hi, float lo,
+                        float k, float b)
+    void bn_rows_affine_half(const uint16_t *x, Py_ssize_t ldx, uint16_t *y, Py_ssize_t ldy,
+                             Py_ssize_t nrows, Py_ssize_t nch, const float *hi,
+                             const float *lo, const float *k, const float *b)
     Py_ssize_t bn_llc_bytes()
     double bn_pivot(double first)
     void bn_chan_merge(bn_moments *a, double nb, double mb, double m2b)

@@ -271,9 +271,10 @@ def test_in_place_beyond_the_stream_threshold_gives_new_output_bits(dtype):
 @pytest.mark.parametrize("shape,axis", [((2, 3, 90, 100), 1), ((3, 5), 1), ((1, 2048, 7, 7), 1),
                                         ((7, 9, 11, 3), -1), ((2, 5, 4000), -1),
                                         ((1, 1, 1, 1), 1), ((1, 64, 3, 3), 1)])
-def test_float16_eval_in_pieces_of_any_size(shape, axis):
-    """The float16 eval forward goes a piece at a time (runs of a sample's planes, or of
-    rows): planes longer than a piece, (N, C) rows, wide channels-last rows, one value."""
+def test_float16_eval_in_pieces_of_any_size(shape, axis, f16c):
+    """The float16 eval forward (widened, the float32 affine, rounded, in one pass) goes a
+    piece at a time (runs of planes, or of rows): planes longer than a piece, (N, C)
+    rows, wide channels-last rows, one value; F16C and portable."""
     rng = np.random.default_rng(6)
     x = rng.normal(2.0, 3.0, shape).astype(np.float16)
     c = shape[axis]
@@ -289,7 +290,7 @@ def test_float16_eval_in_pieces_of_any_size(shape, axis):
 @pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
                                    (9, 2049)])
 @pytest.mark.parametrize("rms", [False, True])
-def test_float16_rows_in_pieces_of_any_length(shape, rms):
+def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
     """The float16 layer/RMS norm forward widens a few rows at a time: rows longer than a
     statistics block (one row a piece, the long-row kernels) and short ones many a piece."""
     rng = np.random.default_rng(7)

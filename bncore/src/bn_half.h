@@ -125,6 +125,94 @@ static void bn_float_to_half_f16c(const float *x, uint16_t *y, ptrdiff_t n)
 }
 #endif
 
+/* The float32 eval affine of bncore's kernels, y = ((x - hi) - lo) * k + b in float
+ * (the mean split hi + lo, k = w * invstd and b rounded to float: bn_planes_affine,
+ * bn_cl_affine), on float16 x and y: widened, the float32 kernels' bits, rounded. A plane
+ * of n values with one channel's parameters (bn_affine_half), or nrows rows of nch
+ * channels (ldx, ldy apart) with a table of each channel's (bn_rows_affine_half). */
+static inline float bn_affine1(float v, float hi, float lo, float k, float b)
+{
+    return ((v - hi) - lo) * k + b;
+}
+
+#if BN_HAVE_F16C
+__attribute__((target("avx,f16c")))
+static inline __m256 bn_affine8(__m256 v, __m256 hi, __m256 lo, __m256 k, __m256 b)
+{
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, hi), lo), k), b);
+}
+
+__attribute__((target("avx,f16c")))
+static void bn_affine_half_f16c(const uint16_t *x, uint16_t *y, ptrdiff_t n, float hi,
+                                float lo, float k, float b)
+{
+    const __m256 vh = _mm256_set1_ps(hi), vl = _mm256_set1_ps(lo), vk = _mm256_set1_ps(k);
+    const __m256 vb = _mm256_set1_ps(b);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm_storeu_si128((__m128i *)(y + i),
+                         _mm256_cvtps_ph(bn_affine8(v, vh, vl, vk, vb),
+                                         _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++)
+        y[i] = (uint16_t)_cvtss_sh(bn_affine1(_cvtsh_ss(x[i]), hi, lo, k, b),
+                                   _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("avx,f16c")))
+static void bn_rows_affine_half_f16c(const uint16_t *x, ptrdiff_t ldx, uint16_t *y,
+                                     ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
+                                     const float *hi, const float *lo, const float *k,
+                                     const float *b)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const uint16_t *p = x + r * ldx;
+        uint16_t *q = y + r * ldy;
+        ptrdiff_t c = 0;
+        for (; c + 8 <= nch; c += 8) {
+            __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + c)));
+            v = bn_affine8(v, _mm256_loadu_ps(hi + c), _mm256_loadu_ps(lo + c),
+                           _mm256_loadu_ps(k + c), _mm256_loadu_ps(b + c));
+            _mm_storeu_si128((__m128i *)(q + c), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        }
+        for (; c < nch; c++)
+            q[c] = (uint16_t)_cvtss_sh(bn_affine1(_cvtsh_ss(p[c]), hi[c], lo[c], k[c], b[c]),
+                                       _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+#endif
+
+static inline void bn_affine_half(const uint16_t *x, uint16_t *y, ptrdiff_t n, float hi,
+                                  float lo, float k, float b)
+{
+#if BN_HAVE_F16C
+    if (bn_use_f16c) {
+        bn_affine_half_f16c(x, y, n, hi, lo, k, b);
+        return;
+    }
+#endif
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = bn_float_to_half1(bn_affine1(bn_half_to_float1(x[i]), hi, lo, k, b));
+}
+
+static inline void bn_rows_affine_half(const uint16_t *x, ptrdiff_t ldx, uint16_t *y,
+                                       ptrdiff_t ldy, ptrdiff_t nrows, ptrdiff_t nch,
+                                       const float *hi, const float *lo, const float *k,
+                                       const float *b)
+{
+#if BN_HAVE_F16C
+    if (bn_use_f16c) {
+        bn_rows_affine_half_f16c(x, ldx, y, ldy, nrows, nch, hi, lo, k, b);
+        return;
+    }
+#endif
+    for (ptrdiff_t r = 0; r < nrows; r++)
+        for (ptrdiff_t c = 0; c < nch; c++)
+            y[r * ldy + c] = bn_float_to_half1(bn_affine1(bn_half_to_float1(x[r * ldx + c]),
+                                                          hi[c], lo[c], k[c], b[c]));
+}
+
 /* n values, x to y (contiguous) */
 static inline void bn_half_to_float(const uint16_t *x, float *y, ptrdiff_t n)
 {
