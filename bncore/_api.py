@@ -316,8 +316,8 @@ class Moments:
 # ------------------------------------------------------------------ batch norm
 
 def _check_bn(x, weight, bias, running_mean, running_var, training, eps, axis, n_threads):
-    # float16 in eval stays float16 (eval_forward_half widens it a piece at a time)
-    arr, dtype = float_input(x, "x", n_threads, widen=training)
+    # float16 stays float16 here: _forward widens it a piece at a time where it can
+    arr, dtype = float_input(x, "x", n_threads, widen=False)
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")
     ax = normalize_axis(axis, arr.ndim)
@@ -366,14 +366,18 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
             invstd[...] = invstd_of(var, eps)
         return y, mean, invstd
     v = canonical_view(arr, ax)
-    if arr.dtype == _F16:
+    if arr.dtype == _F16 and (not training or _batchnorm.trains_half(v.outer, v.nch, v.inner)):
+        # float16 a piece (eval) or a channel (training) at a time, through float32
         y, yv = output_like(v, dtype, out, ax)
-        _batchnorm.eval_forward_half(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so,
-                                     yv.sc, mean, var, invstd, w, b, eps, nt)
-        return finish_output(y, out, dtype, n_threads), mean, invstd
-    y, yv = (v.arr, v) if in_half_input(dtype, out) else output_like(v, dtype, out, ax)
-    _batchnorm.forward(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
-                       mean, var, invstd, w, b, training, eps, nt)
+        _batchnorm.forward_half(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
+                                mean, var, invstd, w, b, training, eps, nt)
+    else:
+        if arr.dtype == _F16:   # widened whole: the float32 result written over the copy
+            arr = half_to_float(arr, nt)
+            v = canonical_view(arr, ax)
+        y, yv = (v.arr, v) if in_half_input(dtype, out) else output_like(v, dtype, out, ax)
+        _batchnorm.forward(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
+                           mean, var, invstd, w, b, training, eps, nt)
     if update:
         m = arr.size // nch
         _update_running(rm, mean, momentum, 1.0)

@@ -33,13 +33,14 @@ expression in both layouts (planes and rows give the same bits).
 """
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
 
 from bncore._kernels cimport (
-    bn_affine_half, bn_alloc64, bn_free64, bn_rows_affine_half,
+    bn_affine_half, bn_alloc64, bn_free64, bn_float_to_half, bn_half_to_float,
+    bn_rows_affine_half,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
@@ -65,6 +66,7 @@ cnp.import_array()
 cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
+    HALF_CHANNEL = 1048576  # float16 training: channels up to this staged whole (4 MiB)
     CHANNEL_GROUP = 8      # small channels per group
     CL_TILE = 128          # channels a thread takes at least, when few rows split by channel
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth
@@ -614,19 +616,66 @@ cdef int eval_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t 
     return 0
 
 
-def eval_forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch,
-                      Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
-                      Py_ssize_t ysc, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
-                      weight, bias, double eps, int n_threads):
-    """forward() in eval of float16 x and y (see eval_half)."""
+cdef int train_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t nch,
+                    Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso,
+                    Py_ssize_t ysc, double *mean, double *var, double *invstd,
+                    const double *w, const double *b, double eps,
+                    int n_threads) noexcept nogil:
+    """The training forward of float16 planes a channel at a time: the channel widened
+    into a float32 buffer of the thread's (in its L2), forward_channel there (statistics,
+    then the affine: forward_planes' kernel for channels that are the parallel unit, whose
+    bits do not depend on the planes' strides), rounded back into y. One float16 read and
+    write a value. -1 if out of memory."""
+    cdef Py_ssize_t c, n, nb = plane_nblocks(outer, inner), fails = 0
+    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(outer * inner * sizeof(float))
+        for c in prange(nch, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                for n in range(outer):
+                    bn_half_to_float(x + n * so + c * sc, buf + n * inner, inner)
+                forward_channel(buf, buf, outer, inner, inner, inner, nb, &mean[c], &var[c],
+                                &invstd[c], w[c] if w != NULL else 1.0,
+                                b[c] if b != NULL else 0.0, eps, False, <float *>NULL)
+                for n in range(outer):
+                    bn_float_to_half(buf + n * inner, y + n * yso + c * ysc, inner)
+        bn_free64(buf)
+    return -1 if fails else 0
+
+
+def trains_half(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner):
+    """Whether forward_half takes these planes in training: where forward_planes takes each
+    channel start to finish with forward_channel (channels the parallel unit, of more than
+    SMALL_CHANNEL values), channels of up to HALF_CHANNEL values (else the caller widens
+    x and runs forward())."""
+    return (inner > 1 and plane_chunks(outer, nch, inner) == 1
+            and SMALL_CHANNEL < outer * inner <= HALF_CHANNEL)
+
+
+def forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t nch,
+                 Py_ssize_t inner, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t yso, Py_ssize_t ysc,
+                 cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd, weight, bias,
+                 bint training, double eps, int n_threads):
+    """forward() of float16 x and y: in eval (eval_half), or in training where trains_half
+    (train_half)."""
     cdef int rc
     cdef const double *pw = f64_or_null(weight)
     cdef const double *pb = f64_or_null(bias)
+    cdef const uint16_t *px = <const uint16_t *>cnp.PyArray_DATA(x)
+    cdef uint16_t *py = <uint16_t *>cnp.PyArray_DATA(y)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    cdef double *pi = <double *>cnp.PyArray_DATA(invstd)
     with nogil:
-        rc = eval_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(y),
-                       outer, nch, inner, so, sc, yso, ysc, <double *>cnp.PyArray_DATA(mean),
-                       <double *>cnp.PyArray_DATA(var), <double *>cnp.PyArray_DATA(invstd),
-                       pw, pb, eps, n_threads)
+        if training:
+            rc = train_half(px, py, outer, nch, inner, so, sc, yso, ysc, pm, pv, pi, pw, pb,
+                            eps, n_threads)
+        else:
+            rc = eval_half(px, py, outer, nch, inner, so, sc, yso, ysc, pm, pv, pi, pw, pb,
+                           eps, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for float16 buffers")
 

@@ -268,23 +268,30 @@ def test_in_place_beyond_the_stream_threshold_gives_new_output_bits(dtype):
         _config.set_thresholds(**PINNED_THRESHOLDS)
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("shape,axis", [((2, 3, 90, 100), 1), ((3, 5), 1), ((1, 2048, 7, 7), 1),
                                         ((7, 9, 11, 3), -1), ((2, 5, 4000), -1),
-                                        ((1, 1, 1, 1), 1), ((1, 64, 3, 3), 1)])
-def test_float16_eval_in_pieces_of_any_size(shape, axis, f16c):
-    """The float16 eval forward (widened, the float32 affine, rounded, in one pass) goes a
-    piece at a time (runs of planes, or of rows): planes longer than a piece, (N, C)
-    rows, wide channels-last rows, one value; F16C and portable."""
+                                        ((2, 1, 1, 1), 1), ((1, 64, 3, 3), 1),
+                                        ((40, 40, 20, 20), 1), ((2, 4, 800, 900), 1)])
+def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
+    """The float16 batch-norm forward widens x a piece at a time where it can (eval: runs
+    of planes or rows, in one pass; training: a channel at a time where channels are the
+    parallel unit and up to 1M values; else the whole array): planes longer than a piece,
+    (N, C) rows, wide channels-last rows, single values, small channels, channels over the
+    limit; F16C and portable."""
     rng = np.random.default_rng(6)
     x = rng.normal(2.0, 3.0, shape).astype(np.float16)
     c = shape[axis]
     rm, rv = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
     w, b = rng.normal(size=c).astype(np.float16), rng.normal(size=c).astype(np.float16)
     for nt in (1, 2, 3):
-        got = bncore.batch_norm(x, rm, rv, w, b, axis=axis, n_threads=nt)
-        want = bncore.batch_norm(x.astype(np.float32), rm, rv, w.astype(np.float32),
-                                 b.astype(np.float32), axis=axis, n_threads=nt)
+        r16, r32 = (rm.copy(), rv.copy()), (rm.copy(), rv.copy())
+        got = bncore.batch_norm(x, *r16, w, b, training=training, axis=axis, n_threads=nt)
+        want = bncore.batch_norm(x.astype(np.float32), *r32, w.astype(np.float32),
+                                 b.astype(np.float32), training=training, axis=axis,
+                                 n_threads=nt)
         assert same_bits(got, want.astype(np.float16)), nt
+        assert same_bits(r16[0], r32[0]) and same_bits(r16[1], r32[1])
 
 
 @pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
