@@ -517,10 +517,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
                                      n_threads, out)
     if res is not None:
         return res   # dweight and dbias already in the statistics' dtype
-    arr, dtype = float_input(x, "x", n_threads)
+    arr, dtype = float_input(x, "x", n_threads, widen=False)   # float16: see below
     if arr.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {arr.shape}")
-    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, arr)
+    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, widen=False)
     ax = normalize_axis(axis, arr.ndim)
     nch = arr.shape[ax]
     mean = param_vector(save_mean, "save_mean", (nch,))
@@ -538,6 +538,19 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
         return dx, dweight.astype(sdt), dbias.astype(sdt)
     v = canonical_view(arr, ax)
     gv = matching_view(g, ax, v)
+    if dtype == _F16 and _batchnorm.backward_halves(v.outer, v.nch, v.inner):
+        # float16 a channel at a time, through float32
+        dx, dv = output_like(gv, dtype, out, ax, v.arr)
+        _batchnorm.backward_half(gv.arr, v.arr, dx, v.outer, v.nch, v.inner, gv.so, gv.sc,
+                                 v.so, v.sc, dv.so, dv.sc, mean, invstd, w, training, dweight,
+                                 dbias, nt)
+        return (finish_output(dx, out, dtype, n_threads), dweight.astype(sdt),
+                dbias.astype(sdt))
+    if dtype == _F16:   # widened whole, dx written over dy's float32 copy
+        arr = half_to_float(arr, nt)
+        g = half_to_float(g, nt, arr)
+        v = canonical_view(arr, ax)
+        gv = matching_view(g, ax, v)
     dx, dv = ((gv.arr, gv) if in_half_input(dtype, out)
               else output_like(gv, dtype, out, ax, v.arr))
     _batchnorm.backward(gv.arr, v.arr, dx, v.outer, v.nch, v.inner, gv.so, gv.sc, v.so, v.sc,

@@ -989,6 +989,65 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     return 0
 
 
+cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                              Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner,
+                              Py_ssize_t gso, Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc,
+                              Py_ssize_t dso, Py_ssize_t dsc, const double *mean,
+                              const double *invstd, const double *w, bint training,
+                              double *dweight, double *dbias, int n_threads) noexcept nogil:
+    """The backward of float16 planes a channel at a time: its dy and x widened into
+    float32 buffers of the thread's (in its L2), backward_channel there (backward_planes'
+    kernel for channels of more than SMALL_CHANNEL values, whose bits do not depend on the
+    planes' strides), its dx (over the dy buffer) rounded back. -1 if out of memory."""
+    cdef Py_ssize_t c, n, m = outer * inner, fails = 0
+    cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(2 * m * sizeof(float))
+        for c in prange(nch, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                for n in range(outer):
+                    bn_half_to_float(dy + n * gso + c * gsc, buf + n * inner, inner)
+                    bn_half_to_float(x + n * so + c * sc, buf + m + n * inner, inner)
+                backward_channel(buf, buf + m, buf, outer, inner, inner, inner, inner, mean[c],
+                                 invstd[c], w[c] if w != NULL else 1.0, training, &dweight[c],
+                                 &dbias[c], False, False, 0, 0, 0)
+                for n in range(outer):
+                    bn_float_to_half(buf + n * inner, dx + n * dso + c * dsc, inner)
+        bn_free64(buf)
+    return -1 if fails else 0
+
+
+def backward_halves(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner):
+    """Whether backward_half takes these planes: where backward_planes takes float32
+    channels one by one with backward_channel (more than SMALL_CHANNEL values, not the
+    by-sample walk of short planes beyond the caches), of up to HALF_CHANNEL values (else
+    the caller widens dy and x and runs backward())."""
+    return (inner > 1 and SMALL_CHANNEL < outer * inner <= HALF_CHANNEL
+            and not (inner * 4 < SAMPLE_PLANE and 12 * outer * nch * inner >= BY_SAMPLE_BYTES))
+
+
+def backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer,
+                  Py_ssize_t nch, Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc,
+                  Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso, Py_ssize_t dsc,
+                  cnp.ndarray mean, cnp.ndarray invstd, weight, bint training,
+                  cnp.ndarray dweight, cnp.ndarray dbias, int n_threads):
+    """backward() of float16 dy, x and dx where backward_halves (backward_half_planes)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    with nogil:
+        rc = backward_half_planes(
+            <const uint16_t *>cnp.PyArray_DATA(dy), <const uint16_t *>cnp.PyArray_DATA(x),
+            <uint16_t *>cnp.PyArray_DATA(dx), outer, nch, inner, gso, gsc, so, sc, dso, dsc,
+            <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd), pw,
+            training, <double *>cnp.PyArray_DATA(dweight), <double *>cnp.PyArray_DATA(dbias),
+            n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
+
 def backward(cnp.ndarray dy, cnp.ndarray x, dx, Py_ssize_t outer, Py_ssize_t nch,
              Py_ssize_t inner, Py_ssize_t gso, Py_ssize_t gsc, Py_ssize_t so, Py_ssize_t sc,
              Py_ssize_t dso, Py_ssize_t dsc, cnp.ndarray mean, cnp.ndarray invstd, weight,

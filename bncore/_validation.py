@@ -58,10 +58,10 @@ def float_input(x, name="x", n_threads=None, other=None, widen=True):
     return arr, arr.dtype
 
 
-def same_float_input(a, name, ref_dtype, shape, n_threads=None, x=None):
+def same_float_input(a, name, ref_dtype, shape, n_threads=None, x=None, widen=True):
     """Like float_input for a second array that must match x's dtype and shape (x: the
     float32 array it is read beside, for a float16 copy's placement)."""
-    arr, dt = float_input(a, name, n_threads, x)
+    arr, dt = float_input(a, name, n_threads, x, widen)
     if dt != ref_dtype:
         raise TypeError(f"{name} must have the dtype of x ({ref_dtype}), got {dt}")
     if arr.shape != shape:

@@ -224,25 +224,26 @@ def test_float16_moments_are_float32_moments_rounded():
 
 
 def test_float16_copies_are_scratch_kept_for_reuse():
-    """A float16 backward's float32 copies of x and dy (1 MiB or more) go back to the
-    output cache when the call ends, and the next call of that shape takes them again."""
+    """A float16 call that widens its inputs whole (group-norm backward) gives its float32
+    copies of x and dy (1 MiB or more) back to the output cache when it ends, and the
+    next call of that shape takes them again."""
     old = _outputs.cache_limit()
     _outputs.release_memory()
     try:
         x = np.random.default_rng(5).normal(size=(8, 32, 40, 40)).astype(np.float16)
-        _, m, s = bncore.batch_norm_forward(x)
+        _, m, s = bncore.group_norm_forward(x, 4)
         _outputs.release_memory()
-        bncore.batch_norm_backward(x, x, m, s)
+        bncore.group_norm_backward(x, x, m, s, 4)
         kept = _outputs.cached_bytes()
         assert kept >= 2 * x.size * 4
-        bncore.batch_norm_backward(x, x, m, s)
+        bncore.group_norm_backward(x, x, m, s, 4)
         assert _outputs.cached_bytes() == kept
         # plain float32 outputs of that size are not kept (glibc's heap reuses them)
         _outputs.release_memory()
         bncore.batch_norm_forward(x.astype(np.float32))
         assert _outputs.cached_bytes() == 0
         _outputs.cache_limit(0)
-        bncore.batch_norm_backward(x, x, m, s)
+        bncore.group_norm_backward(x, x, m, s, 4)
         assert _outputs.cached_bytes() == 0
     finally:
         _outputs.cache_limit(old)
@@ -276,9 +277,10 @@ def test_in_place_beyond_the_stream_threshold_gives_new_output_bits(dtype):
 def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
     """The float16 batch-norm forward widens x a piece at a time where it can (eval: runs
     of planes or rows, in one pass; training: a channel at a time where channels are the
-    parallel unit and up to 1M values; else the whole array): planes longer than a piece,
-    (N, C) rows, wide channels-last rows, single values, small channels, channels over the
-    limit; F16C and portable."""
+    parallel unit and up to 1M values; else the whole array), and so does its backward (a
+    channel at a time where backward_planes takes them one by one): planes longer than a
+    piece, (N, C) rows, wide channels-last rows, single values, small channels, channels
+    over the limit; F16C and portable."""
     rng = np.random.default_rng(6)
     x = rng.normal(2.0, 3.0, shape).astype(np.float16)
     c = shape[axis]
@@ -292,6 +294,17 @@ def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
                                  n_threads=nt)
         assert same_bits(got, want.astype(np.float16)), nt
         assert same_bits(r16[0], r32[0]) and same_bits(r16[1], r32[1])
+        # the backward (a channel at a time where channels are big enough, else widened)
+        _, m, s = bncore.batch_norm_forward(x, w, training=training, running_mean=rm,
+                                            running_var=rv, axis=axis)
+        dy = rng.normal(size=shape).astype(np.float16)
+        got = bncore.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis,
+                                         n_threads=nt)
+        want = bncore.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32), m, s,
+                                          w.astype(np.float32), training=training, axis=axis,
+                                          n_threads=nt)
+        assert same_bits(got[0], want[0].astype(np.float16)), nt
+        assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
 
 
 @pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
