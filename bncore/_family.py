@@ -18,12 +18,13 @@ import operator
 import numpy as np
 
 from bncore import _api, _rownorm
-from bncore._outputs import empty_like_apart
+from bncore._outputs import empty_like_apart, half_to_float
 from bncore._validation import (
     check_eps, check_out, check_real, check_writeable, finish_output, float_input,
     in_half_input, normalize_axis, param_vector, resolve_threads, running_stat,
     same_float_input,
 )
+from bncore._validation import _convert_threads
 
 __all__ = [
     "layer_norm", "layer_norm_forward", "layer_norm_backward",
@@ -376,7 +377,9 @@ class _Spatial:
 
     def __init__(self, x, axis, n_threads, name="x"):
         self.nt = n_threads   # the call's (unchecked): for float16 conversions
-        arr, self.dtype = float_input(x, name, n_threads)
+        # float16 data stays float16 until widen(): group_forward_half widens it a block
+        # at a time where it can
+        arr, self.dtype = float_input(x, name, n_threads, widen=False)
         if arr.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), "
                              f"got shape {arr.shape}")
@@ -404,9 +407,15 @@ class _Spatial:
                 self.cl = True
                 self.data = np.ascontiguousarray(cl).reshape(self.n, s, self.c)
 
+    def widen(self):
+        """float16 data as a float32 copy of the call's own (kernels take float32)."""
+        if self.data.dtype == _F16:
+            self.data = half_to_float(self.data, _convert_threads(self.nt))
+
     def like(self, a, name):
-        """Another array of x's shape and dtype (dy) in the kernel layout of x."""
-        arr = same_float_input(a, name, self.dtype, self.shape, self.nt, self.arr)
+        """Another array of x's shape and dtype (dy) in the kernel layout of x (after
+        widen(): float32 for float16)."""
+        arr = same_float_input(a, name, self.dtype, self.shape, self.nt, self.data)
         return np.ascontiguousarray(self._moved(arr)).reshape(self.data.shape)
 
     def _moved(self, a):
@@ -459,6 +468,14 @@ def _spatial_forward(sp, g, w, b, eps, out, nt):
         var.fill(np.nan)
         y = out if out is not None else np.empty(sp.shape, sp.dtype)
         return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
+    if sp.data.dtype == _F16 and not sp.cl and _rownorm.groups_half(sp.c // g, sp.s):
+        # float16 a (sample, group) block at a time, through float32
+        yk, direct = sp.output(out, sp.arr)
+        _rownorm.group_forward_half(sp.data, yk, sp.n, sp.c, sp.s, g, eps, w, b, mean, var,
+                                    nt)
+        y = out if direct else finish_output(sp.user(yk), out, sp.dtype, nt)
+        return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
+    sp.widen()
     # (over float16 input's own float32 copy, or where sp.output says)
     yk, direct = (sp.data, False) if in_half_input(sp.dtype, out) else sp.output(out, sp.arr)
     _rownorm.group_forward(sp.data, yk, sp.n, sp.c, sp.s, g, sp.cl, eps, w, b, mean, var, nt)
@@ -480,6 +497,7 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return res   # dweight and dbias already in the statistics' dtype
     sp = _Spatial(x, axis, n_threads)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
+    sp.widen()
     gk = sp.like(dy, "dy")
     mean = param_vector(mean, "mean", (sp.n, g))
     invstd = param_vector(invstd, "invstd", (sp.n, g))

@@ -70,6 +70,7 @@ cdef enum:
     PREFETCH_BYTES = 4096   # how far ahead the row loops fetch
     ROW_CHUNK_ELEMS = 16384  # forward rows per parallel chunk: about this many values
     HALF_STAGE = 4096        # float16 rows widened this many values at a time (16 KiB, L1)
+    HALF_BLOCK = 1048576     # float16 (sample, group) blocks up to this widened whole (4 MiB)
     RUN_CHUNK = 16384        # values per chunk of a long run's statistics
     GROUP_TILE = 64          # NCHW group channels per affine call
     SMALL_CHUNK = 8192       # values per parallel chunk of small NCHW groups
@@ -1365,6 +1366,54 @@ cdef int samples_backward(const floating *dy, const floating *x, floating *dx, P
 
 
 # ------------------------------------------------------------------ group norm entry points
+
+cdef int group_rows_half(const uint16_t *x, uint16_t *y, Py_ssize_t n, Py_ssize_t g,
+                         Py_ssize_t cg, Py_ssize_t s, double eps, const double *w,
+                         const double *b, double *mean, double *var,
+                         int n_threads) noexcept nogil:
+    """group_rows of float16 (N, C, S) a (sample, group) block at a time: widened into a
+    float32 buffer of the thread's (in its L2), group_block there (group_rows' kernel for
+    blocks that are not small_groups, whose team path for few blocks gives the same bits),
+    rounded back. One float16 read and write a value. -1 if out of memory."""
+    cdef Py_ssize_t t, m = cg * s, fails = 0
+    cdef int nt = work_threads(n_threads, n * g, n * g * m, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(m * sizeof(float))
+        for t in prange(n * g, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                bn_half_to_float(x + t * m, buf, m)
+                group_block(buf, buf, cg, s, (t % g) * cg, eps, w, b, &mean[t], &var[t],
+                            False)
+                bn_float_to_half(buf, y + t * m, m)
+        bn_free64(buf)
+    return -1 if fails else 0
+
+
+def groups_half(Py_ssize_t cg, Py_ssize_t s):
+    """Whether group_forward_half takes NCHW blocks of cg channels of s values: blocks
+    that group_rows takes one by one (not small_groups) of up to HALF_BLOCK values."""
+    return not small_groups(cg, s) and cg * s <= HALF_BLOCK
+
+
+def group_forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c,
+                       Py_ssize_t s, Py_ssize_t g, double eps, weight, bias,
+                       cnp.ndarray mean, cnp.ndarray var, int n_threads):
+    """group_forward of a float16 C-contiguous (N, C, S) x into y where groups_half
+    (group_rows_half)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pb = f64_or_null(bias)
+    with nogil:
+        rc = group_rows_half(<const uint16_t *>cnp.PyArray_DATA(x),
+                             <uint16_t *>cnp.PyArray_DATA(y), n, g, c // g, s, eps, pw, pb,
+                             <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(var),
+                             n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
 
 def group_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
                   Py_ssize_t g, bint channels_last, double eps, weight, bias,

@@ -331,3 +331,31 @@ def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
         assert same_bits(got[0], want[0].astype(np.float16))
         for g, v in zip(got[1:], want[1:]):
             assert same_bits(g, v)
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 64, 56, 56), 1), ((2, 64, 56, 56), 2),
+                                          ((2, 32, 3, 3), 8), ((3, 6, 1, 70), 3),
+                                          ((4, 512, 2, 2), 4), ((2, 3, 300, 400), 3),
+                                          ((1, 4, 600, 500), 1)])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_float16_group_norm_in_blocks_of_any_size(shape, groups, axis, f16c):
+    """The float16 NCHW group/instance norm forward widens a (sample, group) block at a
+    time where group_rows takes blocks one by one (else, and channels-last, the whole
+    input): one block whole (float32 then shares its chunks among the threads, the same
+    bits), small blocks many to a call, blocks over the 1M-value limit; F16C and
+    portable."""
+    rng = np.random.default_rng(8)
+    if axis == -1:
+        shape = (shape[0],) + shape[2:] + (shape[1],)
+    x = rng.normal(-4.0, 2.0, shape).astype(np.float16)
+    c = shape[axis]
+    w, b = rng.normal(size=c).astype(np.float16), rng.normal(size=c).astype(np.float16)
+    for nt in (1, 2, 3):
+        got = bncore.group_norm_forward(x, groups, w, b, axis=axis, n_threads=nt)
+        want = bncore.group_norm_forward(x.astype(np.float32), groups, w.astype(np.float32),
+                                         b.astype(np.float32), axis=axis, n_threads=nt)
+        assert same_bits(got[0], want[0].astype(np.float16)), nt
+        assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+        got = bncore.instance_norm(x, axis=axis, n_threads=nt)
+        want = bncore.instance_norm(x.astype(np.float32), axis=axis, n_threads=nt)
+        assert same_bits(got, want.astype(np.float16)), nt
