@@ -131,9 +131,9 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
                                    rms, out)
     if res is not None:
         return res   # dweight and dbias already shaped and typed
-    arr, dtype = float_input(x, "x", n_threads)
+    arr, dtype = float_input(x, "x", n_threads, widen=False)   # float16: see below
     shape = _normalized_shape(arr, normalized_shape)
-    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, arr)
+    g = same_float_input(dy, "dy", dtype, arr.shape, n_threads, widen=False)
     lead = arr.shape[:arr.ndim - len(shape)]
     nrows, d = math.prod(lead), math.prod(shape)
     name = "invrms" if rms else "invstd"
@@ -149,7 +149,21 @@ def _row_backward(dy, x, mean, invstd, normalized_shape, weight, out, n_threads,
     dbias = None if rms else np.zeros(d, _F64)
     if nrows == 0 or d == 0:
         dx = out if out is not None else np.empty(arr.shape, dtype)
+    elif dtype == _F16 and _rownorm.backward_halves(nrows, d):
+        # float16 a few rows at a time, through float32
+        xr, ldx = _rows(arr, nrows, d)
+        gr, ldg = _rows(g, nrows, d)
+        dx = (out if _direct_out(out, arr.dtype, arr, g)
+              else empty_like_apart(arr.shape, arr.dtype, xr, gr))
+        _rownorm.backward_half(gr, xr, dx, nrows, d, ldg, ldx, d,
+                               None if m is None else m.reshape(nrows), s.reshape(nrows),
+                               np.ones(d) if w is None else w.reshape(d), dweight, dbias, rms,
+                               nt)
+        dx = finish_output(dx, out, dtype, n_threads)
     else:
+        if dtype == _F16:   # widened whole, dx written over dy's float32 copy
+            arr = half_to_float(arr, nt)
+            g = half_to_float(g, nt, arr)
         xr, ldx = _rows(arr, nrows, d)
         gr, ldg = _rows(g, nrows, d)
         if in_half_input(dtype, out) and g.flags.c_contiguous:

@@ -588,6 +588,88 @@ cdef int backward_rows(const floating *dy, const floating *x, floating *dx, Py_s
     return 0
 
 
+cdef int backward_rows_half(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                            Py_ssize_t nrows, Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx,
+                            Py_ssize_t ldd, const double *mean, const double *invstd,
+                            const double *w, double *dweight, double *dbias, bint rms,
+                            int n_threads) noexcept nogil:
+    """backward_rows' row path for float16 rows: each chunk's rows a few at a time (an even
+    number, so that row_bwd2 pairs them as there) widened into float32 buffers of the
+    thread's (in L1), row_bwd2 / row_bwd there into the chunk's column partials, dx (over
+    the dy buffer) rounded back, the chunks merged in order: the float32 row path's bits,
+    rounded. -1 if out of memory."""
+    cdef Py_ssize_t nchunks = row_chunks(nrows, d), s, r, r1, k, nr, j, fails = 0
+    cdef Py_ssize_t per = 2 * d if dbias != NULL else d
+    cdef Py_ssize_t stage = max(2, HALF_STAGE // d // 2 * 2)
+    cdef int nt = work_threads(n_threads, nchunks, nrows * d, SERIAL_ELEMS)
+    cdef double *part = <double *>bn_alloc64(nchunks * per * sizeof(double))
+    cdef double *p
+    cdef float *gb = NULL   # (private in the parallel block; set for the compiler)
+    cdef float *xb
+    if part == NULL:
+        return -1
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        gb = <float *>bn_alloc64(2 * stage * d * sizeof(float))
+        for s in prange(nchunks, schedule='static'):
+            if gb == NULL:
+                fails += 1
+            else:
+                xb = gb + stage * d
+                p = part + per * s
+                for j in range(per):
+                    p[j] = 0
+                r = s * nrows // nchunks
+                r1 = (s + 1) * nrows // nchunks
+                while r < r1:
+                    nr = min(stage, r1 - r)
+                    for k in range(nr):
+                        bn_half_to_float(dy + (r + k) * ldg, gb + k * d, d)
+                        bn_half_to_float(x + (r + k) * ldx, xb + k * d, d)
+                    k = 0
+                    while k + 1 < nr:
+                        row_bwd2(gb + k * d, xb + k * d, gb + k * d, d, d, d, d,
+                                 mean if rms else mean + r + k, invstd + r + k, w, p,
+                                 p + d if dbias != NULL else NULL, rms, False, NULL, NULL)
+                        k = k + 2
+                    if k < nr:
+                        row_bwd(gb + k * d, xb + k * d, gb + k * d, d,
+                                0.0 if rms else mean[r + k], invstd[r + k], w, p,
+                                p + d if dbias != NULL else NULL, rms, False, NULL, NULL)
+                    for k in range(nr):
+                        bn_float_to_half(gb + k * d, dx + (r + k) * ldd, d)
+                    r = r + nr
+        bn_free64(gb)
+    if fails == 0:
+        merge_chunk_sums_par(part, nchunks, per, d, dweight, dbias, nt, n_threads)
+    bn_free64(part)
+    return -1 if fails else 0
+
+
+def backward_halves(Py_ssize_t nrows, Py_ssize_t d):
+    """Whether backward_half takes (nrows, d) float16 rows: where backward_rows takes
+    float32 rows by its row path (not by column tiles, whose sums go in another order)."""
+    return not by_tiles(nrows, d, 4)
+
+
+def backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t nrows,
+                  Py_ssize_t d, Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd, mean,
+                  cnp.ndarray invstd, cnp.ndarray weight, cnp.ndarray dweight, dbias, bint rms,
+                  int n_threads):
+    """backward() of float16 rows where backward_halves (backward_rows_half)."""
+    cdef int rc
+    cdef const double *pm = f64_or_null(mean)
+    cdef double *pdb = f64_or_null(dbias)
+    with nogil:
+        rc = backward_rows_half(<const uint16_t *>cnp.PyArray_DATA(dy),
+                                <const uint16_t *>cnp.PyArray_DATA(x),
+                                <uint16_t *>cnp.PyArray_DATA(dx), nrows, d, ldg, ldx, ldd, pm,
+                                <double *>cnp.PyArray_DATA(invstd),
+                                <double *>cnp.PyArray_DATA(weight),
+                                <double *>cnp.PyArray_DATA(dweight), pdb, rms, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 row buffers")
+
+
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t nrows, Py_ssize_t d,
              Py_ssize_t ldg, Py_ssize_t ldx, Py_ssize_t ldd, mean, cnp.ndarray invstd,
              cnp.ndarray weight, cnp.ndarray dweight, dbias, bint rms, int n_threads):

@@ -308,11 +308,13 @@ def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
 
 
 @pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
-                                   (9, 2049)])
+                                   (9, 2049), (130, 2100), (257, 33), (3001, 160)])
 @pytest.mark.parametrize("rms", [False, True])
 def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
-    """The float16 layer/RMS norm forward widens a few rows at a time: rows longer than a
-    statistics block (one row a piece, the long-row kernels) and short ones many a piece."""
+    """The float16 layer/RMS norm forward and backward widen a few rows at a time: rows
+    longer than a statistics block (one row a piece, the long-row kernels), short ones many
+    a piece, odd row counts (the backward's row pairs), and the backward's few long rows
+    (widened whole: float32 takes them by column tiles)."""
     rng = np.random.default_rng(7)
     x = rng.normal(5.0, 2.0, shape).astype(np.float16)
     d = shape[-1]
@@ -328,6 +330,21 @@ def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
                          bncore.layer_norm_forward(x.astype(np.float32), d,
                                                    w.astype(np.float32), w.astype(np.float32),
                                                    n_threads=nt))
+        assert same_bits(got[0], want[0].astype(np.float16))
+        for g, v in zip(got[1:], want[1:]):
+            assert same_bits(g, v)
+        # the backward: a few rows at a time where float32 goes by rows (row_bwd2's pairs
+        # kept), widened whole where it goes by column tiles (few long rows)
+        dy = rng.normal(size=shape).astype(np.float16)
+        if rms:
+            got = bncore.rms_norm_backward(dy, x, got[1], d, w, n_threads=nt)
+            want = bncore.rms_norm_backward(dy.astype(np.float32), x.astype(np.float32),
+                                            want[1], d, w.astype(np.float32), n_threads=nt)
+        else:
+            got = bncore.layer_norm_backward(dy, x, got[1], got[2], d, w, n_threads=nt)
+            want = bncore.layer_norm_backward(dy.astype(np.float32), x.astype(np.float32),
+                                              want[1], want[2], d, w.astype(np.float32),
+                                              n_threads=nt)
         assert same_bits(got[0], want[0].astype(np.float16))
         for g, v in zip(got[1:], want[1:]):
             assert same_bits(g, v)
