@@ -427,9 +427,10 @@ class _Spatial:
             self.data = half_to_float(self.data, _convert_threads(self.nt))
 
     def like(self, a, name):
-        """Another array of x's shape and dtype (dy) in the kernel layout of x (after
-        widen(): float32 for float16)."""
-        arr = same_float_input(a, name, self.dtype, self.shape, self.nt, self.data)
+        """Another array of x's shape and dtype (dy) in the kernel layout of x, float16 or
+        float32 as self.data is (widen())."""
+        arr = same_float_input(a, name, self.dtype, self.shape, self.nt, self.data,
+                               widen=self.data.dtype != _F16)
         return np.ascontiguousarray(self._moved(arr)).reshape(self.data.shape)
 
     def _moved(self, a):
@@ -511,7 +512,11 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return res   # dweight and dbias already in the statistics' dtype
     sp = _Spatial(x, axis, n_threads)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
-    sp.widen()
+    # float16 NCHW a (sample, group) block at a time where it can, else widened whole
+    half = (sp.data.dtype == _F16 and not sp.cl and sp.data.size > 0
+            and _rownorm.groups_bwd_half(sp.c // g, sp.s))
+    if not half:
+        sp.widen()
     gk = sp.like(dy, "dy")
     mean = param_vector(mean, "mean", (sp.n, g))
     invstd = param_vector(invstd, "invstd", (sp.n, g))
@@ -526,10 +531,15 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return (out if out is not None else np.empty(sp.shape, sp.dtype)), z, z.copy()
     dweight = np.empty(sp.c, _F64)
     dbias = np.empty(sp.c, _F64)
-    dxk, direct = ((gk, False) if in_half_input(sp.dtype, out)
-                   else sp.output(out, sp.arr, gk, dy=gk))
-    _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd, w,
-                            dweight, dbias, nt)
+    if half:
+        dxk, direct = sp.output(out, sp.arr, gk, dy=gk)
+        _rownorm.group_backward_half(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, mean, invstd, w,
+                                     dweight, dbias, nt)
+    else:
+        dxk, direct = ((gk, False) if in_half_input(sp.dtype, out)
+                       else sp.output(out, sp.arr, gk, dy=gk))
+        _rownorm.group_backward(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, sp.cl, mean, invstd,
+                                w, dweight, dbias, nt)
     dx = out if direct else finish_output(sp.user(dxk), out, sp.dtype, nt)
     return _group_grads(dx, dweight, dbias)
 

@@ -1598,6 +1598,69 @@ cdef int group_param_grads(double *dweight, double *dbias, const double *sdyx,
     return 0
 
 
+cdef int group_rows_bwd_half(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                             Py_ssize_t n, Py_ssize_t g, Py_ssize_t cg, Py_ssize_t s,
+                             const double *mean, const double *invstd, const double *w,
+                             double *dweight, double *dbias, int n_threads) noexcept nogil:
+    """group_bwd_run of float16 (N, C, S) a (sample, group) block at a time: its dy and x
+    widened into float32 buffers of the thread's, group_block_bwd there (group_rows_bwd's
+    kernel for blocks of channels over 256 values; its team path for few blocks gives the
+    same bits), dx (over the dy buffer) rounded back; then group_param_grads as there. -1
+    if out of memory."""
+    cdef Py_ssize_t t, m = cg * s, c = g * cg, fails = 0
+    cdef int nt = work_threads(n_threads, n * g, n * g * m, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    cdef double *sdy = <double *>bn_alloc64(2 * n * c * sizeof(double))
+    cdef double *sdyx
+    if sdy == NULL:
+        return -1
+    sdyx = sdy + n * c
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(2 * m * sizeof(float))
+        for t in prange(n * g, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                bn_half_to_float(dy + t * m, buf, m)
+                bn_half_to_float(x + t * m, buf + m, m)
+                group_block_bwd(buf, buf + m, buf, cg, s, (t % g) * cg, mean[t], invstd[t], w,
+                                sdy + t * cg, sdyx + t * cg, False)
+                bn_float_to_half(buf, dx + t * m, m)
+        bn_free64(buf)
+    if fails == 0:
+        fails = -group_param_grads(dweight, dbias, sdyx, sdy, invstd, n, g, cg, n * c * s,
+                                   n_threads)
+    bn_free64(sdy)
+    return -1 if fails else 0
+
+
+def groups_bwd_half(Py_ssize_t cg, Py_ssize_t s):
+    """Whether group_backward_half takes NCHW blocks of cg channels of s values: channels
+    that group_rows_bwd takes a block at a time (not small_groups_bwd), blocks of up to
+    HALF_BLOCK values."""
+    return not small_groups_bwd(s) and cg * s <= HALF_BLOCK
+
+
+def group_backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n,
+                        Py_ssize_t c, Py_ssize_t s, Py_ssize_t g, cnp.ndarray mean,
+                        cnp.ndarray invstd, weight, cnp.ndarray dweight, cnp.ndarray dbias,
+                        int n_threads):
+    """group_backward of float16 C-contiguous (N, C, S) dy, x into dx where
+    groups_bwd_half (group_rows_bwd_half)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    with nogil:
+        rc = group_rows_bwd_half(<const uint16_t *>cnp.PyArray_DATA(dy),
+                                 <const uint16_t *>cnp.PyArray_DATA(x),
+                                 <uint16_t *>cnp.PyArray_DATA(dx), n, g, c // g, s,
+                                 <double *>cnp.PyArray_DATA(mean),
+                                 <double *>cnp.PyArray_DATA(invstd), pw,
+                                 <double *>cnp.PyArray_DATA(dweight),
+                                 <double *>cnp.PyArray_DATA(dbias), n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
+
 def group_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t c,
                    Py_ssize_t s, Py_ssize_t g, bint channels_last, cnp.ndarray mean,
                    cnp.ndarray invstd, weight, cnp.ndarray dweight, cnp.ndarray dbias,

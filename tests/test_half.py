@@ -224,26 +224,26 @@ def test_float16_moments_are_float32_moments_rounded():
 
 
 def test_float16_copies_are_scratch_kept_for_reuse():
-    """A float16 call that widens its inputs whole (group-norm backward) gives its float32
-    copies of x and dy (1 MiB or more) back to the output cache when it ends, and the
-    next call of that shape takes them again."""
+    """A float16 call that widens its inputs whole (channels-last group-norm backward)
+    gives its float32 copies of x and dy (1 MiB or more) back to the output cache when it
+    ends, and the next call of that shape takes them again."""
     old = _outputs.cache_limit()
     _outputs.release_memory()
     try:
-        x = np.random.default_rng(5).normal(size=(8, 32, 40, 40)).astype(np.float16)
-        _, m, s = bncore.group_norm_forward(x, 4)
+        x = np.random.default_rng(5).normal(size=(8, 40, 40, 32)).astype(np.float16)
+        _, m, s = bncore.group_norm_forward(x, 4, axis=-1)
         _outputs.release_memory()
-        bncore.group_norm_backward(x, x, m, s, 4)
+        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
         kept = _outputs.cached_bytes()
         assert kept >= 2 * x.size * 4
-        bncore.group_norm_backward(x, x, m, s, 4)
+        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
         assert _outputs.cached_bytes() == kept
         # plain float32 outputs of that size are not kept (glibc's heap reuses them)
         _outputs.release_memory()
         bncore.batch_norm_forward(x.astype(np.float32))
         assert _outputs.cached_bytes() == 0
         _outputs.cache_limit(0)
-        bncore.group_norm_backward(x, x, m, s, 4)
+        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
         assert _outputs.cached_bytes() == 0
     finally:
         _outputs.cache_limit(old)
@@ -356,11 +356,11 @@ def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
                                           ((1, 4, 600, 500), 1)])
 @pytest.mark.parametrize("axis", [1, -1])
 def test_float16_group_norm_in_blocks_of_any_size(shape, groups, axis, f16c):
-    """The float16 NCHW group/instance norm forward widens a (sample, group) block at a
-    time where group_rows takes blocks one by one (else, and channels-last, the whole
-    input): one block whole (float32 then shares its chunks among the threads, the same
-    bits), small blocks many to a call, blocks over the 1M-value limit; F16C and
-    portable."""
+    """The float16 NCHW group/instance norm forward and backward widen a (sample, group)
+    block at a time where group_rows(_bwd) takes blocks one by one (else, and
+    channels-last, the whole input): one block whole (float32 then shares its chunks among
+    the threads, the same bits), small blocks many to a call, blocks over the 1M-value
+    limit; F16C and portable."""
     rng = np.random.default_rng(8)
     if axis == -1:
         shape = (shape[0],) + shape[2:] + (shape[1],)
@@ -376,3 +376,12 @@ def test_float16_group_norm_in_blocks_of_any_size(shape, groups, axis, f16c):
         got = bncore.instance_norm(x, axis=axis, n_threads=nt)
         want = bncore.instance_norm(x.astype(np.float32), axis=axis, n_threads=nt)
         assert same_bits(got, want.astype(np.float16)), nt
+        # the backward: a block at a time where group_rows_bwd takes blocks one by one
+        _, m, s = bncore.group_norm_forward(x, groups, w, axis=axis)
+        dy = rng.normal(size=shape).astype(np.float16)
+        got = bncore.group_norm_backward(dy, x, m, s, groups, w, axis=axis, n_threads=nt)
+        want = bncore.group_norm_backward(dy.astype(np.float32), x.astype(np.float32), m, s,
+                                          groups, w.astype(np.float32), axis=axis,
+                                          n_threads=nt)
+        assert same_bits(got[0], want[0].astype(np.float16)), nt
+        assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
