@@ -483,11 +483,12 @@ def _spatial_forward(sp, g, w, b, eps, out, nt):
         var.fill(np.nan)
         y = out if out is not None else np.empty(sp.shape, sp.dtype)
         return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
-    if sp.data.dtype == _F16 and not sp.cl and _rownorm.groups_half(sp.c // g, sp.s):
-        # float16 a (sample, group) block at a time, through float32
+    if sp.data.dtype == _F16 and (_rownorm.samples_halves(sp.s, sp.c) if sp.cl
+                                  else _rownorm.groups_half(sp.c // g, sp.s)):
+        # float16 a (sample, group) block, or a channels-last sample, at a time
         yk, direct = sp.output(out, sp.arr)
-        _rownorm.group_forward_half(sp.data, yk, sp.n, sp.c, sp.s, g, eps, w, b, mean, var,
-                                    nt)
+        half = _rownorm.samples_forward_half if sp.cl else _rownorm.group_forward_half
+        half(sp.data, yk, sp.n, sp.c, sp.s, g, eps, w, b, mean, var, nt)
         y = out if direct else finish_output(sp.user(yk), out, sp.dtype, nt)
         return y, mean.reshape(sp.n, g), var.reshape(sp.n, g)
     sp.widen()
@@ -512,9 +513,11 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
         return res   # dweight and dbias already in the statistics' dtype
     sp = _Spatial(x, axis, n_threads)
     g = sp.c if num_groups is _INSTANCE else _check_groups(num_groups, sp.c)
-    # float16 NCHW a (sample, group) block at a time where it can, else widened whole
-    half = (sp.data.dtype == _F16 and not sp.cl and sp.data.size > 0
-            and _rownorm.groups_bwd_half(sp.c // g, sp.s))
+    # float16 a (sample, group) block, or a channels-last sample, at a time where it can,
+    # else widened whole
+    half = (sp.data.dtype == _F16 and sp.data.size > 0
+            and (_rownorm.samples_halves(sp.s, sp.c) if sp.cl
+                 else _rownorm.groups_bwd_half(sp.c // g, sp.s)))
     if not half:
         sp.widen()
     gk = sp.like(dy, "dy")
@@ -533,8 +536,8 @@ def _spatial_backward(dy, x, mean, invstd, num_groups, weight, axis, out, n_thre
     dbias = np.empty(sp.c, _F64)
     if half:
         dxk, direct = sp.output(out, sp.arr, gk, dy=gk)
-        _rownorm.group_backward_half(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, mean, invstd, w,
-                                     dweight, dbias, nt)
+        half = _rownorm.samples_backward_half if sp.cl else _rownorm.group_backward_half
+        half(gk, sp.data, dxk, sp.n, sp.c, sp.s, g, mean, invstd, w, dweight, dbias, nt)
     else:
         dxk, direct = ((gk, False) if in_half_input(sp.dtype, out)
                        else sp.output(out, sp.arr, gk, dy=gk))

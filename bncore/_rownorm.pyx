@@ -1474,6 +1474,91 @@ cdef int group_rows_half(const uint16_t *x, uint16_t *y, Py_ssize_t n, Py_ssize_
     return -1 if fails else 0
 
 
+cdef int samples_half(const uint16_t *x, uint16_t *y, const uint16_t *dy, Py_ssize_t n,
+                      Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
+                      const double *b, double *mean, double *var, double *sdy, double *sdyx,
+                      int n_threads) noexcept nogil:
+    """Channels-last float16 group norm a sample at a time: its s rows of c channels
+    widened into a float32 buffer of the thread's (in its L2), sample_forward there, or,
+    with dy (y is then dx; var the invstd), sample_backward into sdy, sdyx (per (n, c)
+    sums), rounded back. samples_forward's and samples_backward's kernel for a sample on
+    one thread (their other ways, every thread on a sample or a block, give the same
+    bits). -1 if out of memory."""
+    cdef Py_ssize_t t, m = s * c, fails = 0
+    cdef Py_ssize_t nd = (4 + 2 * rows_chunks(s, c)) * c if dy != NULL else (
+        4 * c + rows_scratch(s, c))
+    cdef Py_ssize_t nf = ((2 * m if dy != NULL else m) + 15) // 16 * 16   # floats, padded
+    cdef int nt = work_threads(n_threads, n, n * m, SERIAL_ELEMS)
+    cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    cdef double *scratch
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        buf = <float *>bn_alloc64(nf * sizeof(float) + nd * sizeof(double))
+        for t in prange(n, schedule='static'):
+            if buf == NULL:
+                fails += 1
+            else:
+                scratch = <double *>(buf + nf)   # the sample's doubles, 64 bytes aligned
+                if dy == NULL:
+                    bn_half_to_float(x + t * m, buf, m)
+                    sample_forward(buf, buf, s, c, g, eps, w, b, mean + t * g, var + t * g,
+                                   False, scratch)
+                else:
+                    bn_half_to_float(dy + t * m, buf, m)
+                    bn_half_to_float(x + t * m, buf + m, m)
+                    sample_backward(buf, buf + m, buf, s, c, g, mean + t * g, var + t * g, w,
+                                    sdy + t * c, sdyx + t * c, False, scratch)
+                bn_float_to_half(buf, y + t * m, m)
+        bn_free64(buf)
+    return -1 if fails else 0
+
+
+def samples_halves(Py_ssize_t s, Py_ssize_t c):
+    """Whether the channels-last float16 group norm goes a sample at a time
+    (samples_half): samples of up to HALF_BLOCK values."""
+    return s * c <= HALF_BLOCK
+
+
+def samples_forward_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t c,
+                         Py_ssize_t s, Py_ssize_t g, double eps, weight, bias,
+                         cnp.ndarray mean, cnp.ndarray var, int n_threads):
+    """group_forward of float16 (N, S, C) x into y where samples_halves (samples_half)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pb = f64_or_null(bias)
+    with nogil:
+        rc = samples_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(y),
+                          NULL, n, s, c, g, eps, pw, pb, <double *>cnp.PyArray_DATA(mean),
+                          <double *>cnp.PyArray_DATA(var), NULL, NULL, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
+
+def samples_backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t n,
+                          Py_ssize_t c, Py_ssize_t s, Py_ssize_t g, cnp.ndarray mean,
+                          cnp.ndarray invstd, weight, cnp.ndarray dweight, cnp.ndarray dbias,
+                          int n_threads):
+    """group_backward of float16 (N, S, C) dy, x into dx where samples_halves
+    (samples_half, then group_param_grads as group_bwd_run)."""
+    cdef int rc
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pi = <double *>cnp.PyArray_DATA(invstd)
+    cdef double *sdy = <double *>bn_alloc64(2 * n * c * sizeof(double))
+    if sdy == NULL:
+        raise MemoryError("bncore: out of memory for per-sample work arrays")
+    with nogil:
+        rc = samples_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(dx),
+                          <const uint16_t *>cnp.PyArray_DATA(dy), n, s, c, g, 0.0, pw, NULL,
+                          <double *>cnp.PyArray_DATA(mean), <double *>pi, sdy, sdy + n * c,
+                          n_threads)
+        if rc == 0:
+            rc = group_param_grads(<double *>cnp.PyArray_DATA(dweight),
+                                   <double *>cnp.PyArray_DATA(dbias), sdy + n * c, sdy, pi, n,
+                                   g, c // g, n * c * s, n_threads)
+    bn_free64(sdy)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
+
 def groups_half(Py_ssize_t cg, Py_ssize_t s):
     """Whether group_forward_half takes NCHW blocks of cg channels of s values: blocks
     that group_rows takes one by one (not small_groups) of up to HALF_BLOCK values."""

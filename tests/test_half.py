@@ -224,26 +224,26 @@ def test_float16_moments_are_float32_moments_rounded():
 
 
 def test_float16_copies_are_scratch_kept_for_reuse():
-    """A float16 call that widens its inputs whole (channels-last group-norm backward)
+    """A float16 call that widens its inputs whole (channels-last batch-norm backward)
     gives its float32 copies of x and dy (1 MiB or more) back to the output cache when it
     ends, and the next call of that shape takes them again."""
     old = _outputs.cache_limit()
     _outputs.release_memory()
     try:
         x = np.random.default_rng(5).normal(size=(8, 40, 40, 32)).astype(np.float16)
-        _, m, s = bncore.group_norm_forward(x, 4, axis=-1)
+        _, m, s = bncore.batch_norm_forward(x, axis=-1)
         _outputs.release_memory()
-        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s, axis=-1)
         kept = _outputs.cached_bytes()
         assert kept >= 2 * x.size * 4
-        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s, axis=-1)
         assert _outputs.cached_bytes() == kept
         # plain float32 outputs of that size are not kept (glibc's heap reuses them)
         _outputs.release_memory()
         bncore.batch_norm_forward(x.astype(np.float32))
         assert _outputs.cached_bytes() == 0
         _outputs.cache_limit(0)
-        bncore.group_norm_backward(x, x, m, s, 4, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s, axis=-1)
         assert _outputs.cached_bytes() == 0
     finally:
         _outputs.cache_limit(old)
@@ -353,14 +353,16 @@ def test_float16_rows_in_pieces_of_any_length(shape, rms, f16c):
 @pytest.mark.parametrize("shape,groups", [((1, 64, 56, 56), 1), ((2, 64, 56, 56), 2),
                                           ((2, 32, 3, 3), 8), ((3, 6, 1, 70), 3),
                                           ((4, 512, 2, 2), 4), ((2, 3, 300, 400), 3),
-                                          ((1, 4, 600, 500), 1)])
+                                          ((1, 4, 600, 500), 1), ((32, 512, 7, 7), 8),
+                                          ((1, 512, 14, 14), 32)])
 @pytest.mark.parametrize("axis", [1, -1])
 def test_float16_group_norm_in_blocks_of_any_size(shape, groups, axis, f16c):
-    """The float16 NCHW group/instance norm forward and backward widen a (sample, group)
-    block at a time where group_rows(_bwd) takes blocks one by one (else, and
-    channels-last, the whole input): one block whole (float32 then shares its chunks among
-    the threads, the same bits), small blocks many to a call, blocks over the 1M-value
-    limit; F16C and portable."""
+    """The float16 group/instance norm forward and backward widen a (sample, group) block
+    (NCHW, where group_rows(_bwd) takes blocks one by one) or a channels-last sample at a
+    time, else the whole input: one block or sample whole (float32 then shares its chunks
+    among the threads, or takes the group straight from the block: the same bits), small
+    blocks many to a call, blocks and samples over the 1M-value limit; F16C and
+    portable."""
     rng = np.random.default_rng(8)
     if axis == -1:
         shape = (shape[0],) + shape[2:] + (shape[1],)
