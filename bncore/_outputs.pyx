@@ -34,6 +34,11 @@ otherwise at import; 0 turns it off), and hands one back for a request of its si
 1/8 larger): the same shape in a loop reuses its pages. When all four are taken, a
 block not asked for in the last eight big requests (a shape the program has moved on
 from) makes room for the newest. `bncore.release_memory()` gives them back to the system.
+Scratch blocks (empty_scratch: a float16 call's float32 copies of its inputs) are kept
+from 1 MiB (BN_SCRATCH_MIN) on the same terms.
+
+The module also widens float16 to float32 and rounds it back (half_to_float,
+float_to_half: bn_half.h, F16C or portable, NumPy's bits), on the call's threads.
 """
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_New
