@@ -22,6 +22,7 @@ def config():
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "output_cache_bytes": _outputs.cache_limit(),
+        "f16c": _outputs._f16c(),
         **thresholds(),
     }
 
@@ -104,8 +105,10 @@ def show_config():
     print(f"  numpy:       {c['numpy']}, python {c['python']}, {c['machine']}, "
           f"{c['cpu_count']} cpus")
     print(f"  output cache: up to {c['output_cache_bytes'] / 2**20:.0f} MiB of freed outputs "
-          "of 32 MiB or more kept for reuse (BNCORE_OUTPUT_CACHE_MB; "
-          "bncore.release_memory())")
+          "of 32 MiB or more kept for reuse (float16 calls' float32 copies from 1 MiB; "
+          "BNCORE_OUTPUT_CACHE_MB; bncore.release_memory())")
+    print(f"  float16:     computed in float32; conversions "
+          f"{'with F16C' if c['f16c'] else 'portable (no F16C)'}")
     mib = 1 << 20
     print(f"  streaming stores: forwards moving {c['stream_forward_bytes'] / mib:.0f} MiB or "
           f"more, backwards {c['stream_backward_bytes'] / mib:.0f} MiB "

@@ -385,6 +385,13 @@ cdef enum:
     CONVERT_SERIAL = 65536  # fewer values: one thread
 
 
+def _f16c():
+    """Whether this module's float16 conversions use F16C (bncore._config.config)."""
+    cdef int old = bn_set_f16c(1)
+    bn_set_f16c(old)
+    return bool(old)
+
+
 def _set_f16c(bint on):
     """This module's float16 conversions with F16C (where the CPU has it) or portable;
     returns the old setting (see bncore._config.use_f16c)."""

@@ -174,11 +174,30 @@ def test_streamed_and_far_paths_give_the_same_bits(dtype):
             assert np.array_equal(u, v, equal_nan=True), f"{k} output {i}"
 
 
-def _cpu_has_v4():
+def _cpu_has(*features):
     flags = open("/proc/cpuinfo").read().replace("\n", " ") if os.path.exists(
         "/proc/cpuinfo") else ""
-    return all(f" {f} " in flags for f in ("avx512f", "avx512dq", "avx512vl", "avx512bw",
-                                            "avx512cd"))
+    return all(f" {f} " in flags for f in features)
+
+
+def _cpu_has_v4():
+    return _cpu_has("avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512cd")
+
+
+def test_f16c_conversions_are_on_exactly_where_the_cpu_has_it(capsys):
+    """The float16 conversions use F16C by default on a CPU that has it (never on one
+    without); use_f16c returns the old setting; show_config says which."""
+    has = _cpu_has("avx", "f16c")
+    assert _config.config()["f16c"] is has
+    assert _config.use_f16c(False) is has
+    try:
+        assert _config.config()["f16c"] is False
+        assert _config.use_f16c(True) is False
+    finally:
+        _config.use_f16c(True)
+    assert _config.config()["f16c"] is has
+    bncore.show_config()
+    assert ("with F16C" if has else "portable") in capsys.readouterr().out
 
 
 def test_avx512_twins_are_on_exactly_where_the_cpu_has_them():
