@@ -646,6 +646,33 @@ cdef int train_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t
     return -1 if fails else 0
 
 
+def rows_train_half(cnp.ndarray x, cnp.ndarray y, cnp.ndarray x32, Py_ssize_t nrows,
+                    Py_ssize_t nch, Py_ssize_t ld, Py_ssize_t ldy, cnp.ndarray mean,
+                    cnp.ndarray var, cnp.ndarray invstd, weight, bias, double eps,
+                    int n_threads):
+    """The training forward of float16 rows (channels-last): the statistics from x32
+    (x widened whole, C-contiguous: rows_stats, as forward_rows), then the affine from x
+    itself in one pass (eval_half, forward_rows' float affine and invstd): the float32
+    bits, rounded, without the float32 result and the pass that rounds it."""
+    cdef int rc
+    cdef Py_ssize_t c
+    cdef const double *pw = f64_or_null(weight)
+    cdef const double *pb = f64_or_null(bias)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    with nogil:
+        rc = rows_stats(<const float *>cnp.PyArray_DATA(x32), nrows, nch, nch, pm, pv,
+                        n_threads)
+        if rc == 0:
+            for c in range(nch):
+                pv[c] = pv[c] / <double>nrows
+            rc = eval_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(y),
+                           nrows, nch, 1, ld, 1, ldy, 1, pm, pv,
+                           <double *>cnp.PyArray_DATA(invstd), pw, pb, eps, n_threads)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for float16 buffers")
+
+
 def trains_half(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner):
     """Whether forward_half takes these planes in training: where forward_planes takes each
     channel start to finish with forward_channel (channels the parallel unit, of more than

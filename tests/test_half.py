@@ -387,3 +387,22 @@ def test_float16_group_norm_in_blocks_of_any_size(shape, groups, axis, f16c):
                                           n_threads=nt)
         assert same_bits(got[0], want[0].astype(np.float16)), nt
         assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (4, 16, 30, 40), (2, 8, 5, 7), (64, 24)])
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_batch_norm_of_channels_contiguous_memory(shape, training):
+    """float16 with axis=1 whose channels are contiguous in memory (a channels-last array
+    seen as NCHW): a rows view, whose training statistics come from a float32 copy with
+    the rows in the view's order (the non-channel positions in C order)."""
+    rng = np.random.default_rng(9)
+    last = rng.normal(1.0, 2.0, (shape[0],) + shape[2:] + (shape[1],)).astype(np.float16)
+    x = np.moveaxis(last, -1, 1)   # axis 1, channels contiguous
+    c = shape[1]
+    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    for nt in (1, 2):
+        r16, r32 = (rm.copy(), rv.copy()), (rm.copy(), rv.copy())
+        got = bncore.batch_norm(x, *r16, training=training, n_threads=nt)
+        want = bncore.batch_norm(x.astype(np.float32), *r32, training=training, n_threads=nt)
+        assert same_bits(got, want.astype(np.float16))
+        assert same_bits(r16[0], r32[0]) and same_bits(r16[1], r32[1])
