@@ -374,6 +374,7 @@ from bncore._openmp cimport team_threads, work_threads
 
 cdef extern from "bn_half.h" nogil:
     void bn_init_f16c()
+    int bn_f16c_on()
     int bn_set_f16c(int on)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
@@ -387,9 +388,7 @@ cdef enum:
 
 def _f16c():
     """Whether this module's float16 conversions use F16C (bncore._config.config)."""
-    cdef int old = bn_set_f16c(1)
-    bn_set_f16c(old)
-    return bool(old)
+    return bool(bn_f16c_on())
 
 
 def _set_f16c(bint on):

@@ -297,11 +297,12 @@ def output_like(view, dtype, out, axis, other=None):
 
 def in_half_input(dtype, out):
     """Whether the kernel may write its result over the input's float32 copy: float16
-    input (float_input's copy is the call's own) with no float32 ``out`` to write. Half as
-    many big arrays as a separate float32 result: with three of them (the copy, the result,
-    the float16 one) glibc gave the memory back after each call and a (32, 64, 56, 56)
-    training forward faulted 1,862 pages back in on every call (10.4 ms, 11 ms of it in
-    the kernel on the two threads)."""
+    input widened whole (float_input's copy is the call's own; the paths that cannot widen
+    it a piece at a time) with no float32 ``out`` to write. Half as many big arrays as a
+    separate float32 result: with three of them (the copy, the result, the float16 one)
+    glibc gave the memory back after each call, and a (32, 64, 56, 56) training forward
+    faulted 1,862 pages back in on every call (10.4 ms a call, 11 ms of system time over
+    the two threads)."""
     return dtype == _F16 and (out is None or out.dtype == _F16)
 
 

@@ -40,6 +40,12 @@ static inline void bn_init_f16c(void)
     bn_use_f16c = bn_cpu_f16c();
 }
 
+/* Whether the F16C path runs. */
+static inline int bn_f16c_on(void)
+{
+    return bn_use_f16c;
+}
+
 /* F16C on (where the CPU has it) or off; returns the old setting. */
 static inline int bn_set_f16c(int on)
 {
