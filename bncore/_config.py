@@ -76,13 +76,27 @@ def use_avx512(on):
 def use_f16c(on):
     """Let the float16 conversions (float16 input widened to float32, results rounded
     back: bncore._outputs, and the kernels that stage float16 rows) use the CPU's F16C
-    instructions where it has them (the default), or the portable code; returns the old
+    instructions where it has them (the default; with AVX2 and FMA too, the kernels that
+    read and write float16 themselves: half_level), or the portable code; returns the old
     setting (False on a CPU without F16C). The bits are the same either way (NumPy's); for
     tests and for measuring."""
     from bncore import _outputs
     old = False
     for m in (_outputs,) + _modules():
         old = m._set_f16c(bool(on)) or old
+    return old
+
+
+def half_level(level):
+    """Set the float16 code of every module (not a public switch: for tests and for
+    measuring): 0 portable conversions and float32 copies, 1 F16C conversions and float32
+    copies, 2 also the kernels that read and write float16 themselves; capped at what the
+    CPU has (2 needs AVX2, FMA and F16C). Returns the old level. The bits are the same on
+    every level."""
+    from bncore import _outputs
+    old = 0
+    for m in (_outputs,) + _modules():
+        old = max(old, m._set_half_level(int(level)))
     return old
 
 

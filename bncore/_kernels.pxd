@@ -43,6 +43,14 @@ cdef extern from "bn_kernels.h" nogil:
     int bn_set_v4(int on)
     void bn_init_f16c()
     int bn_set_f16c(int on)
+    int bn_set_half_level(int level)
+    int bn_half_fused()
+    void bn_seg_bwd_sums_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t nseg,
+                             Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, double mean,
+                             double *sum_dy, double *sum_dy_xmu)
+    void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                           Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx,
+                           Py_ssize_t sdx, double mean, double k, double q, double r)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
     void bn_affine_half(const uint16_t *x, uint16_t *y, Py_ssize_t n, float hi, float lo,

@@ -376,6 +376,7 @@ cdef extern from "bn_half.h" nogil:
     void bn_init_f16c()
     int bn_f16c_on()
     int bn_set_f16c(int on)
+    int bn_set_half_level(int level)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
 
@@ -395,6 +396,12 @@ def _set_f16c(bint on):
     """This module's float16 conversions with F16C (where the CPU has it) or portable;
     returns the old setting (see bncore._config.use_f16c)."""
     return bool(bn_set_f16c(on))
+
+
+def _set_half_level(int level):
+    """This module's float16 code level (only 0 and not 0 differ here: its conversions);
+    returns the old one (see bncore._config.half_level)."""
+    return bn_set_half_level(level)
 
 
 cdef bint _dense(cnp.ndarray a):

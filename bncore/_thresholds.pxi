@@ -1,10 +1,12 @@
 # Included by each kernel module (_batchnorm, _rownorm, _stats): each holds its own copy of
 # the cache-size thresholds (static in bn_kernels.h), set here at its import from the
 # machine's caches and read or set through these (bncore._config gathers them), and its
-# switch for the AVX-512 twins (on where the CPU has AVX-512), and its switch for the F16C
-# float16 conversions (on where the CPU has F16C).
+# switch for the AVX-512 twins (on where the CPU has AVX-512), and its level of float16 code
+# (bn_half.h: F16C conversions where the CPU has F16C, kernels that read float16 themselves
+# where it also has AVX2 and FMA).
 from bncore._kernels cimport (
     bn_far_bytes, bn_init_f16c, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_f16c,
+    bn_set_half_level,
     bn_set_thresholds, bn_set_v4, bn_stream_bwd, bn_stream_fwd,
 )
 
@@ -27,6 +29,12 @@ def _set_f16c(bint on):
     """This module's float16 conversions with F16C (where the CPU has it) or portable;
     returns the old setting (see bncore._config.use_f16c)."""
     return bool(bn_set_f16c(on))
+
+
+def _set_half_level(int level):
+    """This module's float16 code level (bn_half.h; capped at the CPU's); returns the old
+    one (see bncore._config.half_level)."""
+    return bn_set_half_level(level)
 
 
 def _set_avx512(bint on):

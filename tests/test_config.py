@@ -200,6 +200,26 @@ def test_f16c_conversions_are_on_exactly_where_the_cpu_has_it(capsys):
     assert ("with F16C" if has else "portable") in capsys.readouterr().out
 
 
+def test_float16_level_is_the_cpus_by_default_and_capped_at_it():
+    """half_level: 2 (float16 kernels) where the CPU has AVX2, FMA and F16C, 1 (F16C
+    conversions) with F16C only, 0 without; a request above the CPU's is capped; every
+    module follows, and use_f16c(True) restores the CPU's level."""
+    cpu = 2 if _cpu_has("avx", "f16c", "avx2", "fma") else 1 if _cpu_has("avx", "f16c") else 0
+    old = _config.half_level(0)
+    try:
+        assert old == cpu
+        assert _config.config()["f16c"] is False
+        for want in (1, 2, 0, 2):
+            _config.half_level(want)
+            assert _config.half_level(want) == min(want, cpu)
+        assert _config.config()["f16c"] is (cpu > 0)
+        _config.half_level(0)
+        _config.use_f16c(True)
+        assert _config.half_level(cpu) == cpu
+    finally:
+        _config.half_level(old)
+
+
 def test_avx512_twins_are_on_exactly_where_the_cpu_has_them():
     """use_avx512 returns the old setting: on by default on an AVX-512 CPU (the layer/RMS
     norm backward then runs its AVX-512 twins), never on one without; show_config says so."""

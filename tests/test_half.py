@@ -4,7 +4,8 @@
   an instruction, or portable bit arithmetic) give NumPy's astype bits: every float16
   value widened, and float32 values rounded (ties to even, the overflow and underflow
   edges, subnormals, random bit patterns); NaN stays NaN (F16C quiets signalling NaNs,
-  whose payload bits NumPy keeps). Both paths are checked wherever the CPU has F16C.
+  whose payload bits NumPy keeps). Both paths are checked wherever the CPU has F16C,
+  and with AVX2 and FMA too, the kernels that read and write float16 themselves.
 - Every op on float16 input gives exactly the float32 op on the widened input, rounded
   (outputs, saved statistics, gradients), in both layouts, strided and Fortran-ordered,
   into a float16 ``out`` and in place; the conversions follow the call's n_threads.
@@ -19,20 +20,21 @@ import pytest
 import bncore
 from bncore import _config, _outputs
 
-def _has_f16c():
-    old = _config.use_f16c(True)
-    _config.use_f16c(old)
-    return old
+def _cpu_level():
+    old = _config.half_level(2)
+    return _config.half_level(old)   # the level 2 became: the CPU's
 
 
-F16C = [True, False] if _has_f16c() else [False]
+# 2: kernels that read and write float16 themselves (AVX2, FMA, F16C); 1: F16C
+# conversions of float32 copies; 0: portable conversions
+LEVELS = list(range(_cpu_level(), -1, -1))
 
 
-@pytest.fixture(params=F16C, ids=lambda on: "f16c" if on else "portable")
+@pytest.fixture(params=LEVELS, ids=lambda v: ("portable", "f16c", "fused")[v])
 def f16c(request):
-    old = _config.use_f16c(request.param)
+    old = _config.half_level(request.param)
     yield request.param
-    _config.use_f16c(old)
+    _config.half_level(old)
 
 
 def same_bits(a, b):
@@ -273,14 +275,16 @@ def test_in_place_beyond_the_stream_threshold_gives_new_output_bits(dtype):
 @pytest.mark.parametrize("shape,axis", [((2, 3, 90, 100), 1), ((3, 5), 1), ((1, 2048, 7, 7), 1),
                                         ((7, 9, 11, 3), -1), ((2, 5, 4000), -1),
                                         ((2, 1, 1, 1), 1), ((1, 64, 3, 3), 1),
-                                        ((40, 40, 20, 20), 1), ((2, 4, 800, 900), 1)])
+                                        ((40, 40, 20, 20), 1), ((2, 4, 800, 900), 1),
+                                        ((3, 4, 37, 41), 1)])
 def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
     """The float16 batch-norm forward widens x a piece at a time where it can (eval: runs
     of planes or rows, in one pass; training: a channel at a time where channels are the
     parallel unit and up to 1M values; else the whole array), and so does its backward (a
-    channel at a time where backward_planes takes them one by one): planes longer than a
-    piece, (N, C) rows, wide channels-last rows, single values, small channels, channels
-    over the limit; F16C and portable."""
+    channel at a time where backward_planes takes them one by one; where the CPU allows,
+    reading and writing float16 itself): planes longer than a piece, (N, C) rows, wide
+    channels-last rows, single values, small channels, channels over the limit, planes of
+    odd length (the kernels' scalar tails); every float16 level."""
     rng = np.random.default_rng(6)
     x = rng.normal(2.0, 3.0, shape).astype(np.float16)
     c = shape[axis]

@@ -20,16 +20,21 @@
 #define BN_HAVE_F16C 0
 #endif
 
-/* 1 where the F16C path runs (each module including this header has its own copy: set
- * at its import from the CPU, bn_init_f16c; tests turn it off, bn_set_f16c, to check the
- * portable path). */
+/* Which float16 code runs (each module including this header has its own copy: set at
+ * its import from the CPU, bn_init_f16c; tests lower it, bn_set_half_level, to check
+ * the other paths): 0 the portable conversions and staged kernels; 1 F16C conversions
+ * (CPUs with F16C but without AVX2 and FMA); 2 also the kernels that read and write
+ * float16 themselves (bn_half_fused: the x86-64-v3 clones of bncore's float kernels,
+ * with F16C loads and stores). The bits are the same on every level. */
 static int bn_use_f16c __attribute__((unused)) = 0;
 
-static inline int bn_cpu_f16c(void)
+static inline int bn_cpu_half_level(void)
 {
 #if BN_HAVE_F16C
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx") || !__builtin_cpu_supports("f16c"))
+        return 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 2 : 1;
 #else
     return 0;
 #endif
@@ -37,21 +42,33 @@ static inline int bn_cpu_f16c(void)
 
 static inline void bn_init_f16c(void)
 {
-    bn_use_f16c = bn_cpu_f16c();
+    bn_use_f16c = bn_cpu_half_level();
 }
 
 /* Whether the F16C path runs. */
 static inline int bn_f16c_on(void)
 {
-    return bn_use_f16c;
+    return bn_use_f16c > 0;
 }
 
-/* F16C on (where the CPU has it) or off; returns the old setting. */
+/* Whether the fused float16 kernels run (level 2). */
+static inline int bn_half_fused(void)
+{
+    return bn_use_f16c > 1;
+}
+
+/* The level (0-2) where the CPU allows it, else the CPU's; returns the old level. */
+static inline int bn_set_half_level(int level)
+{
+    int old = bn_use_f16c, cpu = bn_cpu_half_level();
+    bn_use_f16c = level < cpu ? level : cpu;
+    return old;
+}
+
+/* F16C on (the CPU's level) or off (0); returns whether it was on. */
 static inline int bn_set_f16c(int on)
 {
-    int old = bn_use_f16c;
-    bn_use_f16c = on && bn_cpu_f16c();
-    return old;
+    return bn_set_half_level(on ? 2 : 0) > 0;
 }
 
 /* Exact: every binary16 value is a float32 value. NaN payloads are kept (as NumPy). */

@@ -788,49 +788,58 @@ static BN_CLONES void BN_NAME(bn_affine_vec)(const BN_T *restrict x, BN_T *restr
  * channel's mean. OUT (accumulated): sum(dy), sum(dy*(x-mean)). Four accumulator pairs
  * (with two, the adds were the critical path) carried across segments and reduced once: a
  * channel of short planes (7x7, 8x8) is one call, not one per plane. Lanes depend on the
- * shape only. */
+ * shape only. T: the element type, LD4(p) four of its values as doubles, LD1(v) one;
+ * PF(s): a statement run before segment s (the prefetch). The float and float16
+ * (bn_seg_bwd_sums_h16) kernels share it: the same lanes and additions, the same bits. */
+#define BN_BWD_SUMS(T, LD4, LD1, PF) do { \
+        bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
+        bn_v4d b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; \
+        const bn_v4d m = {mean, mean, mean, mean}; \
+        double ta = 0, tb = 0; \
+        for (ptrdiff_t s = 0; s < nseg; s++) { \
+            const T *g = dy + s * sdy, *p = x + s * sx; \
+            ptrdiff_t i = 0; \
+            PF(s); \
+            for (; i + 16 <= len; i += 16) { \
+                bn_v4d g0 = LD4(g + i), g1 = LD4(g + i + 4); \
+                bn_v4d g2 = LD4(g + i + 8), g3 = LD4(g + i + 12); \
+                bn_v4d u0 = LD4(p + i) - m, u1 = LD4(p + i + 4) - m; \
+                bn_v4d u2 = LD4(p + i + 8) - m, u3 = LD4(p + i + 12) - m; \
+                a0 += g0; \
+                a1 += g1; \
+                a2 += g2; \
+                a3 += g3; \
+                b0 = BN_FMA4(g0, u0, b0); \
+                b1 = BN_FMA4(g1, u1, b1); \
+                b2 = BN_FMA4(g2, u2, b2); \
+                b3 = BN_FMA4(g3, u3, b3); \
+            } \
+            for (; i + 4 <= len; i += 4) { \
+                bn_v4d g0 = LD4(g + i), u0 = LD4(p + i) - m; \
+                a0 += g0; \
+                b0 = BN_FMA4(g0, u0, b0); \
+            } \
+            for (; i < len; i++) { \
+                double v = LD1(g[i]); \
+                ta += v; \
+                tb = BN_FMA(v, LD1(p[i]) - mean, tb); \
+            } \
+        } \
+        *sum_dy += bn_v4d_total((a0 + a1) + (a2 + a3)) + ta; \
+        *sum_dy_xmu += bn_v4d_total((b0 + b1) + (b2 + b3)) + tb; \
+    } while (0)
+#define BN_LOAD1(v) ((double)(v))
+
 BN_INLINE void BN_NAME(bn_seg_bwd_sums_body)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
                                              ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
                                              double mean, double *sum_dy,
                                              double *sum_dy_xmu, ptrdiff_t pd)
 {
-    bn_v4d a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    const bn_v4d m = {mean, mean, mean, mean};
-    double ta = 0, tb = 0;
-    for (ptrdiff_t s = 0; s < nseg; s++) {
-        const BN_T *g = dy + s * sdy, *p = x + s * sx;
-        ptrdiff_t i = 0;
-        if (pd && s + pd < nseg) {   /* segment s + pd of both arrays */
-            BN_NAME(bn_prefetch_seg)(g + pd * sdy, 1, len, 0);
-            BN_NAME(bn_prefetch_seg)(p + pd * sx, 1, len, 0);
-        }
-        for (; i + 16 <= len; i += 16) {
-            bn_v4d g0 = BN_LOAD4(g + i), g1 = BN_LOAD4(g + i + 4);
-            bn_v4d g2 = BN_LOAD4(g + i + 8), g3 = BN_LOAD4(g + i + 12);
-            bn_v4d u0 = BN_LOAD4(p + i) - m, u1 = BN_LOAD4(p + i + 4) - m;
-            bn_v4d u2 = BN_LOAD4(p + i + 8) - m, u3 = BN_LOAD4(p + i + 12) - m;
-            a0 += g0;
-            a1 += g1;
-            a2 += g2;
-            a3 += g3;
-            b0 = BN_FMA4(g0, u0, b0);
-            b1 = BN_FMA4(g1, u1, b1);
-            b2 = BN_FMA4(g2, u2, b2);
-            b3 = BN_FMA4(g3, u3, b3);
-        }
-        for (; i + 4 <= len; i += 4) {
-            bn_v4d g0 = BN_LOAD4(g + i), u0 = BN_LOAD4(p + i) - m;
-            a0 += g0;
-            b0 = BN_FMA4(g0, u0, b0);
-        }
-        for (; i < len; i++) {
-            double v = (double)g[i];
-            ta += v;
-            tb = BN_FMA(v, (double)p[i] - mean, tb);
-        }
-    }
-    *sum_dy += bn_v4d_total((a0 + a1) + (a2 + a3)) + ta;
-    *sum_dy_xmu += bn_v4d_total((b0 + b1) + (b2 + b3)) + tb;
+#define BN_PF(s) do { if (pd && (s) + pd < nseg) {   /* segment s + pd of both arrays */ \
+            BN_NAME(bn_prefetch_seg)(g + pd * sdy, 1, len, 0); \
+            BN_NAME(bn_prefetch_seg)(p + pd * sx, 1, len, 0); } } while (0)
+    BN_BWD_SUMS(BN_T, BN_LOAD4, BN_LOAD1, BN_PF);
+#undef BN_PF
 }
 
 static BN_CLONES void BN_NAME(bn_seg_bwd_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t nseg,
@@ -840,6 +849,11 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_sums)(const BN_T *dy, const BN_T *x, pt
 {
     BN_NAME(bn_seg_bwd_sums_body)(dy, x, nseg, len, sdy, sx, mean, sum_dy, sum_dy_xmu, pd);
 }
+
+/* dx = k*dy + q*(x - mean) + r of four values (g, p: dy, x; LD4 as in BN_BWD_SUMS; kk, qq,
+ * rr and m the coefficients and the mean on four lanes), and of one (LD1). */
+#define BN_DX4(LD4, g, p) BN_FMA4(kk, LD4(g), BN_FMA4(qq, LD4(p) - m, rr))
+#define BN_DX1(LD1, g, p) BN_FMA(k, LD1(g), BN_FMA(q, LD1(p) - mean, r))
 
 /* dx = k*dy + q*(x - mean) + r over nseg segments of len values (batch-norm training
  * backward; each array with its own segment stride), optionally with streaming stores. */
@@ -852,9 +866,8 @@ BN_INLINE void BN_NAME(bn_seg_bwd_dx_body)(const BN_T *dy, const BN_T *x, BN_T *
     bn_v4d m = {mean, mean, mean, mean}, kk = {k, k, k, k}, qq = {q, q, q, q};
     bn_v4d rr = {r, r, r, r};
     unsigned pfc = 0;   /* vectors: a prefetch step of [pg, eg) and [px, ex) per 128 bytes of x */
-#define BN_SCALAR(i) o[i] = (BN_T)BN_FMA(k, (double)g[i], BN_FMA(q, (double)p[i] - mean, r))
-#define BN_DXV(i) do { bn_v4d g_ = BN_LOAD4(g + (i)), u_ = BN_LOAD4(p + (i)) - m; \
-        u_ = BN_FMA4(qq, u_, rr); BN_STORE4(o + (i), BN_FMA4(kk, g_, u_)); } while (0)
+#define BN_SCALAR(i) o[i] = (BN_T)BN_DX1(BN_LOAD1, g[i], p[i])
+#define BN_DXV(i) BN_STORE4(o + (i), BN_DX4(BN_LOAD4, g + (i), p + (i)))
     if (BN_T_IS_FLOAT && !stream && pg == NULL && px == NULL) {
         /* float, nothing streamed or fetched: the plain loop. Short planes had paid the
          * span's set-up per plane: backward (128, 128, 4, 4) 1.36x, (512, 16, 3, 3)
@@ -1235,6 +1248,64 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_pf)(const BN_T *dy, const BN_T *x, B
                                 (const char *)pg, (const char *)(pg + npf), (const char *)px,
                                 (const char *)(px + npf));
 }
+
+#if BN_T_IS_FLOAT
+/* float16 twins of bn_seg_bwd_sums and bn_seg_bwd_dx (where bn_half_fused: CPUs with
+ * AVX2, FMA and F16C; the float arithmetic of their x86-64-v3 clones): each value widened
+ * as it is loaded (exact), each dx rounded to float, then to float16, as the float kernels
+ * on widened copies followed by a rounding pass give, without the float32 copies (the
+ * float16 batch-norm backward (32, 64, 56, 56) on two threads: 3.4 -> 2.5 ms). Both
+ * passes are bound by the conversions to and from double (F16C's, then the float
+ * kernels'): PyTorch's float16 backward, which accumulates in float, takes 1.4 ms. */
+#if BN_HAVE_F16C
+#define BN_H16 __attribute__((target("arch=x86-64-v3")))
+/* (intrinsics: __builtin_convertvector split each widening in halves, through the stack) */
+#define BN_LOAD4H(p) ((bn_v4d)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p)))))
+#define BN_LOAD1H(v) ((double)_cvtsh_ss(v))
+#define BN_ROUND1H(v) ((uint16_t)_cvtss_sh((float)(v), _MM_FROUND_TO_NEAREST_INT))
+/* eight doubles (d0, d1) rounded to float, then float16, stored at q */
+#define BN_STORE8H(q, d0, d1) _mm_storeu_si128((__m128i *)(q), _mm256_cvtps_ph(_mm256_set_m128( \
+        _mm256_cvtpd_ps((__m256d)(d1)), _mm256_cvtpd_ps((__m256d)(d0))), \
+        _MM_FROUND_TO_NEAREST_INT))
+#else
+#define BN_H16
+#define BN_LOAD1H(v) ((double)bn_half_to_float1(v))
+#define BN_LOAD4H(p) ((bn_v4d){BN_LOAD1H((p)[0]), BN_LOAD1H((p)[1]), BN_LOAD1H((p)[2]), \
+        BN_LOAD1H((p)[3])})
+#define BN_ROUND1H(v) bn_float_to_half1((float)(v))
+#define BN_STORE8H(q, d0, d1) do { bn_v4d e0_ = (d0), e1_ = (d1); \
+        for (int j_ = 0; j_ < 4; j_++) { (q)[j_] = BN_ROUND1H(e0_[j_]); \
+            (q)[4 + j_] = BN_ROUND1H(e1_[j_]); } } while (0)
+#endif
+#define BN_NO_PF(s) do { } while (0)
+
+static BN_H16 void bn_seg_bwd_sums_h16(const uint16_t *dy, const uint16_t *x, ptrdiff_t nseg,
+                                       ptrdiff_t len, ptrdiff_t sdy, ptrdiff_t sx,
+                                       double mean, double *sum_dy, double *sum_dy_xmu)
+{
+    BN_BWD_SUMS(uint16_t, BN_LOAD4H, BN_LOAD1H, BN_NO_PF);
+}
+
+static BN_H16 void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                     ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
+                                     ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
+                                     double q, double r)
+{
+    const bn_v4d m = {mean, mean, mean, mean}, kk = {k, k, k, k}, qq = {q, q, q, q};
+    const bn_v4d rr = {r, r, r, r};
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        const uint16_t *g = dy + s * sdy, *p = x + s * sx;
+        uint16_t *o = dx + s * sdx;
+        ptrdiff_t i = 0;
+        for (; i + 8 <= len; i += 8)
+            BN_STORE8H(o + i, BN_DX4(BN_LOAD4H, g + i, p + i),
+                       BN_DX4(BN_LOAD4H, g + i + 4, p + i + 4));
+        for (; i < len; i++)
+            o[i] = BN_ROUND1H(BN_DX1(BN_LOAD1H, g[i], p[i]));
+    }
+}
+#endif
+
 
 /* ------------------------------------------------------------- rows of channels (cl) */
 
