@@ -372,13 +372,11 @@ def _forward(x, weight, bias, training, running_mean, running_var, momentum, eps
         _batchnorm.forward_half(v.arr, y, v.outer, v.nch, v.inner, v.so, v.sc, yv.so, yv.sc,
                                 mean, var, invstd, w, b, training, eps, nt)
     elif arr.dtype == _F16 and v.inner == 1 and v.sc == 1:
-        # float16 rows (channels-last): statistics from a float32 copy, the affine from
-        # x itself in one pass
+        # float16 rows (channels-last): statistics a block of rows widened at a time,
+        # the affine from x itself in one pass
         y, yv = output_like(v, dtype, out, ax)
-        # (the rows in the view's order: the non-channel positions in C order)
-        x32 = half_to_float(np.ascontiguousarray(np.moveaxis(v.arr, ax, -1)), nt)
-        _batchnorm.rows_train_half(v.arr, y, x32, v.outer, v.nch, v.so, yv.so, mean, var,
-                                   invstd, w, b, eps, nt)
+        _batchnorm.rows_train_half(v.arr, y, v.outer, v.nch, v.so, yv.so, mean, var, invstd,
+                                   w, b, eps, nt)
     else:
         if arr.dtype == _F16:   # widened whole: the float32 result written over the copy
             arr = half_to_float(arr, nt)

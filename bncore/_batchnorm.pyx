@@ -47,7 +47,8 @@ from bncore._kernels cimport (
     cl_affine_stream, cl_bwd_dx, cl_bwd_sums, plane_block_stats, plane_chunks, plane_nblocks,
     BN_SHORT_REUSE, planes_affine, planes_affine_rect, planes_stats, short_planes, rows_chunks,
     rows_stats, sample_chunks, seg_affine,
-    CHANNEL_BLOCK, bn_pivot, channel_blocks, merge_row_chunks, rows_chunk_stats,
+    CHANNEL_BLOCK, bn_pivot, channel_blocks, merge_row_chunks, rows_chunk_stats, rows_chunk_per,
+    rows_per_block, rows_pivots, rows_scratch,
     BN_FUSED_MAX, bn_seg_bwd_fused_f32,
     seg_affine_pf,
     seg_affine_stream,
@@ -657,29 +658,67 @@ cdef int train_half(const uint16_t *x, uint16_t *y, Py_ssize_t outer, Py_ssize_t
     return -1 if fails else 0
 
 
-def rows_train_half(cnp.ndarray x, cnp.ndarray y, cnp.ndarray x32, Py_ssize_t nrows,
-                    Py_ssize_t nch, Py_ssize_t ld, Py_ssize_t ldy, cnp.ndarray mean,
-                    cnp.ndarray var, cnp.ndarray invstd, weight, bias, double eps,
-                    int n_threads):
-    """The training forward of float16 rows (channels-last): the statistics from x32
-    (x widened whole, C-contiguous: rows_stats, as forward_rows), then the affine from x
-    itself in one pass (eval_half, forward_rows' float affine and invstd): the float32
-    bits, rounded, without the float32 result and the pass that rounds it."""
+cdef int rows_stats_half(const uint16_t *x, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld,
+                         double *mean, double *m2, int n_threads) noexcept nogil:
+    """rows_stats of float16 rows (ld apart): its chunks, pivots and merges, each block of
+    rows widened into a float32 stage of the thread's (in L1) just before its moments
+    (rows_chunk_stats with h): the bits of rows_stats on x widened, without the copy (a
+    float32 write and read of the whole array). -1 if out of memory."""
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), per = rows_chunk_per(nch), s, c
+    cdef Py_ssize_t nstage = 2 * rows_per_block(nch, 4) * min(nch, <Py_ssize_t>CHANNEL_BLOCK)
+    cdef Py_ssize_t fails = 0
+    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    cdef double *buf = <double *>bn_alloc64(rows_scratch(nrows, nch) * sizeof(double)
+                                            + nch * sizeof(float))
+    cdef double *pivot
+    cdef double *p
+    cdef float *first
+    cdef float *stage = NULL   # (private in the parallel block; set for the compiler)
+    if buf == NULL:
+        return -1
+    pivot = rows_pivots(buf, nrows, nch)
+    first = <float *>(pivot + nch)
+    bn_half_to_float(x, first, nch)
+    for c in range(nch):   # the first row's values, as rows_stats_in
+        pivot[c] = bn_pivot(<double>first[c])
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        stage = <float *>bn_alloc64(nstage * sizeof(float))
+        for s in prange(nchunks, schedule='static'):
+            if stage == NULL:
+                fails += 1
+            else:
+                p = buf + s * per
+                rows_chunk_stats(<const float *>NULL, s * nrows // nchunks,
+                                 (s + 1) * nrows // nchunks, nch, ld, p + 2 * nch, pivot, p,
+                                 p + nch, False, 0, nch, x, stage)
+        bn_free64(stage)
+    if fails == 0:
+        merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
+    bn_free64(buf)
+    return -1 if fails else 0
+
+
+def rows_train_half(cnp.ndarray x, cnp.ndarray y, Py_ssize_t nrows, Py_ssize_t nch,
+                    Py_ssize_t ld, Py_ssize_t ldy, cnp.ndarray mean, cnp.ndarray var,
+                    cnp.ndarray invstd, weight, bias, double eps, int n_threads):
+    """The training forward of float16 rows (channels-last, ld apart): the statistics of
+    rows_stats on x widened, a block of rows widened at a time (rows_stats_half), then the
+    affine from x itself in one pass (eval_half, forward_rows' float affine and invstd):
+    forward_rows' bits, rounded, with no float32 copy of x and no float32 result."""
     cdef int rc
     cdef Py_ssize_t c
     cdef const double *pw = f64_or_null(weight)
     cdef const double *pb = f64_or_null(bias)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    cdef const uint16_t *px = <const uint16_t *>cnp.PyArray_DATA(x)
     with nogil:
-        rc = rows_stats(<const float *>cnp.PyArray_DATA(x32), nrows, nch, nch, pm, pv,
-                        n_threads)
+        rc = rows_stats_half(px, nrows, nch, ld, pm, pv, n_threads)
         if rc == 0:
             for c in range(nch):
                 pv[c] = pv[c] / <double>nrows
-            rc = eval_half(<const uint16_t *>cnp.PyArray_DATA(x), <uint16_t *>cnp.PyArray_DATA(y),
-                           nrows, nch, 1, ld, 1, ldy, 1, pm, pv,
-                           <double *>cnp.PyArray_DATA(invstd), pw, pb, eps, n_threads)
+            rc = eval_half(px, <uint16_t *>cnp.PyArray_DATA(y), nrows, nch, 1, ld, 1, ldy, 1,
+                           pm, pv, <double *>cnp.PyArray_DATA(invstd), pw, pb, eps, n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for float16 buffers")
 

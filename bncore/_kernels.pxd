@@ -621,7 +621,8 @@ cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept no
 cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r1,
                                   Py_ssize_t nch, Py_ssize_t ld, double *work,
                                   const double *pivot, double *mean, double *m2,
-                                  bint far, Py_ssize_t c_lo, Py_ssize_t c_hi) noexcept nogil:
+                                  bint far, Py_ssize_t c_lo, Py_ssize_t c_hi,
+                                  const uint16_t *h=NULL, float *stage=NULL) noexcept nogil:
     """Moments of rows [r0, r1) for every channel into mean[nch] (relative to pivot[nch],
     the same for every chunk) and m2[nch]: blocks of rows (rows_per_block, the float
     rule for both types) by up to CHANNEL_BLOCK channels, each in one pass around
@@ -632,6 +633,9 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
     Only channels [c_lo, c_hi) are reduced (c_lo a multiple of CHANNEL_BLOCK; c_hi nch or
     one too): the channel blocks, their rows and their arithmetic are those of the whole
     row, so a chunk's channel blocks can go to different threads with the same bits.
+    ``h`` (float only; x is then unused): float16 rows, ld apart, each block widened into
+    ``stage`` (2 * rows_per_block(nch, 4) * min(nch, CHANNEL_BLOCK) floats) just before its
+    moments: the same values in the same order, the same bits as x = h widened.
     """
     cdef Py_ssize_t rb = rows_per_block(nch, 4), r, c0, c, cb, nr, nnext, nw, nrn, i, k
     cdef double *K = work
@@ -669,7 +673,15 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
                     if not isfinite(K[c]):
                         K[c] = pivot[c0 + c]
             nxt = NULL
-            if far and c_hi - c_lo > CHANNEL_BLOCK:
+            if floating is float and h != NULL:
+                if cb == ld:   # the block's rows are one span
+                    bn_half_to_float(h + r * ld + c0, stage, nr * cb)
+                else:
+                    for i in range(nr):
+                        bn_half_to_float(h + (r + i) * ld + c0, stage + i * cb, cb)
+                cl_moments_shift(<const floating *>stage, nr, cb, cb, K, pivot + c0, nxt, 0, 1,
+                                 0, bm, bm2)
+            elif far and c_hi - c_lo > CHANNEL_BLOCK:
                 # rows wider than a channel block, beyond the caches: the block walked
                 # next (the next channel block of these rows, or the first of the next
                 # rows), nr rows of up to 1 KiB, ld apart. The next row block in address
