@@ -96,7 +96,7 @@ def extensions():
         Extension(f"bncore.{name}", [f"bncore/{name}.pyx"],
                   include_dirs=[np.get_include(), "bncore/src"],
                   depends=["bncore/src/bn_kernels.h", "bncore/src/bn_kernels_impl.h",
-                           "bncore/src/bn_half.h"],
+                           "bncore/src/bn_cl_bwd_impl.h", "bncore/src/bn_half.h"],
                   define_macros=macros, extra_compile_args=compile_args,
                   extra_link_args=link_args)
         for name in MODULES

@@ -544,8 +544,9 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, training=
         return dx, dweight.astype(sdt), dbias.astype(sdt)
     v = canonical_view(arr, ax)
     gv = matching_view(g, ax, v)
-    if dtype == _F16 and _batchnorm.backward_halves(v.outer, v.nch, v.inner):
-        # float16 a channel at a time, through float32
+    rows = v.inner == 1 and v.sc == 1 and gv.sc == 1
+    if dtype == _F16 and _batchnorm.backward_halves(v.outer, v.nch, v.inner, rows):
+        # float16 a channel (planes) or a piece of rows at a time, or read as float16
         dx, dv = output_like(gv, dtype, out, ax, v.arr)
         _batchnorm.backward_half(gv.arr, v.arr, dx, v.outer, v.nch, v.inner, gv.so, gv.sc,
                                  v.so, v.sc, dv.so, dv.sc, mean, invstd, w, training, dweight,

@@ -40,7 +40,8 @@ from libc.string cimport memcpy
 
 from bncore._kernels cimport (
     bn_affine_half, bn_alloc64, bn_free64, bn_float_to_half, bn_half_fused, bn_half_to_float,
-    bn_rows_affine_half, bn_seg_bwd_dx_h16, bn_seg_bwd_sums_h16,
+    bn_rows_affine_half, bn_seg_bwd_dx_h16, bn_seg_bwd_sums_h16, bn_cl_bwd_dx_h16,
+    bn_cl_bwd_sums_h16,
     BN_RUN_MAX, SERIAL_ELEMS, beyond_caches, beyond_l2, bn_fence, bn_moments, plane_fetch,
     prefetch_seg,
     bn_run_moments_f32, cl_affine,
@@ -68,6 +69,7 @@ cdef enum:
     AFFINE_CHUNK = 16384   # values per parallel chunk of the elementwise (eval) pass
     SMALL_CHANNEL = 4096   # values: channels up to this go through in groups (L2-sized)
     HALF_CHANNEL = 1048576  # float16 training: channels up to this staged whole (4 MiB)
+    HALF_ROWS_PIECE = 16384  # float16 rows backward: values a staged piece (64 KiB a stage)
     CHANNEL_GROUP = 8      # small channels per group
     CL_TILE = 128          # channels a thread takes at least, when few rows split by channel
     CHANNEL_COST = 64      # values a small channel's fixed cost is worth
@@ -1124,11 +1126,133 @@ cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *d
     return -1 if fails else 0
 
 
-def backward_halves(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner):
-    """Whether backward_half takes these planes: where backward_planes takes float32
-    channels one by one with backward_channel (more than SMALL_CHANNEL values, not the
-    by-sample walk of short planes beyond the caches), of up to HALF_CHANNEL values (else
-    the caller widens dy and x and runs backward())."""
+cdef int backward_rows_half(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                            Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t lddy, Py_ssize_t ldx,
+                            Py_ssize_t lddx, const double *mean, const double *invstd,
+                            const double *w, bint training, double *dweight, double *dbias,
+                            int n_threads) noexcept nogil:
+    """backward_rows of float16 rows split by row chunks (not few_rows). Where
+    bn_half_fused, the float kernels' float16 twins read dy and x and write dx themselves
+    (bn_cl_bwd_sums_h16, bn_cl_bwd_dx_h16: bn_cl_bwd_impl.h): (32, 56, 56, 64) 5.3 -> 2.5
+    ms on two threads (PyTorch 2.7-2.8; staged, below, 3.6). Else each chunk's dy
+    and x widened a piece of rows at a time into float32 stages of the thread's (in L2),
+    pieces of whole row blocks of bn_cl_bwd_sums (its blocks, and so its bits, are those
+    of one call over the chunk), the sums merged as backward_rows merges them, then each
+    piece widened again, its dx computed over the dy stage (bn_cl_bwd_dx, elementwise) and
+    rounded into dx: backward_rows' bits, rounded, without float32 copies of the whole
+    arrays. dx may be dy (each piece is read before its dx is written). -1 if out of
+    memory."""
+    cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, r0, r1, fails
+    cdef bint far = beyond_caches(3 * nrows * nch * <Py_ssize_t>sizeof(float))  # as float32
+    cdef Py_ssize_t rb = 16384 // (nch * <Py_ssize_t>sizeof(float))   # bn_cl_bwd_sums' blocks
+    cdef Py_ssize_t piece
+    cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
+    cdef double *buf
+    cdef double *k
+    cdef double *q
+    cdef double *r
+    if rb < (4 if far else 16):
+        rb = 4 if far else 16
+    piece = rb * max(1, HALF_ROWS_PIECE // (rb * nch))
+    buf = <double *>bn_alloc64((2 * nchunks + 3) * nch * sizeof(double))
+    if buf == NULL:
+        return -1
+    k = buf + 2 * nch * nchunks
+    q = k + nch
+    r = q + nch
+    if bn_half_fused():
+        # the float kernels' float16 twins read dy and x (and write dx) themselves
+        for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
+            r0 = s * nrows // nchunks
+            r1 = (s + 1) * nrows // nchunks
+            for c in range(2 * nch):
+                buf[2 * nch * s + c] = 0
+            bn_cl_bwd_sums_h16(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, r1 - r0, nch, nch,
+                               mean, buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
+        chunk_sums_coefficients(buf, nchunks, nch, invstd, w, 1.0 / <double>nrows, training,
+                                dweight, dbias, k, q, r)
+        for s in prange(nchunks, schedule='static', num_threads=team_threads(nt, n_threads)):
+            r0 = s * nrows // nchunks
+            r1 = (s + 1) * nrows // nchunks
+            bn_cl_bwd_dx_h16(dy + r0 * lddy, lddy, x + r0 * ldx, ldx, dx + r0 * lddx, lddx,
+                             r1 - r0, nch, mean, k, q, r, False, far)
+        bn_free64(buf)
+        return 0
+    fails = rows_half_pass(True, dy, x, dx, nrows, nch, lddy, ldx, lddx, mean, buf, nchunks,
+                           piece, far, nt, n_threads)
+    if fails == 0:
+        chunk_sums_coefficients(buf, nchunks, nch, invstd, w, 1.0 / <double>nrows, training,
+                                dweight, dbias, k, q, r)
+        fails = rows_half_pass(False, dy, x, dx, nrows, nch, lddy, ldx, lddx, mean, buf,
+                               nchunks, piece, far, nt, n_threads)
+    bn_free64(buf)
+    return -1 if fails else 0
+
+
+cdef Py_ssize_t rows_half_pass(bint sums, const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                               Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t lddy,
+                               Py_ssize_t ldx, Py_ssize_t lddx, const double *mean,
+                               double *buf, Py_ssize_t nchunks, Py_ssize_t piece, bint far,
+                               int nt, int n_threads) noexcept nogil:
+    """One staged pass of backward_rows_half over its row chunks, a piece of rows of dy and
+    x widened at a time: the sums (chunk s's at buf + 2 * nch * s), or, with the
+    coefficients after the sums in buf, dx. Returns the threads that found no memory."""
+    cdef Py_ssize_t s, c, r0, r1, nr, rr, fails = 0
+    cdef double *k = buf + 2 * nch * nchunks
+    cdef float *g = NULL   # (private in the parallel block; set for the compiler)
+    cdef float *p
+    with parallel(num_threads=team_threads(nt, n_threads)):
+        g = <float *>bn_alloc64(2 * piece * nch * sizeof(float))
+        for s in prange(nchunks, schedule='static'):
+            if g == NULL:
+                fails += 1
+            else:
+                p = g + piece * nch
+                if sums:
+                    for c in range(2 * nch):
+                        buf[2 * nch * s + c] = 0
+                r0 = s * nrows // nchunks
+                r1 = (s + 1) * nrows // nchunks
+                while r0 < r1:
+                    nr = min(piece, r1 - r0)
+                    half_rows(dy + r0 * lddy, lddy, g, nr, nch)
+                    half_rows(x + r0 * ldx, ldx, p, nr, nch)
+                    if sums:
+                        cl_bwd_sums(<const float *>g, nch, <const float *>p, nch, nr, nch,
+                                    mean, buf + 2 * nch * s, buf + 2 * nch * s + nch, far)
+                    else:
+                        cl_bwd_dx(<const float *>g, nch, <const float *>p, nch, g, nch, nr,
+                                  nch, mean, k, k + nch, k + 2 * nch)
+                        if lddx == nch:
+                            bn_float_to_half(g, dx + r0 * lddx, nr * nch)
+                        else:
+                            for rr in range(nr):
+                                bn_float_to_half(g + rr * nch, dx + (r0 + rr) * lddx, nch)
+                    r0 = r0 + nr
+        bn_free64(g)
+    return fails
+
+
+cdef inline void half_rows(const uint16_t *h, Py_ssize_t ld, float *f, Py_ssize_t nrows,
+                           Py_ssize_t nch) noexcept nogil:
+    """nrows float16 rows of nch values, ld apart, widened into f (rows nch apart)."""
+    cdef Py_ssize_t i
+    if ld == nch:
+        bn_half_to_float(h, f, nrows * nch)
+    else:
+        for i in range(nrows):
+            bn_half_to_float(h + i * ld, f + i * nch, nch)
+
+
+def backward_halves(Py_ssize_t outer, Py_ssize_t nch, Py_ssize_t inner, bint rows):
+    """Whether backward_half takes these views (else the caller widens dy and x and runs
+    backward()): rows (inner 1, every array's channels contiguous) where backward_rows
+    splits them by row chunks (not few_rows: backward_rows_half); planes where
+    backward_planes takes float32 channels one by one with backward_channel (more than
+    SMALL_CHANNEL values, not the by-sample walk of short planes beyond the caches), of up
+    to HALF_CHANNEL values (backward_half_planes)."""
+    if rows:
+        return not few_rows(outer, nch)
     return (inner > 1 and SMALL_CHANNEL < outer * inner <= HALF_CHANNEL
             and not (inner * 4 < SAMPLE_PLANE and 12 * outer * nch * inner >= BY_SAMPLE_BYTES))
 
@@ -1138,16 +1262,25 @@ def backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t oute
                   Py_ssize_t so, Py_ssize_t sc, Py_ssize_t dso, Py_ssize_t dsc,
                   cnp.ndarray mean, cnp.ndarray invstd, weight, bint training,
                   cnp.ndarray dweight, cnp.ndarray dbias, int n_threads):
-    """backward() of float16 dy, x and dx where backward_halves (backward_half_planes)."""
+    """backward() of float16 dy, x and dx where backward_halves: rows (inner 1, sc, gsc
+    and dsc 1: backward_rows_half) or planes (backward_half_planes)."""
     cdef int rc
     cdef const double *pw = f64_or_null(weight)
     with nogil:
-        rc = backward_half_planes(
+        if inner == 1 and sc == 1 and gsc == 1 and dsc == 1:
+            rc = backward_rows_half(
+                <const uint16_t *>cnp.PyArray_DATA(dy), <const uint16_t *>cnp.PyArray_DATA(x),
+                <uint16_t *>cnp.PyArray_DATA(dx), outer, nch, gso, so, dso,
+                <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd), pw,
+                training, <double *>cnp.PyArray_DATA(dweight),
+                <double *>cnp.PyArray_DATA(dbias), n_threads)
+        else:
+            rc = backward_half_planes(
             <const uint16_t *>cnp.PyArray_DATA(dy), <const uint16_t *>cnp.PyArray_DATA(x),
-            <uint16_t *>cnp.PyArray_DATA(dx), outer, nch, inner, gso, gsc, so, sc, dso, dsc,
-            <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd), pw,
-            training, <double *>cnp.PyArray_DATA(dweight), <double *>cnp.PyArray_DATA(dbias),
-            n_threads)
+                <uint16_t *>cnp.PyArray_DATA(dx), outer, nch, inner, gso, gsc, so, sc, dso,
+                dsc, <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd), pw,
+                training, <double *>cnp.PyArray_DATA(dweight),
+                <double *>cnp.PyArray_DATA(dbias), n_threads)
     if rc != 0:
         raise MemoryError("bncore: out of memory for float16 buffers")
 

@@ -48,6 +48,13 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_seg_bwd_sums_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t nseg,
                              Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx, double mean,
                              double *sum_dy, double *sum_dy_xmu)
+    void bn_cl_bwd_sums_h16(const uint16_t *dy, Py_ssize_t lddy, const uint16_t *x,
+                            Py_ssize_t ldx, Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t width,
+                            const double *mean, double *sum_dy, double *sum_dy_xmu, int far)
+    void bn_cl_bwd_dx_h16(const uint16_t *dy, Py_ssize_t lddy, const uint16_t *x,
+                          Py_ssize_t ldx, uint16_t *dx, Py_ssize_t lddx, Py_ssize_t nrows,
+                          Py_ssize_t nch, const double *mean, const double *k, const double *q,
+                          const double *r, int stream, int far)
     void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                            Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx,
                            Py_ssize_t sdx, double mean, double k, double q, double r)

@@ -226,26 +226,26 @@ def test_float16_moments_are_float32_moments_rounded():
 
 
 def test_float16_copies_are_scratch_kept_for_reuse():
-    """A float16 call that widens its inputs whole (channels-last batch-norm backward)
-    gives its float32 copies of x and dy (1 MiB or more) back to the output cache when it
-    ends, and the next call of that shape takes them again."""
+    """A float16 call that widens its inputs whole (a batch-norm backward of small
+    channels) gives its float32 copies of x and dy (1 MiB or more) back to the output
+    cache when it ends, and the next call of that shape takes them again."""
     old = _outputs.cache_limit()
     _outputs.release_memory()
     try:
-        x = np.random.default_rng(5).normal(size=(8, 40, 40, 32)).astype(np.float16)
-        _, m, s = bncore.batch_norm_forward(x, axis=-1)
+        x = np.random.default_rng(5).normal(size=(64, 256, 4, 4)).astype(np.float16)
+        _, m, s = bncore.batch_norm_forward(x)
         _outputs.release_memory()
-        bncore.batch_norm_backward(x, x, m, s, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s)
         kept = _outputs.cached_bytes()
         assert kept >= 2 * x.size * 4
-        bncore.batch_norm_backward(x, x, m, s, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s)
         assert _outputs.cached_bytes() == kept
         # plain float32 outputs of that size are not kept (glibc's heap reuses them)
         _outputs.release_memory()
         bncore.batch_norm_forward(x.astype(np.float32))
         assert _outputs.cached_bytes() == 0
         _outputs.cache_limit(0)
-        bncore.batch_norm_backward(x, x, m, s, axis=-1)
+        bncore.batch_norm_backward(x, x, m, s)
         assert _outputs.cached_bytes() == 0
     finally:
         _outputs.cache_limit(old)
@@ -309,6 +309,35 @@ def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
                                           n_threads=nt)
         assert same_bits(got[0], want[0].astype(np.float16)), nt
         assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 30, 24), (300, 520), (7, 9, 11, 3), (2, 64, 5)])
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_channels_last_backward_in_pieces(shape, training, f16c):
+    """The channels-last float16 backward split by row chunks widens a piece of rows at a
+    time (whole row blocks of the float32 sums, so their bits): many chunks of several
+    pieces with a short last one, wide rows, odd channel counts, rows further apart than
+    their channels (x and dy sliced from wider arrays, each its own way), dx over dy."""
+    rng = np.random.default_rng(11)
+    c = shape[-1]
+    wide = rng.normal(3.0, 2.0, shape[:-1] + (c + 5,)).astype(np.float16)
+    x = wide[..., 2:c + 2]
+    dy = rng.normal(size=shape[:-1] + (c + 3,)).astype(np.float16)[..., :c]
+    w = rng.normal(size=c).astype(np.float16)
+    _, m, s = bncore.batch_norm_forward(x, w, axis=-1, training=training,
+                                        running_mean=rng.normal(size=c),
+                                        running_var=rng.uniform(0.5, 2, c))
+    for xs, ds in ((x, dy), (np.ascontiguousarray(x), np.ascontiguousarray(dy))):
+        want = bncore.batch_norm_backward(ds.astype(np.float32), xs.astype(np.float32), m, s,
+                                          w.astype(np.float32), training=training, axis=-1)
+        for nt in (1, 2, 3):
+            got = bncore.batch_norm_backward(ds, xs, m, s, w, training=training, axis=-1,
+                                             n_threads=nt)
+            assert same_bits(got[0], want[0].astype(np.float16)), nt
+            assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+        di = ds.copy()
+        got = bncore.batch_norm_backward(di, xs, m, s, w, training=training, axis=-1, out=di)
+        assert got[0] is di and same_bits(di, want[0].astype(np.float16))
 
 
 @pytest.mark.parametrize("shape", [(3, 3000), (2, 2, 5000), (5000, 7), (1, 1), (40, 2048),
