@@ -843,12 +843,14 @@ cdef inline int planes_stats_by_sample(const floating *x, Py_ssize_t outer, Py_s
 cdef inline void rows_chunk_state(const floating *x, Py_ssize_t k, Py_ssize_t nchunks,
                                   Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t ld, double *p,
                                   const double *pivot, bint far, Py_ssize_t j,
-                                  Py_ssize_t nj) noexcept nogil:
+                                  Py_ssize_t nj, const uint16_t *h=NULL,
+                                  float *stage=NULL) noexcept nogil:
     """rows_stats' chunk k, its channel blocks j to j + nj - 1: its state (mean, m2, then
-    a work space per channel block) at p (rows_chunk_per doubles)."""
+    a work space per channel block) at p (rows_chunk_per doubles). h, stage: float16 rows
+    (see rows_chunk_stats)."""
     rows_chunk_stats(x, k * nrows // nchunks, (k + 1) * nrows // nchunks, nch, ld,
                      p + 2 * nch + j * 5 * CHANNEL_BLOCK, pivot, p, p + nch, far,
-                     j * CHANNEL_BLOCK, min(nch, (j + nj) * CHANNEL_BLOCK))
+                     j * CHANNEL_BLOCK, min(nch, (j + nj) * CHANNEL_BLOCK), h, stage)
 
 
 cdef inline Py_ssize_t channel_blocks(Py_ssize_t nch) noexcept nogil:
@@ -886,11 +888,14 @@ cdef inline double *rows_pivots(double *buf, Py_ssize_t nrows, Py_ssize_t nch) n
 
 cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t nch,
                                Py_ssize_t ld, double *mean, double *m2, int n_threads,
-                               double *buf, bint relative=False) noexcept nogil:
+                               double *buf, bint relative=False, const uint16_t *h=NULL,
+                               float *stage=NULL) noexcept nogil:
     """rows_stats in the caller's scratch buf (rows_scratch doubles): a kernel called per
     sample allocates once per thread, not once per sample (group norm (256, 3, 3, 32) G=8
     1.08x, its allocations had been two per sample). ``relative``: the means are left
-    relative to the channels' pivots, which stay in buf (rows_pivots)."""
+    relative to the channels' pivots, which stay in buf (rows_pivots). h, stage (float
+    only, on one thread: n_threads 1): float16 rows instead of x, each block widened into
+    the stage (rows_chunk_stats; at least nch floats): the bits of x = h widened."""
     cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, t
     cdef Py_ssize_t per = rows_chunk_per(nch), ncb = channel_blocks(nch)
     cdef double *pivot
@@ -898,6 +903,15 @@ cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t n
     cdef int ntb = work_threads(n_threads, nchunks * ncb, nrows * nch, SERIAL_ELEMS)
     cdef bint far = beyond_caches(nrows * nch * <Py_ssize_t>sizeof(floating))
     pivot = rows_pivots(buf, nrows, nch)
+    if floating is float and h != NULL:
+        bn_half_to_float(h, stage, nch)   # (the first row's values)
+        for c in range(nch):
+            pivot[c] = bn_pivot(<double>stage[c])
+        for s in range(nchunks):
+            rows_chunk_state(x, s, nchunks, nrows, nch, ld, buf + s * per, pivot, far, 0, ncb,
+                             h, stage)
+        merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2, relative)
+        return
     for c in range(nch):   # the first row's values: every chunk shares these pivots
         pivot[c] = bn_pivot(<double>x[c])
     if nt == 1:

@@ -45,7 +45,7 @@ from bncore._kernels cimport (
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    rows_pivots, rows_scratch, rows_stats_in,
+    rows_pivots, rows_per_block, rows_scratch, rows_stats_in,
     bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
@@ -974,10 +974,12 @@ cdef inline void group_affine(const double *gmean, const double *gvar, Py_ssize_
 
 cdef inline void sample_params(const floating *x, Py_ssize_t s, Py_ssize_t c, Py_ssize_t g,
                                double eps, const double *w, const double *b, double *mean,
-                               double *var, double *buf) noexcept nogil:
+                               double *var, double *buf, const uint16_t *h=NULL,
+                               float *stage=NULL) noexcept nogil:
     """sample_forward's statistics and affine of each channel: buf (see sample_forward)
-    then holds each channel's mean, scale and shift at buf, buf + 2 * c, buf + 3 * c."""
-    rows_stats_in(x, s, c, c, buf, buf + c, 1, buf + 4 * c, True)
+    then holds each channel's mean, scale and shift at buf, buf + 2 * c, buf + 3 * c. h,
+    stage: a float16 sample instead of x (rows_stats_in)."""
+    rows_stats_in(x, s, c, c, buf, buf + c, 1, buf + 4 * c, True, h, stage)
     group_moments(buf, buf + c, rows_pivots(buf + 4 * c, s, c), g, c // g, s, mean, var)
     group_affine(mean, var, g, c // g, eps, w, b, buf, buf + 2 * c, buf + 3 * c)
 
@@ -1486,19 +1488,22 @@ cdef int samples_half(const uint16_t *x, uint16_t *y, const uint16_t *dy, Py_ssi
                       Py_ssize_t s, Py_ssize_t c, Py_ssize_t g, double eps, const double *w,
                       const double *b, double *mean, double *var, double *sdy, double *sdyx,
                       int n_threads) noexcept nogil:
-    """Channels-last float16 group norm a sample at a time: its s rows of c channels
-    widened into a float32 buffer of the thread's (in its L2), sample_forward's statistics
-    there (sample_params) and its float affine from x itself, still in L2, each value
-    rounded (no float32 result to write and round: (32, 56, 56, 64) G=32 1.60 -> 1.56 ms,
-    instance norm 1.62 -> 1.50);
-    or, with dy (y is then dx; var the invstd), sample_backward there into sdy, sdyx (per
-    (n, c) sums), rounded back. samples_forward's and samples_backward's kernel for a sample on
-    one thread (their other ways, every thread on a sample or a block, give the same
-    bits). -1 if out of memory."""
+    """Channels-last float16 group norm a sample at a time, samples_forward's and
+    samples_backward's kernel for a sample on one thread (their other ways, every thread on
+    a sample or a block, give the same bits). Forward: sample_forward's statistics
+    (sample_params) each block of rows widened into a float32 stage of the thread's (in
+    L1) just before its moments, then its float affine from x itself, still in L2, each
+    value rounded: no float32 copy of the sample and no float32 result ((32, 56, 56, 64)
+    G=32: 1.58 -> 1.36 ms on two threads, instance norm 1.58 -> 1.33; a float32 copy of
+    the sample in L2 and a float32 result, rounded, had taken 1.60-1.72). Backward (y is then dx; var the invstd):
+    dy and x widened into float32 buffers of the thread's (in its L2), sample_backward there
+    into sdy, sdyx (per (n, c) sums), rounded back. -1 if out of memory."""
     cdef Py_ssize_t t, m = s * c, fails = 0
     cdef Py_ssize_t nd = (4 + 2 * rows_chunks(s, c)) * c if dy != NULL else (
         4 * c + rows_scratch(s, c))
-    cdef Py_ssize_t nf = ((2 * m if dy != NULL else m) + 15) // 16 * 16   # floats, padded
+    cdef Py_ssize_t nf = ((2 * m if dy != NULL else
+                           max(c, 2 * rows_per_block(c, 4) * min(c, <Py_ssize_t>CHANNEL_BLOCK)))
+                          + 15) // 16 * 16   # floats, padded
     cdef int nt = work_threads(n_threads, n, n * m, SERIAL_ELEMS)
     cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
     cdef double *scratch
@@ -1512,10 +1517,10 @@ cdef int samples_half(const uint16_t *x, uint16_t *y, const uint16_t *dy, Py_ssi
             else:
                 scratch = <double *>(buf + nf)   # the sample's doubles, 64 bytes aligned
                 if dy == NULL:
-                    # the statistics from the float32 copy, the affine (cl_affine's float
-                    # one, each value rounded) from x itself, still in L2
-                    bn_half_to_float(x + t * m, buf, m)
-                    sample_params(buf, s, c, g, eps, w, b, mean + t * g, var + t * g, scratch)
+                    # the statistics a block of rows widened at a time, the affine
+                    # (cl_affine's float one, each value rounded) from x itself
+                    sample_params(<const float *>NULL, s, c, g, eps, w, b, mean + t * g,
+                                  var + t * g, scratch, x + t * m, buf)
                     tab = <float *>(scratch + nd)
                     for k in range(c):
                         tab[k] = <float>scratch[k]
