@@ -25,16 +25,26 @@ def _cpu_level():
     return _config.half_level(old)   # the level 2 became: the CPU's
 
 
-# 2: kernels that read and write float16 themselves (AVX2, FMA, F16C); 1: F16C
-# conversions of float32 copies; 0: portable conversions
-LEVELS = list(range(_cpu_level(), -1, -1))
+def _cpu_avx512():
+    old = _config.use_avx512(True)
+    return _config.use_avx512(old)   # whether True took
 
 
-@pytest.fixture(params=LEVELS, ids=lambda v: ("portable", "f16c", "fused")[v])
+# (level, AVX-512): 2, kernels that read and write float16 themselves (AVX2, FMA, F16C),
+# with their AVX-512 twins where the CPU has them and without; 1, F16C conversions of
+# float32 copies; 0, portable conversions
+LEVELS = ([(2, True)] if _cpu_level() == 2 and _cpu_avx512() else []) + [
+    (v, False) for v in range(_cpu_level(), -1, -1)]
+
+
+@pytest.fixture(params=LEVELS, ids=lambda p: ("portable", "f16c", "fused")[p[0]]
+                + ("-avx512" if p[1] else ""))
 def f16c(request):
-    old = _config.half_level(request.param)
-    yield request.param
+    level, avx512 = request.param
+    old, old512 = _config.half_level(level), _config.use_avx512(avx512)
+    yield level
     _config.half_level(old)
+    _config.use_avx512(old512)
 
 
 def same_bits(a, b):
