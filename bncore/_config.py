@@ -10,7 +10,7 @@ from bncore._version import __version__
 
 def config():
     """The facts show_config() prints, as a dict."""
-    from bncore import _outputs, _stats
+    from bncore import _batchnorm, _outputs, _stats
     return {
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
@@ -23,6 +23,7 @@ def config():
         "cpu_count": os.cpu_count(),
         "output_cache_bytes": _outputs.cache_limit(),
         "f16c": _outputs._f16c(),
+        "float16_kernels": _batchnorm._half_fused(),
         **thresholds(),
     }
 
@@ -122,7 +123,8 @@ def show_config():
           "of 32 MiB or more kept for reuse (float16 calls' float32 copies from 1 MiB; "
           "BNCORE_OUTPUT_CACHE_MB; bncore.release_memory())")
     print(f"  float16:     computed in float32; conversions "
-          f"{'with F16C' if c['f16c'] else 'portable (no F16C)'}")
+          f"{'with F16C' if c['f16c'] else 'portable (no F16C)'}"
+          f"{'; kernels read and write float16 (AVX2, FMA)' if c['float16_kernels'] else ''}")
     mib = 1 << 20
     print(f"  streaming stores: forwards moving {c['stream_forward_bytes'] / mib:.0f} MiB or "
           f"more, backwards {c['stream_backward_bytes'] / mib:.0f} MiB "

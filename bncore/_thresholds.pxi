@@ -6,7 +6,7 @@
 # where it also has AVX2 and FMA).
 from bncore._kernels cimport (
     bn_far_bytes, bn_init_f16c, bn_init_thresholds, bn_l1_bytes, bn_l2_bytes, bn_set_f16c,
-    bn_set_half_level,
+    bn_half_fused, bn_set_half_level,
     bn_set_thresholds, bn_set_v4, bn_stream_bwd, bn_stream_fwd,
 )
 
@@ -29,6 +29,11 @@ def _set_f16c(bint on):
     """This module's float16 conversions with F16C (where the CPU has it) or portable;
     returns the old setting (see bncore._config.use_f16c)."""
     return bool(bn_set_f16c(on))
+
+
+def _half_fused():
+    """Whether this module's float16 kernels read and write float16 themselves (level 2)."""
+    return bool(bn_half_fused())
 
 
 def _set_half_level(int level):

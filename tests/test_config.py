@@ -203,7 +203,7 @@ def test_f16c_conversions_are_on_exactly_where_the_cpu_has_it(capsys):
 def test_float16_level_is_the_cpus_by_default_and_capped_at_it():
     """half_level: 2 (float16 kernels) where the CPU has AVX2, FMA and F16C, 1 (F16C
     conversions) with F16C only, 0 without; a request above the CPU's is capped; every
-    module follows, and use_f16c(True) restores the CPU's level."""
+    module follows, config() reports it, and use_f16c(True) restores the CPU's level."""
     cpu = 2 if _cpu_has("avx", "f16c", "avx2", "fma") else 1 if _cpu_has("avx", "f16c") else 0
     old = _config.half_level(0)
     try:
@@ -212,6 +212,7 @@ def test_float16_level_is_the_cpus_by_default_and_capped_at_it():
         for want in (1, 2, 0, 2):
             _config.half_level(want)
             assert _config.half_level(want) == min(want, cpu)
+            assert _config.config()["float16_kernels"] is (min(want, cpu) == 2)
         assert _config.config()["f16c"] is (cpu > 0)
         _config.half_level(0)
         _config.use_f16c(True)
