@@ -1,9 +1,9 @@
 """asv: float16 input and output (computed in float32, rounded back).
 
-One suite over the ops that widen float16 a piece at a time (batch-norm training, eval
-and backward of NCHW planes; layer norm forward and backward; NCHW group norm) and two
-that widen the whole input first (channels-last batch-norm training, group-norm
-backward), at the bench's shapes, on 1 and 2 threads.
+One suite over batch-norm training, eval and backward (NCHW and channels-last), layer
+norm and its backward, group norm (NCHW and channels-last) and its backward, at the
+bench's shapes, on 1 and 2 threads: float16 read and written by the kernels themselves,
+or widened a piece at a time (see README, "Dtypes").
 """
 import numpy as np
 
@@ -13,8 +13,8 @@ from .common import channel_axis, data
 
 THREADS = [1, 2]
 OPS = ["batch_norm train", "batch_norm eval", "batch_norm backward",
-       "batch_norm train NHWC", "layer_norm", "layer_norm backward", "group_norm",
-       "group_norm backward"]
+       "batch_norm train NHWC", "batch_norm backward NHWC", "layer_norm",
+       "layer_norm backward", "group_norm", "group_norm NHWC", "group_norm backward"]
 
 
 class Float16:
@@ -41,11 +41,12 @@ class Float16:
                                                   n_threads=nt)
         elif op == "batch_norm eval":
             self.call = lambda: bncore.batch_norm(x, rm, rv, n_threads=nt)
-        elif op == "batch_norm backward":
-            _, m, s = bncore.batch_norm_forward(x)
-            self.call = lambda: bncore.batch_norm_backward(dy, x, m, s, n_threads=nt)
-        elif op == "group_norm":
-            self.call = lambda: bncore.group_norm(x, 32, n_threads=nt)
+        elif op.startswith("batch_norm backward"):
+            _, m, s = bncore.batch_norm_forward(x, axis=axis)
+            self.call = lambda: bncore.batch_norm_backward(dy, x, m, s, axis=axis,
+                                                           n_threads=nt)
+        elif op.startswith("group_norm") and "backward" not in op:
+            self.call = lambda: bncore.group_norm(x, 32, axis=axis, n_threads=nt)
         else:
             _, m, s = bncore.group_norm_forward(x, 32)
             self.call = lambda: bncore.group_norm_backward(dy, x, m, s, 32, n_threads=nt)

@@ -229,12 +229,13 @@ def layer_norm_backward_case(shape, target, quick=False):
                 traffic="dy+copy", quick=quick)
 
 
-def spatial_norm(op, shape, layout, target, groups=32, quick=False):
-    """group_norm (``groups`` groups) or instance_norm of a 4-D float32 array."""
+def spatial_norm(op, shape, layout, target, groups=32, quick=False, dtype=np.float32):
+    """group_norm (``groups`` groups) or instance_norm of a 4-D array (float32 unless
+    ``dtype``)."""
     def build(nt):
         axis, c = _axis(layout), shape[1]
-        x = _array(shape, np.float32, layout)
-        w, b = _array((c,), np.float32, seed=2), _array((c,), np.float32, seed=3)
+        x = _array(shape, dtype, layout)
+        w, b = _array((c,), dtype, seed=2), _array((c,), dtype, seed=3)
         if op == "group_norm":
             calls = {"bncore": lambda: bncore.group_norm(x, groups, w, b, axis=axis,
                                                          n_threads=nt),
@@ -249,7 +250,7 @@ def spatial_norm(op, shape, layout, target, groups=32, quick=False):
                               else (lambda: F.instance_norm(xt, weight=wt, bias=bt)))
         return x, calls
     name = f"group_norm G={groups}" if op == "group_norm" else op
-    return Case(name, shape, layout, "float32", target, build, quick=quick)
+    return Case(name, shape, layout, np.dtype(dtype).name, target, build, quick=quick)
 
 
 def _torch_backward(forward, dy, inputs):
@@ -325,6 +326,7 @@ def family_cases():
         row_norm("rms_norm", (65536, 64), 1.5),
         spatial_norm("group_norm", big, "NCHW", 1.0, quick=True),
         spatial_norm("group_norm", big, "NHWC", 1.3),
+        spatial_norm("group_norm", big, "NHWC", None, dtype=np.float16),   # no target
         spatial_norm("instance_norm", big, "NCHW", 3.0),
         spatial_norm("instance_norm", big, "NHWC", 5.0, quick=True),
         # the other backward passes (no targets)
@@ -401,6 +403,7 @@ def all_cases():
         bn_train(big, "NCHW", np.float16, None),
         bn_eval(big, np.float16, None),
         bn_backward(big, "NCHW", np.float16, None),
+        bn_backward(big, "NHWC", np.float16, None),
     ] + family_cases()
 
 
