@@ -6,7 +6,10 @@
  * NumPy's own conversions run a value at a time: 8.8 ms to widen a (32, 64, 56, 56) array
  * and 17.1 ms to round it back, where bncore's float32 training forward of it takes 1.5 ms
  * and PyTorch's float16 one 1.2. With F16C (every x86-64-v3 CPU) eight values go per
- * instruction; elsewhere the portable bit arithmetic below gives the same bits. */
+ * instruction; elsewhere the portable bit arithmetic below gives the same bits. On
+ * x86-64-v3 CPUs some kernels read and write float16 themselves with these instructions
+ * (bn_half_fused; the _h16 kernels of bn_kernels_impl.h and bn_cl_bwd_impl.h): the float
+ * kernels' arithmetic on the widened values, each result rounded, as here. */
 #ifndef BN_HALF_H
 #define BN_HALF_H
 #include <stddef.h>
