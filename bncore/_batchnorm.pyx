@@ -1095,10 +1095,12 @@ cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *d
                               Py_ssize_t dso, Py_ssize_t dsc, const double *mean,
                               const double *invstd, const double *w, bint training,
                               double *dweight, double *dbias, int n_threads) noexcept nogil:
-    """The backward of float16 planes a channel at a time: its dy and x widened into
-    float32 buffers of the thread's (in its L2), backward_channel there (backward_planes'
-    kernel for channels of more than SMALL_CHANNEL values, whose bits do not depend on the
-    planes' strides), its dx (over the dy buffer) rounded back. -1 if out of memory."""
+    """The backward of float16 planes a channel at a time: where bn_half_fused,
+    backward_channel_half (its kernels read dy and x and write dx themselves); else its dy
+    and x widened into float32 buffers of the thread's (in its L2), backward_channel there
+    (backward_planes' kernel for channels of more than SMALL_CHANNEL values, whose bits do
+    not depend on the planes' strides), its dx (over the dy buffer) rounded back. The same
+    bits either way. -1 if out of memory."""
     cdef Py_ssize_t c, n, m = outer * inner, fails = 0
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
