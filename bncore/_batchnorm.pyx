@@ -49,7 +49,7 @@ from bncore._kernels cimport (
     BN_SHORT_REUSE, planes_affine, planes_affine_rect, planes_stats, short_planes, rows_chunks,
     rows_stats, sample_chunks, seg_affine,
     CHANNEL_BLOCK, bn_pivot, channel_blocks, merge_row_chunks, rows_chunk_stats, rows_chunk_per,
-    rows_per_block, rows_pivots, rows_scratch,
+    half_stage, rows_chunk_state, rows_pivots, rows_scratch,
     BN_FUSED_MAX, bn_seg_bwd_fused_f32,
     seg_affine_pf,
     seg_affine_stream,
@@ -667,13 +667,11 @@ cdef int rows_stats_half(const uint16_t *x, Py_ssize_t nrows, Py_ssize_t nch, Py
     (rows_chunk_stats with h): the bits of rows_stats on x widened, without the copy (a
     float32 write and read of the whole array). -1 if out of memory."""
     cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), per = rows_chunk_per(nch), s, c
-    cdef Py_ssize_t nstage = 2 * rows_per_block(nch, 4) * min(nch, <Py_ssize_t>CHANNEL_BLOCK)
     cdef Py_ssize_t fails = 0
     cdef int nt = work_threads(n_threads, nchunks, nrows * nch, SERIAL_ELEMS)
     cdef double *buf = <double *>bn_alloc64(rows_scratch(nrows, nch) * sizeof(double)
                                             + nch * sizeof(float))
     cdef double *pivot
-    cdef double *p
     cdef float *first
     cdef float *stage = NULL   # (private in the parallel block; set for the compiler)
     if buf == NULL:
@@ -684,15 +682,13 @@ cdef int rows_stats_half(const uint16_t *x, Py_ssize_t nrows, Py_ssize_t nch, Py
     for c in range(nch):   # the first row's values, as rows_stats_in
         pivot[c] = bn_pivot(<double>first[c])
     with parallel(num_threads=team_threads(nt, n_threads)):
-        stage = <float *>bn_alloc64(nstage * sizeof(float))
+        stage = <float *>bn_alloc64(half_stage(nch) * sizeof(float))
         for s in prange(nchunks, schedule='static'):
             if stage == NULL:
                 fails += 1
             else:
-                p = buf + s * per
-                rows_chunk_stats(<const float *>NULL, s * nrows // nchunks,
-                                 (s + 1) * nrows // nchunks, nch, ld, p + 2 * nch, pivot, p,
-                                 p + nch, False, 0, nch, x, stage)
+                rows_chunk_state(<const float *>NULL, s, nchunks, nrows, nch, ld,
+                                 buf + s * per, pivot, False, 0, channel_blocks(nch), x, stage)
         bn_free64(stage)
     if fails == 0:
         merge_row_chunks(buf, per, nchunks, nrows, 1, nch, pivot, mean, m2)
@@ -1278,7 +1274,7 @@ def backward_half(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t oute
                 <double *>cnp.PyArray_DATA(dbias), n_threads)
         else:
             rc = backward_half_planes(
-            <const uint16_t *>cnp.PyArray_DATA(dy), <const uint16_t *>cnp.PyArray_DATA(x),
+                <const uint16_t *>cnp.PyArray_DATA(dy), <const uint16_t *>cnp.PyArray_DATA(x),
                 <uint16_t *>cnp.PyArray_DATA(dx), outer, nch, inner, gso, gsc, so, sc, dso,
                 dsc, <double *>cnp.PyArray_DATA(mean), <double *>cnp.PyArray_DATA(invstd), pw,
                 training, <double *>cnp.PyArray_DATA(dweight),

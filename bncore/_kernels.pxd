@@ -60,6 +60,8 @@ cdef extern from "bn_kernels.h" nogil:
                            Py_ssize_t sdx, double mean, double k, double q, double r)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
+    void bn_cl_float_params(const double *mean, const double *scale, const double *shift,
+                            Py_ssize_t n, float *hi, float *lo, float *k, float *b)
     void bn_affine_half(const uint16_t *x, uint16_t *y, Py_ssize_t n, float hi, float lo,
                         float k, float b)
     void bn_rows_affine_half(const uint16_t *x, Py_ssize_t ldx, uint16_t *y, Py_ssize_t ldy,
@@ -625,6 +627,13 @@ cdef inline Py_ssize_t rows_chunks(Py_ssize_t nrows, Py_ssize_t nch) noexcept no
     return max(1, min(s, <Py_ssize_t>MAX_CHUNKS))
 
 
+cdef inline Py_ssize_t half_stage(Py_ssize_t nch) noexcept nogil:
+    """Floats of the stage that rows_chunk_stats and rows_stats_in widen float16 rows
+    into: a block of rows (at most twice rows_per_block) of a channel block, and at least
+    one row (rows_stats_in's pivots)."""
+    return max(nch, 2 * rows_per_block(nch, 4) * min(nch, <Py_ssize_t>CHANNEL_BLOCK))
+
+
 cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r1,
                                   Py_ssize_t nch, Py_ssize_t ld, double *work,
                                   const double *pivot, double *mean, double *m2,
@@ -641,8 +650,8 @@ cdef inline void rows_chunk_stats(const floating *x, Py_ssize_t r0, Py_ssize_t r
     one too): the channel blocks, their rows and their arithmetic are those of the whole
     row, so a chunk's channel blocks can go to different threads with the same bits.
     ``h`` (float only; x is then unused): float16 rows, ld apart, each block widened into
-    ``stage`` (2 * rows_per_block(nch, 4) * min(nch, CHANNEL_BLOCK) floats) just before its
-    moments: the same values in the same order, the same bits as x = h widened.
+    ``stage`` (half_stage(nch) floats) just before its moments: the same values in the
+    same order, the same bits as x = h widened.
     """
     cdef Py_ssize_t rb = rows_per_block(nch, 4), r, c0, c, cb, nr, nnext, nw, nrn, i, k
     cdef double *K = work
@@ -895,7 +904,7 @@ cdef inline void rows_stats_in(const floating *x, Py_ssize_t nrows, Py_ssize_t n
     1.08x, its allocations had been two per sample). ``relative``: the means are left
     relative to the channels' pivots, which stay in buf (rows_pivots). h, stage (float
     only, on one thread: n_threads 1): float16 rows instead of x, each block widened into
-    the stage (rows_chunk_stats; at least nch floats): the bits of x = h widened."""
+    the stage (half_stage floats: rows_chunk_stats): the bits of x = h widened."""
     cdef Py_ssize_t nchunks = rows_chunks(nrows, nch), s, c, t
     cdef Py_ssize_t per = rows_chunk_per(nch), ncb = channel_blocks(nch)
     cdef double *pivot

@@ -41,11 +41,12 @@ from libc.math cimport isfinite, sqrt
 
 from bncore._kernels cimport (
     bn_alloc64, bn_free64, bn_l1_bytes, bn_float_to_half, bn_half_to_float, bn_rows_affine_half,
+    bn_cl_float_params,
     BLOCK, BN_RUN_MAX, BN_SMALL_GROUP, CHANNEL_BLOCK, MAX_CHUNKS, SERIAL_ELEMS, bn_chan_merge,
     bn_group_blocks_bwd_f32, bn_group_blocks_bwd_f64, bn_group_blocks_f32, bn_group_blocks_f64,
     bn_group_param_grads, streams,
     bn_moments, bn_pivot, merge_row_chunks, rows_chunk_stats, rows_chunks, beyond_caches,
-    rows_pivots, rows_per_block, rows_scratch, rows_stats_in,
+    rows_pivots, half_stage, rows_scratch, rows_stats_in,
     bn_cl_affine_group_f64, bn_cl_group_pipe_f32, bn_group_affine_f32, bn_group_affine_f64,
     bn_run_moments_f32, bn_shift_moments_f64,
     bn_fence, seg_bwd_sums,
@@ -1495,20 +1496,18 @@ cdef int samples_half(const uint16_t *x, uint16_t *y, const uint16_t *dy, Py_ssi
     L1) just before its moments, then its float affine from x itself, still in L2, each
     value rounded: no float32 copy of the sample and no float32 result ((32, 56, 56, 64)
     G=32: 1.58 -> 1.36 ms on two threads, instance norm 1.58 -> 1.33; a float32 copy of
-    the sample in L2 and a float32 result, rounded, had taken 1.60-1.72). Backward (y is then dx; var the invstd):
-    dy and x widened into float32 buffers of the thread's (in its L2), sample_backward there
-    into sdy, sdyx (per (n, c) sums), rounded back. -1 if out of memory."""
+    the sample in L2 and a float32 result, rounded, had taken 1.60-1.72). Backward (y is
+    then dx; var the invstd): dy and x widened into float32 buffers of the thread's (in its
+    L2), sample_backward there into sdy, sdyx (per (n, c) sums), rounded back. -1 if out
+    of memory."""
     cdef Py_ssize_t t, m = s * c, fails = 0
     cdef Py_ssize_t nd = (4 + 2 * rows_chunks(s, c)) * c if dy != NULL else (
         4 * c + rows_scratch(s, c))
-    cdef Py_ssize_t nf = ((2 * m if dy != NULL else
-                           max(c, 2 * rows_per_block(c, 4) * min(c, <Py_ssize_t>CHANNEL_BLOCK)))
-                          + 15) // 16 * 16   # floats, padded
+    cdef Py_ssize_t nf = ((2 * m if dy != NULL else half_stage(c)) + 15) // 16 * 16  # padded
     cdef int nt = work_threads(n_threads, n, n * m, SERIAL_ELEMS)
     cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
     cdef double *scratch
     cdef float *tab
-    cdef Py_ssize_t k
     with parallel(num_threads=team_threads(nt, n_threads)):
         buf = <float *>bn_alloc64(nf * sizeof(float) + (nd + 2 * c) * sizeof(double))
         for t in prange(n, schedule='static'):
@@ -1521,12 +1520,9 @@ cdef int samples_half(const uint16_t *x, uint16_t *y, const uint16_t *dy, Py_ssi
                     # (cl_affine's float one, each value rounded) from x itself
                     sample_params(<const float *>NULL, s, c, g, eps, w, b, mean + t * g,
                                   var + t * g, scratch, x + t * m, buf)
-                    tab = <float *>(scratch + nd)
-                    for k in range(c):
-                        tab[k] = <float>scratch[k]
-                        tab[c + k] = <float>(scratch[k] - <double>tab[k])
-                        tab[2 * c + k] = <float>scratch[2 * c + k]
-                        tab[3 * c + k] = <float>scratch[3 * c + k]
+                    tab = <float *>(scratch + nd)   # cl_affine's floats (hi, lo, k, b)
+                    bn_cl_float_params(scratch, scratch + 2 * c, scratch + 3 * c, c, tab,
+                                       tab + c, tab + 2 * c, tab + 3 * c)
                     bn_rows_affine_half(x + t * m, c, y + t * m, c, s, c, tab, tab + c,
                                         tab + 2 * c, tab + 3 * c)
                 else:
