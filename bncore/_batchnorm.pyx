@@ -1068,10 +1068,13 @@ cdef inline void backward_channel_half(const uint16_t *dy, const uint16_t *x, ui
                                        Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t gso,
                                        Py_ssize_t so, Py_ssize_t dso, double mean,
                                        double invstd, double w, bint training,
-                                       double *dweight, double *dbias) noexcept nogil:
+                                       double *dweight, double *dbias, bint stream,
+                                       const uint16_t *ndy, const uint16_t *nx) noexcept nogil:
     """backward_channel of float16 planes (bn_half_fused): its sums and dx read dy and x
     themselves, with backward_channel's float arithmetic (bn_seg_bwd_sums_h16,
-    bn_seg_bwd_dx_h16), each dx rounded; the dx pass last planes first (those in L2)."""
+    bn_seg_bwd_dx_h16), each dx rounded; the dx pass last planes first (those in L2),
+    streamed when stream (the caller fences), prefetching the next channel's planes (ndy,
+    nx: NULL for none) meanwhile."""
     cdef double sdy = 0, sdyx = 0, k, q, r
     bn_seg_bwd_sums_h16(dy, x, outer, inner, gso, so, mean, &sdy, &sdyx)
     dbias[0] = sdy
@@ -1082,7 +1085,7 @@ cdef inline void backward_channel_half(const uint16_t *dy, const uint16_t *x, ui
         q = 0.0
         r = 0.0
     bn_seg_bwd_dx_h16(dy + (outer - 1) * gso, x + (outer - 1) * so, dx + (outer - 1) * dso,
-                      outer, inner, -gso, -so, -dso, mean, k, q, r)
+                      outer, inner, -gso, -so, -dso, mean, k, q, r, stream, ndy, nx, gso, so)
 
 
 cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
@@ -1100,11 +1103,24 @@ cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *d
     cdef Py_ssize_t c, n, m = outer * inner, fails = 0
     cdef int nt = work_threads(n_threads, nch, outer * nch * inner, SERIAL_ELEMS)
     cdef float *buf = NULL   # (private in the parallel block; set for the compiler)
+    cdef Py_ssize_t t, t0, t1
+    # beyond the caches: each thread's next channel fetched during a dx pass (whose last
+    # planes are still in L2), dx streamed where the arrays outgrow the L3's share
+    # ((32, 64, 56, 56) on two threads 1.055x, each half of it)
+    cdef bint fetch = beyond_caches(3 * m * nch * <Py_ssize_t>sizeof(uint16_t))
+    cdef bint stream = streams(m * nch * <Py_ssize_t>sizeof(uint16_t), 3, dx, dy, x)
     if bn_half_fused():
-        for c in prange(nch, schedule='static', num_threads=team_threads(nt, n_threads)):
-            backward_channel_half(dy + c * gsc, x + c * sc, dx + c * dsc, outer, inner, gso,
-                                  so, dso, mean[c], invstd[c], w[c] if w != NULL else 1.0,
-                                  training, &dweight[c], &dbias[c])
+        for t in prange(nt, schedule='static', num_threads=team_threads(nt, n_threads)):
+            t0 = t * nch // nt
+            t1 = (t + 1) * nch // nt
+            for c in range(t0, t1):
+                backward_channel_half(dy + c * gsc, x + c * sc, dx + c * dsc, outer, inner,
+                                      gso, so, dso, mean[c], invstd[c],
+                                      w[c] if w != NULL else 1.0, training, &dweight[c],
+                                      &dbias[c], stream, dy + (c + 1) * gsc
+                                      if fetch and c + 1 < t1 else NULL, x + (c + 1) * sc)
+            if stream:
+                bn_fence()
         return 0
     with parallel(num_threads=team_threads(nt, n_threads)):
         buf = <float *>bn_alloc64(2 * m * sizeof(float))

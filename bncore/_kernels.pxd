@@ -57,7 +57,9 @@ cdef extern from "bn_kernels.h" nogil:
                           const double *r, int stream, int far)
     void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                            Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t sdy, Py_ssize_t sx,
-                           Py_ssize_t sdx, double mean, double k, double q, double r)
+                           Py_ssize_t sdx, double mean, double k, double q, double r,
+                           int stream, const uint16_t *pg, const uint16_t *px, Py_ssize_t gso,
+                           Py_ssize_t so)
     void bn_half_to_float(const uint16_t *x, float *y, Py_ssize_t n)
     void bn_float_to_half(const float *x, uint16_t *y, Py_ssize_t n)
     void bn_cl_float_params(const double *mean, const double *scale, const double *shift,

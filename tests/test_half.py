@@ -321,6 +321,34 @@ def test_float16_batch_norm_in_pieces_of_any_size(shape, axis, training, f16c):
         assert same_bits(got[1], want[1]) and same_bits(got[2], want[2])
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 37, 41), (2, 6, 64, 64), (90, 3, 7, 9)])
+def test_float16_backward_streamed_and_fetched(shape, f16c):
+    """With every array past the thresholds (0), the float16 backward of planes streams
+    dx's whole lines of each plane (ordinary stores at a plane's ends) and fetches the
+    thread's next channel during each dx pass: planes of odd length, whole lines and
+    short ones (channels of more than SMALL_CHANNEL values), dx into a new array and into one offset by a value (no line whole at the
+    start of a plane), on one to three threads; the bits of the float32 op, rounded."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(2.0, 3.0, shape).astype(np.float16)
+    dy = rng.normal(size=shape).astype(np.float16)
+    w = rng.normal(size=shape[1]).astype(np.float16)
+    _, m, s = bncore.batch_norm_forward(x, w)
+    want = bncore.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32), m, s,
+                                      w.astype(np.float32))
+    old = _config.set_thresholds(0, 0, 0, 0)
+    try:
+        for nt in (1, 2, 3):
+            got = bncore.batch_norm_backward(dy, x, m, s, w, n_threads=nt)
+            out = np.empty(x.size + 1, np.float16)[1:].reshape(shape)
+            shifted = bncore.batch_norm_backward(dy, x, m, s, w, out=out, n_threads=nt)
+            for g in (got, shifted):
+                assert same_bits(g[0], want[0].astype(np.float16)), nt
+                assert same_bits(g[1], want[1]) and same_bits(g[2], want[2]), nt
+    finally:
+        from conftest import PINNED_THRESHOLDS
+        _config.set_thresholds(**PINNED_THRESHOLDS)
+
+
 @pytest.mark.parametrize("shape", [(40, 30, 30, 24), (300, 520), (7, 9, 11, 3), (2, 64, 5)])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_channels_last_backward_in_pieces(shape, training, f16c):

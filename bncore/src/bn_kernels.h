@@ -241,11 +241,18 @@ typedef struct { const char *p; ptrdiff_t off, width, ld, rows; } bn_pf2;
  * tables for up to BN_PLANE_TAB channels (bn_planes_affine). */
 #define BN_PLANE_TAB 1024
 
-static inline void bn_pf2_step(bn_pf2 *f)
+/* A step of the region: its next two lines prefetched into L1 (hint T0), or with l2 into L2
+ * (hint T2, as bn_prefetch_step_l2: the next channel's region, read after this one) */
+static inline void bn_pf2_step_to(bn_pf2 *f, int l2)
 {
     if (f->rows > 0) {
-        __builtin_prefetch(f->p + f->off, 0, 3);
-        __builtin_prefetch(f->p + f->off + 64, 0, 3);
+        if (l2) {
+            __builtin_prefetch(f->p + f->off, 0, 1);
+            __builtin_prefetch(f->p + f->off + 64, 0, 1);
+        } else {
+            __builtin_prefetch(f->p + f->off, 0, 3);
+            __builtin_prefetch(f->p + f->off + 64, 0, 3);
+        }
         f->off += 128;
         if (f->off >= f->width) {
             f->off = 0;
@@ -254,6 +261,9 @@ static inline void bn_pf2_step(bn_pf2 *f)
         }
     }
 }
+
+static inline void bn_pf2_step(bn_pf2 *f) { bn_pf2_step_to(f, 0); }
+static inline void bn_pf2_step_l2(bn_pf2 *f) { bn_pf2_step_to(f, 1); }
 
 /* bn_prefetch_step for data wanted after the current block (the next channel, read once
  * the current one is written): hint T2, not into L1, where the current block's loads are

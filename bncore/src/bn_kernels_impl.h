@@ -1271,6 +1271,10 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_pf)(const BN_T *dy, const BN_T *x, B
 #define BN_STORE8H(q, d0, d1) _mm_storeu_si128((__m128i *)(q), _mm256_cvtps_ph(_mm256_set_m128( \
         _mm256_cvtpd_ps((__m256d)(d1)), _mm256_cvtpd_ps((__m256d)(d0))), \
         _MM_FROUND_TO_NEAREST_INT))
+/* ... with a streaming store (q 16-byte aligned) */
+#define BN_STREAM8H(q, d0, d1) _mm_stream_si128((__m128i *)(q), _mm256_cvtps_ph(_mm256_set_m128( \
+        _mm256_cvtpd_ps((__m256d)(d1)), _mm256_cvtpd_ps((__m256d)(d0))), \
+        _MM_FROUND_TO_NEAREST_INT))
 #else
 #define BN_H16
 #define BN_LOAD1H(v) ((double)bn_half_to_float1(v))
@@ -1282,6 +1286,7 @@ static BN_CLONES void BN_NAME(bn_seg_bwd_dx_pf)(const BN_T *dy, const BN_T *x, B
 #define BN_STORE8H(q, d0, d1) do { bn_v4d e0_ = (d0), e1_ = (d1); \
         for (int j_ = 0; j_ < 4; j_++) { (q)[j_] = BN_ROUND1H(e0_[j_]); \
             (q)[4 + j_] = BN_ROUND1H(e1_[j_]); } } while (0)
+#define BN_STREAM8H BN_STORE8H
 #endif
 #define BN_NO_PF(s) do { } while (0)
 
@@ -1343,13 +1348,17 @@ static BN_V4 void bn_seg_bwd_sums_h16_v4(const uint16_t *dy, const uint16_t *x, 
  * stopped */
 static BN_V4 ptrdiff_t bn_seg_bwd_dx16_h16_v4(const uint16_t *g, const uint16_t *p, uint16_t *o,
                                               ptrdiff_t len, double mean, double k, double q,
-                                              double r)
+                                              double r, int nt, bn_pf2 *fg, bn_pf2 *fx)
 {
     const __m512d m8 = _mm512_set1_pd(mean), k8 = _mm512_set1_pd(k), q8 = _mm512_set1_pd(q);
     const __m512d r8 = _mm512_set1_pd(r);
     ptrdiff_t i = 0;
     for (; i + 16 <= len; i += 16) {
         __m512d g0, g1, u0, u1;
+        if ((i & 63) == 0) {   /* a step of each per 128 bytes of x */
+            bn_pf2_step_l2(fg);
+            bn_pf2_step_l2(fx);
+        }
         BN_LOAD16H(g + i, g0, g1);
         BN_LOAD16H(p + i, u0, u1);
         u0 = _mm512_fmadd_pd(q8, _mm512_sub_pd(u0, m8), r8);
@@ -1357,7 +1366,11 @@ static BN_V4 ptrdiff_t bn_seg_bwd_dx16_h16_v4(const uint16_t *g, const uint16_t 
         __m256 f0 = _mm512_cvtpd_ps(_mm512_fmadd_pd(k8, g0, u0));
         __m256 f1 = _mm512_cvtpd_ps(_mm512_fmadd_pd(k8, g1, u1));
         __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(f0), f1, 1);
-        _mm256_storeu_si256((__m256i *)(o + i), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+        __m256i h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+        if (nt)   /* (a branch the predictor always gets right) */
+            _mm256_stream_si256((__m256i *)(o + i), h);
+        else
+            _mm256_storeu_si256((__m256i *)(o + i), h);
     }
     return i;
 }
@@ -1377,26 +1390,55 @@ static BN_H16 void bn_seg_bwd_sums_h16(const uint16_t *dy, const uint16_t *x, pt
     BN_BWD_SUMS(uint16_t, BN_LOAD4H, BN_LOAD1H, BN_NO_PF);
 }
 
-static BN_H16 void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
-                                     ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
-                                     ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
-                                     double q, double r)
+/* dx of the run [i, n) of a plane (g, p, o at its start); nt: o + i is 64-byte aligned and
+ * n - i a multiple of 32, stored with streaming stores (bn_stream_span) */
+static BN_H16 void bn_seg_bwd_dx_run_h16(const uint16_t *g, const uint16_t *p, uint16_t *o,
+                                         ptrdiff_t i, ptrdiff_t n, double mean, double k,
+                                         double q, double r, int nt, bn_pf2 *fg, bn_pf2 *fx)
 {
     const bn_v4d m = {mean, mean, mean, mean}, kk = {k, k, k, k}, qq = {q, q, q, q};
     const bn_v4d rr = {r, r, r, r};
+#if BN_HAVE_V4 && BN_HAVE_F16C
+    if (bn_use_v4)
+        i += bn_seg_bwd_dx16_h16_v4(g + i, p + i, o + i, n - i, mean, k, q, r, nt, fg, fx);
+#endif
+    for (; i + 8 <= n; i += 8) {
+        if ((i & 63) == 0) {   /* a step of each per 128 bytes of x */
+            bn_pf2_step_l2(fg);
+            bn_pf2_step_l2(fx);
+        }
+        if (nt)
+            BN_STREAM8H(o + i, BN_DX4(BN_LOAD4H, g + i, p + i),
+                        BN_DX4(BN_LOAD4H, g + i + 4, p + i + 4));
+        else
+            BN_STORE8H(o + i, BN_DX4(BN_LOAD4H, g + i, p + i),
+                       BN_DX4(BN_LOAD4H, g + i + 4, p + i + 4));
+    }
+    for (; i < n; i++)
+        o[i] = BN_ROUND1H(BN_DX1(BN_LOAD1H, g[i], p[i]));
+}
+
+/* ... with streaming stores of the lines each plane of dx covers entirely when stream (the
+ * caller fences), prefetching (into L2) the planes of the next channel's dy and x
+ * meanwhile: nseg planes of len values at pg and px (gso and so apart) when pg is not
+ * NULL, as much of them per plane of dx as a plane of x, so that reading the next channel
+ * overlaps writing this one (bn_seg_bwd_dx_pf) */
+static BN_H16 void bn_seg_bwd_dx_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                     ptrdiff_t nseg, ptrdiff_t len, ptrdiff_t sdy,
+                                     ptrdiff_t sx, ptrdiff_t sdx, double mean, double k,
+                                     double q, double r, int stream, const uint16_t *pg,
+                                     const uint16_t *px, ptrdiff_t gso, ptrdiff_t so)
+{
+    ptrdiff_t nf = pg != NULL ? nseg : 0, wb = len * (ptrdiff_t)sizeof(uint16_t), lo, hi;
+    bn_pf2 fg = {(const char *)pg, 0, wb, gso * (ptrdiff_t)sizeof(uint16_t), nf};
+    bn_pf2 fx = {(const char *)px, 0, wb, so * (ptrdiff_t)sizeof(uint16_t), nf};
     for (ptrdiff_t s = 0; s < nseg; s++) {
         const uint16_t *g = dy + s * sdy, *p = x + s * sx;
         uint16_t *o = dx + s * sdx;
-        ptrdiff_t i = 0;
-#if BN_HAVE_V4 && BN_HAVE_F16C
-        if (bn_use_v4)
-            i = bn_seg_bwd_dx16_h16_v4(g, p, o, len, mean, k, q, r);
-#endif
-        for (; i + 8 <= len; i += 8)
-            BN_STORE8H(o + i, BN_DX4(BN_LOAD4H, g + i, p + i),
-                       BN_DX4(BN_LOAD4H, g + i + 4, p + i + 4));
-        for (; i < len; i++)
-            o[i] = BN_ROUND1H(BN_DX1(BN_LOAD1H, g[i], p[i]));
+        bn_stream_span(o, len, sizeof(uint16_t), stream, &lo, &hi);
+        bn_seg_bwd_dx_run_h16(g, p, o, 0, lo, mean, k, q, r, 0, &fg, &fx);
+        bn_seg_bwd_dx_run_h16(g, p, o, lo, hi, mean, k, q, r, 1, &fg, &fx);
+        bn_seg_bwd_dx_run_h16(g, p, o, hi, len, mean, k, q, r, 0, &fg, &fx);
     }
 }
 #endif
