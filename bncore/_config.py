@@ -15,6 +15,7 @@ def config():
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
         "max_threads": _openmp.max_threads(),
+        "forked_child": _openmp.forked_child(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "simd": _stats.simd_level(),
         "numpy": np.__version__,
@@ -115,7 +116,9 @@ def show_config():
     c = config()
     print(f"bncore {c['version']}")
     print(f"  openmp:      {'on' if c['openmp'] else 'off (serial build)'}")
-    print(f"  max threads: {c['max_threads']} (OMP_NUM_THREADS={c['OMP_NUM_THREADS']})")
+    print(f"  max threads: {c['max_threads']} (OMP_NUM_THREADS={c['OMP_NUM_THREADS']})"
+          + ("; one thread in this child, forked after bncore's threads ran in its parent"
+             if c["forked_child"] else ""))
     print(f"  simd:        {c['simd']}")
     print(f"  numpy:       {c['numpy']}, python {c['python']}, {c['machine']}, "
           f"{c['cpu_count']} cpus")

@@ -15,7 +15,7 @@ cimport numpy as cnp
 from libc.math cimport isfinite
 from libc.string cimport memcpy
 
-from bncore._openmp cimport omp_get_max_threads
+from bncore._openmp cimport omp_get_max_threads, thread_cap
 
 
 cdef extern from "bn_kernels.h":
@@ -74,9 +74,9 @@ cdef inline object stat_array(const double *v, int nd, cnp.npy_intp *dims, int t
 cdef inline int plain_threads(object n_threads) noexcept:
     """n_threads None (OpenMP's default) or an int >= 1 as a thread count; else -1."""
     if n_threads is None:
-        return omp_get_max_threads()
+        return thread_cap(omp_get_max_threads())
     if type(n_threads) is int and 1 <= n_threads <= 65536:
-        return <int>n_threads
+        return thread_cap(<int>n_threads)
     return -1
 
 

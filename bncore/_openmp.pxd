@@ -25,6 +25,9 @@ cdef extern from *:
     void bncore_barrier() noexcept nogil
 
 
+cdef int thread_cap(int n_threads) noexcept nogil
+
+
 cdef inline int work_threads(int n_threads, Py_ssize_t tasks, Py_ssize_t elems,
                              Py_ssize_t serial_elems) noexcept nogil:
     """Threads worth starting: none beyond the tasks, one for tiny inputs.

@@ -11,14 +11,64 @@ from libc.string cimport memcpy
 cnp.import_array()
 
 
+cdef extern from *:
+    """
+    /* libgomp keeps its pool of threads across parallel regions, and a child forked
+     * after a team of two or more ran inherits that pool without its threads: its next
+     * team of two or more waits for them forever (multiprocessing's default "fork" start
+     * method on Linux, after bncore ran in the parent). So once a team may have run, a
+     * forked child runs every region on one thread (the same bits: the work split is the
+     * shape's), and a team of one leaves the pool alone. */
+    static int bn_team_may_run = 0;
+    static int bn_forked_child = 0;
+    static void bn_after_fork_child(void) { if (bn_team_may_run) bn_forked_child = 1; }
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <pthread.h>
+    static int bn_watch_fork(void) { return pthread_atfork(NULL, NULL, bn_after_fork_child); }
+    #else   /* no fork */
+    static int bn_watch_fork(void) { (void)bn_after_fork_child; return 0; }
+    #endif
+    """
+    int bn_team_may_run
+    int bn_forked_child
+    int bn_watch_fork() noexcept nogil
+
+
+bn_watch_fork()
+
+
+cdef int thread_cap(int n_threads) noexcept nogil:
+    """The threads a call may use for the n_threads asked (all of bncore's entry points
+    pass their count through here): one in a child forked after a team of bncore's ran
+    in its parent (see bn_after_fork_child), else n_threads (noting that a team may run)."""
+    global bn_team_may_run
+    if bn_forked_child:
+        return 1
+    if n_threads > 1:
+        bn_team_may_run = 1
+    return n_threads
+
+
+def cap_threads(int n_threads):
+    """thread_cap for the Python layer."""
+    return thread_cap(n_threads)
+
+
+def forked_child():
+    """Whether this process is a child forked after bncore's threads ran in its parent
+    (bncore then runs on one thread here)."""
+    return bool(bn_forked_child)
+
+
 def openmp_enabled():
     """Whether the kernels were compiled with OpenMP."""
     return bool(BNCORE_HAVE_OPENMP)
 
 
 def max_threads():
-    """Threads a kernel uses when n_threads is None (OMP_NUM_THREADS, else all cores)."""
-    return omp_get_max_threads()
+    """Threads a kernel uses when n_threads is None (OMP_NUM_THREADS, else all cores; one
+    in a forked child, see thread_cap)."""
+    return 1 if bn_forked_child else omp_get_max_threads()
 
 
 cdef enum:

@@ -76,7 +76,7 @@ def resolve_threads(n_threads):
     """None means OpenMP's default (OMP_NUM_THREADS, else all cores); else an int >= 1
     (at most MAX_THREADS: a bigger count, as 2**31, means as many as that)."""
     if n_threads is None:
-        return _openmp.max_threads()
+        return _openmp.cap_threads(_openmp.max_threads())
     if isinstance(n_threads, (bool, np.bool_)):
         raise TypeError(f"n_threads must be None or a positive int, got {n_threads!r}")
     try:
@@ -85,7 +85,7 @@ def resolve_threads(n_threads):
         raise TypeError(f"n_threads must be None or a positive int, got {n_threads!r}") from None
     if n < 1:
         raise ValueError(f"n_threads must be None or a positive int, got {n}")
-    return min(n, MAX_THREADS)
+    return _openmp.cap_threads(min(n, MAX_THREADS))
 
 
 def check_eps(eps, name="eps"):

@@ -511,6 +511,85 @@ def test_calls_keep_the_openmp_threads_they_find():
     assert got["steady"], "running the ops one after another ends or creates threads"
 
 
+_FORK_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np, bncore
+from bncore import _openmp
+
+def digests(nts):
+    from test_threads import make_ops
+    ops = make_ops()[0]
+    x16 = np.random.default_rng(1).normal(size=(8, 64, 16, 16)).astype(np.float16)
+    ops["batch_norm_forward float16"] = lambda nt: bncore.batch_norm_forward(x16, n_threads=nt)
+    ops["Moments"] = lambda nt: (bncore.Moments().update(x16, axis=(0, 2, 3)).var(),)
+    out = {{}}
+    for name, f in sorted(ops.items()):
+        for nt in nts:
+            h = hashlib.sha256()
+            for a in f(nt):
+                h.update(np.asarray(a).tobytes())
+            out[name + "/" + str(nt)] = h.hexdigest()
+    return out
+
+def child(nts):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        import signal
+        signal.alarm(60)   # a hung child ends (and the parent reads no JSON)
+        os.close(r)
+        import contextlib, io
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            bncore.show_config()
+        facts = {{"forked_child": _openmp.forked_child(), "max_threads": _openmp.max_threads(),
+                 "config": bncore._config.config()["max_threads"], "shown": shown.getvalue()}}
+        facts["digests"] = digests(nts)
+        os.write(w, json.dumps(facts).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+early = child([2])                 # forked before any team of bncore's ran
+parent = digests([2])              # teams of two run here
+late = child([None, 2, 3])         # forked after: one thread, whatever is asked
+print(json.dumps({{"early": early, "late": late, "parent": parent,
+                  "parent_threads": _openmp.max_threads()}}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_after_threads_ran_computes_on_one_thread():
+    """libgomp's thread pool does not survive fork: a child forked after a team of two or
+    more threads ran in its parent (multiprocessing's default "fork" start method on
+    Linux) waited forever in its first parallel region. In a fresh process: a child forked
+    before any team ran keeps OpenMP's threads; one forked after runs every op (float32,
+    float16, Moments) with n_threads None, 2 and 3 to completion on one thread
+    (max_threads(), config() and show_config() say so) and gets the parent's bits."""
+    script = _FORK_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)   # (a hung child: TimeoutExpired)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["parent_threads"] == 2
+    assert not got["early"]["forked_child"] and got["early"]["max_threads"] == 2
+    assert got["late"]["forked_child"] and got["late"]["max_threads"] == 1
+    assert got["late"]["config"] == 1
+    assert "one thread in this child" in got["late"]["shown"]
+    assert "one thread in this child" not in got["early"]["shown"]
+    assert got["early"]["digests"] == got["parent"]
+    for nt in ("None", "2", "3"):
+        late = {k.rsplit("/", 1)[0]: v for k, v in got["late"]["digests"].items()
+                if k.endswith("/" + nt)}
+        assert late == {k.rsplit("/", 1)[0]: v for k, v in got["parent"].items()}, nt
+
+
 def _snapshot(inputs):
     return {k: v.copy() for k, v in inputs.items()}
 
