@@ -13,6 +13,7 @@ cdef extern from *:
     #else
     #define BNCORE_HAVE_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
+    static int omp_get_num_procs(void) { return 1; }
     static int omp_get_thread_num(void) { return 0; }
     static int omp_get_num_threads(void) { return 1; }
     static inline void bncore_barrier(void) {}
@@ -20,6 +21,7 @@ cdef extern from *:
     """
     const int BNCORE_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil
+    int omp_get_num_procs() noexcept nogil
     int omp_get_thread_num() noexcept nogil
     int omp_get_num_threads() noexcept nogil
     void bncore_barrier() noexcept nogil

@@ -21,6 +21,11 @@ cdef extern from *:
      * shape's), and a team of one leaves the pool alone. */
     static int bn_team_may_run = 0;
     static int bn_forked_child = 0;
+    /* The most threads a call starts (set at import: THREAD_FLOOR or the processors, the
+     * more): more threads than processors never run these kernels faster, and a team of
+     * tens of thousands (n_threads=2**31 had meant 65536) ran the process out of thread
+     * stacks and crashed it in libgomp (32 x 64 x 32 x 32 float32 batch norm: SIGSEGV). */
+    static int bn_thread_max = 256;
     static void bn_after_fork_child(void) { if (bn_team_may_run) bn_forked_child = 1; }
     #if defined(__unix__) || defined(__APPLE__)
     #include <pthread.h>
@@ -31,19 +36,28 @@ cdef extern from *:
     """
     int bn_team_may_run
     int bn_forked_child
+    int bn_thread_max
     int bn_watch_fork() noexcept nogil
 
 
+cdef enum:
+    THREAD_FLOOR = 256   # the cap on any machine (see bn_thread_max)
+
+
 bn_watch_fork()
+bn_thread_max = max(<int>THREAD_FLOOR, omp_get_num_procs())
 
 
 cdef int thread_cap(int n_threads) noexcept nogil:
     """The threads a call may use for the n_threads asked (all of bncore's entry points
     pass their count through here): one in a child forked after a team of bncore's ran
-    in its parent (see bn_after_fork_child), else n_threads (noting that a team may run)."""
+    in its parent (see bn_after_fork_child), else n_threads up to bn_thread_max (noting
+    that a team may run). Only the speed depends on it: the work split is the shape's."""
     global bn_team_may_run
     if bn_forked_child:
         return 1
+    if n_threads > bn_thread_max:
+        n_threads = bn_thread_max
     if n_threads > 1:
         bn_team_may_run = 1
     return n_threads
@@ -52,6 +66,11 @@ cdef int thread_cap(int n_threads) noexcept nogil:
 def cap_threads(int n_threads):
     """thread_cap for the Python layer."""
     return thread_cap(n_threads)
+
+
+def thread_max():
+    """The most threads a call starts, whatever n_threads asks (see bn_thread_max)."""
+    return bn_thread_max
 
 
 def forked_child():

@@ -69,12 +69,12 @@ def same_float_input(a, name, ref_dtype, shape, n_threads=None, x=None, widen=Tr
     return arr
 
 
-MAX_THREADS = 65536   # counts above are taken as this (kernels take a C int)
+MAX_THREADS = 65536   # counts above are taken as this (a C int; thread_cap caps it further)
 
 
 def resolve_threads(n_threads):
     """None means OpenMP's default (OMP_NUM_THREADS, else all cores); else an int >= 1
-    (at most MAX_THREADS: a bigger count, as 2**31, means as many as that)."""
+    (a bigger count than _openmp.thread_max(), as 2**31, means as many as that)."""
     if n_threads is None:
         return _openmp.cap_threads(_openmp.max_threads())
     if isinstance(n_threads, (bool, np.bool_)):

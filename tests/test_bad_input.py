@@ -534,6 +534,7 @@ def test_eps_of_any_real_type_is_taken_as_a_float(fn, eps):
 @pytest.mark.parametrize("fn", with_param("n_threads"))
 @pytest.mark.parametrize("n_threads", [2**31, 2**70])
 def test_any_positive_thread_count_is_accepted(fn, n_threads):
-    """A thread count past a C int is taken as the most bncore uses (65536), not an
-    OverflowError; the results are those of one thread (the same bits for any count)."""
+    """A thread count past a C int is taken as the most bncore starts
+    (bncore._openmp.thread_max()), not an OverflowError; the results are those of one
+    thread (the same bits for any count)."""
     same_results(fn, {"n_threads": 1}, {"n_threads": n_threads})

@@ -511,6 +511,44 @@ def test_calls_keep_the_openmp_threads_they_find():
     assert got["steady"], "running the ops one after another ends or creates threads"
 
 
+_HUGE_COUNT_SCRIPT = """
+import json, os, sys
+import numpy as np, bncore
+from bncore import _openmp
+rng = np.random.default_rng(0)
+x = rng.normal(3.0, 2.0, (16, 64, 32, 32)).astype(np.float32)
+dy = rng.normal(size=x.shape).astype(np.float32)
+one = [bncore.batch_norm_forward(x, n_threads=1), bncore.layer_norm(x, (32, 32), n_threads=1)]
+one.append(bncore.batch_norm_backward(dy, x, *one[0][1:], n_threads=1))
+same = True
+for nt in (2**31, 2**70, 65536, 100000):
+    got = [bncore.batch_norm_forward(x, n_threads=nt), bncore.layer_norm(x, (32, 32), n_threads=nt)]
+    got.append(bncore.batch_norm_backward(dy, x, *got[0][1:], n_threads=nt))
+    for g, w in zip(got, one):
+        for a, b in zip(g if isinstance(g, tuple) else (g,), w if isinstance(w, tuple) else (w,)):
+            same = same and np.array_equal(a, b)
+print(json.dumps({{"same": bool(same), "max": _openmp.thread_max(),
+                  "threads": len(os.listdir("/proc/self/task"))}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_huge_thread_counts_start_at_most_thread_max_threads():
+    """n_threads=2**31 (documented as accepted) had started a team of 65536 threads, and
+    the process died (SIGSEGV) running out of thread stacks. In a fresh process: counts of
+    2**31, 2**70, 65536 and 100000 on an input big enough for threads give the one-thread
+    bits and start no more than thread_max() threads: the processors or 256, the more."""
+    script = _HUGE_COUNT_SCRIPT.format()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["same"]
+    assert got["max"] == max(256, len(os.sched_getaffinity(0)))
+    # the pool (max - 1 and the main thread), OpenBLAS's (a thread a processor at most)
+    assert got["threads"] <= got["max"] + len(os.sched_getaffinity(0)) + 2
+
+
 _FORK_SCRIPT = """
 import hashlib, json, os, sys
 sys.path.insert(0, {tests!r})
