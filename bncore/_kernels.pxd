@@ -85,6 +85,10 @@ cdef extern from "bn_kernels.h" nogil:
     const Py_ssize_t BN_RUN_MAX
     void bn_run_moments_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
                             Py_ssize_t stride, double *shift, double *mean, double *m2)
+    void bn_run_moments_pf_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
+                               Py_ssize_t stride, double *shift, double *mean, double *m2,
+                               const float *pf, Py_ssize_t prows, Py_ssize_t pwidth,
+                               Py_ssize_t pld)
     double bn_seg_sumsq_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     double bn_seg_sumsq_f64(const double *x, Py_ssize_t nseg, Py_ssize_t len, Py_ssize_t stride)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n, double mean, double scale,

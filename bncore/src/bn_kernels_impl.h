@@ -69,21 +69,32 @@
 /* sum(u) and sum(u*u) over nseg segments (as bn_seg_moments) of the deviations
  * u = (x - k) - m, or u = x - k when only_k (a constant at each call: no subtraction of m).
  * Four accumulator pairs (BN_ACC4): with two, the adds into q were the critical path. */
-BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
-                                   ptrdiff_t stride, double k, double m, int only_k,
-                                   double *sd, double *sdd)
+BN_INLINE void BN_NAME(bn_seg_dev_pf)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                      ptrdiff_t stride, double k, double m, int only_k,
+                                      double *sd, double *sdd, bn_pf2 *pf, int steps)
 {
     bn_v4d kk = {k, k, k, k}, mm = {m, m, m, m};
     bn_v4d d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     double td = 0, tq = 0;
 #define BN_DEV(v) (only_k ? (v) - kk : ((v) - kk) - mm)
 #define BN_DEV1(v) (only_k ? (v) - k : ((v) - k) - m)
-    for (ptrdiff_t s = 0; s < nseg; s++)
+    for (ptrdiff_t s = 0; s < nseg; s++) {
+        if (pf != NULL)   /* a later region's steps spread over the segments (L2 hint) */
+            for (int j = 0; j < steps; j++)
+                bn_pf2_step_l2(pf);
         BN_SEG_DEV_ROW(x + s * stride, len);
+    }
 #undef BN_DEV
 #undef BN_DEV1
     *sd = bn_v4d_total((d0 + d1) + (d2 + d3)) + td;
     *sdd = bn_v4d_total((q0 + q1) + (q2 + q3)) + tq;
+}
+
+BN_INLINE void BN_NAME(bn_seg_dev)(const BN_T *x, ptrdiff_t nseg, ptrdiff_t len,
+                                   ptrdiff_t stride, double k, double m, int only_k,
+                                   double *sd, double *sdd)
+{
+    BN_NAME(bn_seg_dev_pf)(x, nseg, len, stride, k, m, only_k, sd, sdd, NULL, 0);
 }
 
 #if BN_T_IS_FLOAT
@@ -249,6 +260,28 @@ static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t nseg, pt
                                              double *m2)
 {
     BN_NAME(bn_run_moments_body)(x, nseg, len, stride, shift, mean, m2);
+}
+
+/* bn_run_moments that also prefetches (into L2) prows rows of pwidth bytes, pld bytes
+ * apart, from pf, spread evenly over its segments: the next channel group's planes of a
+ * share of the samples (forward_group), where one burst of prefetches before each
+ * channel's statistics had stalled them. The same bits. */
+static BN_CLONES void BN_NAME(bn_run_moments_pf)(const float *x, ptrdiff_t nseg,
+                                                ptrdiff_t len, ptrdiff_t stride,
+                                                double *shift, double *mean, double *m2,
+                                                const float *pf, ptrdiff_t prows,
+                                                ptrdiff_t pwidth, ptrdiff_t pld)
+{
+    bn_pf2 f = {(const char *)pf, 0, pwidth, pld, pf != NULL ? prows : 0};
+    ptrdiff_t lines = (pwidth + 127) / 128 * prows;   /* steps in all */
+    int steps = nseg > 0 ? (int)((lines + nseg - 1) / nseg) : 0;
+    const double K = BN_NAME(bn_run_shift)(x, len);
+    double sd, sdd;
+    BN_NAME(bn_seg_dev_pf)(x, nseg, len, stride, K, 0.0, 1, &sd, &sdd, &f, steps);
+    while (f.rows > 0)   /* what the segments left (rounding) */
+        bn_pf2_step_l2(&f);
+    *shift = K;
+    bn_run_finish((double)nseg * (double)len, sd, sdd, mean, m2);
 }
 #endif
 
