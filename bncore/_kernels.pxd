@@ -85,6 +85,9 @@ cdef extern from "bn_kernels.h" nogil:
     const Py_ssize_t BN_RUN_MAX
     void bn_run_moments_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
                             Py_ssize_t stride, double *shift, double *mean, double *m2)
+    void bn_plane_run_stats_f32(const float *x, Py_ssize_t outer, Py_ssize_t inner,
+                                Py_ssize_t so, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t block,
+                                double pivot, bn_moments *st)
     void bn_run_moments_pf_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
                                Py_ssize_t stride, double *shift, double *mean, double *m2,
                                const float *pf, Py_ssize_t prows, Py_ssize_t pwidth,
@@ -500,6 +503,9 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
     cdef double m, m2
     cdef double pivot = bn_pivot(<double>x[0])
     st.shift = pivot
+    if floating is float and one_pass:   # the next block fetched meanwhile (see there)
+        bn_plane_run_stats_f32(x, outer, inner, so, b0, b1, BLOCK, pivot, st)
+        return
     if inner >= BLOCK:
         bpp = (inner + BLOCK - 1) // BLOCK
         for b in range(b0, b1):
