@@ -88,6 +88,10 @@ cdef extern from "bn_kernels.h" nogil:
     void bn_plane_run_stats_f32(const float *x, Py_ssize_t outer, Py_ssize_t inner,
                                 Py_ssize_t so, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t block,
                                 double pivot, bn_moments *st)
+    void bn_seg_moments_pf_f32(const float *x, Py_ssize_t len, double pivot, double *mean,
+                               double *m2, const float *pf, Py_ssize_t nnext)
+    void bn_seg_moments_pf_f64(const double *x, Py_ssize_t len, double pivot, double *mean,
+                               double *m2, const double *pf, Py_ssize_t nnext)
     void bn_run_moments_pf_f32(const float *x, Py_ssize_t nseg, Py_ssize_t len,
                                Py_ssize_t stride, double *shift, double *mean, double *m2,
                                const float *pf, Py_ssize_t prows, Py_ssize_t pwidth,
@@ -256,6 +260,19 @@ cdef inline void seg_moments(const floating *x, Py_ssize_t nseg, Py_ssize_t leng
         bn_seg_moments_f32(x, nseg, length, stride, pivot, mean, m2)
     else:
         bn_seg_moments_f64(x, nseg, length, stride, pivot, mean, m2)
+
+
+cdef inline void seg_moments_pf(const floating *x, Py_ssize_t length, double pivot,
+                                double *mean, double *m2, const floating *pf,
+                                Py_ssize_t nnext) noexcept nogil:
+    """seg_moments of one segment, prefetching nnext elements at pf (NULL: none) in its
+    first pass."""
+    if floating is float:
+        bn_seg_moments_pf_f32(x, length, pivot, mean, m2, pf,
+                              nnext * <Py_ssize_t>sizeof(float))
+    else:
+        bn_seg_moments_pf_f64(x, length, pivot, mean, m2, pf,
+                              nnext * <Py_ssize_t>sizeof(double))
 
 
 cdef inline double seg_sumsq(const floating *x, Py_ssize_t nseg, Py_ssize_t length,
@@ -512,13 +529,17 @@ cdef inline void plane_block_stats(const floating *x, Py_ssize_t outer, Py_ssize
             p = b // bpp
             off = (b - p * bpp) * BLOCK
             length = min(<Py_ssize_t>BLOCK, inner - off)
-            if b + 1 < b1:   # overlap the next block's fetch with this block's passes
-                if off + length < inner:
-                    prefetch_seg(x + p * so + off + length, 1,
-                                 min(<Py_ssize_t>BLOCK, inner - off - length), 0)
-                else:
-                    prefetch_seg(x + (p + 1) * so, 1, min(<Py_ssize_t>BLOCK, inner), 0)
-            block_moments(x + p * so + off, 1, length, 0, pivot, one_pass, &m, &m2)
+            # the next block fetched during this one's first pass (not in one burst
+            # before it, which waited on the fill buffers)
+            if b + 1 >= b1:
+                seg_moments_pf(x + p * so + off, length, pivot, &m, &m2, NULL, 0)
+            elif off + length < inner:
+                seg_moments_pf(x + p * so + off, length, pivot, &m, &m2,
+                               x + p * so + off + length,
+                               min(<Py_ssize_t>BLOCK, inner - off - length))
+            else:
+                seg_moments_pf(x + p * so + off, length, pivot, &m, &m2, x + (p + 1) * so,
+                               min(<Py_ssize_t>BLOCK, inner))
             bn_chan_merge(st, <double>length, m, m2)
     else:
         g = BLOCK // inner
