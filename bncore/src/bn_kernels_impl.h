@@ -310,12 +310,11 @@ static BN_CLONES void BN_NAME(bn_run_moments_pf)(const float *x, ptrdiff_t nseg,
 }
 
 /* bn_run_moments of one segment of len values that also prefetches (into L1) the nnext
- * bytes at pf (NULL: nothing), two lines per BN_PF_PIECE values (128 bytes: as fast as it
- * reads), the next block of a long plane (bn_plane_run_stats_f32). The pieces are a
- * multiple of 16 values: the additions of one pass over the whole segment, so its bits.
- * (The pieces inside bn_seg_dev, for every caller, had slowed the short planes of
- * forward_group by 4-6%.) */
-#define BN_PF_PIECE 32
+ * bytes at pf (NULL: nothing), two lines per 32 values (128 bytes: as fast as it reads),
+ * the next block of a long plane (bn_plane_run_stats_f32); the additions of
+ * bn_seg_dev's loop, so its bits. (Pieces of 32 values, one bn_seg_dev row each, had
+ * cost the float16 training's statistics of a channel in L2 9%; pieces inside
+ * bn_seg_dev, for every caller, the short planes of forward_group 4-6%.) */
 static BN_CLONES void BN_NAME(bn_run_moments_pf1)(const float *x, ptrdiff_t len,
                                                  double *shift, double *mean, double *m2,
                                                  const float *pf, ptrdiff_t nnext)
@@ -327,10 +326,17 @@ static BN_CLONES void BN_NAME(bn_run_moments_pf1)(const float *x, ptrdiff_t len,
     double td = 0, tq = 0;
 #define BN_DEV(v) ((v) - kk)
 #define BN_DEV1(v) ((v) - k)
-    for (ptrdiff_t o = 0; o < len; o += BN_PF_PIECE) {
-        bn_prefetch_step(&p, e);
-        BN_SEG_DEV_ROW(x + o, len - o < BN_PF_PIECE ? len - o : BN_PF_PIECE);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= len; i += 16) {   /* BN_SEG_DEV_ROW's loop, with the prefetch */
+        if (!(i & 16))
+            bn_prefetch_step(&p, e);
+        bn_v4d u0 = BN_DEV(BN_LOAD4(x + i)), u1 = BN_DEV(BN_LOAD4(x + i + 4));
+        bn_v4d u2 = BN_DEV(BN_LOAD4(x + i + 8)), u3 = BN_DEV(BN_LOAD4(x + i + 12));
+        BN_ACC4(u0, u1, u2, u3);
     }
+    const float *tail = x + i;   /* (the macro has an i of its own) */
+    const ptrdiff_t rest = len - i;
+    BN_SEG_DEV_ROW(tail, rest);   /* its tails */
 #undef BN_DEV
 #undef BN_DEV1
     while (p < e)   /* what the pieces left */
@@ -339,7 +345,6 @@ static BN_CLONES void BN_NAME(bn_run_moments_pf1)(const float *x, ptrdiff_t len,
     bn_run_finish((double)len, bn_v4d_total((d0 + d1) + (d2 + d3)) + td,
                   bn_v4d_total((q0 + q1) + (q2 + q3)) + tq, mean, m2);
 }
-#undef BN_PF_PIECE
 
 /* plane_block_stats' one-pass float blocks [b0, b1) of a channel (outer planes of inner
  * values, so apart; blocks of `block` values: a piece of a long plane, or whole short
