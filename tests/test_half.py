@@ -326,8 +326,9 @@ def test_float16_backward_streamed_and_fetched(shape, f16c):
     """With every array past the thresholds (0), the float16 backward of planes streams
     dx's whole lines of each plane (ordinary stores at a plane's ends) and fetches the
     thread's next channel during each dx pass: planes of odd length, whole lines and
-    short ones (channels of more than SMALL_CHANNEL values), dx into a new array and into one offset by a value (no line whole at the
-    start of a plane), on one to three threads; the bits of the float32 op, rounded."""
+    short ones (channels of more than SMALL_CHANNEL values), dx into a new array and into
+    one offset by a value (no line whole at the start of a plane), on one to three
+    threads; the bits of the float32 op, rounded."""
     rng = np.random.default_rng(12)
     x = rng.normal(2.0, 3.0, shape).astype(np.float16)
     dy = rng.normal(size=shape).astype(np.float16)

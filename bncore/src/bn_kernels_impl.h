@@ -197,8 +197,9 @@ static BN_CLONES void BN_NAME(bn_seg_moments)(const BN_T *x, ptrdiff_t nseg, ptr
 /* bn_seg_moments (the same bits) that also prefetches the nnext bytes at pf (into L1) in
  * its first pass, 128 bytes of them per 128 bytes read: the next block of a long plane
  * (plane_block_stats), where one burst of its prefetches before the block waited on the
- * fill buffers (moments over (0, 2, 3) of (32, 64, 56, 56) 1.07x, float64 1.12x, (8, 64, 112, 112)
- * 1.11x, (16, 32, 64, 64) 1.13x; float64 batch-norm training (32, 64, 56, 56) 1.03x). */
+ * fill buffers (moments over (0, 2, 3) of (32, 64, 56, 56) 1.07x, float64 1.12x,
+ * (8, 64, 112, 112) 1.11x, (16, 32, 64, 64) 1.13x; float64 batch-norm training
+ * (32, 64, 56, 56) 1.03x). */
 static BN_CLONES void BN_NAME(bn_seg_moments_pf)(const BN_T *x, ptrdiff_t len, double pivot,
                                                 double *mean, double *m2, const BN_T *pf,
                                                 ptrdiff_t nnext)
@@ -289,8 +290,9 @@ static BN_CLONES void BN_NAME(bn_run_moments)(const float *x, ptrdiff_t nseg, pt
 
 /* bn_run_moments that also prefetches (into L2) prows rows of pwidth bytes, pld bytes
  * apart, from pf, spread evenly over its segments: the next channel group's planes of a
- * share of the samples (forward_group), where one burst of prefetches before each
- * channel's statistics had stalled them. The same bits. */
+ * share of the samples (forward_group), or the next block of short planes far apart
+ * (bn_plane_run_stats_f32), where one burst of prefetches before the statistics had
+ * stalled them. The same bits. */
 static BN_CLONES void BN_NAME(bn_run_moments_pf)(const float *x, ptrdiff_t nseg,
                                                 ptrdiff_t len, ptrdiff_t stride,
                                                 double *shift, double *mean, double *m2,
