@@ -317,8 +317,9 @@ cdef inline void forward_group(const floating *x, floating *y, Py_ssize_t c0, Py
     with adjacent planes (a sample's planes of the next group one run) spread that fetch
     over the channel's statistics (bn_run_moments_pf, the same bits), where the burst
     before each channel's statistics waited on the fill buffers (an eighth of the time
-    of (64, 512, 7, 7) in the prefetch loop, perf): (64, 512, 7, 7) 1.11-1.12x, (64, 1024, 7, 7) 1.13x,
-    (128, 512, 5, 5) 1.05x, (64, 256, 8, 8) 1.04x, (128, 512, 4, 4) 0.99-1.01x. Where
+    of (64, 512, 7, 7) in the prefetch loop, perf): (64, 512, 7, 7) 1.11-1.12x,
+    (64, 1024, 7, 7) 1.13x, (128, 512, 5, 5) 1.05x, (64, 256, 8, 8) 1.04x,
+    (128, 512, 4, 4) 0.99-1.01x. Where
     each sample's planes are adjacent channels (any C-contiguous NCHW array), the group's
     affine streams each sample's planes as one run, whose lines are full but at its two
     ends, so the output needs no read-for-ownership (bn_planes_affine, the same bits):
@@ -1122,7 +1123,7 @@ cdef int backward_half_planes(const uint16_t *dy, const uint16_t *x, uint16_t *d
     cdef Py_ssize_t t, t0, t1
     # beyond the caches: each thread's next channel fetched during a dx pass (whose last
     # planes are still in L2), dx streamed where the arrays outgrow the L3's share
-    # ((32, 64, 56, 56) on two threads 1.055x, each half of it)
+    # ((32, 64, 56, 56) on two threads 1.055-1.08x in one process, about half from each)
     cdef bint fetch = beyond_caches(3 * m * nch * <Py_ssize_t>sizeof(uint16_t))
     cdef bint stream = streams(m * nch * <Py_ssize_t>sizeof(uint16_t), 3, dx, dy, x)
     if bn_half_fused():
