@@ -24,7 +24,7 @@ cdef extern from *:
     /* The most threads a call starts (set at import: THREAD_FLOOR or the processors, the
      * more): more threads than processors never run these kernels faster, and a team of
      * tens of thousands (n_threads=2**31 had meant 65536) ran the process out of thread
-     * stacks and crashed it in libgomp (32 x 64 x 32 x 32 float32 batch norm: SIGSEGV). */
+     * stacks and crashed it in libgomp ((16, 64, 32, 32) float32 batch norm: SIGSEGV). */
     static int bn_thread_max = 256;
     static void bn_after_fork_child(void) { if (bn_team_may_run) bn_forked_child = 1; }
     #if defined(__unix__) || defined(__APPLE__)
